@@ -27,6 +27,8 @@ class RandomWeights(InputFreeLocalizer):
     """score(w) ~ U(0, 1) with the given seed, ``[2 d d_ff]``."""
 
     level = "weight"
+    #: a repair sweep redraws it with each repetition's seed
+    reseed_per_rep = True
 
     def _size(self) -> int:
         return self.index.total
