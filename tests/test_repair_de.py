@@ -263,3 +263,95 @@ def test_bad_module_input():
     m = DERepair(hb, WEIGHTS, x_neg, y_neg, x_pos, y_pos, pop_size=5, generations=2)
     with pytest.raises(NonFiniteFitnessError):
         fit_repair(m, enable_progress_bar=False)
+
+
+# ----------------------------------------------------------------------------------------------- early stop
+def published_generations(best_after_gen, max_gen):
+    """Re-derivation of the published searchers' loop (Arachne ``de_vk.py`` / RepTran ``src/utils/de.py``):
+    after each generation ``is_the_performance_unchanged(best)`` sets the baseline on its first call, then counts a
+    stall when the float32 values are equal, resets (and raises the baseline) otherwise, and the search breaks
+    once the count exceeds max(int(max_gen / 10), 10). Returns the number of generations run."""
+    limit = max(int(max_gen / 10), 10)
+    baseline, unchanged = None, 0
+    for it in range(max_gen):
+        cur = best_after_gen[it]
+        if baseline is None:
+            baseline = cur
+            continue
+        if np.float32(cur) == np.float32(baseline):
+            unchanged += 1
+        else:
+            unchanged = 0
+            if cur > baseline:
+                baseline = cur
+        if limit < unchanged:
+            return it + 1
+    return max_gen
+
+
+def scripted_fitness(schedule, pop_size):
+    """Every candidate of evaluation round g scores schedule[g] (round 0: the initial population), so with ties
+    kept the population's best after generation g is schedule[g] for a non-decreasing schedule."""
+    calls = {"n": 0}
+
+    def f(v):
+        g = calls["n"] // pop_size
+        calls["n"] += len(v)
+        return torch.full((len(v),), schedule[g], dtype=torch.float64)
+    return f
+
+
+@pytest.mark.parametrize("generations", [50, 100, 200])
+def test_published_early_stop_runs_one_generation_more_on_a_flat_fitness(generations):
+    f = lambda v: torch.zeros(len(v))  # noqa: E731
+    runs = {}
+    for early_stop in ("default", "published"):
+        de = DifferentialEvolution(f, -1, 1, 0, 1, pop_size=6, generations=generations, seed=0, num_vars=2,
+                                   early_stop=early_stop)
+        de.run()
+        assert de.early_stopped and de.summary()["early_stop"] == early_stop
+        runs[early_stop] = de.generation
+    expected = published_generations([0.0] * generations, generations)
+    assert runs["published"] == expected
+    assert runs["default"] == expected - 1
+    if generations == 50:
+        assert (runs["published"], runs["default"]) == (12, 11)
+
+
+@pytest.mark.parametrize("case", ["gen1_improves", "sub_float32_steps", "late_improvement", "steady"])
+def test_published_early_stop_matches_the_upstream_loop_on_scripted_fitness(case):
+    G, P = 50, 5
+    base = 100.0
+    if case == "gen1_improves":  # generation 1 improves, then flat: both counters agree
+        sched = [base] + [base + 1.0] * G
+    elif case == "sub_float32_steps":  # steps below float32 resolution at 100: upstream sees no change
+        sched = [base + 1e-9 * g for g in range(G + 1)]
+    elif case == "late_improvement":  # a float32-visible improvement at generation 8 resets the counter
+        sched = [base] * 8 + [base + 0.5] * (G - 7)
+    else:  # float32-visible improvement every generation: never stops
+        sched = [base + 0.01 * g for g in range(G + 1)]
+    de = DifferentialEvolution(scripted_fitness(sched, P), -1, 1, 0, 1, pop_size=P, generations=G, seed=0,
+                               num_vars=2, early_stop="published")
+    de.run()
+    assert de.generation == published_generations(sched[1:], G)
+    default = DifferentialEvolution(scripted_fitness(sched, P), -1, 1, 0, 1, pop_size=P, generations=G, seed=0,
+                                    num_vars=2)
+    default.run()
+    if case == "gen1_improves":
+        assert de.generation == default.generation == 12
+    if case == "sub_float32_steps":
+        assert default.generation == G and de.generation == 12  # float64 sees every step
+    if case == "steady":
+        assert de.generation == default.generation == G
+
+
+def test_early_stop_option_reaches_the_module_and_bad_value_raises():
+    h = head()
+    m = DERepair(h, WEIGHTS, *states(h), pop_size=6, generations=3, early_stop="published")
+    assert m.options()["early_stop"] == "published"
+    fit_repair(m, enable_progress_bar=False)
+    assert m.search.early_stop == "published" and m.summary()["early_stop"] == "published"
+    with pytest.raises(RepairInputError, match="early_stop"):
+        DERepair(h, WEIGHTS, *states(h), early_stop="sometimes")
+    with pytest.raises(RepairInputError, match="early_stop"):
+        DifferentialEvolution(lambda v: v.sum(1), -1, 1, 0, 1, pop_size=5, num_vars=2, early_stop="nope")

@@ -12,6 +12,16 @@ The located weights are the K variables. DE/rand/1/bin, maximising the repair fi
 - stop after ``generations`` (50 RepTran, 100 Arachne) or once the best fitness has been unchanged for more than
   ``patience`` = max(int(generations / 10), 10) generations.
 
+``early_stop`` says what "unchanged" is measured against:
+
+- ``"default"``: the best fitness so far, starting from the initial population's; a generation that does not raise
+  it (in float64) counts one stall. On a flat fitness with patience 10 the search stops after generation 11.
+- ``"published"`` (Arachne's ``de_vk.py`` and RepTran's ``src/utils/de.py`` ``is_the_performance_unchanged``, for
+  exact replays): the baseline is taken only after the first generation (that generation never counts as a
+  stall, whatever it brings), a generation counts a stall when ``float32(best) == float32(baseline)``, and the
+  baseline moves only when the float32 values differ and the best is higher. On a flat fitness it stops after
+  generation 12, one more than the default; improvements below float32 resolution count as stalls.
+
 ``update="deferred"`` (default): all P trials of a generation are built from the same population and evaluated
 in one batched call, then selected. ``update="immediate"`` (the published codes): trial i is built from the
 population as updated by trials 0..i-1 and evaluated alone. Random draws are the same in both modes (drawn at the
@@ -26,6 +36,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,10 +45,12 @@ from lightning_modules.repair.base import RepairModule
 from lightning_modules.repair.fitness import EVALUATORS, FitnessResult, NonFiniteFitnessError
 from lightning_modules.repair.patch import RepairInputError
 
-__all__ = ["matrix_bounds", "matrix_init_stats", "donors", "make_trials", "greedy_select", "DifferentialEvolution",
+__all__ = ["EARLY_STOPS", "matrix_bounds", "matrix_init_stats", "donors", "make_trials", "greedy_select",
+           "DifferentialEvolution",
            "DERepair", "default_patience"]
 
 UPDATES = ("deferred", "immediate")
+EARLY_STOPS = ("default", "published")
 INITS = ("matrix", "around_original")
 
 
@@ -92,9 +105,13 @@ class DifferentialEvolution:
                  init_std: Any, pop_size: int = 100, generations: int = 50, cr: float = 0.7,
                  f_range: tuple[float, float] = (0.5, 1.0), update: str = "deferred", patience: int | None = None,
                  seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 num_vars: int | None = None):
+                 num_vars: int | None = None, early_stop: str = "default"):
         if update not in UPDATES:
             raise RepairInputError(f"unknown DE update {update!r}; expected one of {UPDATES}")
+        if early_stop not in EARLY_STOPS:
+            raise RepairInputError(f"unknown DE early_stop {early_stop!r}; expected one of {EARLY_STOPS}")
+        self.early_stop = early_stop
+        self._baseline: float | None = None  # early_stop="published": the reference best, set after generation 1
         if pop_size < 4:
             raise RepairInputError(f"DE/rand/1 needs a population of at least 4, got {pop_size}")
         if generations < 0:
@@ -152,6 +169,7 @@ class DifferentialEvolution:
         self.fit, self.aux = self._evaluate(self.pop)
         self.best_fitness = float(self.fit.max())
         self.generation, self.stall = 0, 0
+        self._baseline = None
         self.first = {"best": self.best_fitness, "mean": float(self.fit.mean())}
         self.last = self._stats(0, float("nan"))
         return self.last
@@ -213,12 +231,27 @@ class DifferentialEvolution:
                     n_replaced += 1
         self.generation += 1
         best = float(self.fit.max())
-        if best > self.best_fitness:
+        if self.early_stop == "published":
+            self._published_stall(best)
+            self.best_fitness = max(self.best_fitness, best)
+        elif best > self.best_fitness:
             self.best_fitness, self.stall = best, 0
         else:
             self.stall += 1
         self.last = self._stats(n_replaced, F)
         return self.last
+
+    def _published_stall(self, best: float) -> None:
+        """The published stall counter: baseline set after the first generation, compared in float32."""
+        if self._baseline is None:
+            self._baseline = best
+            return
+        if np.float32(best) == np.float32(self._baseline):
+            self.stall += 1
+        else:
+            self.stall = 0
+            if best > self._baseline:
+                self._baseline = best
 
     def _trial_immediate(self, i: int, F: float, r: Tensor, cross: Tensor, j_rand: Tensor) -> Tensor:
         v = (self.pop[r[0]] + F * (self.pop[r[1]] - self.pop[r[2]])).clamp(self.lower, self.upper)
@@ -247,14 +280,15 @@ class DifferentialEvolution:
                 "fitness_best": self.best_fitness, "generations_run": self.generation,
                 "max_generations": self.generations, "early_stopped": self.early_stopped, "patience": self.patience,
                 "evaluations": self.evaluations, "update": self.update, "pop_size": self.pop_size, "cr": self.cr,
-                "f_range": list(self.f_range)}
+                "f_range": list(self.f_range), "early_stop": self.early_stop}
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {"pop": self.pop.cpu(), "fit": self.fit.cpu(), "aux": {k: v.cpu() for k, v in self.aux.items()},
                 "generation": self.generation, "stall": self.stall, "best_fitness": self.best_fitness,
                 "evaluations": self.evaluations, "first": dict(self.first), "last": dict(self.last),
-                "rng": self.gen.get_state(), "K": self.K, "pop_size": self.pop_size, "update": self.update}
+                "rng": self.gen.get_state(), "K": self.K, "pop_size": self.pop_size, "update": self.update,
+                "early_stop": self.early_stop, "baseline": self._baseline}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["K"] != self.K or state["pop_size"] != self.pop_size:
@@ -266,6 +300,10 @@ class DifferentialEvolution:
         self.generation, self.stall = state["generation"], state["stall"]
         self.best_fitness, self.evaluations = state["best_fitness"], state["evaluations"]
         self.first, self.last = dict(state["first"]), dict(state["last"])
+        if state.get("early_stop", "default") != self.early_stop:
+            raise RepairInputError(f"checkpoint's DE used early_stop={state.get('early_stop', 'default')!r}, this one "
+                                   f"{self.early_stop!r}")
+        self._baseline = state.get("baseline")
         self.gen.set_state(state["rng"])
 
 
@@ -278,25 +316,29 @@ class DERepair(RepairModule):
     Options: ``pop_size`` (100), ``generations`` (50; Arachne 100), ``cr`` (0.7), ``f_range`` ((0.5, 1)),
     ``update`` ("deferred" | "immediate"), ``patience`` (None: max(int(generations/10), 10)), ``init``
     ("matrix" | "around_original"), ``evaluator`` ("sparse" | "full" | "loop"), ``kernel`` and ``chunk_size``
-    (sparse evaluator)."""
+    (sparse evaluator), ``early_stop`` ("default" | "published": the published searchers' stall counter, see the
+    module docstring)."""
 
     def __init__(self, head, weights, x_neg, label_neg, x_pos, label_pos, seed: int = 0, alpha: float = 10.0,
                  fitness: str = "arachne", loss: str = "logits", pop_size: int = 100, generations: int = 50,
                  cr: float = 0.7, f_range: tuple[float, float] = (0.5, 1.0), update: str = "deferred",
                  patience: int | None = None, init: str = "matrix", evaluator: str = "sparse", kernel: str = "auto",
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, early_stop: str = "default"):
         super().__init__(head, weights, x_neg, label_neg, x_pos, label_pos, seed, alpha, fitness, loss)
         self.automatic_optimization = False
         if update not in UPDATES:
             raise RepairInputError(f"unknown DE update {update!r}; expected one of {UPDATES}")
         if init not in INITS:
             raise RepairInputError(f"unknown DE init {init!r}; expected one of {INITS}")
+        if early_stop not in EARLY_STOPS:
+            raise RepairInputError(f"unknown DE early_stop {early_stop!r}; expected one of {EARLY_STOPS}")
         if evaluator not in EVALUATORS:
             raise RepairInputError(f"unknown fitness evaluator {evaluator!r}; expected one of {sorted(EVALUATORS)}")
         self.de_options = {"pop_size": int(pop_size), "generations": int(generations), "cr": float(cr),
                            "f_range": tuple(float(f) for f in f_range), "update": update,
                            "patience": default_patience(int(generations)) if patience is None else int(patience),
-                           "init": init, "evaluator": evaluator, "kernel": kernel, "chunk_size": chunk_size}
+                           "init": init, "evaluator": evaluator, "kernel": kernel, "chunk_size": chunk_size,
+                           "early_stop": early_stop}
         # per-weight bounds and initial distribution from the weight's matrix
         lo, hi, mu, sd = (torch.empty(len(self.weights), dtype=torch.float64) for _ in range(4))
         for k, W in enumerate(self.head.weights()):
@@ -329,7 +371,8 @@ class DERepair(RepairModule):
         self.search = DifferentialEvolution(
             fitness, *self._bounds, *self._init, pop_size=o["pop_size"], generations=o["generations"], cr=o["cr"],
             f_range=o["f_range"], update=o["update"], patience=o["patience"], seed=self.seed,
-            dtype=self.head.fc_bef.weight.dtype, device=self.head.fc_bef.weight.device, num_vars=len(self.weights))
+            dtype=self.head.fc_bef.weight.dtype, device=self.head.fc_bef.weight.device, num_vars=len(self.weights),
+            early_stop=o["early_stop"])
         if self._restored is not None:
             self.search.load_state_dict(self._restored)
             self._restored = None
