@@ -20,6 +20,16 @@ A subclass says where its data lives and how to check it, and nothing else:
   ``prepare_data()`` and again at the start of ``setup()``; may memoise what it read.
 - :meth:`VisionDataModule._load_sources`: the raw ``train`` / ``val`` / ``eval`` :class:`SplitSource` s.
 
+Unreadable images: the cheap checks open no image, so a corrupt file (e.g. a truncated JPEG) is normally met when a
+loader reaches it, and then raises :class:`UnreadableImageError` naming the file (never a bare PIL traceback).
+``verify_images=True`` (``--data.init_args.verify_images true``) decodes every image of every split once in
+``setup()`` and raises one :class:`DatasetFormatError` listing *every* unreadable file; :meth:`verify_data` returns
+that list without raising. ``on_bad_image="skip"`` runs the same full check and leaves the unreadable images out of
+their splits (before the folds are cut), with a warning giving their count and paths (:attr:`skipped_images`).
+
+Shuffling: the training loader's sampler (:class:`EpochSeededSampler`) draws epoch ``e``'s order from
+``(seed, e)`` alone, so a run resumed from a checkpoint sees the same batches as an uninterrupted one.
+
 Nothing here downloads anything, imports a model, or decides a file path on its own (``root`` and ``folds_path``
 come from the config / the script's ``RunLayout``).
 """
@@ -38,13 +48,31 @@ from torchvision.transforms import v2
 
 from datamodules.folds import FoldSplit, load_or_create_folds
 
-__all__ = ["DatasetFormatError", "SPLITS", "SplitSource", "IndexedSplit", "VisionDataModule", "holdout_split"]
+__all__ = ["DatasetFormatError", "UnreadableImageError", "BadImage", "BAD_IMAGE_POLICIES", "SPLITS", "SplitSource",
+           "IndexedSplit", "EpochSeededSampler", "VisionDataModule", "holdout_split"]
 
 SPLITS: tuple[str, ...] = ("train", "val", "eval", "repair", "test")
+#: what to do with an image that cannot be decoded (``on_bad_image``)
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("raise", "skip")
 
 
 class DatasetFormatError(ValueError):
     """The dataset on disk is missing or not in the expected format (message: path, expectation, how to get it)."""
+
+
+class UnreadableImageError(DatasetFormatError):
+    """One image cannot be decoded (message: the file, the decoder's error, how to list every such file)."""
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """One unreadable sample: ``where`` names it (a file path, or ``array row i`` of an in-memory source)."""
+
+    where: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.error}"
 
 
 class SplitSource(Dataset):
@@ -60,6 +88,18 @@ class SplitSource(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def describe(self, i: int) -> str:
+        """Where sample ``i`` lives (a file path for files), for error messages."""
+        return f"{type(self).__name__} row {i}"
+
+    def check(self, i: int) -> str | None:
+        """Fully decode sample ``i``; ``None`` when it is readable, else the decoder's error as text."""
+        try:
+            self[i]
+        except Exception as e:  # any failure to produce the sample is what the check reports
+            return f"{type(e).__name__}: {e}"
+        return None
+
 
 class TensorSource(SplitSource):
     """Images held in memory: ``images [N, C, H, W]`` (uint8 or float in [0, 1]), ``labels [N]``."""
@@ -72,6 +112,12 @@ class TensorSource(SplitSource):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
+
+    def check(self, i: int) -> str | None:
+        img = self.images[i]
+        if img.is_floating_point() and not bool(torch.isfinite(img).all()):
+            return "the image holds NaN or inf values"
+        return None
 
 
 class IndexedSplit(Dataset):
@@ -99,6 +145,25 @@ class IndexedSplit(Dataset):
 
     def __repr__(self) -> str:
         return f"IndexedSplit({self.name!r}, n={len(self)})"
+
+
+class EpochSeededSampler(torch.utils.data.RandomSampler):
+    """A shuffle whose order in epoch ``e`` depends only on ``(seed, e)``: Lightning calls :meth:`set_epoch` before
+    each epoch, so a resumed run draws the same orders as an uninterrupted one. A subclass of ``RandomSampler``, so
+    under DDP Lightning replaces it by its (also epoch-seeded) ``DistributedSampler``."""
+
+    def __init__(self, data_source, seed: int = 0):
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        key = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
+        gen = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
+        yield from torch.randperm(len(self.data_source), generator=gen).tolist()
 
 
 def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +204,9 @@ class VisionDataModule(L.LightningDataModule):
         folds_path: where the fold indices are written on first use and read back afterwards (``None``: recompute).
         augment: random training augmentation (train loader only; ``dataset("train")`` stays deterministic).
         predict_split: the split ``predict_dataloader`` serves (not shuffled).
+        verify_images: decode every image once in ``setup()`` and raise one error listing every unreadable file.
+        on_bad_image: ``"raise"`` (default: an unreadable image is an error naming the file) or ``"skip"`` (decode
+            every image once in ``setup()`` and leave the unreadable ones out of their splits, with a warning).
     """
 
     #: dataset facts, set by subclasses
@@ -166,6 +234,8 @@ class VisionDataModule(L.LightningDataModule):
         folds_path: str | None = None,
         augment: bool = False,
         predict_split: str = "repair",
+        verify_images: bool = False,
+        on_bad_image: str = "raise",
     ):
         super().__init__()
         self.save_hyperparameters()  # with the subclass's own arguments (Lightning walks the __init__ frames)
@@ -183,7 +253,11 @@ class VisionDataModule(L.LightningDataModule):
         self.folds_path = folds_path
         self.augment = augment
         self.predict_split = predict_split
+        self.verify_images = verify_images
+        self.on_bad_image = on_bad_image
         self._check_args()
+        #: the unreadable images left out by ``on_bad_image="skip"`` (filled by ``setup()``)
+        self.skipped_images: list[BadImage] = []
         self._splits: dict[str, IndexedSplit] | None = None
         self._aug_train: IndexedSplit | None = None
         self.folds: FoldSplit | None = None
@@ -199,11 +273,19 @@ class VisionDataModule(L.LightningDataModule):
                 bad(f"{name} must have {self.in_channels} value(s) (one per channel), got {list(v)}")
         if any(s <= 0 for s in self.std):
             bad(f"std must be positive, got {list(self.std)}")
+        for name in ("batch_size", "eval_batch_size", "num_workers", "seed", "n_folds", "fold_index"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                bad(f"{name} must be an int, got {v!r}")
         for name in ("batch_size", "eval_batch_size"):
             if int(getattr(self, name)) <= 0:
                 bad(f"{name} must be a positive int, got {getattr(self, name)}")
         if self.num_workers < 0:
             bad(f"num_workers must be >= 0, got {self.num_workers}")
+        if not isinstance(self.verify_images, bool):
+            bad(f"verify_images must be true or false, got {self.verify_images!r}")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            bad(f"on_bad_image must be one of {list(BAD_IMAGE_POLICIES)}, got {self.on_bad_image!r}")
         if self.n_folds < 2:
             bad(f"n_folds must be >= 2, got {self.n_folds}")
         if not 0 <= self.fold_index < self.n_folds:
@@ -252,6 +334,8 @@ class VisionDataModule(L.LightningDataModule):
         if self._splits is not None:
             return
         src = self._load_sources()
+        if self.verify_images or self.on_bad_image == "skip":
+            src = self._check_images(src)
         eval_source, eval_idx = src.eval
         self.folds = load_or_create_folds(
             self.folds_path, len(eval_idx), self.n_folds, self.fold_seed, self.fold_index,
@@ -265,6 +349,49 @@ class VisionDataModule(L.LightningDataModule):
             "test": IndexedSplit("test", eval_source, eval_idx[self.folds.test], tf),
         }
         self._aug_train = IndexedSplit("train", *src.train, self.transform(augment=True)) if self.augment else None
+
+    # ------------------------------------------------------------------ the full image check
+    def _bad_images(self, src: _Sources) -> dict[int, dict[int, BadImage]]:
+        """Decode every sample each split uses, once; ``{id(source): {position: BadImage}}``."""
+        wanted: dict[int, tuple[SplitSource, set[int]]] = {}
+        for source, idx in (src.train, src.val, src.eval):
+            wanted.setdefault(id(source), (source, set()))[1].update(int(i) for i in idx)
+        bad: dict[int, dict[int, BadImage]] = {}
+        for key, (source, positions) in wanted.items():
+            for i in sorted(positions):
+                err = source.check(i)
+                if err is not None:
+                    bad.setdefault(key, {})[i] = BadImage(source.describe(i), err)
+        return bad
+
+    def verify_data(self) -> list[BadImage]:
+        """Decode every image of every split once (no transform); the unreadable ones (empty: all readable).
+        Runs the cheap format checks first (they raise :class:`DatasetFormatError`)."""
+        self._validate()
+        bad = self._bad_images(self._load_sources())
+        return [b for per_source in bad.values() for b in per_source.values()]
+
+    def _check_images(self, src: _Sources) -> _Sources:
+        bad = self._bad_images(src)
+        found = [b for per_source in bad.values() for b in per_source.values()]
+        if not found:
+            return src
+        listing = "\n  ".join(str(b) for b in found)
+        if self.on_bad_image == "raise":
+            raise DatasetFormatError(
+                f"{len(found)} unreadable image(s) in the data under {self.root}:\n  {listing}\nexpected every image "
+                f"to decode; replace these files (re-extract the archive), or set data.init_args.on_bad_image=skip to "
+                f"leave them out")
+        self.skipped_images = found
+        warnings.warn(f"{type(self).__name__}: leaving out {len(found)} unreadable image(s) "
+                      f"(on_bad_image=skip):\n  {listing}", stacklevel=3)
+
+        def keep(pair: tuple[SplitSource, np.ndarray]) -> tuple[SplitSource, np.ndarray]:
+            source, idx = pair
+            drop = bad.get(id(source), {})
+            return source, np.asarray([i for i in idx if int(i) not in drop], dtype=np.int64)
+
+        return _Sources(train=keep(src.train), val=keep(src.val), eval=keep(src.eval))
 
     def transform(self, augment: bool = False) -> v2.Compose:
         """raw image -> normalised ``FloatTensor [C, image_size, image_size]``."""
@@ -319,8 +446,8 @@ class VisionDataModule(L.LightningDataModule):
                    batch_size: int | None = None) -> DataLoader:
         ds = self.dataset(split, augment=augment)
         bs = batch_size or (self.batch_size if split == "train" and shuffle else self.eval_batch_size)
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(ds, batch_size=bs, shuffle=shuffle, generator=gen, num_workers=self.num_workers,
+        sampler = EpochSeededSampler(ds, seed=self.seed) if shuffle else None
+        return DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:

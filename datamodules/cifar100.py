@@ -1,6 +1,7 @@
 """CIFAR-100 from the standard ``cifar-100-python/`` folder under ``root`` (never downloaded here).
 
-The folder holds three python pickles (``pickle.load(f, encoding="bytes")``):
+The folder holds three python pickles (read with :class:`CifarUnpickler`, ``encoding="bytes"``: only numpy's
+array reconstruction may be imported, so a tampered file cannot run code):
 
 - ``train``, ``test``: ``{b"data": uint8 [N, 3072] (1024 R, 1024 G, 1024 B, row-major 32x32), b"fine_labels": [N],
   b"filenames": [N], ...}`` (50000 and 10000 images);
@@ -21,10 +22,35 @@ import torch
 
 from datamodules.base import TensorSource, VisionDataModule, _Sources, holdout_split
 
-__all__ = ["CIFAR100DataModule"]
+__all__ = ["CIFAR100DataModule", "CifarUnpickler", "ForbiddenPickleError", "CIFAR_PICKLE_GLOBALS"]
 
 FOLDER = "cifar-100-python"
 N_CLASSES = 100
+
+
+class ForbiddenPickleError(pickle.UnpicklingError):
+    """A pickle names a global (class or function) outside :data:`CIFAR_PICKLE_GLOBALS`."""
+
+
+#: every global the real CIFAR-100 python pickles reference (numpy's array reconstruction, with the module names of
+#: numpy 1 and 2); nothing else is ever imported or called while reading them
+CIFAR_PICKLE_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+})
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only :data:`CIFAR_PICKLE_GLOBALS`: the built-in containers and numbers
+    need no global, so a pickle whose ``__reduce__`` names ``os.system``, ``subprocess.run``, ``builtins.eval``
+    (or anything else) is refused before anything is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise ForbiddenPickleError(f"it references the global {module}.{name}, which a CIFAR-100 file never "
+                                       f"holds (allowed: {sorted(f'{m}.{n}' for m, n in CIFAR_PICKLE_GLOBALS)})")
+        return super().find_class(module, name)
 
 
 class CIFAR100DataModule(VisionDataModule):
@@ -65,7 +91,10 @@ class CIFAR100DataModule(VisionDataModule):
             raise self.format_error(path, f"the CIFAR-100 python pickle '{path.name}' ({what})")
         try:
             with open(path, "rb") as f:
-                obj = pickle.load(f, encoding="bytes")
+                obj = CifarUnpickler(f, encoding="bytes").load()
+        except ForbiddenPickleError as e:
+            raise self.format_error(path, f"a CIFAR-100 python pickle ({what}) holding only dicts, lists, bytes, "
+                                          f"numbers and numpy arrays; refusing to load it: {e}") from None
         except Exception as e:  # any unpickling failure is a format problem of this file
             raise self.format_error(path, f"a python pickle ({what}); reading it failed with "
                                           f"{type(e).__name__}: {e}") from None

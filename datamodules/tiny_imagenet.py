@@ -13,7 +13,10 @@ the Hugging Face ``zh-plus/tiny-imagenet`` copy number them), training files are
 files in the annotation file's order. Images are opened lazily with PIL (converted to RGB: a few are grey), resized
 to ``image_size`` and normalised (default mean/std (0.5, 0.5, 0.5), as the ViT-in21k image processor).
 
-The checks before any training only list folders and read the two text files: no image is opened.
+The checks before any training only list folders and read the two text files: no image is opened. A file that
+cannot be decoded raises :class:`~datamodules.base.UnreadableImageError` naming it when a loader reaches it;
+``verify_images=True`` decodes all of them in ``setup()`` and lists every unreadable one (see
+:mod:`datamodules.base`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from datamodules.base import SplitSource, VisionDataModule, _Sources, holdout_split
+from datamodules.base import SplitSource, UnreadableImageError, VisionDataModule, _Sources, holdout_split
 
 __all__ = ["TinyImageNetDataModule"]
 
@@ -33,16 +36,41 @@ FOLDER = "tiny-imagenet-200"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
+#: what PIL raises for a file it cannot decode (truncated, not an image, corrupt header, decompression bomb)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
 class FileSource(SplitSource):
-    """Images on disk, opened lazily with PIL and converted to RGB."""
+    """Images on disk, opened lazily with PIL and fully decoded (converted to RGB). A file that cannot be decoded
+    raises :class:`~datamodules.base.UnreadableImageError` naming it."""
 
     def __init__(self, paths: list[str], labels: list[int]):
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+    def describe(self, i: int) -> str:
+        return self.paths[i]
+
+    def _decode(self, i: int) -> Image.Image:
         with Image.open(self.paths[i]) as im:
-            return im.convert("RGB"), int(self.labels[i])
+            return im.convert("RGB")  # convert() decodes the whole file: a truncated one fails here
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        try:
+            image = self._decode(i)
+        except _DECODE_ERRORS as e:
+            raise UnreadableImageError(
+                f"{self.paths[i]}: cannot decode this image ({type(e).__name__}: {e}); replace the file (re-extract "
+                f"the archive). To list every unreadable file at once, run with data.init_args.verify_images=true; "
+                f"to leave them out, data.init_args.on_bad_image=skip") from None
+        return image, int(self.labels[i])
+
+    def check(self, i: int) -> str | None:
+        try:
+            self._decode(i)
+        except _DECODE_ERRORS as e:
+            return f"{type(e).__name__}: {e}"
+        return None
 
 
 @dataclass

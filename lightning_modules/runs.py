@@ -3,10 +3,17 @@
 Every later step (state cache, misclassification analysis, FL, repair, evaluation) rebuilds the data module from
 ``<run>/run_config.yaml`` (written by ``scripts/train.py fit``) and loads a checkpoint, so it sees the same
 data, folds and model as training did.
+
+Nothing read from a run directory can run code: a ``class_path`` in ``run_config.yaml`` must name one of the
+toolkit's own data modules (checked as text before anything is imported, :func:`resolve_datamodule_class`), and
+checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain Python types only; a checkpoint that
+holds anything else is refused with :class:`UnsafeCheckpointError`). A checkpoint whose architecture differs from
+the run's config is :class:`ArchitectureMismatchError`, naming the differing settings and tensor shapes.
 """
 from __future__ import annotations
 
 import importlib
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -24,22 +31,113 @@ class RunError(RuntimeError):
     """A run directory lacks what a step needs (checkpoint, config), or a checkpoint is corrupt."""
 
 
+class UnsafeConfigError(RunError):
+    """A run config names a component outside the toolkit (refused before anything is imported)."""
+
+
+class UnsafeCheckpointError(RunError):
+    """A checkpoint holds Python objects beyond tensors and plain types (refused: loading them could run code)."""
+
+
+class ArchitectureMismatchError(RunError):
+    """A checkpoint is of another architecture than the run's config (or than the data's images / classes)."""
+
+
+#: globals our Lightning checkpoints need beyond ``torch.load(weights_only=True)``'s default allow-list. Empty: the
+#: per-epoch and full (``last.ckpt``) checkpoints hold only tensors, dicts, lists, tuples, str, int, float, bool and
+#: None (hyperparameters, optimizer / scheduler / loop / callback states, RNG states as tensors).
+CHECKPOINT_SAFE_GLOBALS: list[Any] = []
+
+#: the one model class a run's config may name (LightningCLI writes none: the model is always this class)
+MODEL_CLASS_PATH = "lightning_modules.classifier.ImageClassifier"
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
 def run_config(layout: RunLayout) -> dict[str, Any]:
-    if not layout.run_config.is_file():
-        raise RunError(f"no {layout.run_config}: train first (`python scripts/train.py fit ... "
+    path = layout.run_config
+    if not path.is_file():
+        raise RunError(f"no {path}: train first (`python scripts/train.py fit ... "
                        f"--trainer.default_root_dir {layout.root}`)")
-    return yaml.safe_load(layout.run_config.read_text())
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise RunError(f"{path}: cannot read the run config as YAML ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise RunError(f"{path}: expected a YAML mapping with 'data', 'model' and 'trainer', got "
+                       f"{type(cfg).__name__}")
+    return cfg
 
 
-def build_from_spec(spec: dict[str, Any], **override: Any):
-    """Instantiate ``{"class_path": "pkg.mod.Class", "init_args": {...}}``."""
-    module, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(**{**(spec.get("init_args") or {}), **override})
+def resolve_datamodule_class(class_path: Any, source: str = "the config") -> type:
+    """The data-module class named by ``class_path``, which must be ``datamodules.<module>.<Class>`` (or
+    ``datamodules.<Class>``) for a module file inside the toolkit's ``datamodules`` package and a subclass of
+    :class:`~datamodules.base.VisionDataModule` defined there. The text is checked before anything is imported; any
+    other path (``subprocess.run``, ``os.system``, a class elsewhere) raises :class:`UnsafeConfigError`."""
+    import datamodules
+    from datamodules.base import VisionDataModule
+
+    def refuse(why: str) -> UnsafeConfigError:
+        return UnsafeConfigError(
+            f"{source}: data class_path {class_path!r} {why}; expected one of the toolkit's data modules, "
+            f"datamodules.<module>.<Class> (e.g. datamodules.digits.DigitsDataModule, "
+            f"datamodules.cifar100.CIFAR100DataModule, datamodules.tiny_imagenet.TinyImageNetDataModule). Refusing "
+            f"to import or call it")
+
+    if not isinstance(class_path, str) or not re.fullmatch(rf"datamodules(\.{_IDENT}){{1,2}}", class_path):
+        raise refuse("is not a class of the toolkit's datamodules package")
+    parts = class_path.split(".")
+    if len(parts) == 3:
+        if parts[1].startswith("_") or not (Path(datamodules.__file__).parent / f"{parts[1]}.py").is_file():
+            raise refuse(f"names no module of the datamodules package (no datamodules/{parts[1]}.py)")
+        module = importlib.import_module(f"datamodules.{parts[1]}")
+    else:
+        module = datamodules
+    cls = getattr(module, parts[-1], None)
+    if not (isinstance(cls, type) and issubclass(cls, VisionDataModule) and cls is not VisionDataModule
+            and cls.__module__.split(".")[0] == "datamodules"):
+        raise refuse("is not a VisionDataModule subclass defined in the datamodules package")
+    return cls
+
+
+def build_from_spec(spec: Any, source: str = "the config", **override: Any):
+    """Instantiate a data module from ``{"class_path": "datamodules.mod.Class", "init_args": {...}}`` (the class
+    path checked by :func:`resolve_datamodule_class`; ``init_args`` must be a mapping)."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise RunError(f"{source}: expected 'data' as a mapping with class_path and init_args, got {spec!r}")
+    cls = resolve_datamodule_class(spec["class_path"], source)
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise RunError(f"{source}: data init_args must be a mapping, got {type(init_args).__name__}")
+    try:
+        return cls(**{**init_args, **override})
+    except TypeError as e:  # an argument the data module does not take
+        raise RunError(f"{source}: {cls.__name__} does not accept these init_args ({e})") from None
 
 
 def datamodule_from_run(layout: RunLayout, **override: Any):
-    return build_from_spec(run_config(layout)["data"], **override)
+    cfg = run_config(layout)
+    if "data" not in cfg:
+        raise RunError(f"{layout.run_config}: no 'data' section")
+    return build_from_spec(cfg["data"], source=str(layout.run_config), **override)
+
+
+def model_spec_from_run(layout: RunLayout) -> dict[str, Any] | None:
+    """The ImageClassifier arguments in ``run_config.yaml`` (``None`` when the run has no config). A ``class_path``
+    other than :data:`MODEL_CLASS_PATH` is refused (:class:`UnsafeConfigError`)."""
+    if not layout.run_config.is_file():
+        return None
+    model = run_config(layout).get("model")
+    if model is None:
+        return None
+    if not isinstance(model, dict):
+        raise RunError(f"{layout.run_config}: expected 'model' as a mapping, got {type(model).__name__}")
+    if "class_path" in model:
+        if model["class_path"] != MODEL_CLASS_PATH:
+            raise UnsafeConfigError(f"{layout.run_config}: model class_path {model['class_path']!r} is not the "
+                                    f"toolkit's classifier; expected {MODEL_CLASS_PATH}. Refusing to import it")
+        model = model.get("init_args") or {}
+    return {k: v for k, v in model.items() if not str(k).startswith("_")}
 
 
 def checkpoint_epochs(layout: RunLayout) -> list[int]:
@@ -58,13 +156,41 @@ def last_epoch(layout: RunLayout) -> int:
     return eps[-1]
 
 
-def load_classifier(path: str | Path, map_location: str = "cpu") -> ImageClassifier:
-    """Load an :class:`ImageClassifier` checkpoint in eval mode, with a clear error for a missing or corrupt file."""
+def _unsafe_checkpoint(path: Path, e: Exception) -> UnsafeCheckpointError:
+    m = re.search(r"GLOBAL (\S+)", str(e))
+    what = f"the Python global {m.group(1)}" if m else "Python objects beyond tensors and plain types"
+    return UnsafeCheckpointError(
+        f"checkpoint {path} holds {what}, which no checkpoint of this toolkit contains (expected tensors, dicts, "
+        f"lists, strings and numbers only); refusing to load it, since unpickling it could run code")
+
+
+def safe_torch_load(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with :data:`CHECKPOINT_SAFE_GLOBALS`; a file holding anything
+    else raises :class:`UnsafeCheckpointError`, a missing or unreadable one :class:`RunError`."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}")
     try:
-        model = ImageClassifier.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise _unsafe_checkpoint(path, e) from None
+    except Exception as e:  # truncated zip, not a torch file
+        raise RunError(f"checkpoint {path} is corrupt or not a torch checkpoint: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def load_classifier(path: str | Path, map_location: str = "cpu") -> ImageClassifier:
+    """Load an :class:`ImageClassifier` checkpoint in eval mode (``weights_only=True``), with a clear error for a
+    missing, corrupt or unsafe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}")
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            model = ImageClassifier.load_from_checkpoint(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _unsafe_checkpoint(path, e) from None
     except Exception as e:  # truncated zip, wrong pickle, mismatched keys
         raise RunError(f"checkpoint {path} is corrupt or not an ImageClassifier checkpoint: "
                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -74,34 +200,151 @@ def load_classifier(path: str | Path, map_location: str = "cpu") -> ImageClassif
     return model.eval()
 
 
+_ARCH_KEYS = ("backbone", "num_classes", "backbone_kwargs")
+#: backbone arguments that change where the start weights come from, not the architecture
+_NON_ARCH_BACKBONE_KWARGS = ("pretrained_path",)
+
+
+def _arch_args(hparams: dict[str, Any]) -> dict[str, Any]:
+    kw = dict(hparams.get("backbone_kwargs") or {})
+    for k in _NON_ARCH_BACKBONE_KWARGS:
+        kw.pop(k, None)
+    return {"backbone": hparams.get("backbone", "hf_vit"), "num_classes": hparams.get("num_classes"),
+            "backbone_kwargs": kw}
+
+
+def _shape_differences(expected: dict[str, Any], model: ImageClassifier, limit: int = 5) -> list[str]:
+    """Parameter keys / shapes of the configured architecture (built on the meta device) vs ``model``'s."""
+    try:
+        with torch.device("meta"):
+            ref = ImageClassifier(**expected)
+    except Exception:  # the config itself does not build; the hyperparameter difference says enough
+        return []
+    a = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out = [f"{k}: config {a[k]} vs checkpoint {b[k]}" for k in a if k in b and a[k] != b[k]]
+    out += [f"{k}: only in the config's architecture" for k in a if k not in b]
+    out += [f"{k}: only in the checkpoint" for k in b if k not in a]
+    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
+
+
+def check_architecture(layout: RunLayout, model: ImageClassifier, path: str | Path) -> None:
+    """Raise :class:`ArchitectureMismatchError` when ``model`` (loaded from ``path``) is not the architecture that
+    ``run_config.yaml`` describes (backbone, class count, backbone settings); no-op for a run without a config."""
+    spec = model_spec_from_run(layout)
+    if spec is None:
+        return
+    want, got = _arch_args(spec), _arch_args(dict(model.hparams))
+    if want["num_classes"] is None:  # linked from the data module at fit time, absent from the written config
+        want["num_classes"] = got["num_classes"]
+    diff = []
+    for k in ("backbone", "num_classes"):
+        if want[k] != got[k]:
+            diff.append(f"{k}: config {want[k]!r} vs checkpoint {got[k]!r}")
+    kw_w, kw_g = want["backbone_kwargs"], got["backbone_kwargs"]
+    for k in sorted(set(kw_w) | set(kw_g)):
+        if kw_w.get(k) != kw_g.get(k):
+            diff.append(f"backbone_kwargs.{k}: config {kw_w.get(k)!r} vs checkpoint {kw_g.get(k)!r}")
+    if diff:
+        shapes = _shape_differences(want, model)
+        raise ArchitectureMismatchError(
+            f"checkpoint {path} is of another architecture than this run ({layout.run_config}): "
+            + "; ".join(diff) + (". Tensor shapes: " + "; ".join(shapes) if shapes else "")
+            + ". Use the checkpoints this run trained (or the run directory this checkpoint belongs to); nothing "
+              "was changed on disk")
+
+
 def load_run_model(layout: RunLayout, epoch: int | None = None) -> tuple[ImageClassifier, int]:
+    """The run's checkpoint of ``epoch`` (default: the last), checked against the run's config
+    (:func:`check_architecture`)."""
     epoch = last_epoch(layout) if epoch is None else epoch
-    return load_classifier(layout.checkpoint(epoch)), epoch
+    path = layout.checkpoint(epoch)
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}; this run has epochs {checkpoint_epochs(layout)}")
+    model = load_classifier(path)
+    check_architecture(layout, model, path)
+    return model, epoch
+
+
+def cache_tag(layout: RunLayout, epoch: int | None) -> str:
+    """The state-cache tag of a checkpoint: ``""`` (``states/{split}.safetensors``) for the run's last epoch, else
+    ``epoch=NNN`` (``states/{split}.epoch=NNN.safetensors``), so caching another epoch never replaces the last
+    epoch's cache."""
+    if epoch is None or epoch == last_epoch(layout):
+        return ""
+    return f"epoch={int(epoch):03d}"
+
+
+def _model_input(model: ImageClassifier) -> tuple[int | None, int | None]:
+    """(input channels, image side) the model's patch embedding expects (None where it cannot be told)."""
+    channels = next((m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    cfg = getattr(getattr(model.backbone, "model", None), "config", None)
+    size = getattr(cfg, "image_size", None)
+    if size is None:
+        pe = getattr(model.backbone, "patch_embed", None)
+        img = getattr(pe, "img_size", None)
+        size = img[0] if isinstance(img, (tuple, list)) and getattr(pe, "strict_img_size", True) else None
+    return channels, (int(size) if isinstance(size, int) else None)
+
+
+def check_model_fits_data(model: ImageClassifier, dm, where: str = "the checkpoint") -> None:
+    """:class:`ArchitectureMismatchError` when the data's images or class count do not fit the model."""
+    channels, size = _model_input(model)
+    diff = []
+    if channels is not None and channels != dm.in_channels:
+        diff.append(f"input channels: model {channels} vs data {dm.in_channels}")
+    if size is not None and size != dm.image_size:
+        diff.append(f"image size: model {size} vs data {dm.image_size}")
+    n = model.hparams.get("num_classes")
+    if n is not None and n != dm.num_classes:
+        diff.append(f"classes: model {n} vs data {dm.num_classes}")
+    if diff:
+        raise ArchitectureMismatchError(f"{where} does not fit the run's data ({type(dm).__name__}): "
+                                        + "; ".join(diff) + "; nothing was changed on disk")
 
 
 def cache_states(layout: RunLayout, model: ImageClassifier, splits: list[str], tag: str = "",
-                 trainer_kwargs: dict[str, Any] | None = None, datamodule=None) -> list[Path]:
+                 trainer_kwargs: dict[str, Any] | None = None, datamodule=None,
+                 extra_metadata: dict[str, str] | None = None) -> list[Path]:
     """One ``Trainer.predict`` pass per split writing ``states/{split}[.tag].safetensors`` (skipped if present
-    and made by this model)."""
+    and made by this model). A stale or unreadable cache is kept until its replacement is complete (the new file is
+    renamed over it), so a failed pass never loses the old one. The model must fit the data (channels, image size,
+    classes: :func:`check_model_fits_data`), checked before any pass."""
+    from datamodules.base import SPLITS
     from localization.cache import CacheError, load_states
     from localization.ffn import model_fingerprint
 
+    bad = [s for s in splits if s not in SPLITS]
+    if not splits or bad:
+        raise ValueError(f"splits to cache must be a non-empty list from {list(SPLITS)}, got {list(splits)}")
     dm = datamodule or datamodule_from_run(layout)
+    check_model_fits_data(model, dm)
     h = model_fingerprint(model)
     out = []
     for split in splits:
         path = layout.states(split, tag)
-        try:
-            if path.exists():
+        if path.exists():
+            try:
                 load_states(path, expected_hash=h)
                 out.append(path)
                 continue
-        except CacheError:
-            path.unlink()  # stale or corrupt: rebuild
+            except CacheError:
+                pass  # stale or corrupt: rebuilt below, replaced only once the new cache is complete
         dm.predict_split = split
         kw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": True,
               **(trainer_kwargs or {})}
-        trainer = L.Trainer(callbacks=[StateCacheWriter(split, path=str(path))], **kw)
+        writer = StateCacheWriter(split, path=str(path), extra_metadata=extra_metadata)
+        trainer = L.Trainer(callbacks=[writer], **kw)
         trainer.predict(model, datamodule=dm, return_predictions=False)
         out.append(path)
     return out
+
+
+def cache_run_states(layout: RunLayout, splits: list[str], epoch: int | None = None,
+                     trainer_kwargs: dict[str, Any] | None = None) -> list[Path]:
+    """Cache the states of ``epoch``'s checkpoint (default: the last) for ``splits``: the last epoch's cache is
+    ``states/{split}.safetensors``, any other epoch's ``states/{split}.epoch=NNN.safetensors`` (:func:`cache_tag`).
+    The checkpoint is checked against the run's config and data before anything is written."""
+    model, epoch = load_run_model(layout, epoch)
+    return cache_states(layout, model, list(splits), tag=cache_tag(layout, epoch), trainer_kwargs=trainer_kwargs,
+                        extra_metadata={"epoch": str(epoch), "checkpoint": layout.checkpoint(epoch).name})

@@ -12,7 +12,10 @@ and string metadata: ``format`` (= ``FORMAT``), ``model_hash`` (:func:`localizat
 model that produced it), ``split``, ``backbone``, ``d``, ``d_ff``, ``num_classes``, ``n``.
 A multi-process ``predict`` writes one shard per rank (``{split}.rank{r}.safetensors``);
 :func:`merge_shards` joins them in sample order, dropping the duplicates a DistributedSampler pads with.
-Writes are atomic (temp file, then rename).
+Writes are atomic (temp file, then rename): an existing cache is replaced only once its successor is complete.
+A cache belongs to one checkpoint: the last epoch's is ``states/{split}.safetensors``, another epoch's
+``states/{split}.epoch=NNN.safetensors`` (``RunLayout.states(split, tag)``, tag from
+``lightning_modules.runs.cache_tag``).
 """
 from __future__ import annotations
 
@@ -121,7 +124,8 @@ def load_states(path: str | Path, expected_hash: str | None = None) -> StateCach
     if expected_hash is not None and meta.get("model_hash") != expected_hash:
         raise StaleCacheError(
             f"state cache {path} was made by model {meta.get('model_hash')!r} but the model in use is "
-            f"{expected_hash!r}: re-run the cache step for this checkpoint (delete the stale file first)")
+            f"{expected_hash!r}: re-run the cache step for this checkpoint (`python scripts/cache_states.py "
+            f"--run_dir RUN`); it keeps this file until the new cache is complete and then replaces it")
     t = load_file(str(path))
     missing = [k for k in KEYS if k not in t]
     if missing:

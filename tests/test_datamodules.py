@@ -256,15 +256,19 @@ def test_tiny_malformed_gives_one_clear_error(tiny_root, case):
 
 
 def test_tiny_validation_opens_no_image(tiny_root):
-    """The checks only list folders: a corrupt JPEG passes them and fails only when that item is loaded."""
+    """The checks only list folders: a corrupt JPEG passes them and fails only when that item is loaded, with an
+    error naming the file (not PIL's bare traceback)."""
     bad = _tiny_folder(tiny_root) / "val" / "images" / "val_5.JPEG"
     bad.write_bytes(b"not a jpeg")
     dm = _tiny(tiny_root)
     dm.prepare_data()
     dm.setup()
     assert dm.dataset("eval")[0][0].shape == (3, 16, 16)
-    with pytest.raises(OSError):
+    from datamodules.base import UnreadableImageError
+
+    with pytest.raises(UnreadableImageError, match="val_5.JPEG") as e:
         dm.dataset("eval")[5]
+    assert str(bad) in str(e.value) and "verify_images" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------ folds
