@@ -19,12 +19,16 @@ def step_cache(layout: RunLayout, splits=("repair", "test"), epoch: int | None =
 
 
 def step_misclf(layout: RunLayout, split: str = "repair", ranks: int = 3, seed: int = 0,
-                pos_fraction: float = 0.05) -> dict[str, Any]:
-    """Write ``misclf/misclf_info.json`` and the confusion-matrix figure; report skipped settings."""
+                pos_fraction: float = 0.05, tie_order: str = "pred_true", no_true_input: str = "skip",
+                kinds=("src_tgt", "tgt_fp", "tgt_fn", "all")) -> dict[str, Any]:
+    """Write ``misclf/misclf_info.json`` and the confusion-matrix figure; report skipped settings.
+    ``tie_order``, ``no_true_input`` and ``kinds`` are ``localization.misclf.analyze``'s options (recorded in the
+    JSON under ``options``)."""
     model, _ = load_run_model(layout)
     states = load_states(layout.states(split), expected_hash=model_fingerprint(model))
     info = analyze(states.label, states.pred, states.index, num_classes=states.logits.shape[1], ranks=ranks,
-                   pos_fraction=pos_fraction, seed=seed, split=split)
+                   pos_fraction=pos_fraction, seed=seed, split=split, tie_order=tie_order,
+                   no_true_input=no_true_input, kinds=kinds)
     info["model_hash"] = states.metadata.get("model_hash")
     atomic_write_json(layout.misclf_info, info)
     try:
