@@ -1,192 +1,199 @@
-"""Runs FL methods x settings x budgets over a run's cached states and writes ``fl/{setting}/{method}_n{N}.pt|json``
-plus a ``fl/timing.csv`` row per (method, setting) run (DESIGN.md section 1).
+"""The one FL runner: every FL score the toolkit computes comes from :class:`lightning_modules.fl.FLModule` under a
+Lightning Trainer (``test`` loop), through :func:`compute_scores`. The localize step, the checkpoint and
+injected-fault benchmarks, the interventions and the repair sweep all call it (the step modules in ``pipeline/``
+add naming, saving and resuming through the run store).
 
-Scores are computed once per (method, setting) by :class:`lightning_modules.fl.FLModule` under the Trainer (or,
-``engine="direct"``, by :func:`localization.ranking.localize` without one), then every budget is selected from
-them. A result that exists is skipped (resumable); every write is atomic. Budgets: ints (weights), ``"front"``
-(BL's Pareto front, the only budget BL has) and ``"avg"`` = N_avg, the mean BL front size over the settings
-(BL runs first when ``"avg"`` is asked for).
+* :func:`setting_rows` turns a misclassification setting into the rows a method reads, honouring the method's
+  metadata (``localization.base.FL_METHODS``): I_neg first, in the published order for methods whose formula
+  depends on batching (``batching``), then I_pos (all correct inputs, or a seeded sample of |I_neg| of them for
+  ``pos_sample = "n_neg"``), plus ``true_label`` for methods that ask for it (``uses_true_label``).
+* :func:`compute_scores` runs the method and measures *this run's* wall time and peak memory (the resident-set
+  growth sampled while it runs, and the CUDA allocator's peak on a GPU), not the process's high-water mark.
+* Multi-process runs: pass ``trainer_kwargs={"devices": n, "strategy": "ddp"}``; metric states are summed across
+  processes, every rank gets the same scores; only rank 0 writes (the run store checks).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import resource
+import os
+import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 import lightning as L
+import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from lightning_modules.fl import FLModule
-from localization.artifacts import RunLayout, append_csv_row, atomic_write_json, provenance
-from localization.base import FLResult, get_localizer, registered_localizers
-from localization.cache import StateCache
+from localization.base import FLResult, method_meta
 from localization.ffn import FFNHead
 from localization.ranking import select
 
-#: methods whose only selection is their own (budget "front")
-FRONT_ONLY = {"bl"}
+__all__ = ["setting_rows", "true_label_of", "compute_scores", "ScoresRun", "localize_with_trainer",
+           "quiet_lightning", "PeakMemory"]
 
 
-@dataclass
-class FLTask:
-    setting: str
-    method: str
-    budgets: list[int | str]
+# ----------------------------------------------------------------------------------------------------- inputs
+def true_label_of(setting: Mapping[str, Any]) -> int | None:
+    """The setting's true label (src_tgt: s; tgt_fn: l), None where the setting has no single true label."""
+    kind = setting.get("kind")
+    if kind == "src_tgt":
+        return int(setting["true"])
+    if kind == "tgt_fn":
+        return int(setting["label"])
+    return None
 
 
-def setting_inputs(states: StateCache, setting: dict[str, Any], pos_key: str = "i_pos"):
-    """Cached (x, label, is_neg) of a setting's I_neg and I_pos (sample indices -> cache rows)."""
-    neg = states.rows_of(torch.tensor(setting["i_neg"], dtype=torch.long))
-    pos_idx = setting.get(pos_key) or []
+def pos_sample(pos_index: list[int], n: int, seed: int) -> list[int]:
+    """A seeded sample of ``n`` of the correct inputs ``pos_index`` (ascending sample index), all if fewer."""
+    pos_index = sorted(int(i) for i in pos_index)
+    if n >= len(pos_index):
+        return pos_index
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(pos_index, size=n, replace=False))
+
+
+def setting_rows(states, setting: Mapping[str, Any], method: str | None = None, seed: int = 0
+                 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any], dict[str, Any]]:
+    """(x, label, is_neg, extra constructor options, a description of the inputs) of a setting for ``method``.
+
+    ``states``: a :class:`localization.cache.StateCache` of the split the setting was made on; ``setting``: one
+    entry of ``misclf_info.json``'s settings (sample indices)."""
+    meta = method_meta(method) if method is not None else {}
+    published = bool(meta.get("batching"))
+    neg_idx = list(setting.get("i_neg_published") or setting["i_neg"]) if published else list(setting["i_neg"])
+    pos_idx = list(setting.get("i_pos") or [])
+    desc = {"i_neg": "published order" if published and setting.get("i_neg_published") else "ascending index",
+            "i_pos": "all correct inputs of the split"}
+    if meta.get("pos_sample") == "n_neg":
+        pos_idx = pos_sample(pos_idx, len(neg_idx), seed)
+        desc["i_pos"] = f"a seeded sample (seed {seed}) of |I_neg| = {len(neg_idx)} correct inputs"
+    extra: dict[str, Any] = {}
+    if meta.get("uses_true_label"):
+        extra["true_label"] = true_label_of(setting)
+    neg = states.rows_of(torch.tensor(neg_idx, dtype=torch.long))
     pos = states.rows_of(torch.tensor(pos_idx, dtype=torch.long))
     rows = torch.cat([neg, pos])
     is_neg = torch.zeros(len(rows), dtype=torch.bool)
     is_neg[: len(neg)] = True
-    return states.x[rows], states.label[rows], is_neg
+    desc.update(n_neg=len(neg), n_pos=len(pos))
+    return states.x[rows], states.label[rows], is_neg, extra, desc
 
 
+# ----------------------------------------------------------------------------------------------------- running
 @contextlib.contextmanager
-def quiet_lightning():
-    """Silence Lightning's per-Trainer banners (devices, tips) while one short FL Trainer runs; warnings stay."""
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-Trainer banners and known harmless warnings while one short Trainer runs."""
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            for msg in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*",
+                        ".*module\\(s\\) in eval mode.*", ".*compute.*before the ``update``.*",
+                        ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
+                warnings.filterwarnings("ignore", msg)
+            yield
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError):  # pragma: no cover - not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def compute_scores(head: FFNHead, method: str, x, label, is_neg, seed: int = 0, batch_size: int = 512,
-                   options: dict[str, Any] | None = None, engine: str = "trainer",
-                   trainer_kwargs: dict[str, Any] | None = None):
-    """(scores, own selection or None, localizer options) of one method on one set of inputs."""
-    if engine == "direct":
-        from localization.ranking import localize
+class PeakMemory:
+    """Peak extra memory of a block: resident-set growth over the block's start, sampled every ``interval`` s by a
+    background thread (``extra_mb``), and the CUDA allocator's peak (``cuda_mb``, None without a GPU)."""
 
-        res = localize(head, x, label, is_neg, method, budget=1 if method not in FRONT_ONLY else "front",
-                       batch_size=batch_size, seed=seed, **(options or {}))
-        own = res.weights if method in FRONT_ONLY else None
-        return res.scores, (head.index.to_flat(own) if own is not None else None), res.provenance["options"]
-    if engine != "trainer":
-        raise ValueError(f"engine must be 'trainer' or 'direct', got {engine!r}")
-    module = FLModule(head, method, x, label, is_neg, method_options=options, seed=seed, batch_size=batch_size)
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.extra_mb = 0.0
+        self.cuda_mb: float | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        self._start = _rss_mb()
+        self._peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, _rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_mb())
+        self.extra_mb = max(0.0, self._peak - self._start)
+        if torch.cuda.is_available():
+            self.cuda_mb = torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+@dataclass
+class ScoresRun:
+    """One FL run: ``scores`` (``[d_ff]`` or ``[2 d d_ff]``), the method's own selection (BL's front) or None, the
+    localizer's options, wall time and peak memory of this run."""
+
+    scores: Tensor
+    own: Tensor | None
+    options: dict[str, Any]
+    wall_s: float
+    peak_mb: float
+    cuda_peak_mb: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def compute_scores(head: FFNHead, method: str, x: Tensor, label: Tensor, is_neg: Tensor, *,
+                   options: Mapping[str, Any] | None = None, seed: int = 0, batch_size: int = 512,
+                   trainer_kwargs: Mapping[str, Any] | None = None) -> ScoresRun:
+    """Scores of one FL method on one set of rows, computed by the FL LightningModule under a Trainer."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    module = FLModule(head, method, x, label, is_neg, method_options=dict(options or {}), seed=seed,
+                      batch_size=batch_size)
     kw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
           "enable_model_summary": False, "inference_mode": False, "use_distributed_sampler": False,
-          **(trainer_kwargs or {})}
-    with quiet_lightning():
+          "enable_checkpointing": False, **(trainer_kwargs or {})}
+    with quiet_lightning(), PeakMemory() as mem:
+        t0 = time.perf_counter()
         trainer = L.Trainer(**kw)
         trainer.test(module, verbose=False)
-    own_sel = getattr(module.localizer, "own_selection", None)
-    own = own_sel() if callable(own_sel) and method in FRONT_ONLY else None
-    return module.scores, own, module.localizer.options()
+        own = None
+        if method_meta(method)["own_selection"]:
+            own = module.localizer.own_selection()
+        wall = time.perf_counter() - t0
+    return ScoresRun(module.scores, None if own is None else torch.as_tensor(own).long().cpu(),
+                     module.localizer.options(), wall, mem.extra_mb, mem.cuda_mb,
+                     {"world_size": trainer.world_size, "n_neg": int(is_neg.sum()), "n_pos": int((~is_neg).sum())})
 
 
-def save_result(layout: RunLayout, setting: str, res: FLResult) -> None:
-    path = layout.fl_result(setting, res.method, res.budget)
-    res.save(path)
-    summary = {k: v for k, v in res.to_dict().items() if k != "scores"}
-    summary["n_located"] = int(res.weights.shape[0])
-    atomic_write_json(path.with_suffix(".json"), summary)
-
-
-def load_result(layout: RunLayout, setting: str, method: str, budget: int | str) -> FLResult:
-    return FLResult.load(layout.fl_result(setting, method, budget))
-
-
-def n_avg(layout: RunLayout, settings: Iterable[str]) -> int:
-    """N_avg = the mean size of BL's Pareto front over the settings (rounded)."""
-    sizes = []
-    for s in settings:
-        p = layout.fl_result(s, "bl", "front")
-        if p.exists():
-            sizes.append(json.loads(p.with_suffix(".json").read_text())["n_located"])
-    if not sizes:
-        raise FileNotFoundError("N_avg needs BL results (fl/{setting}/bl_nfront.pt): run method 'bl' first")
-    return max(1, round(sum(sizes) / len(sizes)))
-
-
-def run_localization(layout: RunLayout, head: FFNHead, states: StateCache, misclf: dict[str, Any],
-                     methods: list[str] | None = None, settings: list[str] | None = None,
-                     budgets: list[int | str] = (236, 472, 944), seed: int = 0, batch_size: int = 512,
-                     engine: str = "trainer", trainer_kwargs: dict[str, Any] | None = None,
-                     method_options: dict[str, dict[str, Any]] | None = None, config: dict[str, Any] | None = None,
-                     progress: bool = True) -> list[dict[str, Any]]:
-    """Run every (setting, method) not yet on disk; return one row per run (method, setting, budgets, time)."""
-    methods = list(methods or registered_localizers())
-    for m in methods:
-        get_localizer(m)  # unknown name -> error listing the registered ones, before any work
-    available = misclf["settings"]
-    settings = list(settings or available)
-    missing = [s for s in settings if s not in available]
-    if missing:
-        raise KeyError(f"settings {missing} not available; available: {sorted(available)}; skipped: "
-                       f"{misclf.get('skipped', {})}")
-    budgets = list(budgets)
-    order = (["bl"] if "bl" in methods else []) + [m for m in methods if m != "bl"]
-    rows: list[dict[str, Any]] = []
-    total = len(order) * len(settings)
-    bar = tqdm(total=total, desc="FL", disable=not progress)
-    for method in order:
-        if method == "bl" or method in FRONT_ONLY:
-            want: list[int | str] = ["front"]
-        else:
-            want = []
-            for b in budgets:
-                if b == "avg":
-                    b = n_avg(layout, settings)
-                if b == "front":
-                    continue
-                want.append(int(b))
-            want = list(dict.fromkeys(want))
-        for setting in settings:
-            bar.set_postfix_str(f"{method} @ {setting}")
-            todo = [b for b in want if not layout.fl_result(setting, method, b).exists()]
-            if not todo:
-                bar.update()
-                continue
-            x, label, is_neg = setting_inputs(states, available[setting])
-            rss0 = _peak_rss_mb()
-            t0 = time.perf_counter()
-            try:
-                scores, own, opts = compute_scores(head, method, x, label, is_neg, seed=seed,
-                                                   batch_size=batch_size,
-                                                   options=(method_options or {}).get(method), engine=engine,
-                                                   trainer_kwargs=trainer_kwargs)
-            except ValueError as e:  # e.g. a set too small for a variance: report, go on with the rest
-                rows.append({"method": method, "setting": setting, "budgets": "", "status": f"error: {e}"})
-                bar.update()
-                continue
-            wall = time.perf_counter() - t0
-            level = get_localizer(method).level
-            for b in todo:
-                weights, neurons = select(scores, level, b, head.index, own=own)
-                res = FLResult(method=method, level=level, budget=b, scores=scores, weights=weights,
-                               neurons=neurons,
-                               provenance=provenance(setting=setting, seed=seed, options=opts, engine=engine,
-                                                     model_hash=states.metadata.get("model_hash"),
-                                                     n_neg=int(is_neg.sum()), n_pos=int((~is_neg).sum()),
-                                                     inputs="repair split: I_neg = setting's misclassified, "
-                                                            "I_pos = all correct", wall_time_s=wall,
-                                                     config=config or {}))
-                save_result(layout, setting, res)
-            row = {"method": method, "setting": setting, "budgets": " ".join(map(str, todo)),
-                   "n_neg": int(is_neg.sum()), "n_pos": int((~is_neg).sum()), "wall_s": round(wall, 4),
-                   "peak_rss_mb": round(max(rss0, _peak_rss_mb()), 1), "engine": engine,
-                   "devices": (trainer_kwargs or {}).get("devices", 1), "status": "ok"}
-            append_csv_row(layout.fl_timing, row)
-            rows.append(row)
-            bar.update()
-    bar.close()
-    return rows
+def localize_with_trainer(head: FFNHead, x: Tensor, label: Tensor, is_neg: Tensor, method: str,
+                          budget: int | str | None, batch_size: int = 512, seed: int = 0,
+                          trainer_kwargs: Mapping[str, Any] | None = None, **opts: Any) -> FLResult:
+    """:func:`compute_scores` plus the selection of ``budget`` (int N, or "front" / None for the method's own
+    selection): an in-memory :class:`FLResult` (the benchmarks' FL path; nothing is written)."""
+    run = compute_scores(head, method, x, label, is_neg, options=opts, seed=seed, batch_size=batch_size,
+                         trainer_kwargs=trainer_kwargs)
+    level = method_meta(method)["level"]
+    weights, neurons = select(run.scores, level, budget, head.index, own=run.own)
+    return FLResult(method=method, level=level, budget=budget if budget is not None else "front",
+                    scores=run.scores, weights=weights, neurons=neurons,
+                    provenance={"method": method, "options": run.options, "seed": seed, "wall_time_s": run.wall_s,
+                                "peak_mb": run.peak_mb, **run.info})

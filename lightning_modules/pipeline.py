@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_modules.fl_runner import run_localization
 from lightning_modules.runs import cache_states, datamodule_from_run, load_run_model, run_config
 from localization.artifacts import RunLayout, atomic_savefig, atomic_write_json
 from localization.cache import load_states
@@ -47,11 +46,9 @@ def step_misclf(layout: RunLayout, split: str = "repair", ranks: int = 3, seed: 
 def step_localize(layout: RunLayout, methods=None, settings=None, budgets=(236, 472, 944), seed: int = 0,
                   batch_size: int = 512, engine: str = "trainer", trainer_kwargs: dict[str, Any] | None = None,
                   method_options: dict[str, dict[str, Any]] | None = None, progress: bool = True):
-    model, epoch = load_run_model(layout)
-    head = last_ffn_head(model)
-    states = load_states(layout.states("repair"), expected_hash=model_fingerprint(model))
-    misclf = load_misclf(layout)
-    cfg = {"run_config": run_config(layout), "epoch": epoch, "budgets": list(budgets), "batch_size": batch_size}
-    return run_localization(layout, head, states, misclf, methods=methods, settings=settings, budgets=budgets,
-                            seed=seed, batch_size=batch_size, engine=engine, trainer_kwargs=trainer_kwargs,
-                            method_options=method_options, config=cfg, progress=progress)
+    """Transitional: the localize step now lives in ``pipeline.localize`` (``engine`` is ignored: the FL
+    LightningModule is the only engine)."""
+    from pipeline.localize import run_localization
+
+    return run_localization(layout, methods, settings, budgets, seed=seed, batch_size=batch_size,
+                            trainer_kwargs=trainer_kwargs, method_options=method_options, progress=progress)

@@ -1,15 +1,16 @@
-"""The FL method base class, its registry and the FL result (DESIGN.md section 4).
+"""The FL method base class, its registry and the FL result (formulas: ``docs/methods.md``).
 
 A localizer is a ``torchmetrics.Metric``: sums over inputs (GL, FI parts, V-score moments, IG, spectrum counts)
 are declared with ``add_state(..., dist_reduce_fx="sum")`` and accumulated in :meth:`Localizer.update`, one batch
 of cached states at a time; :meth:`Localizer.compute` turns them into scores. So a 2-process run gives the same
 scores as one process, and the FL LightningModule only feeds batches.
 
-Adding a method is one file in ``localization/methods/`` (imported by ``localization/methods/__init__.py``)::
+Adding a method is one file in ``localization/methods/`` (found by the registry: no list to edit), or a module of a
+plugin package advertised under the ``vitfl.fl_methods`` entry point::
 
     @register_localizer("my_method")
     class MyMethod(Localizer):
-        '''score_ij = ... (formula as in DESIGN.md, and any deviation)'''
+        '''score_ij = ... (its formula, and any deviation from the published one)'''
         level = "weight"                       # or "neuron"
         def __init__(self, head, **options): super().__init__(head); self.add_state("s", ..., dist_reduce_fx="sum")
         def update(self, x, label, is_neg): ...
@@ -20,48 +21,55 @@ Then ``scripts/localize.py --methods my_method`` and every sweep, table and plot
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torchmetrics
 from torch import Tensor
 
+from core.registry import Derived, Registry, UnknownNameError
 from localization.ffn import FFNHead, WeightIndex
 
-_REGISTRY: dict[str, type["Localizer"]] = {}
+class UnknownMethodError(UnknownNameError):
+    """An FL method name no file registered."""
 
 
-class UnknownMethodError(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return self.args[0]
+def _has_own_selection(cls) -> bool:
+    return callable(getattr(cls, "own_selection", None))
 
 
-def register_localizer(name: str):
-    def deco(cls):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"localizer {name!r} registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+#: Every FL method, found by importing each module of ``localization.methods`` (no hand-kept list) and the
+#: ``vitfl.fl_methods`` entry points. Metadata the runners read instead of testing names:
+#: ``level`` ("weight" | "neuron"), ``needs_inputs`` (False: no data pass), ``own_selection`` (True: the method
+#: picks its own set, like BL's Pareto front: budget "front"), ``reseed_per_rep`` (True: redrawn with the
+#: repetition's seed in a repair sweep, like random), ``batching`` (None or the batch size b of a published
+#: formula that depends on its batches: the runner feeds the published input order and the method batches each
+#: set as ``np.array_split`` into ceil(|S| / b) parts), ``uses_true_label`` (the runner passes ``true_label``,
+#: the setting's true label), ``pos_sample`` (None or "n_neg": the runner gives a seeded sample of |I_neg|
+#: correct inputs as I_pos).
+FL_METHODS = Registry(
+    "FL method", packages=("localization.methods",), entry_points="vitfl.fl_methods", error=UnknownMethodError,
+    meta_fields={"level": "weight", "needs_inputs": True, "own_selection": Derived(_has_own_selection),
+                 "reseed_per_rep": False, "batching": None, "uses_true_label": False, "pos_sample": None})
 
-    return deco
 
-
-def _load_methods() -> None:
-    import localization.methods  # noqa: F401  (registers every method)
+def register_localizer(name: str, **meta: Any):
+    """Class decorator: register a :class:`Localizer` subclass as FL method ``name`` (metadata: see
+    :data:`FL_METHODS`; by default read from the class attributes of the same names)."""
+    return FL_METHODS.register(name, **meta)
 
 
 def registered_localizers() -> list[str]:
-    _load_methods()
-    return sorted(_REGISTRY)
+    return FL_METHODS.names()
 
 
 def get_localizer(name: str) -> type["Localizer"]:
-    _load_methods()
-    if name not in _REGISTRY:
-        raise UnknownMethodError(f"unknown FL method {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return FL_METHODS.get(name)
+
+
+def method_meta(name: str) -> dict[str, Any]:
+    """The runner-facing metadata of FL method ``name``."""
+    return FL_METHODS.meta(name)
 
 
 class Localizer(torchmetrics.Metric):
@@ -77,13 +85,13 @@ class Localizer(torchmetrics.Metric):
 
     def __init__(self, head: FFNHead, seed: int = 0, **kwargs: Any):
         super().__init__(**kwargs)
-        # not a submodule: the head's parameters are not metric state
-        object.__setattr__(self, "_head", head)
+        # held in a tuple, so nn.Module does not make it a submodule: the head's parameters are not metric state
+        self._head_ref = (head,)
         self.seed = seed
 
     @property
     def head(self) -> FFNHead:
-        return self._head
+        return self._head_ref[0]
 
     @property
     def index(self) -> WeightIndex:
@@ -102,8 +110,7 @@ class Localizer(torchmetrics.Metric):
 
 @dataclass
 class FLResult:
-    """What an FL run produces; saved by ``scripts/localize.py`` as ``fl/{setting}/{method}_n{N}.pt`` (this dict)
-    plus a ``.json`` twin without the full score vector.
+    """What an FL run produces (plain tensors; the run store, ``core.runstore``, writes and reads it).
 
     ``scores``: the full score vector (``[d_ff]`` or ``[total weights]``), for rank-based benchmarks.
     ``weights``: ``[n, 3]`` (matrix, row, col) of the located weights, most suspicious first.
@@ -127,36 +134,3 @@ class FLResult:
     def from_dict(cls, d: dict[str, Any]) -> "FLResult":
         return cls(**{k: d.get(k) for k in ("method", "level", "budget", "scores", "weights", "neurons",
                                              "provenance")})
-
-    # The full score vector is the same for every budget of one (setting, method) run and is large for ViT-B
-    # (4.7M floats = 19 MB): it is stored once, in ``{method}.scores.pt`` beside the per-budget files.
-    @staticmethod
-    def scores_path(path: str | Path) -> Path:
-        path = Path(path)
-        return path.with_name(f"{path.name.rsplit('_n', 1)[0]}.scores.pt")
-
-    def save(self, path: str | Path) -> None:
-        """Write ``path`` (this result without the scores) and, once per (setting, method), the scores file."""
-        from localization.artifacts import atomic_torch_save
-
-        spath = self.scores_path(path)
-        atomic_torch_save(spath, self.scores)
-        d = self.to_dict()
-        d["scores"] = None
-        d["scores_file"] = spath.name
-        atomic_torch_save(path, d)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "FLResult":
-        """Read a result written by :meth:`save` (or an older file holding its scores inline)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no FL result at {path}: run scripts/localize.py first")
-        try:
-            d = torch.load(path, weights_only=False, map_location="cpu")
-            if d.get("scores") is None and d.get("scores_file"):
-                d["scores"] = torch.load(path.with_name(d["scores_file"]), weights_only=False, map_location="cpu")
-        except Exception as e:
-            raise RuntimeError(f"FL result {path} is unreadable ({type(e).__name__}: {e}); delete it and rerun "
-                               "scripts/localize.py (existing results are skipped)") from None
-        return cls.from_dict(d)

@@ -1,11 +1,12 @@
-"""The FL evaluation of one run directory (DESIGN.md section 5): interventions on every FL result, the checkpoint
+"""The FL evaluation step of one run directory: interventions on every FL result in the run store, the checkpoint
 benchmark and the injected-fault benchmark, with statistics, figures, TensorBoard and a headline table.
 
-Reads what the earlier steps wrote (paths from :class:`localization.artifacts.RunLayout`):
-``checkpoints/epoch=NNN.ckpt``, ``ffn_weights/epoch=NNN.safetensors``, ``states/repair.safetensors``,
-``misclf/misclf_info.json`` and ``fl/{setting}/{method}_n{N}.pt``. Writes under ``fl_eval/``::
+Reads what the earlier steps wrote (through :class:`core.runstore.RunStore`): the checkpoints and last-FFN weight
+files, the repair split's state cache, the misclassification settings and the FL results. Every FL score computed
+here (the benchmarks run the methods on other models) comes from the one FL runner
+(:func:`lightning_modules.fl_runner.localize_with_trainer`). Writes under ``fl_eval/``::
 
-    interventions/{setting}/{result}.csv           per input: prediction and true-class p before / after, for
+    interventions/{setting}/{result}.csv           per input (``result`` = ``{method}_n{N}-{key}``): prediction and true-class p before / after, for
                                                    the FL result ("fl") and each random draw, per mode (wide)
     interventions/{setting}/{result}.summary.csv   per (method, mode, group): |delta p|, flips, fixed, broken
     interventions/{setting}/{result}.stats.csv     |delta p| vs random: Wilcoxon, Cliff's delta (raw p)
@@ -23,8 +24,6 @@ atomic.
 """
 from __future__ import annotations
 
-import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +42,12 @@ from evaluation.interventions import (MODES, compare_to_random, records_to_wide,
                                       summarize_interventions, wide_to_records)
 from evaluation.ranking_metrics import DEFAULT_FRACTIONS, fraction_label
 from evaluation.stats import holm, to_markdown, wilcoxon_holm, write_stats_table
-from localization.artifacts import RunLayout, atomic_write_json, atomic_write_text, provenance
-from localization.base import FLResult
+from core.io import provenance, read_json
+from core.runstore import RunStore
+from core.runstore import identity_key
+from lightning_modules.fl_runner import localize_with_trainer, setting_rows
+from pipeline.context import load_misclf
+from pipeline.localize import fl_results, load_fl_result
 
 __all__ = ["PARTS", "QUICK_METHODS", "run_evaluation", "headline_table"]
 
@@ -57,7 +60,7 @@ FIGURE_SETTINGS = ("all",)
 
 @dataclass
 class _Ctx:
-    layout: RunLayout
+    layout: RunStore
     out: Path
     log: Callable[[str], None]
     overwrite: bool
@@ -68,10 +71,17 @@ class _Ctx:
     def figure(self, fig, name: str) -> None:
         if self.writer is not None:
             self.writer.add_figure(f"fl_eval/{name}", fig, close=False)
-        self.made.extend(figs.save_figure(fig, self.out / "figures" / name))
+        if self.layout.writes():
+            self.made.extend(figs.save_figure(fig, self.out / "figures" / name))
 
     def done(self, path: Path) -> bool:
         return path.exists() and not self.overwrite
+
+    def write_text(self, path: Path, text: str) -> None:
+        self.layout.write_text(path, text)
+
+    def write_json(self, path: Path, obj) -> None:
+        self.layout.write_json(path, obj)
 
 
 def _log_default(msg: str) -> None:
@@ -79,7 +89,7 @@ def _log_default(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ loading
-def _load_final(layout: RunLayout, split: str):
+def _load_final(layout: RunStore, split: str):
     from lightning_modules.runs import load_run_model
     from localization.cache import load_states
     from localization.ffn import last_ffn_head, model_fingerprint
@@ -90,31 +100,15 @@ def _load_final(layout: RunLayout, split: str):
     return model, epoch, head, states
 
 
-def _misclf(layout: RunLayout) -> dict[str, Any]:
-    from localization.misclf import load_misclf
-
+def _misclf(layout: RunStore) -> dict[str, Any]:
     return load_misclf(layout)
 
 
-def _fl_results(layout: RunLayout, methods, settings, budgets) -> list[tuple[str, str, Path]]:
-    """(setting, result stem, path) of every FL result on disk that passes the filters."""
+def _fl_results(layout: RunStore, methods, settings, budgets) -> list[tuple[str, str, dict]]:
+    """(setting, result name, record) of every FL result in the store that passes the filters."""
     out = []
-    if not layout.fl_dir.is_dir():
-        return out
-    for sdir in sorted(p for p in layout.fl_dir.iterdir() if p.is_dir()):
-        if settings is not None and sdir.name not in settings:
-            continue
-        for f in sorted(sdir.glob("*.pt")):
-            if f.name.endswith(".scores.pt"):  # the shared score vector of a (setting, method), not a result
-                continue
-            stem = f.stem
-            m = re.fullmatch(r"(.+)_n(\d+|front|avg)", stem)  # RunLayout.fl_result's "{method}[_n{N}]"
-            method, b = (m.group(1), m.group(2)) if m else (stem, None)
-            if methods is not None and method not in methods:
-                continue
-            if budgets is not None and b is not None and b not in {str(x) for x in budgets}:
-                continue
-            out.append((sdir.name, stem, f))
+    for rec in fl_results(layout, methods, settings, budgets):
+        out.append((rec["setting"], f"{rec['method']}_n{rec['budget']}-{rec['key']}", rec))
     return out
 
 
@@ -127,7 +121,7 @@ def _interventions(ctx: _Ctx, head, states, misclf, methods, settings, budgets, 
         return {}
     summaries, stats, neg_records = [], [], []
     t0 = time.perf_counter()
-    for i, (setting, stem, path) in enumerate(found):
+    for i, (setting, stem, rec) in enumerate(found):
         info = misclf["settings"].get(setting)
         if info is None:
             ctx.log(f"interventions: {setting} is not in misclf_info.json; skipped")
@@ -141,7 +135,7 @@ def _interventions(ctx: _Ctx, head, states, misclf, methods, settings, budgets, 
             summ = pd.read_csv(p_sum, keep_default_na=False, dtype={"budget": str, "baseline_of": str})
             st = pd.read_csv(p_st, dtype={"budget": str})
         else:
-            res = FLResult.load(path)
+            res = load_fl_result(ctx.layout, rec)
             rec = run_interventions(head, states.x, states.label, states.index, info["i_neg"], info["i_pos"],
                                     {stem: res}, modes, where, n_random, seed, batch_size)
             summ = summarize_interventions(rec)
@@ -151,9 +145,9 @@ def _interventions(ctx: _Ctx, head, states, misclf, methods, settings, budgets, 
                 df.insert(1, "result", stem)
                 df.insert(2, "fl_method", res.method)
                 df.insert(3, "budget", str(res.budget))
-            atomic_write_text(p_rec, records_to_wide(rec).to_csv(index=False, float_format="%.9g"))
-            atomic_write_text(p_sum, summ.to_csv(index=False))
-            atomic_write_text(p_st, st.to_csv(index=False))
+            ctx.write_text(p_rec, records_to_wide(rec).to_csv(index=False, float_format="%.9g"))
+            ctx.write_text(p_sum, summ.to_csv(index=False))
+            ctx.write_text(p_st, st.to_csv(index=False))
         summaries.append(summ)
         stats.append(st)
         if want_fig:
@@ -171,7 +165,7 @@ def _interventions(ctx: _Ctx, head, states, misclf, methods, settings, budgets, 
     st["p_holm"] = np.nan
     for _, idx in st.groupby(["setting", "mode", "group"]).groups.items():
         st.loc[idx, "p_holm"] = holm(st.loc[idx, "p"].to_numpy())
-    atomic_write_text(ctx.out / "interventions_summary.csv", summary.to_csv(index=False))
+    ctx.write_text(ctx.out / "interventions_summary.csv", summary.to_csv(index=False))
     cols = ["setting", "mode", "group", "result", "method_a", "method_b", "n", "n_nonzero", "median_a", "median_b",
             "median_diff", "statistic", "p", "p_holm", "cliffs_delta", "magnitude", "note"]
     st = st[[c for c in cols if c in st.columns]]
@@ -191,16 +185,15 @@ def _interventions(ctx: _Ctx, head, states, misclf, methods, settings, budgets, 
 
 
 # -------------------------------------------------------------------------------------------- checkpoint bench
-def _ckpt_epochs(layout: RunLayout) -> int | None:
-    eps = sorted(int(p.stem.split("=")[1]) for p in layout.ffn_weights_dir.glob("epoch=*.safetensors")) \
-        if layout.ffn_weights_dir.is_dir() else []
+def _ckpt_epochs(layout: RunStore) -> int | None:
+    eps = layout.ffn_weight_epochs()
     for e in reversed(eps):
         if e - 1 in eps and layout.checkpoint(e - 1).is_file():
             return e
     return None
 
 
-def _states_for(layout: RunLayout, model, split: str, tag: str, log):
+def _states_for(layout: RunStore, model, split: str, tag: str, log):
     """States of ``split`` made by ``model``: the untagged cache if it is this model's, else ``{split}.{tag}``
     (made now with one predict pass if missing)."""
     from lightning_modules.runs import cache_states
@@ -220,13 +213,12 @@ def _states_for(layout: RunLayout, model, split: str, tag: str, log):
     return load_states(path, expected_hash=h), path
 
 
-def _setting_rows(states, info) -> tuple[torch.Tensor, torch.Tensor]:
-    neg = states.rows_of(torch.tensor(info["i_neg"], dtype=torch.long))
-    pos = states.rows_of(torch.tensor(info.get("i_pos") or [], dtype=torch.long))
-    rows = torch.cat([neg, pos])
-    is_neg = torch.zeros(len(rows), dtype=torch.bool)
-    is_neg[:len(neg)] = True
-    return rows, is_neg
+def _bench_key(method: str, options, seed: int, states_hash: str, what) -> str:
+    """The identity of one benchmark row: the method and all its options, seed, the states and the ground truth."""
+    from pipeline.localize import resolved_options
+
+    return identity_key({"method": method, "options": resolved_options(method, options), "seed": seed,
+                         "states": states_hash, "what": what})
 
 
 def _vs_expectation(df: pd.DataFrame, metrics: Sequence[str], pair_key: str, question: str) -> pd.DataFrame:
@@ -268,6 +260,7 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
     head_prev = head_at_epoch(last_ffn_head(model_prev), w_prev, check_tol=1e-5).eval()
     tag = f"epoch={e - 1:03d}"
     states, spath = _states_for(layout, model_prev, split, tag, ctx.log)
+    spath_hash = layout.file_hash(spath)
     info = analyze(states.label, states.pred, states.index, num_classes=states.logits.shape[1], split=split)
     names = [s for s in info["settings"] if settings is None or s in settings]
     ctx.log(f"checkpoint benchmark: ground truth |W({e}) - W({e - 1})|, top {fraction_label(pos_fraction)} = "
@@ -278,23 +271,24 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
     t0 = time.perf_counter()
     todo = [(s, m) for s in names for m in methods]
     for i, (setting, method) in enumerate(todo):
-        p = d / setting / f"{method}.json"
+        opts = dict((method_opts or {}).get(method) or {})
+        p = d / setting / f"{method}-{_bench_key(method, opts, seed, spath_hash, gt.info)}.json"
         if ctx.done(p):
-            rows.append(json.loads(p.read_text()))
+            rows.append(read_json(p))
             continue
-        r, is_neg = _setting_rows(states, info["settings"][setting])
-        fl_inputs = {"split": split, "setting": setting, "states": str(spath.relative_to(layout.root)),
-                     "model_hash": model_fingerprint(model_prev), "i_pos": "all correct inputs of the split"}
+        x, y, is_neg, extra, desc = setting_rows(states, info["settings"][setting], method, seed)
+        fl_inputs = {"split": split, "setting": setting, "states": layout.rel(spath),
+                     "model_hash": model_fingerprint(model_prev), "i_neg": desc["i_neg"], "i_pos": desc["i_pos"]}
         try:
-            row = evaluate_method_on_checkpoint(head_prev, states.x[r], states.label[r], is_neg, method, gt,
-                                                fl_inputs, fractions, seed, batch_size,
-                                                (method_opts or {}).get(method), None, training_splits)
+            row = evaluate_method_on_checkpoint(head_prev, x, y, is_neg, method, gt, fl_inputs, fractions, seed,
+                                                batch_size, {**opts, **extra}, localize_with_trainer,
+                                                training_splits)
         except Exception as ex:  # recorded, not written: retried on the next run
             errors.append({"setting": setting, "method": method, "error": f"{type(ex).__name__}: {ex}"})
             ctx.log(f"checkpoint benchmark: {method} on {setting} failed: {errors[-1]['error']}")
             continue
         row["setting"] = setting
-        atomic_write_json(p, row)
+        ctx.write_json(p, row)
         rows.append(row)
         if (i + 1) % 20 == 0:
             ctx.log(f"checkpoint benchmark: {i + 1}/{len(todo)} ({time.perf_counter() - t0:.1f} s)")
@@ -304,7 +298,7 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
     if "error" not in df.columns:
         df["error"] = ""
     df["error"] = df["error"].fillna("")
-    atomic_write_text(ctx.out / "checkpoint_benchmark.csv", df.to_csv(index=False))
+    ctx.write_text(ctx.out / "checkpoint_benchmark.csv", df.to_csv(index=False))
     meta = {"epoch": e, "epoch_prev": e - 1, "ground_truth": {**gt.info, "pos_fraction": pos_fraction,
                                                               "source": [str(layout.ffn_weights(e - 1)),
                                                                          str(layout.ffn_weights(e))]},
@@ -317,7 +311,7 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
                                                                  if is_circular(split, training_splits) else
                                                                  " (disjoint from training)"),
             "provenance": provenance(model_hash_prev=model_fingerprint(model_prev))}
-    atomic_write_json(ctx.out / "checkpoint_benchmark_meta.json", meta)
+    ctx.write_json(ctx.out / "checkpoint_benchmark_meta.json", meta)
     lab = fraction_label(pos_fraction)
     st = _vs_expectation(df, ["AP", f"P@{lab}", f"overlap@{lab}", "spearman"], "setting", "checkpoint")
     if len(st):
@@ -336,14 +330,17 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
 # ---------------------------------------------------------------------------------------------- injected faults
 def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, min_changed_frac, min_changed,
               method_opts) -> dict[str, pd.DataFrame]:
+    states_hash = ctx.layout.file_hash(ctx.layout.states("repair"))
     x, label = states.x, states.label
     grad = None
     rows = []
     t0 = time.perf_counter()
     for si, seed in enumerate(seeds):
         d = ctx.out / "injected" / f"seed={seed}"
-        todo = [m for m in methods if not ctx.done(d / f"{m}.json")]
-        rows.extend(json.loads((d / f"{m}.json").read_text()) for m in methods if m not in todo)
+        name = {m: f"{m}-{_bench_key(m, (method_opts or {}).get(m) or {}, seed, states_hash, {'injected': 1})}.json"
+                for m in methods}
+        todo = [m for m in methods if not ctx.done(d / name[m])]
+        rows.extend(read_json(d / name[m]) for m in methods if m not in todo)
         if not todo:
             continue
         if grad is None:
@@ -354,7 +351,7 @@ def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, mi
             ctx.log(f"injected faults: seed {seed}: {ex}")
             rows.append({"seed": seed, "method": "", "error": f"InjectionError: {ex}"})
             continue
-        atomic_write_json(d / "fault.json", {**fault_facts(fault, head), **fault.info,
+        ctx.write_json(d / "fault.json", {**fault_facts(fault, head), **fault.info,
                                              "original": fault.original.tolist(), "values": fault.values.tolist(),
                                              "changed": torch.nonzero(fault.changed).view(-1).tolist()})
         ctx.log(f"injected faults: seed {seed}: {len(fault.weights)} weights perturbed, {fault.n_changed} of "
@@ -362,19 +359,19 @@ def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, mi
         for method in todo:
             try:
                 row = evaluate_method_on_fault(fault, head, x, label, method, fractions, batch_size,
-                                               (method_opts or {}).get(method))
+                                               (method_opts or {}).get(method), localize_with_trainer)
             except Exception as ex:
                 ctx.log(f"injected faults: {method} on seed {seed} failed: {type(ex).__name__}: {ex}")
                 rows.append({**fault_facts(fault, head), "method": method, "error": f"{type(ex).__name__}: {ex}"})
                 continue
-            atomic_write_json(d / f"{method}.json", row)
+            ctx.write_json(d / name[method], row)
             rows.append(row)
         ctx.log(f"injected faults: seed {seed} done ({si + 1}/{len(seeds)}, {time.perf_counter() - t0:.1f} s)")
     df = pd.DataFrame(rows)
     if "error" not in df.columns:
         df["error"] = ""
     df["error"] = df["error"].fillna("")
-    atomic_write_text(ctx.out / "injected_benchmark.csv", df.to_csv(index=False))
+    ctx.write_text(ctx.out / "injected_benchmark.csv", df.to_csv(index=False))
     st = _vs_expectation(df, ["AP", "R_precision", "R@1%", "R@5%"], "seed", "injected faults")
     if len(st):
         write_stats_table(st, ctx.out / "stats" / "injected_vs_random",
@@ -435,7 +432,7 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
     from localization.base import registered_localizers
 
     log = log or _log_default
-    layout = RunLayout(run_dir)
+    layout = run_dir if isinstance(run_dir, RunStore) else RunStore(run_dir)
     parts = list(parts)
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -480,9 +477,9 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
         head_df = headline_table(results, pos_fraction)
         if len(head_df):
             results["headline"] = head_df
-            atomic_write_text(out / "headline.csv", head_df.to_csv(index=False))
+            ctx.write_text(out / "headline.csv", head_df.to_csv(index=False))
             md = to_markdown(head_df)
-            atomic_write_text(out / "headline.md", md)
+            ctx.write_text(out / "headline.md", md)
             if writer is not None:
                 writer.add_text("fl_eval/headline", md)
             log(f"FL benchmarks, P@{fraction_label(pos_fraction)} against random's exact expectation:\n{md}")

@@ -12,7 +12,7 @@ import sys
 import _bootstrap  # noqa: F401
 
 from evaluation.interventions import MODES
-from evaluation.run import PARTS, run_evaluation
+from pipeline.evaluate_fl import PARTS, run_evaluation
 from lightning_modules.runs import RunError
 from localization.cache import CacheError
 

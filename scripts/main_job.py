@@ -181,13 +181,13 @@ def main() -> None:
 
     if "evaluate" not in a.skip:
         banner("5. FL evaluation")
-        from evaluation.run import run_evaluation
+        from pipeline.evaluate_fl import run_evaluation
 
         timed("evaluate", run_evaluation, layout.root, quick=a.quick)
 
     if "repair" not in a.skip:
         banner("6. repair sweep")
-        from lightning_modules.repair.sweep import main_job_sweep
+        from pipeline.repair import main_job_sweep
 
         timed("repair", main_job_sweep, layout, budgets=a.budgets, reps=a.repair_reps, quick=a.quick)
 

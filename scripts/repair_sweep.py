@@ -16,7 +16,7 @@ import _bootstrap  # noqa: F401
 import yaml
 
 from lightning_modules.repair import UnknownRepairError, get_repair, registered_repairs
-from lightning_modules.repair.sweep import DEFAULT_BUDGETS, DEFAULT_METHODS, aggregate, parse_shard, run_sweep
+from pipeline.repair import DEFAULT_BUDGETS, DEFAULT_METHODS, aggregate, parse_shard, run_sweep
 
 
 def budget(v: str):

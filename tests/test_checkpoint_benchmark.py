@@ -152,7 +152,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_run_evaluation_end_to_end_and_resumes(tiny_run, capsys):
-    from evaluation.run import run_evaluation
+    from pipeline.evaluate_fl import run_evaluation
     from localization.artifacts import RunLayout
 
     layout = RunLayout(tiny_run)

@@ -1,8 +1,9 @@
-"""Repair of the last FFN's located weights (DESIGN.md section 6): a registry of repair LightningModules.
+"""Repair of the last FFN's located weights: a registry of repair LightningModules (formulas: docs/methods.md).
 
-Each method is one file here that registers itself::
+Each method is one file in this package (found by the registry: no list to edit), or a module of a plugin package
+advertised under the ``vitfl.repair_methods`` entry point, that registers itself::
 
-    @register_repair("my_repair")
+    @register_repair("my_repair", optimises="what its search or training maximises / minimises")
     class MyRepair(RepairModule):
         '''what it changes, and how (formula)'''
         def training_step(self, batch, batch_idx): ...
@@ -10,56 +11,40 @@ Each method is one file here that registers itself::
 
 and the sweep (``scripts/repair_sweep.py --repair my_repair``), tables and plots pick it up by name.
 
-Registered: ``de`` (Arachne/RepTran differential evolution, :mod:`.de`), ``finetune`` (masked gradient descent,
-:mod:`.finetune`), ``prune`` and ``reinit`` (:mod:`.prune`).
+Registered here: ``de`` (Arachne/RepTran differential evolution, :mod:`.de`), ``finetune`` (masked gradient
+descent, :mod:`.finetune`), ``prune`` and ``reinit`` (:mod:`.prune`).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from core.registry import Registry, UnknownNameError
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_modules.repair.base import RepairModule
 
-_REGISTRY: dict[str, type] = {}
-_METHOD_MODULES = ("de", "finetune", "prune")
+
+class UnknownRepairError(UnknownNameError):
+    """A repair method name no file registered."""
 
 
-class UnknownRepairError(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return self.args[0]
+#: every repair method; metadata: ``optimises`` (what the method maximises or minimises, for tables and docs)
+REPAIRS = Registry("repair method", packages=("lightning_modules.repair",), entry_points="vitfl.repair_methods",
+                   meta_fields={"optimises": ""}, error=UnknownRepairError)
 
 
-def register_repair(name: str):
+def register_repair(name: str, **meta: Any):
     """Class decorator: register a :class:`~lightning_modules.repair.base.RepairModule` under ``name``."""
-
-    def deco(cls):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"repair {name!r} registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_methods() -> None:
-    import importlib
-
-    for mod in _METHOD_MODULES:
-        importlib.import_module(f"lightning_modules.repair.{mod}")
+    return REPAIRS.register(name, **meta)
 
 
 def registered_repairs() -> list[str]:
-    _load_methods()
-    return sorted(_REGISTRY)
+    return REPAIRS.names()
 
 
 def get_repair(name: str) -> type["RepairModule"]:
     """The repair class registered as ``name`` (unknown names raise, listing the registered ones)."""
-    _load_methods()
-    if name not in _REGISTRY:
-        raise UnknownRepairError(f"unknown repair method {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return REPAIRS.get(name)
 
 
-__all__ = ["register_repair", "get_repair", "registered_repairs", "UnknownRepairError"]
+__all__ = ["REPAIRS", "register_repair", "get_repair", "registered_repairs", "UnknownRepairError"]

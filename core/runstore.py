@@ -1,0 +1,428 @@
+"""The run store: the one module that knows a path inside a run directory.
+
+Everything of one experiment lives under one run directory. The store names, writes (atomically, through
+:mod:`core.io`), reads, lists and resolves every artifact; no other code builds a path inside a run, parses a file
+name or globs. Paths kept inside artifacts are relative to the run root, so a run directory can be moved, copied or
+archived and still reads only its own files.
+
+Two kinds of artifacts:
+
+* **fixed** ones, one per run (checkpoints, configs, caches, the misclassification settings, logs): named by
+  :data:`LAYOUT`;
+* **results**, addressed by their *identity*: a JSON-able dict of everything that changes them (the FL method and
+  all its options, the setting, the budget as the resolved N, the repair method and all its options, the
+  repetition and seed, and the hashes of the inputs they were made from: checkpoint, state cache, setting, FL
+  result). The identity's hash (:func:`identity_key`) is part of the file name, so results with different
+  identities never overwrite or shadow each other; a rerun with the same identity finds its result and skips; a
+  result whose inputs changed has another key and is recomputed. Each result is one file written atomically
+  ("exists" means complete and readable: a directory or an unreadable file where a result belongs is an error
+  naming it). An FL score vector (large for ViT-B) is stored once per identity as safetensors and shared by the
+  per-budget selections that name it.
+
+``docs/run_store.md`` is generated from :data:`LAYOUT` (:func:`layout_markdown`).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from core.io import (FileFormatError, append_csv_row, atomic_save_tensors, atomic_savefig, atomic_write_json,
+                     atomic_write_text, is_rank_zero, load_tensors, read_json, sha256_file, to_jsonable)
+
+__all__ = ["RunStore", "LAYOUT", "identity_key", "layout_markdown", "ResultError", "RESULT_KINDS"]
+
+#: every artifact of a run: name -> (path template relative to the run root, what it holds)
+LAYOUT: dict[str, tuple[str, str]] = {
+    "checkpoint": ("checkpoints/epoch={epoch:03d}.ckpt", "per-epoch weights-only Lightning checkpoint (epoch 0 = the "
+                   "start: untrained or pretrained)"),
+    "last_checkpoint": ("checkpoints/last.ckpt", "full checkpoint of the last finished epoch (optimizer, scheduler, "
+                        "loops): `fit --ckpt_path last` resumes from it"),
+    "ffn_weights": ("ffn_weights/epoch={epoch:03d}.safetensors", "that epoch's last-FFN weights alone (W_bef, b_bef, "
+                    "W_aft, b_aft)"),
+    "run_config": ("run_config.yaml", "the fit config (data + model + trainer) every later step rebuilds from"),
+    "folds": ("folds.json", "the repair / test k-fold indices of the evaluation split"),
+    "states": ("states/{split}{tag}.safetensors", "CLS state cache of a split (x, a, logits, label, index) of one "
+               "checkpoint; `tag` = `.epoch=NNN` for a checkpoint other than the last"),
+    "misclf_info": ("misclf/misclf_info.json", "misclassification settings of the repair split (I_neg, I_pos)"),
+    "misclf_figure": ("misclf/confusion.{ext}", "the repair split's confusion matrix"),
+    "fl_scores": ("fl/{setting}/{method}-{key}.scores.safetensors", "an FL method's full score vector for one "
+                  "identity (shared by its budgets)"),
+    "fl_result": ("fl/{setting}/{method}_n{budget}-{key}.json", "the weights (and neurons) an FL method located at "
+                  "one budget, its identity and provenance"),
+    "n_avg": ("fl/n_avg-{key}.json", "N_avg = mean size of BL's Pareto front over the N_avg settings, resolved once "
+              "per (run, FL inputs)"),
+    "fl_timing": ("fl/timing.csv", "one row per FL run: method, setting, inputs, wall time, peak memory"),
+    "not_applicable": ("not_applicable.json", "cases that cannot run (e.g. a V-score method on |I_neg| = 1), "
+                       "recorded once so reruns do not retry them"),
+    "fl_eval": ("fl_eval/{name}", "FL evaluation: interventions, checkpoint and injected-fault benchmarks, "
+                "statistics, figures"),
+    "repair_result": ("repair/{setting}/{label}_n{budget}_rep{rep}-{key}.json", "one repair run: patch, metrics on "
+                      "the held-out test fold and the repair split, fitness summary, timings, identity"),
+    "repair_summary": ("repair/summary/{name}", "repair tables, figures and statistics over every run"),
+    "adequacy": ("adequacy/{name}", "test-adequacy (coverage) tables and figures"),
+    "tensorboard": ("tb", "TensorBoard logs"),
+    "report": ("report/{name}", "the run's report (report.md, report.html) and what it links"),
+    "lock": ("locks/{key}.lock", "a worker's claim on one task (concurrent sweeps never run a task twice)"),
+}
+
+RESULT_KINDS = ("fl_result", "repair_result", "n_avg")
+
+
+class ResultError(RuntimeError):
+    """A result file exists but is unusable (unreadable, a folder, or made from other inputs)."""
+
+
+def identity_key(identity: Mapping[str, Any]) -> str:
+    """A short stable hash of an identity (canonical JSON: sorted keys, no whitespace)."""
+    text = json.dumps(to_jsonable(identity), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _budget_str(b: Any) -> str:
+    return str(b)
+
+
+class RunStore:
+    """The artifacts of one run directory (see the module docstring). Only rank 0 of a distributed run writes."""
+
+    _hash_cache: dict[tuple[str, int, int], str] = {}
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.root)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunStore) and self.root == other.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    # --------------------------------------------------------------------------------------------- naming
+    def path(self, kind: str, **fields: Any) -> Path:
+        if kind not in LAYOUT:
+            raise KeyError(f"unknown artifact kind {kind!r}; known: {sorted(LAYOUT)}")
+        return self.root / LAYOUT[kind][0].format(**fields)
+
+    def rel(self, path: str | Path) -> str:
+        """``path`` relative to the run root (for what artifacts store)."""
+        p = Path(path)
+        try:
+            return p.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return p.as_posix()
+
+    def abs(self, rel: str | Path) -> Path:
+        """A path an artifact stored (relative to the run root) as a path here."""
+        p = Path(rel)
+        return p if p.is_absolute() else self.root / p
+
+    # fixed artifacts (the names RunLayout had)
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, epoch: int) -> Path:
+        return self.path("checkpoint", epoch=epoch)
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.path("last_checkpoint")
+
+    def checkpoint_epochs(self) -> list[int]:
+        """Epochs with a per-epoch checkpoint, ascending."""
+        import re
+
+        if not self.checkpoints.is_dir():
+            return []
+        out = []
+        for p in self.checkpoints.iterdir():
+            m = re.fullmatch(r"epoch=(\d+)\.ckpt", p.name)
+            if m and p.is_file():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    @property
+    def ffn_weights_dir(self) -> Path:
+        return self.root / "ffn_weights"
+
+    def ffn_weights(self, epoch: int) -> Path:
+        return self.path("ffn_weights", epoch=epoch)
+
+    def ffn_weight_epochs(self) -> list[int]:
+        import re
+
+        if not self.ffn_weights_dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.ffn_weights_dir.iterdir()
+                      if (m := re.fullmatch(r"epoch=(\d+)\.safetensors", p.name)))
+
+    @property
+    def run_config(self) -> Path:
+        return self.path("run_config")
+
+    @property
+    def folds(self) -> Path:
+        return self.path("folds")
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path("tensorboard")
+
+    def states(self, split: str, tag: str = "") -> Path:
+        return self.path("states", split=split, tag=f".{tag}" if tag else "")
+
+    @property
+    def misclf_dir(self) -> Path:
+        return self.root / "misclf"
+
+    @property
+    def misclf_info(self) -> Path:
+        return self.path("misclf_info")
+
+    @property
+    def fl_dir(self) -> Path:
+        return self.root / "fl"
+
+    @property
+    def fl_timing(self) -> Path:
+        return self.path("fl_timing")
+
+    @property
+    def fl_eval_dir(self) -> Path:
+        return self.root / "fl_eval"
+
+    def fl_eval(self, name: str) -> Path:
+        return self.path("fl_eval", name=name)
+
+    @property
+    def repair_dir(self) -> Path:
+        return self.root / "repair"
+
+    @property
+    def repair_summary_dir(self) -> Path:
+        return self.root / "repair" / "summary"
+
+    @property
+    def adequacy_dir(self) -> Path:
+        return self.root / "adequacy"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    # --------------------------------------------------------------------------------------------- input hashes
+    def file_hash(self, path: str | Path) -> str:
+        """sha256 (16 hex) of a file's content, cached per (path, size, mtime) within the process."""
+        p = Path(path)
+        st = p.stat()
+        k = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if k not in self._hash_cache:
+            self._hash_cache[k] = sha256_file(p)[:16]
+        return self._hash_cache[k]
+
+    # --------------------------------------------------------------------------------------------- writing
+    @staticmethod
+    def writes() -> bool:
+        return is_rank_zero()
+
+    def write_json(self, path: Path, obj: Any) -> Path:
+        if self.writes():
+            atomic_write_json(path, obj)
+        return path
+
+    def write_text(self, path: Path, text: str) -> Path:
+        if self.writes():
+            atomic_write_text(path, text)
+        return path
+
+    def save_figure(self, fig, path: Path, **kw) -> Path:
+        if self.writes():
+            atomic_savefig(fig, path, **kw)
+        return path
+
+    def append_row(self, path: Path, row: Mapping[str, Any]) -> None:
+        if self.writes():
+            append_csv_row(path, row)
+
+    # --------------------------------------------------------------------------------------------- results
+    def _result_path(self, kind: str, identity: Mapping[str, Any], **fields: Any) -> tuple[Path, str]:
+        key = identity_key(identity)
+        return self.path(kind, key=key, **fields), key
+
+    def read_result(self, path: Path, identity: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The record at ``path`` if it is complete and readable (None if absent); a folder or unreadable file there
+        is a :class:`ResultError` naming it; with ``identity`` the record must carry that identity."""
+        if not path.exists():
+            return None
+        if path.is_dir():
+            raise ResultError(f"{path} is a directory, but a result file belongs there: remove it")
+        try:
+            rec = read_json(path)
+        except FileFormatError as e:
+            raise ResultError(str(e)) from None
+        if not isinstance(rec, dict) or "identity" not in rec:
+            raise ResultError(f"{path} is not a result record (no identity): delete it and rerun")
+        if identity is not None and to_jsonable(rec["identity"]) != to_jsonable(identity):
+            raise ResultError(f"{path} holds a result of another identity (hash collision or a hand-edited file): "
+                              "delete it and rerun")
+        return rec
+
+    def write_result(self, path: Path, identity: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+        rec = {"identity": to_jsonable(identity), "key": identity_key(identity), **to_jsonable(record)}
+        self.write_json(path, rec)
+        return rec
+
+    # FL scores + per-budget selections
+    def fl_scores_path(self, identity: Mapping[str, Any]) -> Path:
+        return self._result_path("fl_scores", identity, setting=identity["setting"], method=identity["method"])[0]
+
+    def save_fl_scores(self, identity: Mapping[str, Any], scores, meta: Mapping[str, Any] | None = None) -> Path:
+        path = self.fl_scores_path(identity)
+        if self.writes():
+            atomic_save_tensors(path, {"scores": scores},
+                                {"identity": json.dumps(to_jsonable(identity), sort_keys=True),
+                                 "meta": json.dumps(to_jsonable(meta or {}))})
+        return path
+
+    def load_fl_scores(self, identity: Mapping[str, Any]):
+        """(scores, meta) or None when absent; an unreadable or foreign file is a :class:`ResultError`."""
+        path = self.fl_scores_path(identity)
+        if not path.exists():
+            return None
+        try:
+            tensors, md = load_tensors(path)
+        except FileFormatError as e:
+            raise ResultError(f"{e}; delete it and rerun the FL step") from None
+        if json.loads(md.get("identity", "null")) != to_jsonable(identity) or "scores" not in tensors:
+            raise ResultError(f"{path} holds scores of another identity: delete it and rerun")
+        return tensors["scores"], json.loads(md.get("meta", "{}"))
+
+    def fl_result_path(self, identity: Mapping[str, Any]) -> Path:
+        return self._result_path("fl_result", identity, setting=identity["scores"]["setting"],
+                                 method=identity["scores"]["method"], budget=_budget_str(identity["budget"]))[0]
+
+    def find_fl_result(self, identity: Mapping[str, Any]) -> dict[str, Any] | None:
+        rec = self.read_result(self.fl_result_path(identity), identity)
+        if rec is not None and not self.abs(rec["scores_file"]).is_file():
+            return None  # the selection without its scores is incomplete: recompute both
+        return rec
+
+    def repair_result_path(self, identity: Mapping[str, Any], *, setting: str, label: str, budget: Any,
+                           rep: int) -> Path:
+        return self._result_path("repair_result", identity, setting=setting, label=label, budget=_budget_str(budget),
+                                 rep=rep)[0]
+
+    def n_avg_path(self, identity: Mapping[str, Any]) -> Path:
+        return self._result_path("n_avg", identity)[0]
+
+    # listing (the only place that globs)
+    def list_results(self, kind: str, **where: Any) -> list[dict[str, Any]]:
+        """Every readable record of ``kind`` ("fl_result" | "repair_result" | "n_avg"), each with ``path``
+        (relative), filtered by top-level record fields (``where``: field -> value)."""
+        if kind not in RESULT_KINDS:
+            raise KeyError(f"kind must be one of {RESULT_KINDS}, got {kind!r}")
+        template = LAYOUT[kind][0]
+        base = self.root / template.split("/")[0]
+        if not base.is_dir():
+            return []
+        depth = template.count("/")
+        pattern = "/".join(["*"] * depth) + ".json" if depth else "*.json"
+        pattern = pattern if kind != "n_avg" else "n_avg-*.json"
+        out = []
+        for p in sorted(base.glob(pattern)):
+            if kind == "repair_result" and p.parent.name == "summary":
+                continue
+            if kind == "fl_result" and p.name.startswith("n_avg-"):
+                continue
+            rec = self.read_result(p)
+            if rec is None or rec.get("kind") != kind:
+                continue
+            if all(rec.get(k) == v for k, v in where.items()):
+                out.append({**rec, "path": self.rel(p)})
+        return out
+
+    # --------------------------------------------------------------------------------------------- not applicable
+    def not_applicable(self) -> dict[str, str]:
+        p = self.path("not_applicable")
+        if not p.is_file():
+            return {}
+        try:
+            return dict(read_json(p))
+        except FileFormatError:
+            return {}
+
+    def mark_not_applicable(self, key: str, why: str) -> None:
+        cases = self.not_applicable()
+        if cases.get(key) != why:
+            cases[key] = why
+            self.write_json(self.path("not_applicable"), dict(sorted(cases.items())))
+
+    # --------------------------------------------------------------------------------------------- locks
+    @contextlib.contextmanager
+    def claim(self, key: str) -> Iterator[bool]:
+        """Claim a task for this process: yields True if claimed (and releases it after), False if another live
+        worker holds it. A lock left by a dead process (same host) is taken over."""
+        path = self.path("lock", key=key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                try:
+                    host, pid = path.read_text().strip().rsplit(":", 1)
+                except (OSError, ValueError):
+                    host, pid = "", "0"
+                if host == socket.gethostname() and not _alive(int(pid)):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    continue
+                yield False
+                return
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            try:
+                yield True
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            return
+        yield False
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def layout_markdown() -> str:
+    """``docs/run_store.md``: the run directory's layout, generated from :data:`LAYOUT`."""
+    lines = ["# The run directory", "",
+             "Generated from `core/runstore.py` (`python -m core.runstore > docs/run_store.md`); do not edit by hand.",
+             "", "Every artifact of one experiment lives under one run directory. Results are addressed by their",
+             "identity (everything that changes them: methods and all their options, setting, budget, repetition,",
+             "seed, and the hashes of their inputs); `{key}` is the identity's hash, so results with different",
+             "identities sit side by side and a rerun with the same identity is skipped. Paths stored inside",
+             "artifacts are relative to the run root: a run directory can be moved or archived.", "",
+             "| artifact | path | what it holds |", "|:---|:---|:---|"]
+    for kind, (template, what) in LAYOUT.items():
+        lines.append(f"| `{kind}` | `{template}` | {what} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(layout_markdown(), end="")

@@ -1,0 +1,78 @@
+"""What every step after training shares: the run's model and FFN head, its state caches, its misclassification
+settings, and the input hashes that go into result identities (:mod:`core.runstore`)."""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from core.io import read_json
+from core.runstore import RunStore, identity_key
+
+__all__ = ["RunContext", "load_misclf", "SETTING_KEYS"]
+
+#: the parts of a setting that decide a result (its input sets)
+SETTING_KEYS = ("kind", "rank", "true", "pred", "label", "i_neg", "i_neg_published", "i_pos", "i_pos_label",
+                "i_pos_repair")
+
+
+def load_misclf(store: RunStore) -> dict[str, Any]:
+    """The run's settings JSON, with a clear error when it is missing or malformed."""
+    if not store.misclf_info.is_file():
+        raise FileNotFoundError(f"no {store.misclf_info}: run `python scripts/analyze_misclf.py --run_dir "
+                                f"{store.root}` first")
+    info = read_json(store.misclf_info)
+    if not isinstance(info, dict) or not isinstance(info.get("settings"), dict):
+        raise ValueError(f"{store.misclf_info} has no 'settings' mapping: rerun scripts/analyze_misclf.py")
+    return info
+
+
+class RunContext:
+    """The final (or ``epoch``'s) model of a run, its FFN head and the caches made by it."""
+
+    def __init__(self, store: RunStore | str, epoch: int | None = None):
+        from lightning_modules.runs import load_run_model
+        from localization.ffn import last_ffn_head, model_fingerprint
+
+        self.store = store if isinstance(store, RunStore) else RunStore(store)
+        self.model, self.epoch = load_run_model(self.store, epoch)
+        self.model_hash = model_fingerprint(self.model)
+        self.head = last_ffn_head(self.model).eval()
+        self._states: dict[str, Any] = {}
+
+    def states(self, split: str = "repair"):
+        from localization.cache import load_states
+
+        if split not in self._states:
+            self._states[split] = load_states(self.store.states(split), expected_hash=self.model_hash)
+        return self._states[split]
+
+    def states_hash(self, split: str = "repair") -> str:
+        return self.store.file_hash(self.store.states(split))
+
+    @cached_property
+    def misclf(self) -> dict[str, Any]:
+        info = load_misclf(self.store)
+        made_by = info.get("model_hash")
+        if made_by not in (None, self.model_hash):
+            raise ValueError(f"{self.store.misclf_info} was made by model {made_by}, the run's model is "
+                             f"{self.model_hash}: rerun scripts/analyze_misclf.py")
+        return info
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.misclf["settings"]
+
+    def setting(self, name: str) -> dict[str, Any]:
+        if name not in self.settings:
+            why = self.misclf.get("skipped", {}).get(name)
+            raise KeyError(f"setting {name!r} is not available in {self.store.misclf_info}"
+                           + (f" ({why})" if why else f"; available: {sorted(self.settings)}"))
+        return self.settings[name]
+
+    def setting_hash(self, name: str) -> str:
+        s = self.setting(name)
+        return identity_key({k: s.get(k) for k in SETTING_KEYS})
+
+    def inputs(self, setting: str, split: str = "repair") -> dict[str, str]:
+        """The input hashes of a result made on ``setting`` of ``split``."""
+        return {"model": self.model_hash, "states": self.states_hash(split), "setting": self.setting_hash(setting)}

@@ -1,0 +1,69 @@
+"""The misclassification step: the settings of the repair split (``localization.misclf.analyze``) and the
+confusion-matrix figure, written to the run store."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from core.runstore import RunStore
+
+__all__ = ["step_misclf", "plot_confusion"]
+
+
+def step_misclf(store: RunStore | str, split: str = "repair", ranks: int = 3, seed: int = 0,
+                pos_fraction: float = 0.05, **options: Any) -> dict[str, Any]:
+    """Write ``misclf/misclf_info.json`` (with the options that made it) and the confusion figure."""
+    from lightning_modules.runs import datamodule_from_run, load_run_model
+    from localization.cache import load_states
+    from localization.ffn import model_fingerprint
+    from localization.misclf import analyze
+
+    store = store if isinstance(store, RunStore) else RunStore(store)
+    model, _ = load_run_model(store)
+    states = load_states(store.states(split), expected_hash=model_fingerprint(model))
+    info = analyze(states.label, states.pred, states.index, num_classes=states.logits.shape[1], ranks=ranks,
+                   pos_fraction=pos_fraction, seed=seed, split=split, **options)
+    info["model_hash"] = states.metadata.get("model_hash")
+    info.setdefault("options", {}).update({"ranks": ranks, "seed": seed, "pos_fraction": pos_fraction, **options})
+    store.write_json(store.misclf_info, info)
+    try:
+        names = datamodule_from_run(store).class_names
+    except Exception:  # noqa: BLE001 - class names are decoration only
+        names = None
+    import matplotlib.pyplot as plt
+
+    fig = plot_confusion(info, names)
+    for ext in ("png", "pdf"):
+        store.save_figure(fig, store.path("misclf_figure", ext=ext), dpi=150)
+    plt.close(fig)
+    return info
+
+
+def plot_confusion(info: dict[str, Any], class_names: list[str] | None = None):
+    """A confusion-matrix figure (counts, log colour scale) of an ``analyze`` result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    c = np.asarray(info["confusion"])
+    k = c.shape[0]
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * k + 2), max(3.5, 0.35 * k + 1.5)))
+    im = ax.imshow(c + 1, norm=LogNorm(), cmap="viridis")
+    fig.colorbar(im, ax=ax, label="count + 1")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{info['split']} split (n = {info['n']}): accuracy {info['accuracy']:.3f}")
+    if k <= 20:
+        names = class_names or [str(i) for i in range(k)]
+        ax.set_xticks(range(k), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), names, fontsize=7)
+        for s in range(k):
+            for t in range(k):
+                if c[s, t]:
+                    ax.text(t, s, str(c[s, t]), ha="center", va="center", fontsize=6,
+                            color="white" if s != t else "black")
+    fig.tight_layout()
+    return fig
