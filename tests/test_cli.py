@@ -92,7 +92,9 @@ def test_missing_run_config(tmp_path):
 
 def test_steps_after_training(cli_run):
     """cache -> misclassification analysis -> FL on the CLI's run (shrunk: one setting, two methods)."""
-    from lightning_modules.pipeline import step_cache, step_localize, step_misclf
+    from pipeline.cache import step_cache
+    from pipeline.localize import run_localization
+    from pipeline.misclf import step_misclf
     from localization.cache import load_states, save_states
     from localization.ffn import last_ffn_head, model_fingerprint
 
@@ -118,11 +120,14 @@ def test_steps_after_training(cli_run):
     info = step_misclf(layout)
     assert layout.misclf_info.is_file() and (layout.misclf_dir / "confusion.png").is_file()
     assert "all" in info["settings"] and info["model_hash"] == model_fingerprint(model)
-    rows = step_localize(layout, methods=["grad_loss", "vdiff"], settings=["all"], budgets=[5], engine="trainer",
-                         trainer_kwargs=kw, progress=False)
-    assert [r["status"] for r in rows] == ["ok", "ok"]
+    rows = run_localization(layout, methods=["grad_loss", "vdiff"], settings=["all"], budgets=[5],
+                            trainer_kwargs=kw, progress=False)
+    assert [r["status"] for r in rows] == ["done", "done"]
+    recs = {r["method"]: r for r in layout.list_results("fl_result")}
     for method in ("grad_loss", "vdiff"):
-        res = torch.load(layout.fl_result("all", method, 5), weights_only=False)
-        assert res["weights"].shape == (5, 3) and res["provenance"]["model_hash"] == model_fingerprint(model)
+        assert len(recs[method]["weights"]) == 5
+        assert recs[method]["provenance"]["model_hash"] == model_fingerprint(model)
+        assert recs[method]["identity"]["scores"]["inputs"]["model"] == model_fingerprint(model)
     assert layout.fl_timing.is_file()
-    assert step_localize(layout, methods=["grad_loss"], settings=["all"], budgets=[5], progress=False) == []  # resumes
+    rows = run_localization(layout, methods=["grad_loss"], settings=["all"], budgets=[5], progress=False)
+    assert [r["status"] for r in rows] == ["exists"]  # resumes
