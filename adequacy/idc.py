@@ -18,6 +18,19 @@ Definition:
 4. ``IDC(T) = |{combinations covered by T}| / prod_j k_j`` (the product of the *actual* per-neuron centroid
    counts). Covered combinations only accumulate, so IDC is monotone in the test set.
 
+Published options (off by default; see ``docs/compat_settings.md``), as the original TensorFlow/Keras code of
+DeepImportance (``coverages/idc.py``, ``quantizeSilhouette`` / ``limit_precision``) had them:
+
+- ``drop_zero_activations``: the training activations that are exactly 0 are dropped before a neuron is
+  clustered; a neuron left with fewer than 10 values gets the single centroid 0 (the published code did this for
+  dense layers only, whose values are post-ReLU outputs; conv channels were spatial means and kept their zeros).
+  ``True`` applies it to every column, a boolean sequence ``[F]`` to the columns marked True (e.g. the dense
+  layers' columns of an end-to-end table). Test inputs are never filtered: a test activation 0 goes to its nearest
+  centroid as in the published code;
+- ``round_centroids``: centroids rounded to this many decimals (published: 2, ``round(c, 2)`` of a NumPy float,
+  i.e. ``np.round``); two centroids that round to the same value both stay and both count in ``prod_j k_j``
+  (the lower index is the nearest one), as the published combination total counted the rounded list.
+
 Upstream bugs of the published PyTorch port that this module avoids (each has a test in
 ``tests/test_adequacy_idc.py``): the coverage call with train/test or activations/centroids swapped (here every
 entry point is keyword-only or type-checked); the combination total multiplied up across calls instead of taken
@@ -36,7 +49,11 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 
-__all__ = ["NeuronClusters", "choose_k", "cluster_neuron", "nearest_centroids", "IDC", "idc_coverage"]
+__all__ = ["NeuronClusters", "choose_k", "cluster_neuron", "nearest_centroids", "IDC", "idc_coverage",
+           "PUBLISHED_MIN_NONZERO", "PUBLISHED_ROUND_DECIMALS"]
+
+PUBLISHED_MIN_NONZERO = 10  # drop_zero_activations: fewer non-zero training values -> the single centroid 0
+PUBLISHED_ROUND_DECIMALS = 2  # the published centroid precision
 
 
 def _as_2d(a, name: str) -> np.ndarray:
@@ -55,11 +72,13 @@ class NeuronClusters:
     """k-means clusters of one neuron's training activations.
 
     ``neuron``: column in the activation table; ``centroids [k]`` sorted ascending; ``k = len(centroids)``;
-    ``silhouette``: candidate k -> score (empty when k was fixed)."""
+    ``silhouette``: candidate k -> score (empty when k was fixed); ``n_dropped``: training values left out
+    (exact zeros, with ``drop_zero_activations``)."""
 
     neuron: int
     centroids: np.ndarray
     silhouette: dict[int, float] = field(default_factory=dict)
+    n_dropped: int = 0
 
     @property
     def k(self) -> int:
@@ -93,18 +112,30 @@ def choose_k(values: np.ndarray, ks: Sequence[int] = (2, 3, 4), silhouette_sampl
 
 
 def cluster_neuron(values, neuron: int = 0, ks: Sequence[int] = (2, 3, 4), use_silhouette: bool = True,
-                   n_clusters: int = 2, silhouette_sample: int = 1000, seed: int = 0, n_init: int = 10
-                   ) -> NeuronClusters:
-    """Cluster one neuron's training activations ``values [N]`` (see the module docstring). KMeans runs
-    single-threaded: 1-D k-means gains nothing from OpenMP threads, and loses much on a busy CPU."""
-    with threadpool_limits(limits=1, user_api="openmp"):
-        return _cluster_neuron(values, neuron, ks, use_silhouette, n_clusters, silhouette_sample, seed, n_init)
-
-
-def _cluster_neuron(values, neuron, ks, use_silhouette, n_clusters, silhouette_sample, seed, n_init):
+                   n_clusters: int = 2, silhouette_sample: int = 1000, seed: int = 0, n_init: int = 10,
+                   drop_zero_activations: bool = False, round_centroids: int | None = None) -> NeuronClusters:
+    """Cluster one neuron's training activations ``values [N]`` (see the module docstring for the two published
+    options). KMeans runs single-threaded: 1-D k-means gains nothing from OpenMP threads, and loses much on a busy
+    CPU."""
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     if values.size == 0:
         raise ValueError("cannot cluster a neuron with no training activations")
+    n_dropped = 0
+    if drop_zero_activations:
+        kept = values[values != 0]
+        n_dropped = int(values.size - kept.size)
+        if kept.size < PUBLISHED_MIN_NONZERO:
+            return NeuronClusters(neuron, np.zeros(1), {}, n_dropped)
+        values = kept
+    with threadpool_limits(limits=1, user_api="openmp"):
+        nc = _cluster_neuron(values, neuron, ks, use_silhouette, n_clusters, silhouette_sample, seed, n_init)
+    nc.n_dropped = n_dropped
+    if round_centroids is not None:
+        nc.centroids = np.sort(np.round(nc.centroids, int(round_centroids)))
+    return nc
+
+
+def _cluster_neuron(values, neuron, ks, use_silhouette, n_clusters, silhouette_sample, seed, n_init):
     distinct = np.unique(values)
     if len(distinct) < 2:
         return NeuronClusters(neuron, distinct.copy())
@@ -156,19 +187,36 @@ class IDC:
         silhouette_sample: largest sample the silhouette score is computed on.
         seed: seeds KMeans and the silhouette sample.
         n_init: KMeans restarts per k.
+        drop_zero_activations: published option (off): drop exact-zero training activations before clustering
+            (True: every column; a boolean sequence ``[F]``: the columns marked True, e.g. dense layers only).
+        round_centroids: published option (None: off; published 2): round centroids to this many decimals.
     """
 
     name = "IDC"
 
     def __init__(self, m: int = 6, ks: Sequence[int] = (2, 3, 4), use_silhouette: bool = True, n_clusters: int = 2,
-                 silhouette_sample: int = 1000, seed: int = 0, n_init: int = 10):
+                 silhouette_sample: int = 1000, seed: int = 0, n_init: int = 10,
+                 drop_zero_activations: bool | Sequence[bool] = False, round_centroids: int | None = None):
         if m < 1:
             raise ValueError(f"m (important neurons) must be >= 1, got {m}")
         if use_silhouette and (not ks or any(int(k) < 2 for k in ks)):
             raise ValueError(f"ks must be cluster counts >= 2, got {list(ks)}")
+        if round_centroids is not None and (isinstance(round_centroids, bool) or int(round_centroids) != round_centroids
+                                            or round_centroids < 0):
+            raise ValueError(f"round_centroids must be None or a number of decimals >= 0, got {round_centroids!r}")
+        if isinstance(drop_zero_activations, (bool, np.bool_)):
+            drop = bool(drop_zero_activations)
+        else:
+            drop = np.asarray(drop_zero_activations)
+            if drop.ndim != 1 or drop.dtype != np.bool_:
+                raise ValueError("drop_zero_activations must be a bool or a 1-D boolean sequence, one entry per "
+                                 f"neuron column; got {drop_zero_activations!r:.80}")
+            drop = [bool(v) for v in drop]
         self.m, self.ks, self.use_silhouette = int(m), tuple(int(k) for k in ks), bool(use_silhouette)
         self.n_clusters, self.silhouette_sample, self.seed = int(n_clusters), int(silhouette_sample), int(seed)
         self.n_init = int(n_init)
+        self.drop_zero_activations: bool | list[bool] = drop
+        self.round_centroids = None if round_centroids is None else int(round_centroids)
         self.clusters: list[NeuronClusters] | None = None
         self.n_features: int | None = None
         self.covered: set[tuple[int, ...]] = set()
@@ -187,9 +235,15 @@ class IDC:
             raise ValueError(f"m = {self.m} important neurons requested but the layer(s) have {imp.size}")
         if len(acts) < 2:
             raise ValueError("IDC needs at least 2 training inputs to cluster")
+        drop = self.drop_zero_activations
+        if isinstance(drop, list) and len(drop) != acts.shape[1]:
+            raise ValueError(f"drop_zero_activations has {len(drop)} entries but the activation table has "
+                             f"{acts.shape[1]} neurons")
         order = np.lexsort((np.arange(imp.size), -imp))[: self.m]
         self.clusters = [cluster_neuron(acts[:, j], int(j), self.ks, self.use_silhouette, self.n_clusters,
-                                        self.silhouette_sample, self.seed, self.n_init) for j in order]
+                                        self.silhouette_sample, self.seed, self.n_init,
+                                        drop_zero_activations=drop[j] if isinstance(drop, list) else drop,
+                                        round_centroids=self.round_centroids) for j in order]
         self.n_features = acts.shape[1]
         self.reset()
         return self
@@ -242,18 +296,30 @@ class IDC:
         self.covered = set()
         self.n_inputs = 0
 
+    def params(self) -> dict:
+        """Every constructor option (JSON-serialisable), the published ones included."""
+        return {"m": self.m, "ks": list(self.ks), "use_silhouette": self.use_silhouette,
+                "n_clusters": self.n_clusters, "silhouette_sample": self.silhouette_sample, "seed": self.seed,
+                "n_init": self.n_init, "drop_zero_activations": self.drop_zero_activations,
+                "round_centroids": self.round_centroids}
+
     def summary(self) -> dict:
+        """Coverage, the fitted clusters and the options that made them (``options``: :meth:`params`)."""
+        clusters = self._check_fitted()
         return {"criterion": self.name, "coverage": self.coverage(), "covered": len(self.covered),
                 "total_combinations": self.total_combinations, "neurons": self.neurons.tolist(),
-                "k": self.cluster_counts, "n_inputs": self.n_inputs}
+                "k": self.cluster_counts, "centroids": [c.centroids.tolist() for c in clusters],
+                "n_dropped": [c.n_dropped for c in clusters], "n_inputs": self.n_inputs, "options": self.params()}
 
 
 def idc_coverage(*, train_activations, test_activations, importance, m: int = 6, ks: Sequence[int] = (2, 3, 4),
                  use_silhouette: bool = True, n_clusters: int = 2, silhouette_sample: int = 1000,
-                 seed: int = 0) -> float:
+                 seed: int = 0, drop_zero_activations: bool | Sequence[bool] = False,
+                 round_centroids: int | None = None) -> float:
     """IDC of ``test_activations [N_test, F]`` given ``train_activations [N_train, F]`` and ``importance [F]``
     (keyword-only: train and test cannot be swapped by position)."""
-    idc = IDC(m, ks, use_silhouette, n_clusters, silhouette_sample, seed).fit(
+    idc = IDC(m, ks, use_silhouette, n_clusters, silhouette_sample, seed,
+              drop_zero_activations=drop_zero_activations, round_centroids=round_centroids).fit(
         train_activations=train_activations, importance=importance)
     idc.update(test_activations)
     return idc.coverage()

@@ -186,3 +186,125 @@ def test_bad_input_raises():
         idc.update(np.full((2, 3), np.nan))
     with pytest.raises(RuntimeError, match="not fitted"):
         IDC(m=1).coverage()
+
+
+# ------------------------------------------------------------------ the published TF options
+def published_quantize(train: np.ndarray, imp: np.ndarray, m: int, drop_zero, round_to, kmeans_centres):
+    """The original DeepImportance ``quantizeSilhouette`` + ``limit_precision`` re-derived in plain numpy: the top-m
+    columns by importance; per column the non-zero training values (where ``drop_zero[j]``); fewer than 10 ->
+    [0]; else ``kmeans_centres(values)``; every centroid rounded with ``np.round(c, round_to)``."""
+    out = []
+    for j in np.argsort(-imp, kind="stable")[:m]:
+        v = train[:, j]
+        if drop_zero[j]:
+            v = v[v != 0]
+            if len(v) < 10:
+                out.append([0.0])
+                continue
+        c = list(kmeans_centres(v))
+        out.append([float(np.round(x, round_to)) if round_to is not None else float(x) for x in c])
+    return list(np.argsort(-imp, kind="stable")[:m]), out
+
+
+def published_coverage(test: np.ndarray, neurons, quantized) -> float:
+    """``measure_idc``: per input the closest centroid value of each neuron (first minimum in list order), the set
+    of combinations over the product of the list lengths."""
+    covered = set()
+    for x in test:
+        covered.add(tuple(min(q, key=lambda c: abs(c - x[j])) for j, q in zip(neurons, quantized)))
+    return len(covered) / int(np.prod([len(q) for q in quantized]))
+
+
+def _kmeans_3(v):
+    from sklearn.cluster import KMeans
+
+    return np.sort(KMeans(n_clusters=3, n_init=10, random_state=0).fit(v.reshape(-1, 1)).cluster_centers_.ravel())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_drop_zero_and_round_against_published_rederivation(seed):
+    rng = np.random.default_rng(10 + seed)
+    n, f, m = 240, 8, 4
+    train = np.maximum(rng.standard_normal((n, f)) * 2 + 0.3, 0)  # post-ReLU: ~45 % exact zeros
+    train[rng.permutation(n)[:n - 9], 2] = 0.0  # column 2: only 9 non-zero values -> the single centroid 0
+    test = np.maximum(rng.standard_normal((150, f)) * 2 + 0.3, 0)
+    imp = rng.permutation(f).astype(float)
+    imp[2] = f + 1.0  # column 2 is the most important
+    assert (train == 0).mean() > 0.3
+    kw = dict(m=m, use_silhouette=False, n_clusters=3)
+    idc = IDC(**kw, drop_zero_activations=True, round_centroids=2).fit(train_activations=train, importance=imp)
+    neurons, quantized = published_quantize(train, imp, m, [True] * f, 2, _kmeans_3)
+    assert idc.neurons.tolist() == [int(j) for j in neurons]
+    for got, ref in zip(idc.centroids, quantized):
+        np.testing.assert_array_equal(got, np.sort(ref))
+    assert idc.centroids[0].tolist() == [0.0] and idc.cluster_counts[0] == 1
+    assert idc.clusters[1].n_dropped == int((train[:, neurons[1]] == 0).sum()) > 0
+    idc.update(test)
+    assert idc.coverage() == published_coverage(test, neurons, quantized)
+    # the options really change the result on this data (else the test above could not fail on them)
+    plain = IDC(**kw).fit(train_activations=train, importance=imp)
+    assert any(len(a) != len(b) or not np.allclose(a, b) for a, b in zip(plain.centroids, idc.centroids))
+    s = idc.summary()
+    assert s["options"]["drop_zero_activations"] is True and s["options"]["round_centroids"] == 2
+    assert plain.summary()["options"]["drop_zero_activations"] is False
+    assert plain.summary()["options"]["round_centroids"] is None
+
+
+def test_drop_zero_per_column_mask():
+    rng = np.random.default_rng(7)
+    train = np.maximum(rng.standard_normal((200, 3)) + 0.2, 0)
+    imp = np.array([3.0, 2.0, 1.0])
+    mask = [True, False, True]
+    idc = IDC(m=3, use_silhouette=False, n_clusters=3, drop_zero_activations=mask).fit(
+        train_activations=train, importance=imp)
+    neurons, quantized = published_quantize(train, imp, 3, mask, None, _kmeans_3)
+    for got, ref in zip(idc.centroids, quantized):
+        np.testing.assert_allclose(got, np.sort(ref), rtol=0, atol=1e-12)
+    assert [c.n_dropped for c in idc.clusters] == [int((train[:, 0] == 0).sum()), 0, int((train[:, 2] == 0).sum())]
+    assert idc.summary()["options"]["drop_zero_activations"] == mask
+    with pytest.raises(ValueError, match="drop_zero_activations has 2 entries"):
+        IDC(m=1, drop_zero_activations=[True, False]).fit(train_activations=train, importance=imp)
+    with pytest.raises(ValueError, match="boolean sequence"):
+        IDC(m=1, drop_zero_activations=[1, 0, 1])
+
+
+def test_drop_zero_on_known_clusters_and_silhouette():
+    # non-zero values in 3 tight groups; 40 % exact zeros would be a 4th group if kept
+    rng = np.random.default_rng(8)
+    groups = np.repeat([2.0, 5.0, 8.0], 40) + 0.01 * rng.standard_normal(120)
+    v = rng.permutation(np.r_[groups, np.zeros(80)])
+    nc = cluster_neuron(v, drop_zero_activations=True)
+    nz = v[v != 0]
+    means = np.sort([nz[np.abs(nz - c) < 1].mean() for c in (2.0, 5.0, 8.0)])
+    assert nc.k == 3 and nc.n_dropped == 80
+    np.testing.assert_allclose(nc.centroids, means, rtol=0, atol=1e-12)
+    kept = cluster_neuron(v)
+    assert kept.k == 4 and kept.centroids[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_round_centroids_on_known_clusters():
+    # centres 1.004 (-> 1.0) and 1.5 (-> 1.5); 3.0021 and 3.0049 (both -> 3.0); symmetric groups: mean = centre
+    d = np.array([-1e-4, 1e-4])
+    col0 = np.r_[np.repeat(1.004 + d, 30), np.repeat(1.5 + d, 30)]
+    col1 = np.r_[np.repeat(3.0021 + d / 10, 30), np.repeat(3.0049 + d / 10, 30)]
+    train = np.stack([col0, col1], 1)
+    imp = np.array([2.0, 1.0])
+    kw = dict(m=2, use_silhouette=False, n_clusters=2)
+    plain = IDC(**kw).fit(train_activations=train, importance=imp)
+    rounded = IDC(**kw, round_centroids=2).fit(train_activations=train, importance=imp)
+    np.testing.assert_allclose(plain.centroids[0], [1.004, 1.5], atol=1e-9)
+    np.testing.assert_array_equal(rounded.centroids[0], np.round([1.004, 1.5], 2))
+    # equal after rounding: both kept, both counted in the total (as the published list length)
+    np.testing.assert_array_equal(rounded.centroids[1], [3.0, 3.0])
+    assert rounded.total_combinations == 4 and plain.total_combinations == 4
+    # 1.251: nearer 1.004 than 1.5 unrounded (midpoint 1.252), nearer 1.5 than 1.0 rounded (midpoint 1.25)
+    test = np.array([[1.251, 3.0049]])
+    assert plain.combinations(test).tolist() == [[0, 1]]
+    assert rounded.combinations(test).tolist() == [[1, 0]]
+    ref_cov = published_coverage(np.r_[train, test], [0, 1], [list(np.round([1.004, 1.5], 2)), [3.0, 3.0]])
+    rounded.update(np.r_[train, test])
+    assert rounded.coverage() == ref_cov == 2 / 4
+    assert idc_coverage(train_activations=train, test_activations=np.r_[train, test], importance=imp,
+                        round_centroids=2, **kw) == ref_cov
+    with pytest.raises(ValueError, match="round_centroids"):
+        IDC(round_centroids=-1)
