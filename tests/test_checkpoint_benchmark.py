@@ -109,11 +109,12 @@ def tiny_run(tmp_path_factory):
     pytest.importorskip("localization.methods")
     from callbacks.ffn_weights import ffn_state
     from lightning_modules.classifier import ImageClassifier
-    from localization.artifacts import RunLayout, atomic_torch_save, atomic_write_json
+    from core.io import atomic_write_json
+    from core.runstore import RunStore as RunLayout
     from localization.cache import atomic_save_safetensors, save_states
     from localization.ffn import capture_ffn_states, model_fingerprint
     from localization.misclf import analyze
-    from localization.ranking import localize
+    from pipeline.localize import run_localization
 
     root = tmp_path_factory.mktemp("run")
     layout = RunLayout(root)
@@ -140,22 +141,20 @@ def tiny_run(tmp_path_factory):
 
     states = load_states(layout.states("repair"))
     info = analyze(states.label, states.pred, states.index, 10, ranks=1)
+    info["model_hash"] = model_fingerprint(m1)
     atomic_write_json(layout.misclf_info, info)
-    head = last_ffn_head(m1)
-    s = info["settings"]["all"]
-    rows = states.rows_of(torch.tensor(s["i_neg"] + s["i_pos"]))
-    is_neg = torch.arange(len(rows)) < len(s["i_neg"])
-    for method, budget in (("grad_loss", 20), ("random", 20), ("vdiff", 40)):
-        res = localize(head, states.x[rows], states.label[rows], is_neg, method, budget)
-        atomic_torch_save(layout.fl_result("all", method, budget), res.to_dict())
+    kw = {"settings": ["all"], "progress": False, "trainer_kwargs": {"enable_progress_bar": False}}
+    rows = run_localization(layout, ["grad_loss", "random"], budgets=[20], **kw)
+    rows += run_localization(layout, ["vdiff"], budgets=[40], **kw)
+    assert {r["status"] for r in rows} == {"done"}, rows
     return root
 
 
 def test_run_evaluation_end_to_end_and_resumes(tiny_run, capsys):
+    from core.runstore import RunStore
     from pipeline.evaluate_fl import run_evaluation
-    from localization.artifacts import RunLayout
 
-    layout = RunLayout(tiny_run)
+    layout = RunStore(tiny_run)
     out = run_evaluation(tiny_run, methods=["random", "grad_loss", "vdiff"], inject_seeds=[0, 1], n_random=2,
                          ckpt_settings=["all"], batch_size=64)
     printed = capsys.readouterr().out
@@ -164,9 +163,10 @@ def test_run_evaluation_end_to_end_and_resumes(tiny_run, capsys):
     for name in ("interventions_summary.csv", "checkpoint_benchmark.csv", "checkpoint_benchmark_meta.json",
                  "injected_benchmark.csv", "headline.csv", "headline.md", "stats/interventions_vs_random.md",
                  "stats/checkpoint_vs_random.tex", "stats/injected_vs_random.csv", "figures/injected_R_at_k.pdf",
-                 "figures/checkpoint_P_at_k.png", "figures/interventions_all_n20.png", "figures/flips_all_n40.pdf",
-                 "interventions/all/grad_loss_n20.csv"):
+                 "figures/checkpoint_P_at_k.png", "figures/interventions_all_n20.png", "figures/flips_all_n40.pdf"):
         assert (ev / name).is_file(), name
+    per_input = [p for p in (ev / "interventions/all").glob("grad_loss_n20-*.csv") if p.name.count(".") == 1]
+    assert len(per_input) == 1
     assert any((layout.tensorboard / "fl_eval").iterdir())
     ck = out["checkpoint"]
     assert set(ck["method"]) == {"random", "grad_loss", "vdiff"} and (ck["error"] == "").all()
@@ -176,13 +176,14 @@ def test_run_evaluation_end_to_end_and_resumes(tiny_run, capsys):
     inj = out["injected"]
     assert len(inj) == 6 and (inj["error"] == "").all() and (inj["n_changed"] >= 2).all()
     summ = out["interventions_summary"]
-    assert set(summ["result"]) == {"grad_loss_n20", "random_n20", "vdiff_n40"}
-    assert {"random@grad_loss_n20"} <= set(summ["method"])
+    assert {r.split("-")[0] for r in summ["result"]} == {"grad_loss_n20", "random_n20", "vdiff_n40"}
+    assert any(m.startswith("random@grad_loss_n20-") for m in summ["method"])
     head = out["headline"]
     assert {"ckpt_P@1%", "ckpt_rand_P@1%", "inj_P@1%", "inj_rand_P@1%"} <= set(head.columns)
     # resumable: a second call recomputes nothing (files keep their mtimes)
-    probe = [ev / "interventions/all/grad_loss_n20.csv", ev / "checkpoint/epoch=001/all/grad_loss.json",
-             ev / "injected/seed=1/vdiff.json"]
+    probe = [*per_input,
+             *(ev / "checkpoint/epoch=001/all").glob("grad_loss-*.json"), *(ev / "injected/seed=1").glob("vdiff-*.json")]
+    assert len(probe) == 3
     before = [p.stat().st_mtime_ns for p in probe]
     out2 = run_evaluation(tiny_run, methods=["random", "grad_loss", "vdiff"], inject_seeds=[0, 1], n_random=2,
                           ckpt_settings=["all"], batch_size=64, figures=False)
