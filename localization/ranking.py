@@ -254,9 +254,13 @@ def localize(head: FFNHead, x: Tensor | None, label: Tensor | None, is_neg: Tens
     the rest I_pos); the three may be None for methods that ignore inputs (random, magnitude).
     method: a registered name (``opts`` go to its constructor) or a ready :class:`Localizer` instance.
     The result's provenance records the method's options, seed, set sizes, batch size and wall time (seconds,
-    data pass + compute + selection). Scores do not depend on ``batch_size`` (except the ``*_reptran`` variants,
-    which batch by their own ``batch_size`` option inside each update); larger batches amortise the per-batch
-    work on the 4.7M-entry per-weight states.
+    data pass + compute + selection). Scores (float64) do not depend on ``batch_size``: for the published
+    formulas whose value depends on their batches (a localizer with ``batching`` = b, the ``*_reptran`` family,
+    ``ours_fl5``, ``bl_fl5``) the I_neg rows (in the order given: the published one) are fed first, then the
+    I_pos rows (in the order given: ascending sample index); each set is cut as
+    ``np.array_split(S, ceil(|S| / b))`` (:func:`localization.methods._common.compat_groups`), and every
+    ``update`` holds whole parts only (a part longer than ``batch_size`` gets an update of its own), with
+    ``group=`` the part ids. Larger batches amortise the per-batch work on the 4.7M-entry per-weight states.
     """
     if isinstance(method, Localizer):
         loc = method
@@ -275,8 +279,19 @@ def localize(head: FFNHead, x: Tensor | None, label: Tensor | None, is_neg: Tens
         n = x.shape[0]
         if label.shape[:1] != (n,) or is_neg.shape[:1] != (n,):
             raise ValueError(f"x has {n} rows but label has {tuple(label.shape)} and is_neg {tuple(is_neg.shape)}")
-        for s in range(0, n, batch_size):
-            loc.update(x[s:s + batch_size], label[s:s + batch_size], is_neg[s:s + batch_size])
+        b = getattr(loc, "batching", None)
+        if b is None:
+            for s in range(0, n, batch_size):
+                loc.update(x[s:s + batch_size], label[s:s + batch_size], is_neg[s:s + batch_size])
+        else:
+            from localization.methods._common import compat_groups, neg_first_order, whole_group_batches
+
+            order = neg_first_order(is_neg)  # each set keeps the order given (the published one, from the runner)
+            if not torch.equal(order, torch.arange(n)):
+                x, label, is_neg = x[order], label[order], is_neg[order]
+            group = compat_groups(is_neg, b)
+            for lo, hi in whole_group_batches(group, batch_size):
+                loc.update(x[lo:hi], label[lo:hi], is_neg[lo:hi], group=group[lo:hi])
         n_neg = int(torch.as_tensor(is_neg).sum())
         n_pos = n - n_neg
         scores = loc.compute()
@@ -292,4 +307,4 @@ def localize(head: FFNHead, x: Tensor | None, label: Tensor | None, is_neg: Tens
     provenance = {"method": loc.name, "options": loc.options(), "seed": seed, "n_neg": n_neg, "n_pos": n_pos,
                   "batch_size": batch_size, "unit": unit, "whole_neurons": whole_neurons, "wall_time_s": wall}
     return FLResult(method=loc.name, level=loc.level, budget=budget if budget is not None else "front",
-                    scores=scores.detach().cpu(), weights=weights, neurons=neurons, provenance=provenance)
+                    scores=scores.detach().cpu().double(), weights=weights, neurons=neurons, provenance=provenance)

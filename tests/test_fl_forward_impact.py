@@ -99,10 +99,10 @@ def test_localizer_one_and_two_sided():
     one = get_localizer("forward_impact")(head)
     one.update(x[:7], y[:7], neg[:7])
     one.update(x[7:], y[7:], neg[7:])
-    torch.testing.assert_close(one.compute(), ref_neg.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(one.compute(), ref_neg, rtol=1e-12, atol=1e-15)  # float64 head: float64 end to end
     two = get_localizer("forward_impact_2s")(head)
     two.update(x, y, neg)
-    torch.testing.assert_close(two.compute(), (ref_neg / (1 + ref_pos)).float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(two.compute(), ref_neg / (1 + ref_pos), rtol=1e-12, atol=1e-15)
     empty = get_localizer("forward_impact")(head)
     empty.update(x, y, torch.zeros(12, dtype=torch.bool))
     with pytest.raises(ValueError, match="I_neg"):

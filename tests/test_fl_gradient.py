@@ -54,15 +54,15 @@ def test_grad_loss_one_and_two_sided_vs_full_model(vit_and_states):
     one = get_localizer("grad_loss")(head)
     for s in range(0, 24, 5):  # several updates: the signed sums add up before |.|
         one.update(x[s:s + 5], labels[s:s + 5], neg[s:s + 5])
-    torch.testing.assert_close(one.compute(), ref_neg, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(one.compute(), ref_neg.double(), rtol=1e-4, atol=1e-6)
 
     two = get_localizer("grad_loss_2s")(head)
     two.update(x, labels, neg)
-    torch.testing.assert_close(two.compute(), ref_neg / (1 + ref_pos), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(two.compute(), (ref_neg / (1 + ref_pos)).double(), rtol=1e-4, atol=1e-6)
 
     only = get_localizer("gradient_only")(head)
     only.update(x, labels, neg)
-    torch.testing.assert_close(only.compute(), ref_neg, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(only.compute(), ref_neg.double(), rtol=1e-4, atol=1e-6)
 
 
 def test_no_side_effects_on_parameters(vit_and_states):

@@ -1,112 +1,440 @@
-"""The published RepTran GL / FI (reptran_compat.py) against a per-input, per-weight brute force."""
+"""Every compat option / published method against an independent plain-numpy re-derivation of the *upstream* code.
+
+The references below are written from the published definitions (posl/RepTran-replication ``src/utils/arachne.py``
+``calculate_bi_fi`` / ``calculate_top_n_flattened`` / ``approximate_pareto_front``, ``src/utils/vit_util.py``
+``get_vscore`` / ``localize_neurons_with_mean_activation`` / ``get_batched_hs``, the scripts ``exp-fl-5-5``,
+``exp-fl-5-6``, ``exp-repair-4-1-1``, ``-4-1-2``; EleutherAI knowledge-neurons ``scaled_input``), not from the
+project's code: a numpy forward of the FFN head with a hand-written backward (LayerNorm, exact GELU), per-batch
+loops over ``np.array_split`` parts, and the published per-weight tensors built explicitly ([B, out, in]).
+
+Sizes: |I_neg| = 45 (parts 23 + 22) in a shuffled "published" order, |I_pos| = 70 (24 + 23 + 23) ascending; float64
+heads with and without LayerScale; results must agree to rel <= 1e-10 through ``localize`` and through the FL
+LightningModule with loader batches of 7 and 512 (and 2 processes, ``slow``).
+"""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from scipy.special import erf
 from torch import nn
 
+from conftest import randomize_, retry_spawn_teardown_abort
 from localization.base import get_localizer
 from localization.ffn import FFNHead
+from localization.methods._common import array_split_sizes, compat_groups
+from localization.methods.reptran_compat import sample_correct_inputs
+from localization.ranking import localize
+
+D, D_FF, C = 8, 32, 6
+N_NEG, N_POS = 45, 70
+TOL = 1e-10
 
 
-def tiny_head(d=3, d_ff=5, c=4, seed=0):
+class Scale(nn.Module):
+    """LayerScale: x * gamma."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def make_head(seed=0, layer_scale=False):
     torch.manual_seed(seed)
-    return FFNHead(nn.LayerNorm(d), nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d), None,
-                   nn.Sequential(nn.LayerNorm(d), nn.Linear(d, c)), "hf").double()
+    head = FFNHead(nn.LayerNorm(D), nn.Linear(D, D_FF), nn.GELU(), nn.Linear(D_FF, D),
+                   Scale(D) if layer_scale else None, nn.Sequential(nn.LayerNorm(D), nn.Linear(D, C)), "hf")
+    return randomize_(head, seed + 1, scale=0.3).double()
 
 
-def data(seed=0, n=11, d=3, c=4):
+def make_data(seed=0):
+    """x [115, D] (I_neg rows first, in a shuffled 'published' order of their sample ids; then I_pos ascending),
+    labels, is_neg, and the sample ids of the rows."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(200)[: N_NEG + N_POS]
+    neg_ids = ids[:N_NEG]                     # published order: not sorted
+    pos_ids = np.sort(ids[N_NEG:])
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, c, (n,), generator=g),
-            torch.arange(n) % 2 == 0)
+    x_all = 1.5 * torch.randn(200, D, generator=g, dtype=torch.float64)
+    y_all = torch.randint(0, C, (200,), generator=g)
+    rows = np.concatenate([neg_ids, pos_ids])
+    is_neg = torch.zeros(len(rows), dtype=torch.bool)
+    is_neg[:N_NEG] = True
+    return x_all[rows], y_all[rows], is_neg, rows
 
 
-def brute_batch(head, x, y):
-    """GL_b (grad of the batch-mean loss) and FI_b = mean_x [w o_i / (sum_k w o_k + 1e-8)] * d(sum logits)/dw by
-    a loop over inputs and weights; the model is differentiated with a fresh graph per quantity."""
-    ws = [head.fc_bef.weight, head.fc_aft.weight]
-    out = []
-    loss = F.cross_entropy(head(x), y)  # mean
-    gl = torch.autograd.grad(loss, ws)
-    back = torch.autograd.grad(head(x).sum(), ws)
-    h = head.norm(x).detach()
-    a = head.activation(x).detach()
-    for w, o, bk, g in zip((ws[0].detach(), ws[1].detach()), (h, a), back, gl):
-        front = torch.zeros_like(w)
-        for r in range(x.shape[0]):
-            for j in range(w.shape[0]):
-                s = sum(w[j, k] * o[r, k] for k in range(w.shape[1])) + 1e-8
-                for i in range(w.shape[1]):
-                    front[j, i] += w[j, i] * o[r, i] / s
-        out.append((g, front / x.shape[0] * bk))
-    gl_flat = head.index.join(out[0][0], out[1][0])
-    fi_flat = head.index.join(out[0][1], out[1][1])
-    return gl_flat, fi_flat
+# ------------------------------------------------------------------------------ numpy head, hand-written backward
+def params(head):
+    p = {k: v.detach().double().numpy().copy() for k, v in head.state_dict().items()}
+    ls = p.get("layer_scale.gamma", np.ones(D))
+    return dict(g1=p["norm.weight"], b1=p["norm.bias"], e1=head.norm.eps, W1=p["fc_bef.weight"], c1=p["fc_bef.bias"],
+                W2=p["fc_aft.weight"], c2=p["fc_aft.bias"], ls=ls, g2=p["post.0.weight"], b2=p["post.0.bias"],
+                e2=head.post[0].eps, Wc=p["post.1.weight"], cc=p["post.1.bias"])
 
 
-def brute_set(head, x, y, batch_size):
-    gls, fis = [], []
-    for s in range(0, x.shape[0], batch_size):
-        g, f = brute_batch(head, x[s:s + batch_size], y[s:s + batch_size])
-        gls.append(g)
-        fis.append(f)
-    return torch.stack(gls).mean(0), torch.stack(fis).mean(0)
+def ln(x, g, b, eps):
+    mu = x.mean(1, keepdims=True)
+    s = np.sqrt(((x - mu) ** 2).mean(1, keepdims=True) + eps)
+    xh = (x - mu) / s
+    return xh * g + b, xh, s
 
 
-@pytest.mark.parametrize("batch_size", [2, 4, 32])
-def test_reptran_gl_fi_match_brute_force(batch_size):
-    head = tiny_head()
-    x, y, neg = data()
-    gl_n, fi_n = brute_set(head, x[neg], y[neg], batch_size)
-    gl_p, fi_p = brute_set(head, x[~neg], y[~neg], batch_size)
-    for name, ref in (("grad_loss_reptran", gl_n / (1 + gl_p)), ("forward_impact_reptran", fi_n / (1 + fi_p))):
-        loc = get_localizer(name)(head, batch_size=batch_size)
-        loc.update(x, y, neg)  # one update: each set is cut into consecutive batches of batch_size
-        torch.testing.assert_close(loc.compute(), ref.float(), rtol=1e-5, atol=1e-7)
-    one = get_localizer("grad_loss_reptran")(head, batch_size=batch_size, two_sided=False)
-    one.update(x, y, neg)
-    torch.testing.assert_close(one.compute(), gl_n.float(), rtol=1e-5, atol=1e-7)
+def ln_back(dy, xh, s, g):
+    dyh = dy * g
+    return (dyh - dyh.mean(1, keepdims=True) - xh * (dyh * xh).mean(1, keepdims=True)) / s
 
 
-def test_reptran_depends_on_batching_and_is_signed():
-    head = tiny_head(seed=1)
-    x, y, neg = data(1, n=16)
-    # 8 inputs per set: batches 3, 3, 2 weight the last batch's inputs more than one batch of 8 does
-    a = get_localizer("grad_loss_reptran")(head, batch_size=3)
-    b = get_localizer("grad_loss_reptran")(head, batch_size=8)
-    a.update(x, y, neg)
-    b.update(x, y, neg)
-    sa, sb = a.compute(), b.compute()
-    assert not torch.allclose(sa, sb)
-    assert (sa < 0).any()  # no absolute value
-    # FI multiplies per-batch means, so even equal-size batches change it
-    fa = get_localizer("forward_impact_reptran")(head, batch_size=4)
-    fb = get_localizer("forward_impact_reptran")(head, batch_size=8)
-    fa.update(x, y, neg)
-    fb.update(x, y, neg)
-    assert not torch.allclose(fa.compute(), fb.compute())
+def gelu(z):
+    return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
 
 
-def test_reptran_composites_use_the_published_gl_fi():
-    head = tiny_head(seed=2)
-    x, y, neg = data(2, n=12)
-    gl = get_localizer("grad_loss_reptran")(head)
-    fi = get_localizer("forward_impact_reptran")(head)
-    aw = get_localizer("arachne_w_reptran")(head)
-    for loc in (gl, fi, aw):
-        loc.update(x, y, neg)
-    g, f = gl.compute().double().numpy(), fi.compute().double().numpy()
+def gelu_grad(z):
+    return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
-    def mm(v):
-        return (v - v.min()) / (v.max() - v.min())
 
-    np.testing.assert_allclose(aw.compute().numpy(), 0.5 * mm(g) + 0.5 * mm(f), rtol=1e-5, atol=1e-6)
-    assert aw.options()["reptran_compat"] is True and aw.options()["batch_size"] == 32
-    for name in ("bl_reptran", "ours_reptran"):
-        loc = get_localizer(name)(head, batch_size=4)
-        loc.update(x, y, neg)
-        assert loc.compute().shape == (head.index.total,)
-    with pytest.raises(ValueError, match="batch_size"):
-        get_localizer("arachne_w_reptran")(head, batch_size=0)
+def forward(P, x, a=None):
+    """Every intermediate of the head on x [B, d] (``a`` given: the FFN activation replaced by it)."""
+    h, _, _ = ln(x, P["g1"], P["b1"], P["e1"])
+    z = h @ P["W1"].T + P["c1"]
+    if a is None:
+        a = gelu(z)
+    n = a @ P["W2"].T + P["c2"]
+    r = x + P["ls"] * n
+    q, rh, rs = ln(r, P["g2"], P["b2"], P["e2"])
+    logits = q @ P["Wc"].T + P["cc"]
+    return dict(h=h, z=z, a=a, n=n, rh=rh, rs=rs, logits=logits)
+
+def backward(P, f, dlogits):
+    """(dW1, dW2, da, dz) for an upstream gradient on the logits [B, C]."""
+    dq = dlogits @ P["Wc"]
+    dr = ln_back(dq, f["rh"], f["rs"], P["g2"])
+    dn = dr * P["ls"]
+    dW2 = dn.T @ f["a"]
+    da = dn @ P["W2"]
+    dz = da * gelu_grad(f["z"])
+    dW1 = dz.T @ f["h"]
+    return dW1, dW2, da, dz
+
+
+def softmax(v):
+    e = np.exp(v - v.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- upstream formulas, re-derived
+def up_bi_fi(P, xs, ys, b=32):
+    """calculate_bi_fi over get_batched_hs(S, 32) = np.array_split(S, ceil(|S| / 32)): per part, bw = grad of
+    the mean CE; fw = mean_x [W * o / (sum_k W o + 1e-8)] * grad of the summed logits (both per weight); then
+    both averaged over the parts. Returns {"before": (bw, fw), "after": (bw, fw)}."""
+    k = (len(xs) + b - 1) // b
+    acc = {"before": [0.0, 0.0], "after": [0.0, 0.0]}
+    for xb, yb in zip(np.array_split(xs, k), np.array_split(ys, k)):
+        f = forward(P, xb)
+        onehot = np.eye(C)[yb]
+        bw1, bw2, _, _ = backward(P, f, (softmax(f["logits"]) - onehot) / len(xb))
+        go1, go2, _, _ = backward(P, f, np.ones_like(f["logits"]))
+        for name, W, o, bw, go in (("before", P["W1"], f["h"], bw1, go1), ("after", P["W2"], f["a"], bw2, go2)):
+            impact = W[None, :, :] * o[:, None, :]                       # [B, out, in]
+            norm = impact / (impact.sum(axis=2)[:, :, None] + 1e-8)
+            fw = norm.mean(axis=0) * go
+            acc[name][0] = acc[name][0] + bw
+            acc[name][1] = acc[name][1] + fw
+    return {n: (v[0] / k, v[1] / k) for n, v in acc.items()}
+
+
+def up_two_sided(P, x, y, neg):
+    pos_r, neg_r = up_bi_fi(P, x[~neg], y[~neg]), up_bi_fi(P, x[neg], y[neg])
+    gl = [neg_r[ba][0] / (1 + pos_r[ba][0]) for ba in ("before", "after")]
+    fi = [neg_r[ba][1] / (1 + pos_r[ba][1]) for ba in ("before", "after")]
+    return gl, fi
+
+
+def flat(pair):
+    return np.concatenate([pair[0].reshape(-1), pair[1].reshape(-1)])
+
+
+def up_top_n_scores(gl_list, fi_list, wg=0.5, wf=0.5):
+    """calculate_top_n_flattened's weighted_scores: minmax with + 1e-8, jointly over both matrices."""
+    g, f = flat(gl_list), flat(fi_list)
+    return wg * (g - g.min()) / (g.max() - g.min() + 1e-8) + wf * (f - f.min()) / (f.max() - f.min() + 1e-8)
+
+
+def up_pareto(g, f):
+    """approximate_pareto_front, literally."""
+    pts = np.stack([g, f], axis=1)
+    mask = np.ones(len(pts), dtype=bool)
+    for i, p in enumerate(pts):
+        if mask[i]:
+            mask[mask] &= ~(np.all(pts[mask] <= p, axis=1) & np.any(pts[mask] < p, axis=1))
+    return np.where(mask)[0]
+
+
+def up_vscore(a, abs_=True, covavg=True):
+    """get_vscore(abs, covavg) (the pre-April-2025 version = abs False, covavg True)."""
+    cov = np.cov(a, rowvar=False)
+    if abs_:
+        cov = np.abs(cov)
+    var = np.diag(cov)
+    s = np.nansum(cov, axis=0)
+    term = (s - var) / (s.shape[0] - 1) if covavg else s - var
+    return var + term
+
+
+def up_minmax(v):
+    return (v - v.min()) / (v.max() - v.min())
+
+
+def up_neuron_score(a_cor, a_mis, abs_, covavg, alpha=None):
+    """localize_neurons_with_mean_activation's neuron_score (all neurons)."""
+    vd = np.abs(up_vscore(a_cor, abs_, covavg) - up_vscore(a_mis, abs_, covavg))
+    ma = a_mis.mean(0)
+    vd, ma = up_minmax(vd), up_minmax(ma)
+    return vd * ma if alpha is None else alpha * vd + (1 - alpha) * ma
+
+
+def activations(P, x):
+    return forward(P, x)["a"]
+
+
+def up_ours_reptran(P, x, y, neg, true_label):
+    """exp-repair-4-1-1: NS (|cov| sum V-score, cor side = correct inputs of the true label) x published GL / FI
+    (all correct inputs), then calculate_top_n_flattened's scores."""
+    a = activations(P, x)
+    cor = ~neg & (y == true_label) if true_label is not None else ~neg
+    ns = up_neuron_score(a[cor], a[neg], abs_=True, covavg=False)
+    gl, fi = up_two_sided(P, x, y, neg)
+    gl = [gl[0] * ns[:, None], gl[1] * ns[None, :]]
+    fi = [fi[0] * ns[:, None], fi[1] * ns[None, :]]
+    return up_top_n_scores(gl, fi)
+
+
+def up_ours_fl5(P, x, y, neg, n=None):
+    """exp-fl-5-6 with the vit_util of that time (signed-mean V-score): |0.5 G + 0.5 NS|."""
+    a = activations(P, x)
+    ns = up_neuron_score(a[~neg], a[neg], abs_=False, covavg=True, alpha=0.5)
+    if n is not None:
+        top = np.argsort(-ns, kind="stable")[:n]
+        keep = np.zeros_like(ns)
+        keep[top] = ns[top]
+        ns = keep
+    g = up_bi_fi(P, x[neg], y[neg])
+    gb, ga = g["before"][0], g["after"][0]
+    lo, hi = min(gb.min(), ga.min()), max(gb.max(), ga.max())
+    gb, ga = (gb - lo) / (hi - lo), (ga - lo) / (hi - lo)
+    wb = 0.5 * gb + 0.5 * ns[:, None]
+    wa = 0.5 * ga + 0.5 * ns[None, :]
+    return np.abs(np.concatenate([wb.reshape(-1), wa.reshape(-1)]))
+
+
+def up_ig_linspace(P, x, y, m=20):
+    """EleutherAI knowledge-neurons: scaled_input = a * linspace(0, 1, m); attr = a / m * sum_k dP(y)/da."""
+    f = forward(P, x)
+    a = f["a"]
+    total = np.zeros_like(a)
+    for alpha in np.linspace(0.0, 1.0, m):
+        g = forward(P, x, a=alpha * a)
+        p = softmax(g["logits"])
+        py = p[np.arange(len(y)), y]
+        dlogits = py[:, None] * (np.eye(C)[y] - p)  # d p_y / d logits
+        _, _, da, _ = backward(P, g, dlogits)
+        total += da
+    return (a / m * total).mean(0)
+
+
+def reference(name, head, x, y, neg, opts):
+    P = params(head)
+    x, y, neg = x.numpy(), y.numpy(), neg.numpy()
+    if name == "grad_loss_reptran":
+        return flat(up_two_sided(P, x, y, neg)[0])
+    if name == "forward_impact_reptran":
+        return flat(up_two_sided(P, x, y, neg)[1])
+    if name in ("arachne_w_reptran", "bl_fl5"):
+        return up_top_n_scores(*up_two_sided(P, x, y, neg))
+    if name == "ours_reptran":
+        return up_ours_reptran(P, x, y, neg, opts.get("true_label"))
+    if name == "ours_fl5":
+        return up_ours_fl5(P, x, y, neg, opts.get("n"))
+    if name == "ig":
+        return up_ig_linspace(P, x[neg], y[neg])
+    if name in ("vdiff", "vdiff_x_mean_act"):
+        variant = {"abs_sum": (True, False), "abs_mean": (True, True), "signed_mean": (False, True),
+                   "signed_sum": (False, False)}[opts["vscore"]]
+        a = activations(P, x)
+        vd = up_minmax(np.abs(up_vscore(a[~neg], *variant) - up_vscore(a[neg], *variant)))
+        return vd if name == "vdiff" else vd * up_minmax(a[neg].mean(0))
+    raise KeyError(name)
+
+
+#: (method, options) of every compat method / option
+CASES = [
+    ("grad_loss_reptran", {}),
+    ("forward_impact_reptran", {}),
+    ("arachne_w_reptran", {}),
+    ("bl_fl5", {}),
+    ("ours_reptran", {"true_label": 2}),
+    ("ours_reptran", {"true_label": None}),
+    ("ours_fl5", {}),
+    ("ours_fl5", {"n": 7}),
+    ("ig", {"riemann": "linspace"}),
+    ("vdiff", {"vscore": "abs_mean"}),
+    ("vdiff", {"vscore": "signed_mean"}),
+    ("vdiff", {"vscore": "signed_sum"}),
+    ("vdiff_x_mean_act", {"vscore": "signed_mean"}),
+]
+IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CASES]
+
+
+def assert_well_conditioned(head, x, y, neg, at_least=1e-3):
+    """The published two-sided GL / FI divide by 1 + GL(I_pos) / 1 + FI(I_pos), which are *signed*: where one
+    comes near 0, any two float64 implementations (different summation orders) differ by far more than 1e-10 at
+    that weight (measured: |1 + FI_pos| = 1.6e-4 gave rel 1e-9). The test data keep every such denominator
+    >= ``at_least`` in magnitude, so the comparison measures the formula, not the conditioning."""
+    pr = up_bi_fi(params(head), x[~neg].numpy(), y[~neg].numpy())
+    worst = min(float(np.abs(1 + pr[ba][k]).min()) for ba in ("before", "after") for k in (0, 1))
+    assert worst >= at_least, f"test data ill-conditioned for the two-sided published formula ({worst:.2e})"
+
+
+def rel(got, want):
+    got = np.asarray(got, dtype=np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def trainer(**kw):
+    import lightning as L
+
+    return L.Trainer(**{"accelerator": "cpu", "devices": 1, "inference_mode": False, "use_distributed_sampler": False,
+                        "logger": False, "enable_progress_bar": False, "enable_model_summary": False, **kw})
+
+
+def module_scores(head, name, x, y, neg, opts, batch_size, **kw):
+    from lightning_modules.fl import FLModule
+
+    module = FLModule(head, name, x, y, neg, method_options=opts, batch_size=batch_size)
+    trainer(**kw).test(module, verbose=False)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+def test_array_split_sizes_match_numpy():
+    for n in (0, 1, 31, 32, 33, 40, 45, 64, 70, 97, 1000):
+        for b in (1, 7, 32):
+            want = [len(p) for p in np.array_split(np.arange(n), max(1, -(-n // b)))] if n else []
+            assert array_split_sizes(n, b) == want, (n, b)
+    assert array_split_sizes(70, 32) == [24, 23, 23] and array_split_sizes(40, 32) == [20, 20]
+    g = compat_groups(torch.tensor([True] * 45 + [False] * 70), 32)
+    assert torch.unique_consecutive(g, return_counts=True)[1].tolist() == [23, 22, 24, 23, 23]
+    with pytest.raises(ValueError, match="positive int"):
+        array_split_sizes(5, 0)
+
+
+@pytest.mark.parametrize("layer_scale", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_compat_matches_upstream_through_localize(case, layer_scale):
+    name, opts = case
+    head = make_head(seed=3 + layer_scale, layer_scale=layer_scale)
+    x, y, neg, _ = make_data(seed=5 + layer_scale)
+    assert_well_conditioned(head, x, y, neg)
+    want = reference(name, head, x, y, neg, opts)
+    for bs in (7, 512):
+        got = localize(head, x, y, neg, name, 5, batch_size=bs, **opts).scores
+        assert got.dtype == torch.float64
+        assert rel(got.numpy(), want) <= TOL, (name, opts, bs, rel(got.numpy(), want))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] not in ("vdiff", "vdiff_x_mean_act")],
+                         ids=[i for c, i in zip(CASES, IDS) if c[0] not in ("vdiff", "vdiff_x_mean_act")])
+def test_compat_matches_upstream_through_the_fl_module(case):
+    name, opts = case
+    head = make_head(seed=10, layer_scale=True)
+    x, y, neg, _ = make_data(seed=11)
+    assert_well_conditioned(head, x, y, neg)
+    want = reference(name, head, x, y, neg, opts)
+    for bs in (7, 512):
+        got = module_scores(head, name, x, y, neg, opts, bs).scores
+        assert got.dtype == torch.float64
+        assert rel(got.numpy(), want) <= TOL, (name, opts, bs, rel(got.numpy(), want))
+
+
+def test_bl_reptran_front_is_the_published_pareto_front():
+    head = make_head(seed=11)
+    x, y, neg, _ = make_data(seed=12)
+    P = params(head)
+    gl, fi = up_two_sided(P, x.numpy(), y.numpy(), neg.numpy())
+    want = up_pareto(flat(gl), flat(fi))
+    for bs in (7, 512):
+        r = localize(head, x, y, neg, "bl_reptran", "front", batch_size=bs)
+        assert sorted(head.index.to_flat(r.weights).tolist()) == sorted(want.tolist())
+        m = module_scores(head, "bl_reptran", x, y, neg, {}, bs)
+        assert sorted(m.localizer.own_selection().tolist()) == sorted(want.tolist())
+
+
+def test_published_order_of_i_neg_matters_and_is_kept():
+    """The I_neg order the runner gives decides the parts: reversing it changes the published GL."""
+    head = make_head(seed=13)
+    x, y, neg, _ = make_data(seed=14)
+    a = localize(head, x, y, neg, "grad_loss_reptran", 5).scores
+    order = torch.cat([torch.arange(N_NEG).flip(0), torch.arange(N_NEG, N_NEG + N_POS)])
+    b = localize(head, x[order], y[order], neg[order], "grad_loss_reptran", 5).scores
+    assert rel(a.numpy(), b.numpy()) > 1e-6
+    want = reference("grad_loss_reptran", head, x[order], y[order], neg[order], {})
+    assert rel(b.numpy(), want) <= TOL
+    # interleaved rows: each set keeps the order given (a stable partition), same as feeding them grouped
+    mix = torch.randperm(N_NEG + N_POS, generator=torch.Generator().manual_seed(0))
+    keep = torch.cat([mix[neg[mix]], mix[~neg[mix]]])
+    c = localize(head, x[mix], y[mix], neg[mix], "grad_loss_reptran", 5, batch_size=9).scores
+    d = localize(head, x[keep], y[keep], neg[keep], "grad_loss_reptran", 5).scores
+    assert rel(c.numpy(), d.numpy()) <= TOL
+
+
+def test_a_cut_compat_batch_is_an_error():
+    head = make_head()
+    x, y, neg, _ = make_data()
+    loc = get_localizer("grad_loss_reptran")(head)
+    g = compat_groups(neg, 32)
+    loc.update(x[:10], y[:10], neg[:10], group=g[:10])
+    with pytest.raises(ValueError, match="more than one update"):
+        loc.update(x[10:], y[10:], neg[10:], group=g[10:])
+
+
+def test_sample_correct_inputs():
+    pool = np.arange(100, 400, 3)
+    s = sample_correct_inputs(pool, 45, seed=1)
+    assert len(s) == 45 and len(set(s.tolist())) == 45 and set(s.tolist()) <= set(pool.tolist())
+    assert (np.diff(s) > 0).all()
+    assert np.array_equal(s, sample_correct_inputs(pool, 45, seed=1))
+    assert not np.array_equal(s, sample_correct_inputs(pool, 45, seed=2))
+    assert np.array_equal(sample_correct_inputs(pool[::-1], 500, seed=1), pool)  # n >= |pool|: all of them
+    with pytest.raises(ValueError, match="repeated"):
+        sample_correct_inputs([1, 1, 2], 1, seed=0)
+    from localization.base import method_meta
+
+    assert method_meta("bl_fl5")["pos_sample"] == "n_neg" and method_meta("bl_fl5")["batching"] == 32
+    assert method_meta("ours")["uses_true_label"] and method_meta("ours_reptran")["uses_true_label"]
+
+
+@pytest.mark.slow  # two spawned processes import torch and lightning
+@pytest.mark.parametrize("case", [("ours_reptran", {"true_label": 2}), ("forward_impact_reptran", {}),
+                                  ("ours_fl5", {"n": 7}), ("bl_fl5", {})], ids=lambda c: c[0])
+def test_compat_two_processes_match_upstream(case, tmp_path):
+    import lightning as L
+
+    class Save(L.Callback):
+        def on_test_end(self, trainer, pl_module):
+            if trainer.is_global_zero:
+                torch.save(pl_module.scores, tmp_path / "s.pt")
+
+    name, opts = case
+    head = make_head(seed=9, layer_scale=True)
+    x, y, neg, _ = make_data(seed=10)
+    assert_well_conditioned(head, x, y, neg)
+    want = reference(name, head, x, y, neg, opts)
+    for bs in (7, 512):
+        retry_spawn_teardown_abort(lambda: module_scores(head.copy(), name, x, y, neg, opts, bs, callbacks=[Save()],
+                                                         strategy="ddp_spawn", devices=2))
+        got = torch.load(tmp_path / "s.pt", weights_only=False)
+        assert got.dtype == torch.float64
+        assert rel(got.numpy(), want) <= TOL, (name, bs, rel(got.numpy(), want))

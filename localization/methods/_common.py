@@ -1,7 +1,26 @@
 """Pieces every FL method shares: input checks, one pass through the FFN head (with the gradients the methods
-need), and :class:`SetLocalizer`, the base of methods whose states are sums over I_neg and/or I_pos.
+need), :class:`SetLocalizer`, the base of methods whose states are sums over I_neg and/or I_pos, and the batching
+of the published (RepTran) formulas.
 
 Nothing here knows a method's formula; each method family file states its own.
+
+**Precision.** Every state that sums over inputs is float64 (:data:`ACC_DTYPE`), whatever the head's dtype; the
+per-batch products are formed in the head's dtype and added into the float64 states, so a float64 head is float64
+end to end and a float32 head carries float32 rounding of one batch only. Every method's ``compute`` returns
+float64 scores.
+
+**Compat batching** (methods with class attribute ``batching = b``, the published RepTran formulas): the published
+code cut each set S (I_neg, then I_pos) into ``np.array_split(S, ceil(|S| / b))`` parts (40 -> 20 + 20,
+70 -> 24 + 23 + 23) in the order it held them (I_neg in the published order, I_pos ascending by sample index), and
+its GL / FI are means of per-part values, so the parts must be the same here whatever the data loader does:
+
+* :func:`compat_groups` gives every row its part ("compat batch") id, from the whole set sizes;
+* the feeders (``localization.ranking.localize`` and the FL LightningModule's batch sampler,
+  ``lightning_modules/fl.py``) never cut a part across ``update`` calls or processes, and pass the ids as
+  ``update(x, label, is_neg, group=ids)``;
+* :meth:`SetLocalizer.update` then hands each side's rows with the part sizes to ``_accumulate(..., batches=)``;
+  a part id seen in an earlier ``update`` is a cut part: a clear error. Without ``group`` each ``update``'s rows
+  of a side are taken as the whole set and split as above (so one ``update`` with everything is right too).
 """
 from __future__ import annotations
 
@@ -17,6 +36,74 @@ from localization.base import Localizer
 from localization.ffn import FFNHead
 
 SIDES = ("neg", "pos")
+#: dtype of every state that sums over inputs (float64; no float dtype of a head is wider)
+ACC_DTYPE = torch.float64
+
+
+def acc_zeros(*shape: int) -> Tensor:
+    """A zero float64 state of ``shape``."""
+    return torch.zeros(shape, dtype=ACC_DTYPE)
+
+
+# ------------------------------------------------------------------------------------------- compat batching
+def array_split_sizes(n: int, b: int) -> list[int]:
+    """The part sizes of ``np.array_split(S, ceil(n / b))`` for a set of n rows: ceil(n / b) parts, the first
+    n mod k of them one row longer (70, 32 -> [24, 23, 23]; 40, 32 -> [20, 20]; 0 -> [])."""
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise ValueError(f"the compat batch size must be a positive int, got {b!r}")
+    if n <= 0:
+        return []
+    k = -(-n // b)
+    q, r = divmod(n, k)
+    return [q + 1] * r + [q] * (k - r)
+
+
+def compat_groups(is_neg: Tensor, b: int) -> Tensor:
+    """Compat batch id of every row ``[N]`` int64 for rows holding I_neg first, then I_pos (``is_neg [N]`` bool):
+    I_neg's rows get ids 0..k_neg-1, I_pos's k_neg..k_neg+k_pos-1, each set split as ``np.array_split`` into
+    ceil(|S| / b) consecutive parts (:func:`array_split_sizes`)."""
+    is_neg = torch.as_tensor(is_neg).bool().reshape(-1).cpu()
+    n_neg = int(is_neg.sum())
+    if bool(is_neg[n_neg:].any()) or not bool(is_neg[:n_neg].all()):
+        raise ValueError("a method with published batching needs the rows ordered I_neg first (in the published "
+                         "order), then I_pos (ascending sample index); got I_neg rows after I_pos rows")
+    sizes = array_split_sizes(n_neg, b) + array_split_sizes(is_neg.numel() - n_neg, b)
+    return torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.long),
+                                   torch.tensor(sizes, dtype=torch.long))
+
+
+def whole_group_batches(group: Tensor, batch_size: int, lo: int = 0, hi: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges ``[(start, stop), ...]`` covering rows lo..hi of ``group`` (ids ascending, as from
+    :func:`compat_groups`) with at most ``batch_size`` rows each and never cutting a group (a group longer than
+    ``batch_size`` gets a range of its own)."""
+    hi = group.numel() if hi is None else hi
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    counts = group_sizes(group[lo:hi])
+    out: list[tuple[int, int]] = []
+    start = end = lo
+    for c in counts:
+        if end > start and end + c - start > batch_size:
+            out.append((start, end))
+            start = end
+        end += c
+    if end > start:
+        out.append((start, end))
+    return out
+
+
+def neg_first_order(is_neg: Tensor) -> Tensor:
+    """Row permutation ``[N]`` putting the I_neg rows first, then the I_pos rows, each in the order given (a
+    stable partition; the identity when the rows are already so ordered)."""
+    is_neg = torch.as_tensor(is_neg).bool().reshape(-1).cpu()
+    return torch.cat([torch.nonzero(is_neg).squeeze(1), torch.nonzero(~is_neg).squeeze(1)])
+
+
+def group_sizes(group: Tensor) -> list[int]:
+    """Sizes of the runs of equal consecutive ids in ``group [B]`` (one per compat batch)."""
+    if group.numel() == 0:
+        return []
+    return torch.unique_consecutive(group, return_counts=True)[1].tolist()
 
 
 # ------------------------------------------------------------------------------------------------------- checks
@@ -139,11 +226,14 @@ class SetLocalizer(Localizer):
     """A localizer whose states are sums over the inputs of I_neg and/or I_pos (``self.sides``).
 
     ``update`` validates the batch, splits it into the sides the method uses and calls
-    ``self._accumulate(side, x_s, label_s)`` for each non-empty one; it also counts the inputs per side
-    (states ``n_neg`` / ``n_pos``, float64, summed across processes).
+    ``self._accumulate(side, x_s, label_s)`` for each non-empty one (methods with ``batching``:
+    ``self._accumulate(side, x_s, label_s, batches=[part sizes])``, see the module docstring); it also counts the
+    inputs per side (states ``n_neg`` / ``n_pos``, float64, summed across processes).
     """
 
     sides: tuple[str, ...] = ("neg",)
+    #: None, or the batch size b of a published formula that depends on its batches (see the module docstring)
+    batching: int | None = None
 
     def __init__(self, head: FFNHead, seed: int = 0, *, sides: tuple[str, ...] | None = None, **kwargs: Any):
         super().__init__(head, seed=seed, **kwargs)
@@ -153,8 +243,9 @@ class SetLocalizer(Localizer):
         if not self.sides or any(s not in SIDES for s in self.sides):
             raise ValueError(f"sides must be a non-empty subset of {SIDES}, got {self.sides}")
         self._num_classes: int | None = None
+        self._seen_groups: set[int] = set()
         for s in self.sides:
-            self.add_state(f"n_{s}", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"n_{s}", torch.zeros((), dtype=ACC_DTYPE), dist_reduce_fx="sum")
 
     @property
     def num_classes(self) -> int:
@@ -163,16 +254,37 @@ class SetLocalizer(Localizer):
                 self._num_classes = self.head.num_classes
         return self._num_classes
 
-    def update(self, x: Tensor, label: Tensor, is_neg: Tensor) -> None:
+    def update(self, x: Tensor, label: Tensor, is_neg: Tensor, group: Tensor | None = None) -> None:
+        """Add a batch: ``x [B, d]``, ``label [B]``, ``is_neg [B]`` bool; ``group [B]`` int: compat batch ids
+        (only for methods with ``batching``; :func:`compat_groups`), else ignored."""
         x, label, is_neg = check_batch(self.head, x, label, is_neg, self.num_classes)
+        if self.batching is not None and group is not None:
+            group = torch.as_tensor(group).reshape(-1).to(is_neg.device).long()
+            if group.shape != is_neg.shape:
+                raise ValueError(f"group must be [B={is_neg.numel()}] compat batch ids, got {list(group.shape)}")
+            ids = set(torch.unique(group).tolist())
+            cut = ids & self._seen_groups
+            if cut:
+                raise ValueError(f"compat batch(es) {sorted(cut)[:5]} arrived in more than one update: a batch of the "
+                                 f"published {self.batching}-row batching must reach update() whole (see "
+                                 "localization.methods._common.compat_groups)")
+            self._seen_groups |= ids
         for side in self.sides:
             mask = is_neg if side == "neg" else ~is_neg
             k = int(mask.sum())
             if k == 0:
                 continue
-            self._accumulate(side, x[mask], label[mask])
+            if self.batching is None:
+                self._accumulate(side, x[mask], label[mask])
+            else:
+                sizes = group_sizes(group[mask]) if group is not None else array_split_sizes(k, self.batching)
+                self._accumulate(side, x[mask], label[mask], batches=sizes)
             count = getattr(self, f"n_{side}")
             count += k
+
+    def reset(self) -> None:
+        super().reset()
+        self._seen_groups = set()
 
     def _accumulate(self, side: str, x: Tensor, label: Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

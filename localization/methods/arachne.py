@@ -29,14 +29,25 @@ from localization.methods.forward_impact import FIStates
 from localization.methods.gradient import GLStates
 from localization.ranking import minmax, pareto_front
 
-__all__ = ["arachne_w_score", "bl_scores", "GLFILocalizer", "ArachneW", "BL"]
+__all__ = ["minmax_eps", "arachne_w_score", "bl_scores", "GLFILocalizer", "ArachneW", "BL"]
 
 
-def arachne_w_score(gl: Tensor, fi: Tensor, p: float = 0.5) -> Tensor:
-    """(1 - p) minmax(GL) + p minmax(FI), float64, over the flat ``[2 d d_ff]`` vectors (joint normalisation)."""
+def minmax_eps(v: Tensor, eps: float = 0.0) -> Tensor:
+    """minmax(v) for ``eps == 0``; else (v - min v) / (max v - min v + eps), the published normalisation of
+    RepTran's ``calculate_top_n_flattened`` (``src/utils/arachne.py``; eps = 1e-8). float64."""
+    v = v.double()
+    if eps == 0.0:
+        return minmax(v)
+    lo, hi = torch.aminmax(v)
+    return (v - lo) / (hi - lo + eps)
+
+
+def arachne_w_score(gl: Tensor, fi: Tensor, p: float = 0.5, eps: float = 0.0) -> Tensor:
+    """(1 - p) minmax(GL) + p minmax(FI), float64, over the flat ``[2 d d_ff]`` vectors (joint normalisation);
+    ``eps`` > 0: the published minmax with ``+ eps`` in the denominator (:func:`minmax_eps`)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must lie in [0, 1], got {p}")
-    return (1.0 - p) * minmax(gl.double()) + p * minmax(fi.double())
+    return (1.0 - p) * minmax_eps(gl, eps) + p * minmax_eps(fi, eps)
 
 
 def bl_scores(gl: Tensor, fi: Tensor, keep_identical: bool = True) -> tuple[Tensor, Tensor]:
@@ -55,6 +66,8 @@ class GLFILocalizer(GLStates, FIStates, SetLocalizer):
     both the loss gradient and the per-input dO/dn for FI's back term."""
 
     level = "weight"
+    #: the minmax's ``+ eps`` (0: exact minmax; the published RepTran variants: 1e-8)
+    norm_eps: float = 0.0
 
     def __init__(self, head: FFNHead, seed: int = 0, two_sided: bool = True, **kwargs: Any):
         super().__init__(head, seed=seed, sides=("neg", "pos") if two_sided else ("neg",), **kwargs)
@@ -81,9 +94,9 @@ class GLFILocalizer(GLStates, FIStates, SetLocalizer):
     def _accumulate(self, side: str, x: Tensor, label: Tensor) -> None:
         p = ffn_pass(self.head, x, label, **self._pass_flags())
         self._acc_glfi(side, x, label, p)
-        self._acc_more(side, p)
+        self._acc_more(side, p, label)
 
-    def _acc_more(self, side: str, p: FFNPass) -> None:
+    def _acc_more(self, side: str, p: FFNPass, label: Tensor) -> None:
         """Extra states of a subclass (ours: activation moments)."""
 
     def options(self) -> dict[str, Any]:
@@ -102,7 +115,7 @@ class ArachneW(GLFILocalizer):
 
     def compute(self) -> Tensor:
         gl, fi = self.gl_fi()
-        return arachne_w_score(gl, fi, self.p)
+        return arachne_w_score(gl, fi, self.p, self.norm_eps)
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "p": self.p}

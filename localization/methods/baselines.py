@@ -12,9 +12,9 @@ __all__ = ["magnitude_scores", "Magnitude"]
 
 
 def magnitude_scores(head: FFNHead) -> Tensor:
-    """|w| of every weight over the global index, ``[2 d d_ff]``."""
+    """|w| of every weight over the global index, ``[2 d d_ff]`` float64."""
     w_bef, w_aft = head.weights()
-    return head.index.join(w_bef.detach().abs(), w_aft.detach().abs())
+    return head.index.join(w_bef.detach().abs().double(), w_aft.detach().abs().double())
 
 
 @register_localizer("magnitude")

@@ -16,7 +16,8 @@ with o the layer's input and n its output after its activation, as in Arachne's 
 
 No per-input per-weight tensor is built: front_ij = |w_ij| * (1/n) sum_x |o_i(x)| / D_j(x) with
 D = |O| @ |W|^T ``[B, out]``, so the sum over x is the matmul (1/D)^T @ |O| ``[out, in]``. The states are
-S = sum_x |o_i(x)| / D_j(x) (per weight) and sum_x |g_j(x)| / sum_l |g_l(x)| (per output neuron), per set;
+S = sum_x |o_i(x)| / D_j(x) (per weight) and sum_x |g_j(x)| / sum_l |g_l(x)| (per output neuron), per set,
+float64;
 an input whose denominator is 0 (all o or all g zero) contributes 0.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from localization.base import register_localizer
 from localization.ffn import FFNHead
-from localization.methods._common import FFNPass, SetLocalizer, ffn_pass
+from localization.methods._common import FFNPass, SetLocalizer, acc_zeros, ffn_pass
 
 __all__ = ["fi_front_sum", "fi_back_sum", "forward_impact_from_sums", "forward_impact", "FIStates",
            "ForwardImpact", "ForwardImpactTwoSided"]
@@ -73,8 +74,8 @@ class FIStates:
 
     def _init_fi(self) -> None:
         for s in self.sides:
-            self.add_state(f"fi_front_{s}", torch.zeros(self.index.total), dist_reduce_fx="sum")
-            self.add_state(f"fi_back_{s}", torch.zeros(self.head.d_ff + self.head.d), dist_reduce_fx="sum")
+            self.add_state(f"fi_front_{s}", acc_zeros(self.index.total), dist_reduce_fx="sum")
+            self.add_state(f"fi_back_{s}", acc_zeros(self.head.d_ff + self.head.d), dist_reduce_fx="sum")
 
     def _acc_fi(self, side: str, p: FFNPass) -> None:
         w_bef, w_aft = self.head.fc_bef.weight.detach(), self.head.fc_aft.weight.detach()

@@ -6,7 +6,7 @@ For every weight w of W_bef ``[d_ff, d]`` and W_aft ``[d, d_ff]``::
     one-sided  (grad_loss, gradient_only):  GL(I_neg)
     two-sided  (grad_loss_2s):              GL(I_neg) / (1 + GL(I_pos))
 
-The signed sums sum_x dL(x)/dw are the states (summed across processes); the absolute value is taken in
+The signed sums sum_x dL(x)/dw are the states (float64, summed across processes); the absolute value is taken in
 ``compute``, after every input has been added. The gradients come from ``torch.autograd.grad`` on the two weight
 tensors of the FFN head (never the full model): the head reproduces the model's logits from the cached CLS state,
 so they equal the full model's gradients (``tests/test_fl_gradient.py`` checks this).
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from localization.base import register_localizer
 from localization.ffn import FFNHead
-from localization.methods._common import SetLocalizer, ffn_pass
+from localization.methods._common import SetLocalizer, acc_zeros, ffn_pass
 
 __all__ = ["grad_loss_sums", "grad_loss_score", "GLStates", "GradLoss", "GradLossTwoSided", "GradientOnly"]
 
@@ -44,7 +44,7 @@ class GLStates:
     def _init_gl(self, gl_sides: tuple[str, ...] | None = None) -> None:
         self.gl_sides = tuple(gl_sides or self.sides)
         for s in self.gl_sides:
-            self.add_state(f"gl_{s}", torch.zeros(self.index.total), dist_reduce_fx="sum")
+            self.add_state(f"gl_{s}", acc_zeros(self.index.total), dist_reduce_fx="sum")
 
     def _acc_gl(self, side: str, p) -> None:
         if side in self.gl_sides:

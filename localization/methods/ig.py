@@ -4,7 +4,10 @@
 
 P the softmax probability of the label y given the residual stream x and the (scaled) activation, computed by
 ``head.from_activation(x, (k/m) a(x))``: zero baseline, the whole layer scaled at once, left Riemann sum
-(k = 0..m-1) as the knowledge-neurons code. (RepTran's scripts dropped the a_j / m factor; not copied.)
+(k = 0..m-1) as the knowledge-neurons paper's code. (RepTran's scripts dropped the a_j / m factor; not copied.)
+``riemann="linspace"``: EleutherAI's knowledge-neurons package (``knowledge_neurons/knowledge_neurons.py``,
+``scaled_input``: ``torch.linspace(0, 1, steps)``), scales k / (m - 1), k = 0..m-1 (1 included, 0 too), still
+times a_j / m.
 ``target="logit"`` attributes the label's logit instead of its probability.
 
 Selection:
@@ -31,12 +34,26 @@ from localization.base import register_localizer
 from localization.ffn import FFNHead
 from localization.methods._common import SetLocalizer
 
-__all__ = ["ig_attributions", "paper_selection", "IntegratedGradients"]
+__all__ = ["RIEMANN", "ig_alphas", "ig_attributions", "paper_selection", "IntegratedGradients"]
+
+
+RIEMANN = ("left", "linspace")
+
+
+def ig_alphas(m: int, riemann: str = "left", dtype=torch.float64, device=None) -> Tensor:
+    """The m scale factors: k / m, k = 0..m-1 (``"left"``), or ``linspace(0, 1, m)`` = k / (m - 1)
+    (``"linspace"``, EleutherAI's knowledge-neurons ``scaled_input``; m = 1 gives [0])."""
+    if riemann not in RIEMANN:
+        raise ValueError(f"riemann must be one of {RIEMANN}, got {riemann!r}")
+    if riemann == "left":
+        return torch.arange(m, dtype=dtype, device=device) / m
+    return torch.linspace(0.0, 1.0, m, dtype=dtype, device=device)
 
 
 def ig_attributions(head: FFNHead, x: Tensor, label: Tensor, m: int = 20, target: str = "prob",
-                    max_rows: int = 8192) -> Tensor:
-    """Attr(x) ``[B, d_ff]`` for ``x [B, d]``, ``label [B]`` (left Riemann, zero baseline, m steps)."""
+                    max_rows: int = 8192, riemann: str = "left") -> Tensor:
+    """Attr(x) ``[B, d_ff]`` for ``x [B, d]``, ``label [B]`` (zero baseline, m steps; left Riemann or
+    ``riemann="linspace"``), Attr_j = a_j / m * sum_k dP/da_j at alpha_k a."""
     if m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
     if target not in ("prob", "logit"):
@@ -48,7 +65,7 @@ def ig_attributions(head: FFNHead, x: Tensor, label: Tensor, m: int = 20, target
         a = head.activation(x)
     out = torch.empty_like(a)
     chunk = max(1, max_rows // m)
-    alphas = torch.arange(m, dtype=a.dtype, device=a.device) / m
+    alphas = ig_alphas(m, riemann, dtype=a.dtype, device=a.device)
     for s in range(0, x.shape[0], chunk):
         xa, aa, ya = x[s:s + chunk], a[s:s + chunk], label[s:s + chunk]
         b = xa.shape[0]
@@ -97,7 +114,11 @@ class IntegratedGradients(SetLocalizer):
     level = "neuron"
 
     def __init__(self, head: FFNHead, seed: int = 0, m: int = 20, on: str = "neg", selection: str = "mean",
-                 target: str = "prob", t: float = 0.2, p: float = 0.7, max_rows: int = 8192, **kwargs: Any):
+                 target: str = "prob", t: float = 0.2, p: float = 0.7, max_rows: int = 8192, riemann: str = "left",
+                 **kwargs: Any):
+        if riemann not in RIEMANN:
+            raise ValueError(f"riemann must be one of {RIEMANN}, got {riemann!r}")
+        self.riemann = riemann
         sides = {"neg": ("neg",), "pos": ("pos",), "all": ("neg", "pos")}
         if on not in sides:
             raise ValueError(f"on must be one of {sorted(sides)}, got {on!r}")
@@ -115,7 +136,7 @@ class IntegratedGradients(SetLocalizer):
         self.add_state("keep_count", torch.zeros(head.d_ff, dtype=torch.float64), dist_reduce_fx="sum")
 
     def _accumulate(self, side: str, x: Tensor, label: Tensor) -> None:
-        attr = ig_attributions(self.head, x, label, self.m, self.target, self.max_rows)
+        attr = ig_attributions(self.head, x, label, self.m, self.target, self.max_rows, self.riemann)
         self.add_to(self.attr_sum, attr.double().sum(0))
         keep = attr >= self.t * attr.max(dim=1, keepdim=True).values
         self.add_to(self.keep_count, keep.sum(0))
@@ -124,7 +145,7 @@ class IntegratedGradients(SetLocalizer):
         n = sum(self.require(s) for s in self.sides)
         if self.selection == "mean":
             return self.attr_sum / n
-        share = self.keep_count / n
+        share = (self.keep_count / n).double()
         self._selected, self._p_final = paper_selection(share, self.p)
         return share
 
@@ -138,7 +159,7 @@ class IntegratedGradients(SetLocalizer):
 
     def options(self) -> dict[str, Any]:
         opts = {"m": self.m, "on": self.on, "selection": self.selection, "target": self.target,
-                "baseline": "zero", "riemann": "left"}
+                "baseline": "zero", "riemann": self.riemann}
         if self.selection == "paper":
             opts.update(t=self.t, p=self.p, p_final=getattr(self, "_p_final", None))
         return opts

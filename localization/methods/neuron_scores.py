@@ -2,11 +2,12 @@
 product NeuronScore. a_j(x) is the post-GELU activation of intermediate neuron j at the CLS token, ``[B, d_ff]``.
 
     V_j(I)     = Var(a_j) + sum_{k != j} |Cov(a_j, a_k)| = sum_k |Cov(a_j, a_k)|   (sample covariance, ddof = 1)
+                 (``vscore=``: the published variants "abs_mean", "signed_mean", "signed_sum", :data:`VSCORE_VARIANTS`)
     vdiff_j    = minmax(|V_j(I_pos) - V_j(I_neg)|)
     mean_act_j = minmax(mean_{x in I_neg} a_j(x))                                    (MisAct)
     NeuronScore_j = vdiff_j * mean_act_j                                              (vdiff_x_mean_act)
 
-States per set (summed across processes, float64): count n, sum_x a(x) ``[d_ff]`` and sum_x a(x) a(x)^T
+States per set (summed across processes, float64): count n (of the rows that entered the moments), sum_x a(x) ``[d_ff]`` and sum_x a(x) a(x)^T
 ``[d_ff, d_ff]``; then Cov = (sum a a^T - n mu mu^T) / (n - 1) with mu = sum a / n. A set needs >= 2 inputs for
 the covariance (fewer: a clear error).
 
@@ -28,17 +29,46 @@ from localization.ffn import FFNHead
 from localization.methods._common import FFNPass, SetLocalizer, ffn_pass
 from localization.ranking import minmax
 
-__all__ = ["v_score", "v_score_from_moments", "second_moment", "add_second_moment_", "vdiff", "mean_act", "VStates",
+__all__ = ["VSCORE_VARIANTS", "check_vscore", "v_score", "v_score_from_moments", "second_moment", "add_second_moment_", "vdiff", "mean_act", "VStates",
            "VDiff", "MeanAct", "NeuronScore"]
 
 
-def v_score_from_moments(n: int, act_sum: Tensor, act_outer: Tensor) -> Tensor:
-    """V_j = sum_k |Cov(a_j, a_k)| from n, sum a ``[d_ff]`` and sum a a^T ``[d_ff, d_ff]`` (float64), ``[d_ff]``."""
+#: V-score variants (the published ``get_vscore(abs, covavg)`` of RepTran's ``src/utils/vit_util.py``), with
+#: C = the sample covariance of the activations (ddof = 1) and D = d_ff:
+#:   "abs_sum"     V_j = Var(a_j) + sum_{k != j} |C_jk|                 (default; abs=True,  covavg=False)
+#:   "abs_mean"    V_j = Var(a_j) + sum_{k != j} |C_jk| / (D - 1)       (abs=True,  covavg=True)
+#:   "signed_mean" V_j = Var(a_j) + sum_{k != j} C_jk / (D - 1)         (abs=False, covavg=True; exp-fl-5's vit_util)
+#:   "signed_sum"  V_j = Var(a_j) + sum_{k != j} C_jk                   (abs=False, covavg=False)
+VSCORE_VARIANTS = ("abs_sum", "abs_mean", "signed_mean", "signed_sum")
+
+
+def check_vscore(vscore: str) -> str:
+    if vscore not in VSCORE_VARIANTS:
+        raise ValueError(f"vscore must be one of {VSCORE_VARIANTS}, got {vscore!r}")
+    return vscore
+
+
+def v_score_from_moments(n: int, act_sum: Tensor, act_outer: Tensor, vscore: str = "abs_sum") -> Tensor:
+    """V_j from n, sum a ``[d_ff]`` and sum a a^T ``[d_ff, d_ff]`` (float64), ``[d_ff]``; ``vscore`` picks the
+    variant (:data:`VSCORE_VARIANTS`; default V_j = sum_k |Cov(a_j, a_k)|)."""
+    check_vscore(vscore)
     if n < 2:
         raise ValueError(f"the V-score needs a sample covariance (ddof=1), so at least 2 inputs; got {n}")
     s1 = act_sum.double()
     centred = torch.addr(act_outer.double(), s1, s1, alpha=-1.0 / n)  # (n - 1) Cov, one pass over [d_ff, d_ff]
-    return centred.abs_().sum(1) / (n - 1)
+    if vscore == "abs_sum":
+        return centred.abs_().sum(1) / (n - 1)
+    var = torch.diagonal(centred).clone()
+    d_ff = centred.shape[0]
+    if vscore.startswith("abs"):
+        rows = centred.abs_().sum(1)
+        var = var.abs()  # a variance is >= 0; its rounding may not be
+    else:
+        rows = centred.sum(1)
+    others = rows - var
+    if vscore.endswith("mean"):
+        others = others / (d_ff - 1) if d_ff > 1 else torch.zeros_like(others)
+    return (var + others) / (n - 1)
 
 
 def add_second_moment_(state: Tensor, a: Tensor) -> Tensor:
@@ -60,10 +90,10 @@ def second_moment(a: Tensor) -> Tensor:
     return add_second_moment_(torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device), a)
 
 
-def v_score(a: Tensor) -> Tensor:
+def v_score(a: Tensor, vscore: str = "abs_sum") -> Tensor:
     """V-score of every neuron over the rows of ``a [n, d_ff]`` (float64), ``[d_ff]``."""
     a = a.double()
-    return v_score_from_moments(a.shape[0], a.sum(0), a.t() @ a)
+    return v_score_from_moments(a.shape[0], a.sum(0), a.t() @ a, vscore)
 
 
 def vdiff(v_pos: Tensor, v_neg: Tensor) -> Tensor:
@@ -79,29 +109,51 @@ def mean_act(act_sum_neg: Tensor, n_neg: int) -> Tensor:
 
 
 class VStates:
-    """Mixin for a :class:`SetLocalizer`: states ``act_sum_{side}`` ``[d_ff]`` and (``outer=True``)
-    ``act_outer_{side}`` ``[d_ff, d_ff]``, float64, for the sides in ``v_sides``."""
+    """Mixin for a :class:`SetLocalizer`: states ``act_n_{side}`` (count), ``act_sum_{side}`` ``[d_ff]`` and
+    (``outer=True``) ``act_outer_{side}`` ``[d_ff, d_ff]``, float64, for the sides in ``v_sides``.
 
-    def _init_v(self, v_sides: tuple[str, ...], outer: bool) -> None:
+    ``v_pos_label``: when not None, the I_pos moments take only the I_pos rows whose label equals it (``ours``'
+    label-specific correct set); I_neg always takes all its rows. ``vscore``: the V-score variant
+    (:data:`VSCORE_VARIANTS`)."""
+
+    def _init_v(self, v_sides: tuple[str, ...], outer: bool, v_pos_label: int | None = None,
+                vscore: str = "abs_sum") -> None:
         self.v_sides, self.v_outer = tuple(v_sides), outer
+        self.v_pos_label = None if v_pos_label is None else int(v_pos_label)
+        self.vscore = check_vscore(vscore)
         d_ff = self.head.d_ff
         for s in self.v_sides:
+            self.add_state(f"act_n_{s}", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"act_sum_{s}", torch.zeros(d_ff, dtype=torch.float64), dist_reduce_fx="sum")
             if outer:
                 self.add_state(f"act_outer_{s}", torch.zeros(d_ff, d_ff, dtype=torch.float64),
                                dist_reduce_fx="sum")
 
-    def _acc_v(self, side: str, p: FFNPass) -> None:
+    def _acc_v(self, side: str, p: FFNPass, label: Tensor | None = None) -> None:
         if side not in self.v_sides:
             return
-        self.add_to(getattr(self, f"act_sum_{side}"), p.a.double().sum(0))
+        a = p.a
+        if side == "pos" and self.v_pos_label is not None:
+            if label is None:  # pragma: no cover - internal misuse
+                raise RuntimeError("the label-specific V-score needs the batch's labels")
+            a = a[label == self.v_pos_label]
+            if a.shape[0] == 0:
+                return
+        getattr(self, f"act_n_{side}").add_(a.shape[0])
+        self.add_to(getattr(self, f"act_sum_{side}"), a.double().sum(0))
         if self.v_outer:
             state = getattr(self, f"act_outer_{side}")
-            add_second_moment_(state, p.a.to(state.device))
+            add_second_moment_(state, a.to(state.device))
 
     def _v_score(self, side: str) -> Tensor:
-        n = self.require(side, 2, why="(the V-score's sample covariance needs >= 2)")
-        return v_score_from_moments(n, getattr(self, f"act_sum_{side}"), getattr(self, f"act_outer_{side}"))
+        n = int(getattr(self, f"act_n_{side}").item())
+        if n < 2:
+            if side == "pos" and self.v_pos_label is not None:
+                raise ValueError(f"FL method {self.name!r} needs at least 2 I_pos inputs of the true label "
+                                 f"{self.v_pos_label} (the V-score's sample covariance); got {n}")
+            self.require(side, 2, why="(the V-score's sample covariance needs >= 2)")
+        return v_score_from_moments(n, getattr(self, f"act_sum_{side}"), getattr(self, f"act_outer_{side}"),
+                                    self.vscore)
 
     def _vdiff(self) -> Tensor:
         return vdiff(self._v_score("pos"), self._v_score("neg"))
@@ -119,12 +171,15 @@ class _ActivationLocalizer(VStates, SetLocalizer):
     _sides: tuple[str, ...] = ("neg", "pos")
     _outer = True
 
-    def __init__(self, head: FFNHead, seed: int = 0, **kwargs: Any):
+    def __init__(self, head: FFNHead, seed: int = 0, vscore: str = "abs_sum", **kwargs: Any):
         super().__init__(head, seed=seed, sides=self._sides, **kwargs)
-        self._init_v(self._sides, outer=self._outer)
+        self._init_v(self._sides, outer=self._outer, vscore=vscore)
 
     def _accumulate(self, side: str, x: Tensor, label: Tensor) -> None:
-        self._acc_v(side, ffn_pass(self.head, x))
+        self._acc_v(side, ffn_pass(self.head, x), label)
+
+    def options(self) -> dict[str, Any]:
+        return {"vscore": self.vscore} if self._outer else {}
 
 
 @register_localizer("vdiff")
@@ -141,6 +196,9 @@ class MeanAct(_ActivationLocalizer):
 
     _sides = ("neg",)
     _outer = False
+
+    def __init__(self, head: FFNHead, seed: int = 0, **kwargs: Any):
+        super().__init__(head, seed=seed, **kwargs)
 
     def compute(self) -> Tensor:
         return self._mean_act()

@@ -1,63 +1,88 @@
-"""GL and FI as the published RepTran code computed them (DESIGN.md section 4): offered only under these
-``*_reptran`` names, never as the default, so published numbers can be compared.
+"""GL and FI as the published RepTran code computed them, offered only under these ``*_reptran`` names (and
+``bl_fl5``), never as the default, so published numbers can be recomputed beside the corrected ones.
 
-Differences from the reference GL / FI (``gradient.py``, ``forward_impact.py``). The inputs of a set are cut into
-batches of ``batch_size`` (RepTran: 32); for each batch b of B_b inputs::
+Upstream: posl/RepTran-replication ``src/utils/arachne.py`` (``calculate_bi_fi``, ``calculate_top_n_flattened``,
+``approximate_pareto_front``) with the batches of ``src/utils/vit_util.py`` (``get_batched_hs``), as called by
+``src/exp-repair-4-1-1.py`` (ours), ``-4-1-2`` (ArachneW) and ``src/exp-fl-5-5.py`` ("bl"). ``docs/compat.md``
+lists every difference from the defaults.
+
+**Batches.** Each set S is cut as ``np.array_split(S, ceil(|S| / 32))`` (balanced: 40 -> 20 + 20, 70 -> 24 + 23 +
+23), I_neg in the published order and I_pos ascending (class attribute ``batching = 32``; the feeders keep every
+part whole, see ``localization.methods._common``). For each part b of B_b inputs::
 
     GL_b(w)  = d/dw [ mean_{x in b} L(x) ]                                   signed, no |.|
-    front_b  = w_ji * mean_{x in b} o_i(x) / (sum_k w_jk o_k(x) + 1e-8)      signed, no |.|
+    front_b  = w_ji * mean_{x in b} o_i(x) / (sum_k w_jk o_k(x) + 1e-8)      signed, no |.|, no bias in the sum
     back_b   = d/dw_ji [ sum_{x in b} sum_c logit_c(x) ]                     a per-*weight* gradient
     FI_b     = front_b * back_b
 
-    GL(I) = mean_b GL_b,   FI(I) = mean_b FI_b                               (signed means of per-batch values)
+    GL(I) = mean_b GL_b,   FI(I) = mean_b FI_b                               (signed means of per-part values)
     two-sided (as published): GL = GL(I_neg) / (1 + GL(I_pos)), FI = FI(I_neg) / (1 + FI(I_pos))
 
-o is LN(x) for W_bef and the post-GELU activation a for W_aft. The result depends on the batching: each
-``update`` call is cut into consecutive batches of ``batch_size`` rows per set, so feed a set's inputs in one
-``update`` (or in updates whose per-set sizes are multiples of ``batch_size``) to reproduce the published
-batching; in a multi-process run each process batches its own share. States (summed across processes): per set
-the sums over batches of GL_b and of FI_b / w (w is multiplied in once, in ``compute``), and the number of
-batches.
+o is LN(x) for W_bef and the post-GELU activation a for W_aft. States (float64, summed across processes): per set
+the sums over parts of GL_b and of FI_b / w (w is multiplied in once, in ``compute``), and the number of parts.
+The composites normalise as ``calculate_top_n_flattened`` did: (v - min) / (max - min + 1e-8) (``norm_eps``).
 
-Registered: ``grad_loss_reptran``, ``forward_impact_reptran`` (two-sided, as published), and
-``arachne_w_reptran``, ``bl_reptran``, ``ours_reptran``: those methods with these GL / FI.
+Registered: ``grad_loss_reptran``, ``forward_impact_reptran`` (two-sided, as published), ``arachne_w_reptran``
+(exp-repair-4-1-2), ``bl_reptran`` (the Pareto front of these GL / FI), ``ours_reptran`` (exp-repair-4-1-1, with
+the label-specific correct V-score and the |cov|-sum V-score), ``bl_fl5`` (exp-fl-5-5's "bl": really
+``arachne_w_reptran`` with I_pos = a sample of |I_neg| correct inputs; ``pos_sample = "n_neg"``, the runner draws
+the sample with :func:`sample_correct_inputs`).
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from localization.base import register_localizer
 from localization.ffn import FFNHead
-from localization.methods._common import FFNPass, SetLocalizer, _no_inference_mode, weights_require_grad
+from localization.methods._common import (FFNPass, SetLocalizer, _no_inference_mode, acc_zeros, array_split_sizes,
+                                          weights_require_grad)
 from localization.methods.arachne import BL, ArachneW
 from localization.methods.ours import Ours
 
-__all__ = ["reptran_sums", "ReptranGLFI", "GradLossReptran", "ForwardImpactReptran", "ArachneWReptran",
-           "BLReptran", "OursReptran"]
+__all__ = ["EPS", "REPTRAN_BATCH", "ReptranSums", "reptran_sums", "sample_correct_inputs", "ReptranGLFI",
+           "GradLossReptran", "ForwardImpactReptran", "ArachneWReptran", "BLReptran", "OursReptran", "BLFL5"]
 
 EPS = 1e-8
+#: the published batch size (RepTran's ``ViTExperiment.BATCH_SIZE``)
+REPTRAN_BATCH = 32
 
 
-def reptran_sums(head: FFNHead, x: Tensor, label: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor,
-                                                                                       int]:
-    """The published GL / FI sums over the consecutive batches of ``batch_size`` rows of ``x [N, d]``.
+@dataclass
+class ReptranSums:
+    """Sums over the parts of one set: gl_* = sum_b GL_b, fi_* = sum_b FI_b / W (head dtype), the number of
+    parts, and the forward's LN(x) ``h [N, d]`` and activations ``a [N, d_ff]`` (detached)."""
 
-    Returns (sum_b GL_b for W_bef ``[d_ff, d]``, for W_aft ``[d, d_ff]``, sum_b FI_b / W for W_bef, for W_aft,
-    number of batches): FI_b = front_b * back_b = W * [(R_b^T o_b) * (G_b^T o_b)] / B_b with R_b = 1 / (o_b W^T
-    + 1e-8) ``[B_b, out]`` and G_b = per-input d(sum logits)/dn ``[B_b, out]``, so the sums exclude the factor W
-    (the caller multiplies it in once). One forward and two backward passes over all N rows give every per-input
-    gradient (rows are independent in the head); only the weight-shaped products run per batch.
-    GL is linear in the per-input gradients: sum_b GL_b = d/dW sum_x L(x) / B_{b(x)}.
+    gl_bef: Tensor
+    gl_aft: Tensor
+    fi_bef: Tensor | None
+    fi_aft: Tensor | None
+    n_batches: int
+    h: Tensor
+    a: Tensor
+
+
+def reptran_sums(head: FFNHead, x: Tensor, label: Tensor, sizes: Sequence[int], fi: bool = True) -> ReptranSums:
+    """The published GL / FI summed over the consecutive parts of ``x [N, d]`` with the given ``sizes``.
+
+    FI_b = front_b * back_b = W * [(R_b^T o_b) * (G_b^T o_b)] / B_b with R_b = 1 / (o_b W^T + 1e-8)
+    ``[B_b, out]`` and G_b = per-input d(sum logits)/d(layer output before its activation) ``[B_b, out]``, so the
+    sums exclude the factor W (the caller multiplies it in once). One forward and two backward passes over all N
+    rows give every per-input gradient (rows are independent in the head); only the weight-shaped products run
+    per part. GL is linear in the per-input gradients: sum_b GL_b = d/dW sum_x L(x) / B_{b(x)}.
     """
-    _no_inference_mode()
+    sizes = [int(s) for s in sizes]
     n = x.shape[0]
-    starts = list(range(0, n, batch_size))
-    sizes = torch.tensor([min(batch_size, n - s) for s in starts], dtype=x.dtype, device=x.device)
-    per_row = torch.repeat_interleave(1.0 / sizes, sizes.long())  # 1 / B_b of each row's batch
+    if sum(sizes) != n or any(s < 1 for s in sizes):
+        raise ValueError(f"batch sizes {sizes} do not partition the {n} rows")
+    _no_inference_mode()
+    sz = torch.tensor(sizes, dtype=x.dtype, device=x.device)
+    per_row = torch.repeat_interleave(1.0 / sz, torch.tensor(sizes, device=x.device))  # 1 / B_b of each row's part
     w_bef, w_aft = head.fc_bef.weight, head.fc_aft.weight
     with torch.enable_grad(), weights_require_grad(head):
         h = head.norm(x)
@@ -66,43 +91,75 @@ def reptran_sums(head: FFNHead, x: Tensor, label: Tensor, batch_size: int) -> tu
         nn_out = head.fc_aft(a)
         logits = head.post(x + head.layer_scale(nn_out))
         loss = (F.cross_entropy(logits, label, reduction="none") * per_row).sum()
-        gl_bef, gl_aft = torch.autograd.grad(loss, [w_bef, w_aft], retain_graph=True)
-        g_z, g_n = torch.autograd.grad(logits.sum(), [z, nn_out])  # dO/dz = dO/d(pre-activation) of W_bef
-    h, a, g_z, g_n = h.detach(), a.detach(), g_z.detach(), g_n.detach()
+        gl_bef, gl_aft = torch.autograd.grad(loss, [w_bef, w_aft], retain_graph=fi)
+        if fi:
+            g_z, g_n = torch.autograd.grad(logits.sum(), [z, nn_out])  # dO/dz: W_bef's output before GELU
+    h, a = h.detach(), a.detach()
+    if not fi:
+        return ReptranSums(gl_bef, gl_aft, None, None, len(sizes), h, a)
+    g_z, g_n = g_z.detach(), g_n.detach()
     w_bef, w_aft = w_bef.detach(), w_aft.detach()
     r_bef = 1.0 / (h @ w_bef.t() + EPS)  # [N, d_ff], signed, no |.|
     r_aft = 1.0 / (a @ w_aft.t() + EPS)  # [N, d]
     fi_bef, fi_aft = torch.zeros_like(w_bef), torch.zeros_like(w_aft)
-    for s, b in zip(starts, sizes.tolist()):
-        rows = slice(s, s + int(b))
+    s = 0
+    for b in sizes:
+        rows = slice(s, s + b)
         for acc, r, g, o in ((fi_bef, r_bef, g_z, h), (fi_aft, r_aft, g_n, a)):
             acc.addcmul_(r[rows].t() @ o[rows], g[rows].t() @ o[rows], value=1.0 / b)
-    return gl_bef, gl_aft, fi_bef, fi_aft, len(starts)
+        s += b
+    return ReptranSums(gl_bef, gl_aft, fi_bef, fi_aft, len(sizes), h, a)
+
+
+def sample_correct_inputs(pos_indices: Sequence[int] | np.ndarray | Tensor, n: int, seed: int) -> np.ndarray:
+    """exp-fl-5-5's I_pos: ``n`` (= |I_neg|) sample indices drawn without replacement from the correct inputs
+    ``pos_indices`` with ``np.random.default_rng(seed)``, returned in ascending order (the order the compat
+    batching feeds I_pos); all of them when n >= their number (as the published ``sample_from_correct_samples``).
+
+    The published draw was ``np.random.choice`` without a seed, so its sample cannot be replayed; this one is
+    seeded (record the seed)."""
+    pool = np.asarray(torch.as_tensor(pos_indices).cpu().numpy() if isinstance(pos_indices, Tensor) else pos_indices,
+                      dtype=np.int64).reshape(-1)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n (the sample size, |I_neg|) must be a non-negative int, got {n!r}")
+    if len(np.unique(pool)) != len(pool):
+        raise ValueError("pos_indices holds repeated sample indices")
+    if n >= len(pool):
+        return np.sort(pool)
+    return np.sort(np.random.default_rng(int(seed)).choice(pool, int(n), replace=False))
 
 
 class ReptranGLFI:
     """Mixin replacing :class:`GLFILocalizer`'s GL / FI by the published variant (see the module docstring).
     Put it *before* the method class: ``class X(ReptranGLFI, ArachneW)``."""
 
+    batching = REPTRAN_BATCH
+    norm_eps = EPS
+
+    def _set_batch_size(self, batch_size: int) -> None:
+        array_split_sizes(1, batch_size)  # a clear error unless a positive int
+        self.batching = int(batch_size)
+
     def _init_glfi(self) -> None:
         for s in self.sides:
-            self.add_state(f"rgl_{s}", torch.zeros(self.index.total), dist_reduce_fx="sum")
-            self.add_state(f"rfi_{s}", torch.zeros(self.index.total), dist_reduce_fx="sum")
-            self.add_state(f"batches_{s}", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"rgl_{s}", acc_zeros(self.index.total), dist_reduce_fx="sum")
+            self.add_state(f"rfi_{s}", acc_zeros(self.index.total), dist_reduce_fx="sum")
+            self.add_state(f"batches_{s}", acc_zeros(), dist_reduce_fx="sum")
 
-    def _pass_flags(self) -> dict[str, bool]:
-        return {}  # the shared pass only feeds extra states (ours: activations); GL / FI have their own pass
+    def _accumulate(self, side: str, x: Tensor, label: Tensor, batches: list[int] | None = None) -> None:
+        r = reptran_sums(self.head, x, label, batches or array_split_sizes(x.shape[0], self.batching))
+        self.add_weights(getattr(self, f"rgl_{side}"), r.gl_bef, r.gl_aft)
+        self.add_weights(getattr(self, f"rfi_{side}"), r.fi_bef, r.fi_aft)
+        getattr(self, f"batches_{side}").add_(r.n_batches)
+        self._acc_more(side, FFNPass(h=r.h, a=r.a), label)
 
-    def _acc_glfi(self, side: str, x: Tensor, label: Tensor, p: FFNPass | None) -> None:
-        g_bef, g_aft, f_bef, f_aft, nb = reptran_sums(self.head, x, label, self.batch_size)
-        self.add_weights(getattr(self, f"rgl_{side}"), g_bef, g_aft)
-        self.add_weights(getattr(self, f"rfi_{side}"), f_bef, f_aft)
-        getattr(self, f"batches_{side}").add_(nb)
+    def _acc_more(self, side: str, p: FFNPass, label: Tensor) -> None:
+        """Extra states of a composite (ours: activation moments)."""
 
     def _reptran_value(self, kind: str) -> Tensor:
         def mean(side: str) -> Tensor:
             self.require(side)
-            v = getattr(self, f"r{kind}_{side}") / getattr(self, f"batches_{side}").to(torch.float32)
+            v = getattr(self, f"r{kind}_{side}") / getattr(self, f"batches_{side}")
             if kind == "fi":  # FI_b = W * (sums without W)
                 v = v * self.index.join(*(w.detach().to(v) for w in self.head.weights()))
             return v
@@ -113,67 +170,89 @@ class ReptranGLFI:
     def gl_fi(self) -> tuple[Tensor, Tensor]:
         return self._reptran_value("gl"), self._reptran_value("fi")
 
-    def _set_batch_size(self, batch_size: int) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.batch_size = batch_size
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "reptran_compat": True, "batch_size": self.batching,
+                "batching": "np.array_split(S, ceil(|S| / batch_size))", "norm_eps": self.norm_eps}
 
 
 class _ReptranSingle(ReptranGLFI, SetLocalizer):
     level = "weight"
     kind = "gl"
 
-    def __init__(self, head: FFNHead, seed: int = 0, batch_size: int = 32, two_sided: bool = True,
+    def __init__(self, head: FFNHead, seed: int = 0, batch_size: int = REPTRAN_BATCH, two_sided: bool = True,
                  **kwargs: Any):
         self._set_batch_size(batch_size)
         self.two_sided = bool(two_sided)
         super().__init__(head, seed=seed, sides=("neg", "pos") if two_sided else ("neg",), **kwargs)
         self._init_glfi()
 
-    def _accumulate(self, side: str, x: Tensor, label: Tensor) -> None:
-        self._acc_glfi(side, x, label, None)
-
     def compute(self) -> Tensor:
         return self._reptran_value(self.kind)
 
     def options(self) -> dict[str, Any]:
-        return {"reptran_compat": True, "batch_size": self.batch_size, "two_sided": self.two_sided}
+        return {"reptran_compat": True, "batch_size": self.batching,
+                "batching": "np.array_split(S, ceil(|S| / batch_size))", "two_sided": self.two_sided}
 
 
 @register_localizer("grad_loss_reptran")
 class GradLossReptran(_ReptranSingle):
-    """Published GL: mean over batches of the batch-mean loss gradient, signed; two-sided, ``[2 d d_ff]``."""
+    """Published GL (calculate_bi_fi "bw"): mean over 32-row parts of the part-mean loss gradient, signed;
+    two-sided GL(I_neg) / (1 + GL(I_pos)), ``[2 d d_ff]``."""
 
     kind = "gl"
 
 
 @register_localizer("forward_impact_reptran")
 class ForwardImpactReptran(_ReptranSingle):
-    """Published FI: mean over batches of (signed batch-mean front) * (per-weight gradient of summed logits);
-    two-sided, ``[2 d d_ff]``."""
+    """Published FI (calculate_bi_fi "fw"): mean over 32-row parts of (signed part-mean front) x (per-weight
+    gradient of summed logits); two-sided, ``[2 d d_ff]``."""
 
     kind = "fi"
 
 
-class _WithBatchSize:
-    def __init__(self, head: FFNHead, seed: int = 0, batch_size: int = 32, **kwargs: Any):
-        self._set_batch_size(batch_size)
-        super().__init__(head, seed=seed, **kwargs)
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "reptran_compat": True, "batch_size": self.batch_size}
-
-
 @register_localizer("arachne_w_reptran")
-class ArachneWReptran(_WithBatchSize, ReptranGLFI, ArachneW):
-    """ArachneW (ArachneV3, ``exp-repair-4-1-2``) on the published GL / FI."""
+class ArachneWReptran(ReptranGLFI, ArachneW):
+    """ArachneW as published (exp-repair-4-1-2): (1 - p) minmax'(GL) + p minmax'(FI) on the published GL / FI,
+    minmax' = (v - min) / (max - min + 1e-8), ``[2 d d_ff]``."""
+
+    def __init__(self, head: FFNHead, seed: int = 0, batch_size: int = REPTRAN_BATCH, p: float = 0.5,
+                 two_sided: bool = True, norm_eps: float = EPS, **kwargs: Any):
+        self._set_batch_size(batch_size)
+        self.norm_eps = float(norm_eps)
+        super().__init__(head, seed=seed, p=p, two_sided=two_sided, **kwargs)
 
 
 @register_localizer("bl_reptran")
-class BLReptran(_WithBatchSize, ReptranGLFI, BL):
-    """BL on the published GL / FI."""
+class BLReptran(ReptranGLFI, BL):
+    """BL (approximate_pareto_front, identical points all kept) on the published GL / FI, ``[2 d d_ff]``."""
+
+    def __init__(self, head: FFNHead, seed: int = 0, batch_size: int = REPTRAN_BATCH, keep_identical: bool = True,
+                 two_sided: bool = True, **kwargs: Any):
+        self._set_batch_size(batch_size)
+        super().__init__(head, seed=seed, keep_identical=keep_identical, two_sided=two_sided, **kwargs)
 
 
 @register_localizer("ours_reptran")
-class OursReptran(_WithBatchSize, ReptranGLFI, Ours):
-    """Ours (``exp-repair-4-1-1``) on the published GL / FI."""
+class OursReptran(ReptranGLFI, Ours):
+    """Ours as published (exp-repair-4-1-1): NS_j x published GL / FI, minmax' with + 1e-8, the correct side's
+    V-score (|cov| sum) over the true label's correct inputs, ``[2 d d_ff]``."""
+
+    def __init__(self, head: FFNHead, seed: int = 0, batch_size: int = REPTRAN_BATCH, p: float = 0.5,
+                 true_label: int | None = None, vscore: str = "abs_sum", norm_eps: float = EPS, **kwargs: Any):
+        self._set_batch_size(batch_size)
+        self.norm_eps = float(norm_eps)
+        super().__init__(head, seed=seed, p=p, true_label=true_label, vscore=vscore, **kwargs)
+
+    def _acc_more(self, side: str, p: FFNPass, label: Tensor) -> None:
+        self._acc_v(side, p, label)
+
+
+@register_localizer("bl_fl5")
+class BLFL5(ArachneWReptran):
+    """exp-fl-5-5's "bl": not a Pareto front but ``arachne_w_reptran`` (weighted top-n, p = 0.5) with I_pos = a
+    seeded sample of |I_neg| correct inputs (``pos_sample = "n_neg"``), ``[2 d d_ff]``."""
+
+    pos_sample = "n_neg"
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "pos_sample": "n_neg (seeded sample of |I_neg| correct inputs)"}
