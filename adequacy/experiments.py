@@ -84,7 +84,7 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
 
 def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str, title: str | None = None) -> list[Path]:
     """``stem.csv`` and ``stem.md`` (atomic writes)."""
-    from localization.artifacts import atomic_write_text
+    from core.io import atomic_write_text
 
     out_dir = Path(out_dir)
     md = (f"# {title}\n\n" if title else "") + markdown_table(df)
@@ -96,7 +96,7 @@ def save_figure(fig, out_dir: str | Path, stem: str) -> list[Path]:
     """``stem.png`` and ``stem.pdf`` (atomic writes); closes the figure."""
     import matplotlib.pyplot as plt
 
-    from localization.artifacts import atomic_savefig
+    from core.io import atomic_savefig
 
     out_dir = Path(out_dir)
     paths = [atomic_savefig(fig, out_dir / f"{stem}.png", dpi=150, bbox_inches="tight"),
@@ -106,7 +106,7 @@ def save_figure(fig, out_dir: str | Path, stem: str) -> list[Path]:
 
 
 def write_meta(out_dir: str | Path, stem: str, config: Mapping, **extra) -> Path:
-    from localization.artifacts import atomic_write_json, provenance
+    from core.io import atomic_write_json, provenance
 
     return atomic_write_json(Path(out_dir) / f"{stem}_meta.json", {"config": dict(config), **provenance(**extra)})
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import KFold
 
-from localization.artifacts import atomic_write_json, provenance
+from core.io import atomic_write_json, provenance
 
 __all__ = ["FoldSplit", "FoldsFileError", "kfold_split", "load_or_create_folds", "labels_fingerprint"]
 

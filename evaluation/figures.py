@@ -1,5 +1,5 @@
 """Figures of the FL evaluation (matplotlib, Agg). Each function returns a Figure; :func:`save_figure` writes it
-as PNG and PDF atomically (``localization.artifacts.atomic_savefig``) and closes it unless told otherwise."""
+as PNG and PDF atomically (``core.io.atomic_savefig``) and closes it unless told otherwise."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from evaluation.ranking_metrics import fraction_label  # noqa: E402
-from localization.artifacts import atomic_savefig  # noqa: E402
+from core.io import atomic_savefig  # noqa: E402
 
 __all__ = ["intervention_distributions", "flip_counts", "ranking_curves", "save_figure"]
 

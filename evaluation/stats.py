@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from localization.artifacts import atomic_write_text
+from core.io import atomic_write_text
 
 __all__ = [
     "holm",

@@ -55,16 +55,6 @@ _UPSTREAM = {"src_tgt": ("src_tgt", None), "tgt_fp": ("tgt", "fp"), "tgt_fn": ("
              "all": ("all", None)}
 
 
-def load_misclf(layout) -> dict[str, Any]:
-    """The settings JSON of a run (``RunLayout.misclf_info``), with a clear error when it is missing."""
-    import json
-
-    if not layout.misclf_info.is_file():
-        raise FileNotFoundError(f"no {layout.misclf_info}: run `python scripts/analyze_misclf.py --run_dir "
-                                f"{layout.root}` first")
-    return json.loads(layout.misclf_info.read_text())
-
-
 def confusion(label: Tensor, pred: Tensor, num_classes: int) -> np.ndarray:
     """``C[s, t]`` = number of inputs of true label s predicted as t."""
     c = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -284,32 +274,3 @@ def analyze(label: Tensor, pred: Tensor, index: Tensor, num_classes: int, ranks:
             "f1": [None if np.isnan(v) else float(v) for v in f1], "never_predicted": never_predicted,
             "no_true_input_labels": no_true, "pos_fraction": pos_fraction, "seed": seed, "options": options,
             "settings": settings, "skipped": skipped}
-
-
-def plot_confusion(info: dict[str, Any], class_names: list[str] | None = None):
-    """A confusion-matrix figure (counts, log colour scale) of an :func:`analyze` result."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    c = np.asarray(info["confusion"])
-    k = c.shape[0]
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * k + 2), max(3.5, 0.35 * k + 1.5)))
-    im = ax.imshow(c + 1, norm=LogNorm(), cmap="viridis")
-    fig.colorbar(im, ax=ax, label="count + 1")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{info['split']} split: accuracy {info['accuracy']:.3f}")
-    if k <= 20:
-        names = class_names or [str(i) for i in range(k)]
-        ax.set_xticks(range(k), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(k), names, fontsize=7)
-        for s in range(k):
-            for t in range(k):
-                if c[s, t]:
-                    ax.text(t, s, str(c[s, t]), ha="center", va="center", fontsize=6,
-                            color="white" if s != t else "black")
-    fig.tight_layout()
-    return fig

@@ -1,6 +1,8 @@
 """The cache step: one ``Trainer.predict`` pass per split writes the CLS state cache of the run's model."""
 from __future__ import annotations
 
+import os
+
 from typing import Any, Sequence
 
 from core.runstore import RunStore
@@ -13,7 +15,7 @@ def step_cache(store: RunStore | str, splits: Sequence[str] = ("repair", "test")
     """Cache ``splits`` for the last (or ``epoch``'s) checkpoint; a cache of that checkpoint on disk is kept."""
     from lightning_modules.runs import cache_states, load_run_model
 
-    store = store if isinstance(store, RunStore) else RunStore(store)
+    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
     model, ep = load_run_model(store, epoch)
     kw = {}
     if epoch is not None and ep != (store.checkpoint_epochs() or [ep])[-1]:

@@ -2,30 +2,33 @@
 confusion-matrix figure, written to the run store."""
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import numpy as np
 
 from core.runstore import RunStore
+from lightning_modules.runs import datamodule_from_run, load_run_model
+from localization.cache import load_states
+from localization.ffn import model_fingerprint
+from localization.misclf import DEFAULT_KINDS, analyze
 
 __all__ = ["step_misclf", "plot_confusion"]
 
 
 def step_misclf(store: RunStore | str, split: str = "repair", ranks: int = 3, seed: int = 0,
-                pos_fraction: float = 0.05, **options: Any) -> dict[str, Any]:
-    """Write ``misclf/misclf_info.json`` (with the options that made it) and the confusion figure."""
-    from lightning_modules.runs import datamodule_from_run, load_run_model
-    from localization.cache import load_states
-    from localization.ffn import model_fingerprint
-    from localization.misclf import analyze
-
-    store = store if isinstance(store, RunStore) else RunStore(store)
+                pos_fraction: float = 0.05, tie_order: str = "pred_true", no_true_input: str = "skip",
+                kinds=DEFAULT_KINDS) -> dict[str, Any]:
+    """Write ``misclf/misclf_info.json`` and the confusion figure; ``tie_order``, ``no_true_input`` and ``kinds``
+    are :func:`localization.misclf.analyze`'s options (recorded in the JSON under ``options``)."""
+    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
     model, _ = load_run_model(store)
     states = load_states(store.states(split), expected_hash=model_fingerprint(model))
     info = analyze(states.label, states.pred, states.index, num_classes=states.logits.shape[1], ranks=ranks,
-                   pos_fraction=pos_fraction, seed=seed, split=split, **options)
+                   pos_fraction=pos_fraction, seed=seed, split=split, tie_order=tie_order,
+                   no_true_input=no_true_input, kinds=kinds)
     info["model_hash"] = states.metadata.get("model_hash")
-    info.setdefault("options", {}).update({"ranks": ranks, "seed": seed, "pos_fraction": pos_fraction, **options})
     store.write_json(store.misclf_info, info)
     try:
         names = datamodule_from_run(store).class_names

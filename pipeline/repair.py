@@ -18,6 +18,8 @@ repair split; metrics are computed on the held-out test fold and on the repair s
 """
 from __future__ import annotations
 
+import os
+
 import itertools
 import time
 import traceback
@@ -514,7 +516,7 @@ def main_job_sweep(store: RunStore | str, budgets: Sequence[int] = (33, 164, 328
     rank-1 setting of each kind and ``all``, DE with the published constants (quick: 5 generations of 20, one
     setting, one budget, one repetition), then the prune and masked fine-tuning baselines on the same weights;
     aggregated into ``repair/summary``."""
-    store = store if isinstance(store, RunStore) else RunStore(store)
+    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
     info = _available_settings(store.root)
     avail = info["settings"]
     settings = [s for s in ("src_tgt_r1", "tgt_fp_r1", "tgt_fn_r1", "all") if s in avail] or list(avail)[:1]

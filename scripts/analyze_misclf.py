@@ -11,8 +11,8 @@ import argparse
 
 import _bootstrap  # noqa: F401
 
-from lightning_modules.pipeline import step_misclf
-from localization.artifacts import RunLayout
+from core.runstore import RunStore as RunLayout
+from pipeline.misclf import step_misclf
 from localization.misclf import ALL_KINDS, DEFAULT_KINDS, NO_TRUE_INPUT_RULES, TIE_ORDERS
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from lightning_modules.pipeline import step_localize
+from pipeline.localize import run_localization
 from localization.artifacts import RunLayout
 from localization.base import UnknownMethodError, get_localizer, registered_localizers
 
@@ -25,13 +25,15 @@ if __name__ == "__main__":
     p.add_argument("--budgets", nargs="+", type=budget, default=[236, 472, 944, "avg"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=512)
-    p.add_argument("--engine", choices=["trainer", "direct"], default="trainer")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--list", action="store_true", help="list the registered methods and exit")
+    p.add_argument("--verbose", action="store_true", help="with --list: each method's summary, metadata, options")
     a = p.parse_args()
     if a.list:
-        print("\n".join(registered_localizers()))
+        from localization.base import FL_METHODS
+
+        print(FL_METHODS.listing(verbose=a.verbose))
         sys.exit(0)
     try:
         for m in a.methods or []:
@@ -41,7 +43,10 @@ if __name__ == "__main__":
     kw = {"accelerator": a.accelerator, "devices": a.devices}
     if a.devices > 1:
         kw["strategy"] = "ddp"
-    rows = step_localize(RunLayout(a.run_dir), a.methods, a.settings, a.budgets, a.seed, a.batch_size, a.engine, kw)
-    for r in rows:
+    rows = run_localization(RunLayout(a.run_dir), a.methods, a.settings, a.budgets, seed=a.seed,
+                            batch_size=a.batch_size, trainer_kwargs=kw)
+    from core.io import is_rank_zero
+
+    for r in rows if is_rank_zero() else []:
         print(f"{r['method']:18s} {r['setting']:12s} budgets={r['budgets']:18s} {r.get('wall_s', '')!s:>8} s "
               f"{r['status']}")

@@ -162,7 +162,9 @@ def main() -> None:
     acc = timed("test", test, layout)
 
     banner("2. cache CLS states (repair, test folds)")
-    from lightning_modules.pipeline import step_cache, step_localize, step_misclf
+    from pipeline.cache import step_cache
+    from pipeline.localize import run_localization
+    from pipeline.misclf import step_misclf
 
     timed("cache", step_cache, layout, ("repair", "test"), trainer_kwargs={"enable_progress_bar": False})
 
@@ -175,7 +177,7 @@ def main() -> None:
 
     banner("4. fault localization (every method x setting x budget)")
     methods = a.methods or (["random", "grad_loss", "arachne_w", "ours", "bl"] if a.quick else None)
-    rows = timed("localize", step_localize, layout, methods=methods, budgets=[*a.budgets, "avg"],
+    rows = timed("localize", run_localization, layout, methods=methods, budgets=[*a.budgets, "avg"],
                  progress=False)
     print(fl_summary(rows))
 
