@@ -116,7 +116,7 @@ class ResumeCheckpoint(_AtomicSave):
     """The full training state in ``<run>/checkpoints/last.ckpt``, replaced atomically after every epoch.
 
     Besides Lightning's state (weights, optimizer, LR scheduler, loops, callbacks) it stores the global RNG states
-    at the end of the epoch and puts them back at the start of the first epoch after a resume, so dropout and
+    at the end of the epoch and puts them back when a resumed fit starts its epochs, so dropout and
     augmentation draw the same numbers as in an uninterrupted run (the training shuffle is seeded per epoch by the
     data module).
     """
@@ -140,7 +140,13 @@ class ResumeCheckpoint(_AtomicSave):
         self._pending_rng = state_dict.pop("rng", None)
         super().load_state_dict(state_dict)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._pending_rng is not None:  # the first epoch after a resume: the RNGs as the saved epoch left them
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # ModelCheckpoint writes "last" only after a top-k save; this callback keeps no top-k, only last.ckpt
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the last hook before the epochs run: after a resume, the RNGs as the saved epoch's end left them
+        if self._pending_rng is not None:
             _set_rng_state(self._pending_rng)
             self._pending_rng = None

@@ -156,13 +156,21 @@ class EpochSeededSampler(torch.utils.data.RandomSampler):
         super().__init__(data_source)
         self.seed = int(seed)
         self.epoch = 0
+        #: the DataLoader's generator (its per-iteration base seed for workers), reseeded with the epoch, so that
+        #: starting an epoch draws nothing from the global RNG that dropout and augmentation use
+        self.loader_generator = torch.Generator()
+        self.set_epoch(0)
+
+    def _key(self, stream: int) -> int:
+        key = np.random.SeedSequence([self.seed, self.epoch, stream]).generate_state(2, dtype=np.uint32)
+        return int(key[0]) << 32 | int(key[1])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self.loader_generator.manual_seed(self._key(1))
 
     def __iter__(self):
-        key = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
-        gen = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
+        gen = torch.Generator().manual_seed(self._key(0))
         yield from torch.randperm(len(self.data_source), generator=gen).tolist()
 
 
@@ -448,6 +456,7 @@ class VisionDataModule(L.LightningDataModule):
         bs = batch_size or (self.batch_size if split == "train" and shuffle else self.eval_batch_size)
         sampler = EpochSeededSampler(ds, seed=self.seed) if shuffle else None
         return DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=self.num_workers,
+                          generator=sampler.loader_generator if sampler is not None else None,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:

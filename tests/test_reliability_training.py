@@ -1,0 +1,132 @@
+"""Resumable training and fit options (issue 15, part A).
+
+A digits fit (the training CLI's configs, dropout and augmentation on, so every RNG matters) killed in epoch 2 of 3
+and resumed with ``--ckpt_path last`` ends with the same weights, per epoch, as an uninterrupted fit; resuming
+from a weights-only file, from nothing, or past ``max_epochs`` is a clear error; options that would train nothing
+are refused before any work; a failed fit leaves ``run_config.yaml`` as it was.
+"""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import REPO
+from lightning_modules.cli import FitOptionError, ToolkitCLI
+from lightning_modules.runs import checkpoint_epochs, load_classifier, safe_torch_load
+from localization.artifacts import RunLayout
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter", "ignore:.*does not have many workers",
+                                        "ignore:The number of training batches")
+
+CONFIGS = ["configs/data/digits.yaml", "configs/model/vit_digits.yaml", "configs/trainer/cpu.yaml"]
+EPOCHS = 3
+
+
+class Killed(Exception):
+    """Stands in for a kill: raised inside an epoch, after some optimizer steps."""
+
+
+class KillInEpoch(L.Callback):
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise Killed(f"killed in epoch index {self.epoch} at batch {batch_idx}")
+
+
+def fit_args(root, *extra):
+    args = ["fit", *[a for c in CONFIGS for a in ("--config", str(REPO / c))], "--trainer.default_root_dir",
+            str(root), f"--trainer.max_epochs={EPOCHS}", "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--trainer.logger=false", "--data.init_args.augment=true",
+            "--data.init_args.batch_size=32"]
+    return args + list(extra)
+
+
+def cli(root, *extra, callbacks=None):
+    return ToolkitCLI(args=fit_args(root, *extra), trainer_defaults={"callbacks": callbacks or []})
+
+
+def state(path):
+    return load_classifier(path).state_dict()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cli(root)
+    return RunLayout(root)
+
+
+def test_resume_after_a_kill_in_epoch_2_gives_the_same_weights(uninterrupted, tmp_path):
+    layout = RunLayout(tmp_path)
+    with pytest.raises(Killed):
+        cli(tmp_path, callbacks=[KillInEpoch(epoch=1, batch=2)])
+    assert checkpoint_epochs(layout) == [0, 1]  # epoch 2 never finished
+    last = layout.checkpoints / "last.ckpt"
+    ck = safe_torch_load(last)  # weights_only=True
+    assert {"optimizer_states", "lr_schedulers", "loops", "callbacks"} <= set(ck) and ck["epoch"] == 0
+    assert not list(layout.checkpoints.glob(".*.tmp"))  # atomic writes leave no temporary file behind
+
+    cli(tmp_path, "--ckpt_path", "last")
+    assert checkpoint_epochs(layout) == checkpoint_epochs(uninterrupted) == [0, 1, 2, 3]
+    for epoch in range(EPOCHS + 1):
+        a, b = state(layout.checkpoint(epoch)), state(uninterrupted.checkpoint(epoch))
+        assert a.keys() == b.keys()
+        worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+        assert worst <= 1e-6, f"epoch {epoch}: resumed weights differ from the uninterrupted run by {worst}"
+    # the weights really moved: a test that compared two untrained models would pass trivially
+    a0, a3 = state(layout.checkpoint(0)), state(layout.checkpoint(EPOCHS))
+    assert any(not torch.equal(a0[k], a3[k]) for k in a0)
+    assert safe_torch_load(last)["epoch"] == EPOCHS - 1
+
+
+def test_resume_options_are_checked(uninterrupted, tmp_path):
+    with pytest.raises(FitOptionError, match="no checkpoint at .*last.ckpt"):
+        cli(tmp_path, "--ckpt_path", "last")
+    assert not RunLayout(tmp_path).run_config.exists()  # refused before anything was written
+    with pytest.raises(FitOptionError, match="weights only.*--ckpt_path last"):
+        cli(tmp_path, "--ckpt_path", str(uninterrupted.checkpoint(1)))
+    before = uninterrupted.run_config.read_bytes()
+    with pytest.raises(FitOptionError, match="already completed 3 epoch.*max_epochs"):
+        cli(uninterrupted.root, "--ckpt_path", "last")  # a finished run: resuming would train nothing
+    assert uninterrupted.run_config.read_bytes() == before
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--trainer.max_epochs=0", "max_epochs=0 trains nothing"),
+    ("--trainer.limit_train_batches=0", "limit_train_batches=0 trains nothing"),
+    ("--trainer.max_steps=0", "max_steps=0 trains nothing"),
+])
+def test_a_no_op_fit_is_an_error(tmp_path, option, message):
+    with pytest.raises(FitOptionError, match=message):
+        cli(tmp_path, option)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--data.init_args.batch_size=0", "batch_size must be a positive int, got 0"),
+    ("--data.init_args.eval_batch_size=-4", "eval_batch_size must be a positive int, got -4"),
+    ("--data.init_args.on_bad_image=ignore", "on_bad_image must be one of"),
+])
+def test_bad_data_options_fail_before_any_work(tmp_path, option, message):
+    with pytest.raises(ValueError, match=message):
+        cli(tmp_path, option)
+    assert not RunLayout(tmp_path).run_config.exists() and not RunLayout(tmp_path).checkpoints.exists()
+
+
+def test_failed_fit_leaves_run_config_as_it_was(tmp_path):
+    """A typo in the data root: the fit fails in the data module's checks and the run's config is untouched."""
+    from datamodules.base import DatasetFormatError
+
+    layout = RunLayout(tmp_path)
+    layout.run_config.write_text("data: {class_path: datamodules.digits.DigitsDataModule}\n# the good config\n")
+    before = layout.run_config.read_bytes()
+    with pytest.raises(DatasetFormatError, match="tiny-imagenet-200"):
+        cli(tmp_path, "--data", "datamodules.tiny_imagenet.TinyImageNetDataModule",
+            "--data.init_args.root", str(tmp_path / "no_such_data_root"), "--data.init_args.image_size=8",
+            "--data.init_args.mean=[0.5,0.5,0.5]", "--data.init_args.std=[0.5,0.5,0.5]")
+    assert layout.run_config.read_bytes() == before
+    assert not layout.checkpoints.exists()
