@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,15 +47,6 @@ def true_label_of(setting: Mapping[str, Any]) -> int | None:
     return None
 
 
-def pos_sample(pos_index: list[int], n: int, seed: int) -> list[int]:
-    """A seeded sample of ``n`` of the correct inputs ``pos_index`` (ascending sample index), all if fewer."""
-    pos_index = sorted(int(i) for i in pos_index)
-    if n >= len(pos_index):
-        return pos_index
-    rng = np.random.default_rng(seed)
-    return sorted(int(i) for i in rng.choice(pos_index, size=n, replace=False))
-
-
 def setting_rows(states, setting: Mapping[str, Any], method: str | None = None, seed: int = 0
                  ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any], dict[str, Any]]:
     """(x, label, is_neg, extra constructor options, a description of the inputs) of a setting for ``method``.
@@ -70,7 +60,9 @@ def setting_rows(states, setting: Mapping[str, Any], method: str | None = None, 
     desc = {"i_neg": "published order" if published and setting.get("i_neg_published") else "ascending index",
             "i_pos": "all correct inputs of the split"}
     if meta.get("pos_sample") == "n_neg":
-        pos_idx = pos_sample(pos_idx, len(neg_idx), seed)
+        from localization.methods.reptran_compat import sample_correct_inputs
+
+        pos_idx = sample_correct_inputs(pos_idx, len(neg_idx), seed).tolist()
         desc["i_pos"] = f"a seeded sample (seed {seed}) of |I_neg| = {len(neg_idx)} correct inputs"
     extra: dict[str, Any] = {}
     if meta.get("uses_true_label"):
