@@ -49,6 +49,8 @@ from __future__ import annotations
 from typing import ClassVar, Mapping
 
 import numpy as np
+
+from core.registry import Registry
 import torch
 from scipy.spatial.distance import cdist
 from scipy.stats import gaussian_kde
@@ -56,7 +58,7 @@ from scipy.stats import gaussian_kde
 from adequacy.activations import reduce_output
 
 __all__ = ["Coverage", "NC", "KMNC", "NBC", "SNAC", "TKNC", "TKNP", "CC", "LSC", "DSC", "MDSC", "NLC",
-           "CRITERIA", "make_criterion", "DEFAULT_CRITERIA", "as_layers"]
+           "CRITERIA", "register_criterion", "make_criterion", "DEFAULT_CRITERIA", "as_layers"]
 
 
 
@@ -85,6 +87,16 @@ def as_layers(activations, token_reduction: str = "cls") -> dict[str, np.ndarray
     if len(ns) != 1:
         raise ValueError(f"every layer must hold the same inputs, got row counts {sorted(ns)}")
     return layers
+
+
+#: every coverage criterion (IDC has its own module, it needs attributions); third-party criteria register under the
+#: ``vitfl.coverage_criteria`` entry point
+CRITERIA = Registry("coverage criterion", modules=("adequacy.criteria",), entry_points="vitfl.coverage_criteria")
+
+
+def register_criterion(name: str):
+    """Class decorator: register a :class:`Coverage` subclass as criterion ``name``."""
+    return CRITERIA.register(name)
 
 
 class Coverage:
@@ -175,6 +187,7 @@ class _NeuronSet(Coverage):
         return float(sum(c.sum() for c in self.covered.values()) / self.n_neurons)
 
 
+@register_criterion("NC")
 class NC(_NeuronSet):
     name = "NC"
 
@@ -201,6 +214,7 @@ class _RangeCriterion(Coverage):
         self.hi = {k: v.max(0) for k, v in layers.items()}
 
 
+@register_criterion("KMNC")
 class KMNC(_RangeCriterion):
     name = "KMNC"
 
@@ -230,6 +244,7 @@ class KMNC(_RangeCriterion):
         return float(sum(c.sum() for c in self.covered.values()) / (self.n_neurons * self.k))
 
 
+@register_criterion("NBC")
 class NBC(_RangeCriterion):
     name = "NBC"
 
@@ -247,6 +262,7 @@ class NBC(_RangeCriterion):
                      / (2 * self.n_neurons))
 
 
+@register_criterion("SNAC")
 class SNAC(_RangeCriterion):
     name = "SNAC"
 
@@ -267,6 +283,7 @@ def _topk(v: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-v, axis=1, kind="stable")[:, :k]
 
 
+@register_criterion("TKNC")
 class TKNC(_NeuronSet):
     name = "TKNC"
 
@@ -284,6 +301,7 @@ class TKNC(_NeuronSet):
             self.covered[name][np.unique(_topk(v, self.k))] = True
 
 
+@register_criterion("TKNP")
 class TKNP(Coverage):
     name = "TKNP"
     is_ratio = False
@@ -309,6 +327,7 @@ class TKNP(Coverage):
         return float(len(self.patterns))
 
 
+@register_criterion("CC")
 class CC(Coverage):
     name = "CC"
     is_ratio = False
@@ -418,6 +437,7 @@ class _Surprise(Coverage):
         return float(len(self.buckets))
 
 
+@register_criterion("LSC")
 class LSC(_Surprise):
     name = "LSC"
 
@@ -441,6 +461,7 @@ class LSC(_Surprise):
         return out
 
 
+@register_criterion("DSC")
 class DSC(_Surprise):
     name = "DSC"
 
@@ -473,6 +494,7 @@ class DSC(_Surprise):
         return out
 
 
+@register_criterion("MDSC")
 class MDSC(_Surprise):
     name = "MDSC"
 
@@ -493,6 +515,7 @@ class MDSC(_Surprise):
 
 
 # ================================================================================================ NLC
+@register_criterion("NLC")
 class NLC(Coverage):
     name = "NLC"
     is_ratio = False
@@ -531,7 +554,6 @@ class NLC(Coverage):
         return float(sum(np.abs(c).sum() for c in self.cov.values()))
 
 
-CRITERIA: dict[str, type[Coverage]] = {c.name: c for c in (NC, KMNC, NBC, SNAC, TKNC, TKNP, CC, LSC, DSC, MDSC, NLC)}
 
 #: NeuraL-Coverage's hyper-parameters where it states them; the surprise bucket widths suit small layers
 DEFAULT_CRITERIA: dict[str, dict] = {
@@ -545,5 +567,5 @@ def make_criterion(name: str, **params) -> Coverage:
     """A criterion by name (``NC``, ``KMNC``, ... case-insensitive) with its parameters."""
     key = name.upper()
     if key not in CRITERIA:
-        raise ValueError(f"unknown coverage criterion {name!r}; known: {', '.join(CRITERIA)} (and IDC)")
-    return CRITERIA[key](**params)
+        raise ValueError(f"unknown coverage criterion {name!r}; known: {', '.join(CRITERIA.names())} (and IDC)")
+    return CRITERIA.get(key)(**params)

@@ -11,7 +11,7 @@ A part registers itself with a decorator in its own file::
 
 * **Discovery without a hand-kept list**: the first lookup imports every module of the registry's packages
   (``pkgutil``; modules whose name starts with ``_`` are helpers and are imported only when a method file imports
-  them), then the third-party plugins advertised under the registry's Python entry-point group
+  them) and the modules it names (``modules=``, for parts that live in one module), then the third-party plugins advertised under the registry's Python entry-point group
   (``[options.entry_points] vitfl.fl_methods = mine = my_pkg.my_module`` in a plugin's setup.cfg), and the modules
   named in the environment variable ``VITFL_PLUGINS`` (comma-separated; handy for a plugin that is not installed).
 * **Metadata**: each registry declares the fields its runners need and their defaults (``meta_fields``); a value
@@ -47,9 +47,11 @@ class UnknownNameError(KeyError):
 
 class Registry:
     def __init__(self, kind: str, packages: Iterable[str] = (), entry_points: str | None = None,
-                 meta_fields: Mapping[str, Any] | None = None, error: type[Exception] = UnknownNameError):
+                 meta_fields: Mapping[str, Any] | None = None, error: type[Exception] = UnknownNameError,
+                 modules: Iterable[str] = ()):
         self.kind = kind
         self.packages = tuple(packages)
+        self.modules = tuple(modules)
         self.entry_points = entry_points
         self.meta_fields = dict(meta_fields or {})
         self.error = error
@@ -86,6 +88,8 @@ class Registry:
             return
         self._discovering = True
         try:
+            for mod in self.modules:
+                importlib.import_module(mod)
             for pkg in self.packages:
                 mod = importlib.import_module(pkg)
                 for info in pkgutil.iter_modules(getattr(mod, "__path__", [])):
