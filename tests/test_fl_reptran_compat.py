@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -304,8 +305,6 @@ def rel(got, want):
 
 
 def trainer(**kw):
-    import lightning as L
-
     return L.Trainer(**{"accelerator": "cpu", "devices": 1, "inference_mode": False, "use_distributed_sampler": False,
                         "logger": False, "enable_progress_bar": False, "enable_model_summary": False, **kw})
 
@@ -416,24 +415,29 @@ def test_sample_correct_inputs():
     assert method_meta("ours")["uses_true_label"] and method_meta("ours_reptran")["uses_true_label"]
 
 
+class SaveScores(L.Callback):
+    """Rank 0 writes the module's scores (a spawned process's results do not come back otherwise)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_test_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            torch.save(pl_module.scores, self.path)
+
+
 @pytest.mark.slow  # two spawned processes import torch and lightning
 @pytest.mark.parametrize("case", [("ours_reptran", {"true_label": 2}), ("forward_impact_reptran", {}),
                                   ("ours_fl5", {"n": 7}), ("bl_fl5", {})], ids=lambda c: c[0])
 def test_compat_two_processes_match_upstream(case, tmp_path):
-    import lightning as L
-
-    class Save(L.Callback):
-        def on_test_end(self, trainer, pl_module):
-            if trainer.is_global_zero:
-                torch.save(pl_module.scores, tmp_path / "s.pt")
-
     name, opts = case
     head = make_head(seed=9, layer_scale=True)
     x, y, neg, _ = make_data(seed=10)
     assert_well_conditioned(head, x, y, neg)
     want = reference(name, head, x, y, neg, opts)
     for bs in (7, 512):
-        retry_spawn_teardown_abort(lambda: module_scores(head.copy(), name, x, y, neg, opts, bs, callbacks=[Save()],
+        retry_spawn_teardown_abort(lambda: module_scores(head.copy(), name, x, y, neg, opts, bs,
+                                                         callbacks=[SaveScores(str(tmp_path / "s.pt"))],
                                                          strategy="ddp_spawn", devices=2))
         got = torch.load(tmp_path / "s.pt", weights_only=False)
         assert got.dtype == torch.float64
