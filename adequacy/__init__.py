@@ -1,4 +1,4 @@
-"""Test adequacy for DNNs (DESIGN.md section 8): importance-driven coverage (DeepImportance) with Captum attributions,
+"""Test adequacy for DNNs (docs/methods.md, section 8): importance-driven coverage (DeepImportance) with Captum attributions,
 NeuraL-Coverage's baseline criteria, adversarial suites through ART, and the RQ1-5 experiments.
 
 - :mod:`adequacy.activations`  neuron layers, output reduction (CLS / token mean / channel mean), forward hooks
@@ -7,6 +7,6 @@ NeuraL-Coverage's baseline criteria, adversarial suites through ART, and the RQ1
 - :mod:`adequacy.criteria`     NC, KMNC, NBC, SNAC, TKNC, TKNP, CC, LSC, DSC, MDSC, NLC
 - :mod:`adequacy.attacks`      FGSM, PGD, C&W via ``art.attacks.evasion``
 - :mod:`adequacy.experiments`  CoverageSuite, RQ1-5, ``coverage_table``, their reports
-- :mod:`adequacy.workbench`    data as tensors and the classifier under test (scripts' preparation)
-- :mod:`adequacy.runner`       the shared body of ``scripts/adequacy_rq*.py``
+
+The data preparation, the config merge and the RQ runner are the adequacy step, ``pipeline/adequacy.py``.
 """

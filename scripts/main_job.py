@@ -88,48 +88,6 @@ def test(layout) -> float:
     return out["test/acc"]
 
 
-def coverage(layout, quick: bool = False, attack: str = "fgsm"):
-    """The coverage table of the trained digits ViT's last-FFN activation: every criterion on the clean
-    evaluation split vs its adversarial version (FGSM through ART)."""
-    import numpy as np
-    import torch
-
-    from adequacy.attacks import adversarial_examples
-    from adequacy.experiments import coverage_table, report_coverage_table
-    from lightning_modules.runs import datamodule_from_run, load_run_model
-
-    model, epoch = load_run_model(layout)
-    net = model.backbone.eval()
-    dm = datamodule_from_run(layout)
-    dm.setup()
-
-    def tensors(split, n=None):
-        ds = dm.dataset(split)
-        idx = range(len(ds)) if n is None else range(min(n, len(ds)))
-        items = [ds[i] for i in idx]
-        return torch.stack([t[0] for t in items]), torch.tensor([t[1] for t in items])
-
-    train_x, train_y = tensors("train", 300 if quick else None)
-    clean_x, clean_y = tensors("eval", 100 if quick else None)
-    mean, std = np.asarray(dm.mean), np.asarray(dm.std)
-    clip = (float(((0 - mean) / std).min()), float(((1 - mean) / std).max()))
-    adv_x = adversarial_examples(net, clean_x, clean_y, method=attack, clip_values=clip,
-                                 nb_classes=dm.num_classes)
-    with torch.no_grad():
-        fooled = (net(adv_x).argmax(1) != clean_y).float().mean().item()
-    df = coverage_table(net, None, train_x, clean_x, adv_x, train_labels=train_y, clean_labels=clean_y,
-                        adv_labels=clean_y)
-    report_coverage_table(layout.adequacy_dir, df, {"epoch": epoch, "attack": attack, "n_clean": len(clean_x),
-                                                   "n_train": len(train_x), "attack_success": fooled})
-    print(f"{attack.upper()} fooled {fooled:.1%} of {len(clean_x)} clean eval inputs; layer: "
-          f"{', '.join(df.attrs.get('layers', []))}")
-    show = df[["criterion", "params", "clean", "adversarial", "delta", "kind"]].copy()
-    for c in ("clean", "adversarial", "delta"):
-        show[c] = show[c].map(lambda v: f"{v:.4g}")
-    print(show.to_string(index=False))
-    return df
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", default=os.path.join(ROOT, "outputs", "digits"))
@@ -195,7 +153,9 @@ def main() -> None:
 
     if "coverage" not in a.skip:
         banner("7. test adequacy: coverage of the digits ViT, clean vs adversarial")
-        timed("coverage", coverage, layout, quick=a.quick)
+        from pipeline.adequacy import step_coverage
+
+        timed("coverage", step_coverage, layout, quick=a.quick)
 
     banner("done")
     print(f"digits ViT test accuracy: {acc:.4f}")

@@ -1,5 +1,5 @@
 """RQ building blocks (adequacy/experiments.py), attacks (adequacy/attacks.py) and the config merge
-(adequacy/runner.py) on a tiny LeNet-5 and a slice of the digits data."""
+(pipeline/adequacy.py) on a tiny LeNet-5 and a slice of the digits data."""
 import math
 import warnings
 
@@ -164,7 +164,7 @@ def test_fgsm_within_budget_and_range(lenet, digits):
 
 
 def test_build_config_merges_quick_and_flags(tmp_path):
-    from adequacy.runner import build_config
+    from pipeline.adequacy import build_config
 
     base = tmp_path / "a.yaml"
     base.write_text("seed: 0\ndata: {name: digits, root: null}\nrq1: {ns: [6, 8], random_reps: 20}\n")
@@ -182,7 +182,7 @@ def test_build_config_merges_quick_and_flags(tmp_path):
 def test_rq1_script_quick_end_to_end(tmp_path):
     from pathlib import Path
 
-    from adequacy.runner import build_config, run_rq
+    from pipeline.adequacy import build_config, run_rq
 
     root = Path(__file__).resolve().parents[1] / "configs" / "adequacy"
     cfg = build_config([root / "default.yaml"], root / "quick.yaml")
