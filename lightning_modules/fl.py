@@ -14,7 +14,8 @@ Sharding and batching:
   a padding sampler would count inputs twice), in loader batches of ``batch_size``;
 * methods whose published formula depends on its batches (the localizer's ``batching`` = b, e.g. the
   ``*_reptran`` family, ``ours_fl5``, ``bl_fl5``): the I_neg rows are fed first in the order given (the runner
-  gives the published order), then the I_pos rows in the order given (ascending sample index). Each set is cut as ``np.array_split(S, ceil(|S| / b))``
+  gives the published order), then the I_pos rows in the order given (ascending sample index). Each set is cut
+  as ``np.array_split(S, ceil(|S| / b))``
   (:func:`localization.methods._common.compat_groups`); :class:`CompatBatchSampler` gives each process whole
   parts only and never cuts a part across loader batches (a loader batch holds whole parts up to ``batch_size``
   rows, or one part if it is longer), and ``test_step`` passes the part ids as ``update(..., group=ids)``. The

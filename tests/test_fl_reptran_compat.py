@@ -231,19 +231,20 @@ def up_ours_fl5(P, x, y, neg, n=None):
     return np.abs(np.concatenate([wb.reshape(-1), wa.reshape(-1)]))
 
 
-def up_ig_linspace(P, x, y, m=20):
-    """EleutherAI knowledge-neurons: scaled_input = a * linspace(0, 1, m); attr = a / m * sum_k dP(y)/da."""
+def up_ig(P, x, y, m=20, linspace=True, times_activation=True):
+    """EleutherAI knowledge-neurons: scaled_input = a * linspace(0, 1, m); attr = a / m * sum_k dP(y)/da.
+    RepTran exp-fl-2-1: scaled_input = a * i / m, i = 0..m-1; score = the bare sum_k dP(y)/da. Mean over x."""
     f = forward(P, x)
     a = f["a"]
     total = np.zeros_like(a)
-    for alpha in np.linspace(0.0, 1.0, m):
+    for alpha in (np.linspace(0.0, 1.0, m) if linspace else [i / m for i in range(m)]):
         g = forward(P, x, a=alpha * a)
         p = softmax(g["logits"])
         py = p[np.arange(len(y)), y]
         dlogits = py[:, None] * (np.eye(C)[y] - p)  # d p_y / d logits
         _, _, da, _ = backward(P, g, dlogits)
         total += da
-    return (a / m * total).mean(0)
+    return (a / m * total if times_activation else total).mean(0)
 
 
 def reference(name, head, x, y, neg, opts):
@@ -260,7 +261,8 @@ def reference(name, head, x, y, neg, opts):
     if name == "ours_fl5":
         return up_ours_fl5(P, x, y, neg, opts.get("n"))
     if name == "ig":
-        return up_ig_linspace(P, x[neg], y[neg])
+        return up_ig(P, x[neg], y[neg], linspace=opts.get("riemann") == "linspace",
+                     times_activation=opts.get("times_activation", True))
     if name in ("vdiff", "vdiff_x_mean_act"):
         variant = {"abs_sum": (True, False), "abs_mean": (True, True), "signed_mean": (False, True),
                    "signed_sum": (False, False)}[opts["vscore"]]
@@ -281,6 +283,7 @@ CASES = [
     ("ours_fl5", {}),
     ("ours_fl5", {"n": 7}),
     ("ig", {"riemann": "linspace"}),
+    ("ig", {"times_activation": False}),
     ("vdiff", {"vscore": "abs_mean"}),
     ("vdiff", {"vscore": "signed_mean"}),
     ("vdiff", {"vscore": "signed_sum"}),

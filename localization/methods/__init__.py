@@ -1,6 +1,6 @@
 """Every FL method; importing this package registers them all (``localization.base.get_localizer``).
 
-One file per method family, each stating its formulas (DESIGN.md section 4):
+One file per method family, each stating its formulas (docs/methods.md):
 
 =====================  ======================================================================  ==========
 file                   registered names                                                        level
@@ -11,11 +11,11 @@ gradient.py            grad_loss (I_neg), grad_loss_2s, gradient_only           
 forward_impact.py      forward_impact (I_neg), forward_impact_2s                               weight
 baselines.py           magnitude                                                               weight
 arachne.py             bl (Pareto front), arachne_w                                            weight
-ours.py                ours, ours_fl5                                                          weight
+ours.py                ours, ours_fl5 (exp-fl-5-6 as published)                                weight
 ig.py                  ig (knowledge neurons)                                                  neuron
 spectrum.py            tarantula, ochiai, dstar                                                neuron
 reptran_compat.py      grad_loss_reptran, forward_impact_reptran, arachne_w_reptran,           weight
-                       bl_reptran, ours_reptran (the published GL / FI)
+                       bl_reptran, ours_reptran, bl_fl5 (the published GL / FI; docs/compat.md)
 =====================  ======================================================================  ==========
 """
 from localization.methods import (  # noqa: F401  (imports register the methods)

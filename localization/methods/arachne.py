@@ -1,4 +1,4 @@
-"""Arachne's bidirectional localization (BL) and its controllable variant ArachneW (DESIGN.md section 4).
+"""Arachne's bidirectional localization (BL) and its controllable variant ArachneW (docs/methods.md).
 
 Both use, for every weight of W_bef ``[d_ff, d]`` and W_aft ``[d, d_ff]``, the gradient loss GL
 (``gradient.py``) and the forward impact FI (``forward_impact.py``), two-sided by default as in Arachne's

@@ -1,4 +1,4 @@
-"""Input-free baselines (DESIGN.md section 4): weight magnitude, score(w) = |w| over W_bef ``[d_ff, d]`` then
+"""Input-free baselines (docs/methods.md): weight magnitude, score(w) = |w| over W_bef ``[d_ff, d]`` then
 W_aft ``[d, d_ff]``, ``[2 d d_ff]``. (The "gradient only" baseline needs inputs; it lives in ``gradient.py``.)"""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Forward impact (FI, Arachne; DESIGN.md section 4).
+"""Forward impact (FI, Arachne; docs/methods.md).
 
 For weight w_ij from input i to output neuron j of a layer (PyTorch stores it as ``W[j, i]``)::
 

@@ -1,4 +1,4 @@
-"""Gradient of the loss (GL, Arachne's "gradient loss"; DESIGN.md section 4).
+"""Gradient of the loss (GL, Arachne's "gradient loss"; docs/methods.md).
 
 For every weight w of W_bef ``[d_ff, d]`` and W_aft ``[d, d_ff]``::
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from localization.base import register_localizer

@@ -1,11 +1,13 @@
-"""Knowledge-neuron integrated gradients (IG; Dai et al.; DESIGN.md section 4), on the intermediate neurons.
+"""Knowledge-neuron integrated gradients (IG; Dai et al.; docs/methods.md), on the intermediate neurons.
 
     Attr_j(x) = a_j(x) / m * sum_{k=0}^{m-1} dP(y | x, (k/m) a(x)) / da_j          m = 20
 
 P the softmax probability of the label y given the residual stream x and the (scaled) activation, computed by
 ``head.from_activation(x, (k/m) a(x))``: zero baseline, the whole layer scaled at once, left Riemann sum
-(k = 0..m-1) as the knowledge-neurons paper's code. (RepTran's scripts dropped the a_j / m factor; not copied.)
-``riemann="linspace"``: EleutherAI's knowledge-neurons package (``knowledge_neurons/knowledge_neurons.py``,
+(k = 0..m-1) as the knowledge-neurons paper's code.
+``times_activation=False``: RepTran's ``src/exp-fl-2-1.py`` (its ``scaled_input`` steps k/m, k = 0..m-1, and
+the score is the bare gradient sum, without the a_j / m factor). ``riemann="linspace"``: EleutherAI's
+knowledge-neurons package (``knowledge_neurons/knowledge_neurons.py``,
 ``scaled_input``: ``torch.linspace(0, 1, steps)``), scales k / (m - 1), k = 0..m-1 (1 included, 0 too), still
 times a_j / m.
 ``target="logit"`` attributes the label's logit instead of its probability.
@@ -51,9 +53,10 @@ def ig_alphas(m: int, riemann: str = "left", dtype=torch.float64, device=None) -
 
 
 def ig_attributions(head: FFNHead, x: Tensor, label: Tensor, m: int = 20, target: str = "prob",
-                    max_rows: int = 8192, riemann: str = "left") -> Tensor:
+                    max_rows: int = 8192, riemann: str = "left", times_activation: bool = True) -> Tensor:
     """Attr(x) ``[B, d_ff]`` for ``x [B, d]``, ``label [B]`` (zero baseline, m steps; left Riemann or
-    ``riemann="linspace"``), Attr_j = a_j / m * sum_k dP/da_j at alpha_k a."""
+    ``riemann="linspace"``), Attr_j = a_j / m * sum_k dP/da_j at alpha_k a (``times_activation=False``: the bare
+    sum_k dP/da_j, as RepTran's exp-fl-2-1)."""
     if m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
     if target not in ("prob", "logit"):
@@ -76,7 +79,8 @@ def ig_attributions(head: FFNHead, x: Tensor, label: Tensor, m: int = 20, target
                 logits = torch.softmax(logits, dim=-1)
             t = logits.gather(1, ya.repeat(m).view(-1, 1)).sum()
             (g,) = torch.autograd.grad(t, scaled)
-        out[s:s + b] = aa * g.view(m, b, -1).sum(0) / m
+        gs = g.view(m, b, -1).sum(0)
+        out[s:s + b] = aa * gs / m if times_activation else gs
     return out
 
 
@@ -115,7 +119,8 @@ class IntegratedGradients(SetLocalizer):
 
     def __init__(self, head: FFNHead, seed: int = 0, m: int = 20, on: str = "neg", selection: str = "mean",
                  target: str = "prob", t: float = 0.2, p: float = 0.7, max_rows: int = 8192, riemann: str = "left",
-                 **kwargs: Any):
+                 times_activation: bool = True, **kwargs: Any):
+        self.times_activation = bool(times_activation)
         if riemann not in RIEMANN:
             raise ValueError(f"riemann must be one of {RIEMANN}, got {riemann!r}")
         self.riemann = riemann
@@ -136,7 +141,8 @@ class IntegratedGradients(SetLocalizer):
         self.add_state("keep_count", torch.zeros(head.d_ff, dtype=torch.float64), dist_reduce_fx="sum")
 
     def _accumulate(self, side: str, x: Tensor, label: Tensor) -> None:
-        attr = ig_attributions(self.head, x, label, self.m, self.target, self.max_rows, self.riemann)
+        attr = ig_attributions(self.head, x, label, self.m, self.target, self.max_rows, self.riemann,
+                               self.times_activation)
         self.add_to(self.attr_sum, attr.double().sum(0))
         keep = attr >= self.t * attr.max(dim=1, keepdim=True).values
         self.add_to(self.keep_count, keep.sum(0))
@@ -159,7 +165,7 @@ class IntegratedGradients(SetLocalizer):
 
     def options(self) -> dict[str, Any]:
         opts = {"m": self.m, "on": self.on, "selection": self.selection, "target": self.target,
-                "baseline": "zero", "riemann": self.riemann}
+                "baseline": "zero", "riemann": self.riemann, "times_activation": self.times_activation}
         if self.selection == "paper":
             opts.update(t=self.t, p=self.p, p_final=getattr(self, "_p_final", None))
         return opts

@@ -1,13 +1,15 @@
-"""Neuron scores from the activations alone (DESIGN.md section 4): V-score difference, mean activation, and their
+"""Neuron scores from the activations alone (docs/methods.md): V-score difference, mean activation, and their
 product NeuronScore. a_j(x) is the post-GELU activation of intermediate neuron j at the CLS token, ``[B, d_ff]``.
 
     V_j(I)     = Var(a_j) + sum_{k != j} |Cov(a_j, a_k)| = sum_k |Cov(a_j, a_k)|   (sample covariance, ddof = 1)
-                 (``vscore=``: the published variants "abs_mean", "signed_mean", "signed_sum", :data:`VSCORE_VARIANTS`)
+                 (``vscore=``: the published variants "abs_mean", "signed_mean", "signed_sum",
+                 :data:`VSCORE_VARIANTS`)
     vdiff_j    = minmax(|V_j(I_pos) - V_j(I_neg)|)
     mean_act_j = minmax(mean_{x in I_neg} a_j(x))                                    (MisAct)
     NeuronScore_j = vdiff_j * mean_act_j                                              (vdiff_x_mean_act)
 
-States per set (summed across processes, float64): count n (of the rows that entered the moments), sum_x a(x) ``[d_ff]`` and sum_x a(x) a(x)^T
+States per set (summed across processes, float64): count n (of the rows that entered the moments),
+sum_x a(x) ``[d_ff]`` and sum_x a(x) a(x)^T
 ``[d_ff, d_ff]``; then Cov = (sum a a^T - n mu mu^T) / (n - 1) with mu = sum a / n. A set needs >= 2 inputs for
 the covariance (fewer: a clear error).
 
@@ -29,7 +31,8 @@ from localization.ffn import FFNHead
 from localization.methods._common import FFNPass, SetLocalizer, ffn_pass
 from localization.ranking import minmax
 
-__all__ = ["VSCORE_VARIANTS", "check_vscore", "v_score", "v_score_from_moments", "second_moment", "add_second_moment_", "vdiff", "mean_act", "VStates",
+__all__ = ["VSCORE_VARIANTS", "check_vscore", "v_score", "v_score_from_moments", "second_moment",
+           "add_second_moment_", "vdiff", "mean_act", "VStates",
            "VDiff", "MeanAct", "NeuronScore"]
 
 

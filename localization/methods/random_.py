@@ -1,4 +1,4 @@
-"""Random FL (DESIGN.md section 4): uniform scores from a seeded generator, the baseline every method is compared
+"""Random FL (docs/methods.md): uniform scores from a seeded generator, the baseline every method is compared
 with. Weight level (``random``): one score per weight ``[2 d d_ff]``; neuron level (``random_neuron``): one per
 intermediate neuron ``[d_ff]``. Scores are float64 (float32's 2^24 values would tie often among 4.7M weights,
 and ties break by index, favouring W_bef). Inputs are ignored (``needs_inputs = False``).

@@ -1,4 +1,4 @@
-"""DeepFault-style spectrum-based FL on the intermediate neurons (DESIGN.md section 4, a cheap extra).
+"""DeepFault-style spectrum-based FL on the intermediate neurons (docs/methods.md; a cheap extra).
 
 A neuron j is *activated* by input x when a_j(x) > 0 (post-GELU). Failing inputs are I_neg (F of them), passing
 ones I_pos (P of them). Per neuron: e_f = #failing inputs activating it, n_f = F - e_f, e_p = #passing inputs
