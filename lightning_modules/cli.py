@@ -99,6 +99,8 @@ def _check_trainer_options(t) -> None:
     if ltb is not None and not isinstance(ltb, bool) and ltb <= 0:
         bad(f"limit_train_batches={ltb} trains nothing; give a positive number of batches or fraction")
     dev = t.get("devices")
+    if isinstance(dev, str) and dev.strip().lstrip("-").isdigit():
+        dev = int(dev)
     if isinstance(dev, int) and not isinstance(dev, bool) and (dev == 0 or dev < -1):
         bad(f"devices must be a positive int, -1 (all), 'auto' or a list of device ids, got {dev}")
 

@@ -202,7 +202,8 @@ def load_classifier(path: str | Path, map_location: str = "cpu") -> ImageClassif
 
 _ARCH_KEYS = ("backbone", "num_classes", "backbone_kwargs")
 #: backbone arguments that change where the start weights come from, not the architecture
-_NON_ARCH_BACKBONE_KWARGS = ("pretrained_path",)
+_NON_ARCH_BACKBONE_KWARGS = ("pretrained_path", "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_rate",
+                             "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "patch_drop_rate", "drop_path_rate")
 
 
 def _arch_args(hparams: dict[str, Any]) -> dict[str, Any]:

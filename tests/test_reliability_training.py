@@ -7,6 +7,11 @@ are refused before any work; a failed fit leaves ``run_config.yaml`` as it was.
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import lightning as L
 import pytest
 import torch
@@ -34,6 +39,17 @@ class KillInEpoch(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             raise Killed(f"killed in epoch index {self.epoch} at batch {batch_idx}")
+
+
+class SigkillInEpoch(L.Callback):
+    """A real kill -9 of the training process (no Python clean-up) at ``batch`` of epoch index ``epoch``."""
+
+    def __init__(self, epoch: int = 1, batch: int = 1):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fit_args(root, *extra):
@@ -99,6 +115,7 @@ def test_resume_options_are_checked(uninterrupted, tmp_path):
     ("--trainer.max_epochs=0", "max_epochs=0 trains nothing"),
     ("--trainer.limit_train_batches=0", "limit_train_batches=0 trains nothing"),
     ("--trainer.max_steps=0", "max_steps=0 trains nothing"),
+    ("--trainer.devices=0", "devices must be a positive int"),
 ])
 def test_a_no_op_fit_is_an_error(tmp_path, option, message):
     with pytest.raises(FitOptionError, match=message):
@@ -130,3 +147,23 @@ def test_failed_fit_leaves_run_config_as_it_was(tmp_path):
             "--data.init_args.mean=[0.5,0.5,0.5]", "--data.init_args.std=[0.5,0.5,0.5]")
     assert layout.run_config.read_bytes() == before
     assert not layout.checkpoints.exists()
+
+
+@pytest.mark.slow
+def test_kill_9_in_epoch_2_then_resume_with_the_script(uninterrupted, tmp_path):
+    """scripts/train.py killed with SIGKILL inside epoch 2, then rerun with --ckpt_path last: same weights."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    script = [sys.executable, str(REPO / "scripts" / "train.py")]
+    killer = ["--trainer.callbacks+=test_reliability_training.SigkillInEpoch"]
+    proc = subprocess.run([*script, *fit_args(tmp_path), *killer], env=env, capture_output=True, text=True,
+                          cwd=str(REPO), timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    layout = RunLayout(tmp_path)
+    assert checkpoint_epochs(layout) == [0, 1]
+    proc = subprocess.run([*script, *fit_args(tmp_path), "--ckpt_path", "last"], env=env, capture_output=True,
+                          text=True, cwd=str(REPO), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for epoch in range(EPOCHS + 1):
+        a, b = state(layout.checkpoint(epoch)), state(uninterrupted.checkpoint(epoch))
+        worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+        assert worst <= 1e-6, f"epoch {epoch}: resumed weights differ from the uninterrupted run by {worst}"

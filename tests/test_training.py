@@ -31,7 +31,7 @@ def test_per_epoch_checkpoints(trained_run):
     assert state_equal(start, trained_run["initial"])  # 000 = the untrained start
     assert state_equal(end, trained_run["final"])  # NNN = after NNN epochs
     assert not state_equal(mid, start) and not state_equal(mid, end)  # training moved the weights each epoch
-    ckpt = torch.load(layout.checkpoint(1), map_location="cpu", weights_only=False)
+    ckpt = torch.load(layout.checkpoint(1), map_location="cpu", weights_only=True)
     assert "optimizer_states" not in ckpt  # weights only
 
 
@@ -94,7 +94,7 @@ def test_corrupt_and_missing_checkpoint(trained_run, tmp_path):
 
 
 def test_nan_checkpoint_refused(trained_run, tmp_path):
-    ckpt = torch.load(RunLayout(trained_run["root"]).checkpoint(1), map_location="cpu", weights_only=False)
+    ckpt = torch.load(RunLayout(trained_run["root"]).checkpoint(1), map_location="cpu", weights_only=True)
     key = next(k for k in ckpt["state_dict"] if k.endswith("fc1.weight"))
     ckpt["state_dict"][key][0, 0] = float("nan")
     path = tmp_path / "nan.ckpt"
