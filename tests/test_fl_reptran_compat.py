@@ -445,3 +445,22 @@ def test_compat_two_processes_match_upstream(case, tmp_path):
         got = torch.load(tmp_path / "s.pt", weights_only=False)
         assert got.dtype == torch.float64
         assert rel(got.numpy(), want) <= TOL, (name, bs, rel(got.numpy(), want))
+
+
+@pytest.mark.parametrize("n_neg,n_pos", [(45, 70), (0, 33), (5, 0), (64, 1)])
+@pytest.mark.parametrize("batch_size", [1, 7, 40, 512])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_compat_batch_sampler_keeps_parts_whole_and_covers_each_row_once(n_neg, n_pos, batch_size, world):
+    from lightning_modules.fl import CompatBatchSampler
+
+    group = compat_groups(torch.tensor([True] * n_neg + [False] * n_pos), 32)
+    batches = [b for r in range(world) for b in CompatBatchSampler(group, batch_size, r, world)]
+    rows = [i for b in batches for i in b]
+    assert sorted(rows) == list(range(n_neg + n_pos)) and len(rows) == len(set(rows))
+    where = {}
+    for k, b in enumerate(batches):
+        assert b == list(range(b[0], b[-1] + 1))  # contiguous rows
+        assert len(b) <= batch_size or len(set(group[b].tolist())) == 1  # over-long only for one part
+        for g in set(group[b].tolist()):
+            assert where.setdefault(g, k) == k  # a part lies in one batch only
+    assert set(where) == set(group.tolist())
