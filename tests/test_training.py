@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.checkpoints import PerEpochCheckpoint
+from callbacks.checkpoints import PerEpochCheckpoint, ResumeCheckpoint
 from callbacks.ffn_weights import LastFFNWeightsWriter, load_ffn_weights
 from conftest import TIMM_KW, images, retry_spawn_teardown_abort, tiny_classifier, tiny_hf_vit
 from lightning_modules.backbones import PretrainedWeightsError, hf_vit
@@ -118,7 +118,7 @@ def test_ddp_spawn_fit(tmp_path):
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1,
                             limit_train_batches=2, limit_val_batches=1, default_root_dir=str(tmp_path), logger=False,
                             enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[PerEpochCheckpoint(), LastFFNWeightsWriter()])
+                            callbacks=[PerEpochCheckpoint(), ResumeCheckpoint(), LastFFNWeightsWriter()])
         trainer.fit(model, datamodule=dm)
         return model, trainer
 
@@ -127,6 +127,8 @@ def test_ddp_spawn_fit(tmp_path):
     assert checkpoint_epochs(layout) == [0, 1]
     assert layout.ffn_weights(0).is_file() and layout.ffn_weights(1).is_file()
     assert {"val/loss", "val/acc"} <= set(trainer.callback_metrics)
+    full = torch.load(layout.checkpoints / "last.ckpt", map_location="cpu", weights_only=True)  # written once, atomically
+    assert "optimizer_states" in full and not list(layout.checkpoints.glob(".*.tmp"))
     # the main process gets rank 0's trained weights back; they are the last checkpoint's
     assert state_equal(load_classifier(layout.checkpoint(1)), model.eval())
     assert not state_equal(load_classifier(layout.checkpoint(0)), model)
