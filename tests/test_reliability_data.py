@@ -76,11 +76,12 @@ def test_clean_data_verifies(tmp_path):
     assert dm.verify_data() == [] and dm.skipped_images == []
 
 
-def test_unreadable_image_inside_a_training_epoch_names_the_file(tiny_with_bad_files, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])  # 1: raised in a worker process, re-raised by the loader
+def test_unreadable_image_inside_a_training_epoch_names_the_file(tiny_with_bad_files, tmp_path, num_workers):
     from lightning_modules.classifier import ImageClassifier
 
     root, bad = tiny_with_bad_files
-    dm = _tiny(root, folds_path=str(tmp_path / "folds.json"))
+    dm = _tiny(root, folds_path=str(tmp_path / "folds.json"), num_workers=num_workers)
     model = ImageClassifier(backbone="hf_vit", num_classes=3, backbone_kwargs={**HF_KW, "num_channels": 3})
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,

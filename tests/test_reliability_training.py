@@ -111,6 +111,18 @@ def test_resume_options_are_checked(uninterrupted, tmp_path):
     assert uninterrupted.run_config.read_bytes() == before
 
 
+def test_a_corrupt_resume_checkpoint_is_named(uninterrupted, tmp_path):
+    import shutil
+
+    from lightning_modules.runs import RunError
+
+    shutil.copytree(uninterrupted.checkpoints, tmp_path / "checkpoints")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # e.g. a copy cut short
+    with pytest.raises(RunError, match=f"checkpoint {last} is corrupt"):
+        cli(tmp_path, "--ckpt_path", "last", "--trainer.max_epochs=5")
+
+
 @pytest.mark.parametrize("option, message", [
     ("--trainer.max_epochs=0", "max_epochs=0 trains nothing"),
     ("--trainer.limit_train_batches=0", "limit_train_batches=0 trains nothing"),
@@ -167,3 +179,27 @@ def test_kill_9_in_epoch_2_then_resume_with_the_script(uninterrupted, tmp_path):
         a, b = state(layout.checkpoint(epoch)), state(uninterrupted.checkpoint(epoch))
         worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
         assert worst <= 1e-6, f"epoch {epoch}: resumed weights differ from the uninterrupted run by {worst}"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_resume_checkpoint_with_a_payload_is_refused(uninterrupted, tmp_path):
+    import shutil
+
+    from lightning_modules.runs import UnsafeCheckpointError
+
+    shutil.copytree(uninterrupted.checkpoints, tmp_path / "checkpoints")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    marker = tmp_path / "marker"
+    ck = torch.load(last, weights_only=True)
+    ck["callbacks"]["note"] = _Payload(marker)
+    torch.save(ck, last)
+    with pytest.raises(UnsafeCheckpointError, match="Python global exec"):
+        cli(tmp_path, "--ckpt_path", "last", "--trainer.max_epochs=5")
+    assert not marker.exists() and not RunLayout(tmp_path).run_config.exists()
