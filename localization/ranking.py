@@ -1,4 +1,4 @@
-"""Selection helpers for FL scores (DESIGN.md section 4, "Budgets") and :func:`localize`, the one way to run a
+"""Selection helpers for FL scores (docs/methods.md, "Budgets") and :func:`localize`, the one way to run a
 localizer over cached states without a Trainer.
 
 Conventions used by every caller (FL LightningModule, FL evaluation, repair sweep):
