@@ -1,25 +1,38 @@
-"""Speed of one DE repair run at ViT-B/16 shapes (on demand; prints a table).
+"""Speed of one DE repair run at ViT-B/16 shapes against a bound of what cannot be avoided (on demand; prints a
+table).
 
 d = 768, 4d = 3072, 100 classes, |I_neg| = 100, |I_pos| = 500, budgets N = 236 / 472 / 944 located weights,
-population 100, 50 generations, synthetic cached states and a random FFN head (HF layout: post = LayerNorm ->
-Linear). Three ways to evaluate the fitness:
+population 100, 50 generations (+ the initial population: 51 evaluation rounds), no early stop.
 
-  (a) published: one candidate at a time on the full head, population updated in place (``update="immediate"``,
-      ``LoopFitness``);
-  (b) batched full head: the whole population per generation, one W_bef / W_aft per candidate
-      (``update="deferred"``, ``FullBatchFitness``);
-  (c) batched, changed weights only (``update="deferred"``, ``SparseFitness``, the default).
+Placements (``--placements``):
 
-A run = evaluation of the initial population + ``--generations`` generations (no early stop). (c) is timed over
-``--measure_c`` generations (default: all), (a) and (b) over ``--measure_ab`` generations (default 2: they take
-minutes per run) and extrapolated: run_s = init_s + generations x mean generation time; extrapolated cells are
-marked ``*``. The lower bound is the arithmetic that cannot be avoided divided by the measured rate of a float32
-GEMM of comparable size: for (c) P N (min over the two kernels of the MACs per candidate and input) x 2 FLOP per
-evaluation round; for (a)/(b) 2 P N (2 d 4d + d C).
+- ``random``: uniform over both matrices of a random FFN head (touches ~N/2 neurons: the worst case for (c));
+- ``clustered``: the top weights of a rank-1-like score (|u_row| x |v_col| per matrix), as gradient-based FL picks;
+- ``fl:<method>`` (``fl:ours``, ``fl:arachne_w``, ``fl:random``): the weights that FL method locates with
+  :func:`localization.ranking.localize` on the last FFN head of an HF ViT-B/16 (``transformers.ViTConfig()``,
+  random weights, 100 labels) over synthetic cached states: the residual streams of every token of a few random
+  images entering the last FFN (``--images``), labelled by the head's own prediction (I_pos) or another class
+  (I_neg). The random placements and ``clustered`` use a random head of the same shapes (HF layout).
 
-    python benchmarks/repair_speed.py                      # everything (several minutes)
-    python benchmarks/repair_speed.py --quick              # N = 944, random placement, shortened
-    python benchmarks/repair_speed.py --budgets 944 --placement clustered --measure_ab 1
+Three ways to evaluate the fitness: (a) published, one candidate at a time on the full head with in-place updates
+(``update="immediate"``, ``LoopFitness``); (b) the full head batched over the population (``FullBatchFitness``);
+(c) batched, changed weights only (``SparseFitness``, the default). (a) and (b) take minutes per run and are skipped
+unless asked for (``--with_ab``; timed over ``--measure_ab`` generations and extrapolated, marked ``*``).
+
+The bound for (c) counts what cannot be avoided per evaluation round, measured in the same run:
+
+- MACs: P |I| (min over the two kernels of the MACs per candidate and input: explicit |J| d + d C, folded
+  |J| (C + |J| + |I|) + |I| C), at the measured float32 GEMM rate (``[15 P, d] x [d, d]``);
+- memory: one read and one write pass over the ``[P, |I|, C]`` candidate logits, at the bandwidth of a
+  ``torch.add`` of two tensors of that size into a third (measured; the large-array bandwidth is printed too).
+
+bound = 51 x (MAC time + memory time); ratio = (c) s/run / bound. The machine may be shared: the load average is
+printed before and after, and only ratios measured in one run should be compared.
+
+    python benchmarks/repair_speed.py                                   # every placement and budget
+    python benchmarks/repair_speed.py --quick                           # N = 944, random + clustered, 10 gens
+    python benchmarks/repair_speed.py --budgets 944 --placements clustered --with_ab --measure_ab 1
+    python benchmarks/repair_speed.py --device cuda --placements random clustered
 """
 from __future__ import annotations
 
@@ -37,6 +50,9 @@ from lightning_modules.repair.de import DifferentialEvolution, matrix_bounds, ma
 from lightning_modules.repair.fitness import FullBatchFitness, LoopFitness, SparseFitness  # noqa: E402
 from localization.ffn import FFNHead  # noqa: E402
 
+FL_METHODS = ("ours", "arachne_w", "random")
+PLACEMENTS = ("random", "clustered") + tuple(f"fl:{m}" for m in FL_METHODS)
+
 
 def make_head(d: int, d_ff: int, C: int, seed: int = 0) -> FFNHead:
     torch.manual_seed(seed)
@@ -49,150 +65,233 @@ def make_head(d: int, d_ff: int, C: int, seed: int = 0) -> FFNHead:
     return h.eval()
 
 
-def make_states(head: FFNHead, n_neg: int, n_pos: int, seed: int = 1):
+def label_states(head: FFNHead, x: torch.Tensor, n_neg: int, seed: int = 1):
+    """Labels: the head's prediction for the last |I_pos| states (I_pos), another class for the first n_neg."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_neg + n_pos, head.d, generator=g)
     with torch.no_grad():
-        pred = head(x).argmax(1)
+        pred = head(x).argmax(1).cpu()
     C = head.num_classes
     label = pred.clone()
     label[:n_neg] = (pred[:n_neg] + 1 + torch.randint(0, C - 1, (n_neg,), generator=g)) % C
-    is_neg = torch.arange(n_neg + n_pos) < n_neg
-    return x, label, is_neg
+    is_neg = torch.arange(len(x)) < n_neg
+    return label, is_neg
+
+
+def make_states(head: FFNHead, n_neg: int, n_pos: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_neg + n_pos, head.d, generator=g, dtype=head.fc_bef.weight.dtype)
+    return (x, *label_states(head, x, n_neg, seed))
+
+
+def vit_b16_head_and_states(n_neg: int, n_pos: int, classes: int, images: int, seed: int = 0):
+    """The last FFN head of a random-weight HF ViT-B/16 and ``n_neg + n_pos`` residual streams entering it (every
+    token of ``images`` random images, drawn without replacement)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from localization.ffn import last_ffn_head
+
+    torch.manual_seed(seed)
+    model = ViTForImageClassification(ViTConfig(num_labels=classes)).eval()
+    head = last_ffn_head(model)
+    store = []
+    handle = head.norm.register_forward_pre_hook(lambda _m, args: store.append(args[0].detach().reshape(-1, head.d)))
+    need = n_neg + n_pos
+    images = max(images, -(-need // 197))
+    with torch.no_grad():
+        model(pixel_values=torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(seed)))
+    handle.remove()
+    pool = torch.cat(store)
+    x = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[:need]].contiguous()
+    head = head.copy().eval()  # detached from the model
+    del model
+    return (head, x, *label_states(head, x, n_neg, seed))
 
 
 def located(head: FFNHead, n: int, placement: str, seed: int = 2) -> torch.Tensor:
-    """``random``: uniform over both matrices (touches ~n/2 neurons: the worst case for (c)); ``clustered``: the
-    top weights of a rank-1-like score (|GL|-style: |u_row| x |v_col| per matrix), as gradient-based FL picks."""
+    """``random``: uniform over both matrices; ``clustered``: the top weights of a rank-1-like score."""
     g = torch.Generator().manual_seed(seed)
     idx = head.index
     if placement == "random":
         flat = torch.randperm(idx.total, generator=g)[:n]
-    else:
+    elif placement == "clustered":
         scores = []
         for rows, cols in ((idx.d_ff, idx.d), (idx.d, idx.d_ff)):
             u = torch.rand(rows, generator=g) ** 8
             v = torch.rand(cols, generator=g) ** 8
             scores.append((u[:, None] * v[None, :]).reshape(-1))
         flat = torch.topk(torch.cat(scores), n).indices
+    else:
+        raise ValueError(f"unknown synthetic placement {placement!r}; expected random or clustered")
     return idx.to_triples(flat)
 
 
-def gemm_rate(m: int, k: int, n: int, reps: int = 3) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    a @ b
-    t = time.perf_counter()
+def fl_located(head, x, label, is_neg, method: str, n: int, seed: int = 0) -> torch.Tensor:
+    from localization.ranking import localize
+    return localize(head, x, label, is_neg, method, n, seed=seed).weights
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best_time(f, reps: int, device) -> float:
+    f()
+    _sync(device)
+    best = float("inf")
     for _ in range(reps):
-        a @ b
-    return 2 * m * k * n * reps / (time.perf_counter() - t)
+        t = time.perf_counter()
+        f()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
-def de_for(head, weights, fitness, update, generations, seed=0):
+def gemm_rate(m: int, k: int, n: int, device, reps: int = 3) -> float:
+    """float32 GEMM FLOP/s at [m, k] x [k, n] (best of ``reps``)."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    out = torch.empty(m, n, device=device)
+    return 2 * m * k * n / _best_time(lambda: torch.mm(a, b, out=out), reps, device)
+
+
+def add_pass_seconds(numel: int, device, reps: int = 5) -> float:
+    """Seconds of ``c = a + b`` over float32 tensors of ``numel`` elements: two reads and one write, i.e. 1.5 x one
+    read + write pass; returned scaled to one read + write pass (2 x numel x 4 bytes)."""
+    a, b = torch.randn(numel, device=device), torch.randn(numel, device=device)
+    c = torch.empty_like(a)
+    return _best_time(lambda: torch.add(a, b, out=c), reps, device) / 1.5
+
+
+def de_for(head, weights, fitness, update, generations, seed=0, device="cpu"):
     lo, hi, mu, sd = (torch.empty(len(weights), dtype=torch.float64) for _ in range(4))
     for k, W in enumerate(head.weights()):
-        sel = weights[:, 0] == k
+        sel = (weights[:, 0] == k).cpu()
         lo[sel], hi[sel] = matrix_bounds(W.detach())
         mu[sel], sd[sel] = matrix_init_stats(W.detach())
     return DifferentialEvolution(fitness, lo, hi, mu, sd, pop_size=100, generations=generations, update=update,
-                                 patience=10 ** 9, seed=seed, num_vars=len(weights))
+                                 patience=10 ** 9, seed=seed, num_vars=len(weights), device=device,
+                                 dtype=head.fc_bef.weight.dtype)
 
 
-def time_run(de: DifferentialEvolution, measure: int, generations: int) -> tuple[float, bool]:
+def time_run(de: DifferentialEvolution, measure: int, generations: int, device="cpu") -> tuple[float, bool]:
     """Seconds of a full run (init + generations), extrapolated when ``measure < generations``."""
+    _sync(device)
     t = time.perf_counter()
     de.initialize()
+    _sync(device)
     init_s = time.perf_counter() - t
     measure = min(measure, generations)
     t = time.perf_counter()
     for _ in range(measure):
         de.step()
+    _sync(device)
     gen_s = (time.perf_counter() - t) / max(measure, 1)
     return init_s + generations * gen_s, measure < generations
 
 
-def main(argv=None) -> None:
+def _table(rows, cols) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    lines = ["| " + " | ".join(c.ljust(widths[c]) for c in cols) + " |",
+             "|" + "|".join("-" * (widths[c] + 2) for c in cols) + "|"]
+    lines += ["| " + " | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", nargs="+", type=int, default=[236, 472, 944])
-    p.add_argument("--placement", choices=["random", "clustered", "both"], default="both")
+    p.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
     p.add_argument("--generations", type=int, default=50)
     p.add_argument("--measure_c", type=int, default=None, help="generations timed for (c) (default: all)")
+    p.add_argument("--with_ab", action="store_true", help="also time (a) and (b) (minutes per run)")
     p.add_argument("--measure_ab", type=int, default=2, help="generations timed for (a) and (b)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c"])
-    p.add_argument("--quick", action="store_true", help="N = 944, random placement, (c) 10 gens, (a)/(b) 1 gen")
+    p.add_argument("--quick", action="store_true", help="N = 944, random + clustered, (c) over 10 generations")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--n_neg", type=int, default=100)
     p.add_argument("--n_pos", type=int, default=500)
+    p.add_argument("--images", type=int, default=4, help="random images whose token states feed the ViT-B head")
+    p.add_argument("--no_check", action="store_true", help="skip the (c)-vs-full-head fitness check")
+    p.add_argument("--kernel", default="auto", choices=SparseFitness.KERNELS, help="(c)'s kernel")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:
-        a.budgets, a.placement, a.measure_c, a.measure_ab = [944], "random", a.measure_c or 10, 1
+        a.budgets, a.placements, a.measure_c = [944], ["random", "clustered"], a.measure_c or 10
+    dev = torch.device(a.device)
     measure_c = a.measure_c or a.generations
     d, d_ff, C, P = a.d, 4 * a.d, a.classes, 100
+    load0 = tuple(round(v, 2) for v in os.getloadavg())
     head = make_head(d, d_ff, C)
     x, label, is_neg = make_states(head, a.n_neg, a.n_pos)
-    N = len(x)
+    heads = {"synthetic": (head, x, label, is_neg)}
+    if any(pl.startswith("fl:") for pl in a.placements):
+        if d != 768:
+            raise SystemExit("fl:* placements use ViT-B/16 (d = 768)")
+        t = time.perf_counter()
+        heads["vit"] = vit_b16_head_and_states(a.n_neg, a.n_pos, C, a.images)
+        print(f"ViT-B/16 head and {a.n_neg + a.n_pos} token states built in {time.perf_counter() - t:.1f} s; "
+              f"the head predicts {len(heads['vit'][2][~heads['vit'][3]].unique())} distinct classes on I_pos")
+    N = a.n_neg + a.n_pos
     evals = a.generations + 1
-    rate = gemm_rate(25 * N, d, d)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={d}, 4d={d_ff}, C={C}, "
+    rate = gemm_rate(15 * P, d, d, dev)
+    mem_pass = add_pass_seconds(P * N * C, dev)
+    big = 1 << 26
+    big_pass = add_pass_seconds(big, dev, reps=3)
+    print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads; d={d}, 4d={d_ff}, C={C}, "
           f"|I_neg|={a.n_neg}, |I_pos|={a.n_pos}, P={P}, {a.generations} generations (+ initial population)")
-    print(f"measured float32 GEMM rate ([{25 * N}, {d}] x [{d}, {d}]): {rate / 1e9:.1f} GFLOP/s; "
-          f"os.getloadavg() = {tuple(round(v, 2) for v in os.getloadavg())}")
-    full_macs = 2 * d * d_ff + d * C
-    lb_full = evals * P * N * 2 * full_macs / rate
-    placements = ["random", "clustered"] if a.placement == "both" else [a.placement]
-    cols = ["N", "placement", "|J|", "|I|", "kernel", "(a) s/run", "(b) s/run", "(c) s/run", "(a)/(c)", "(b)/(c)",
-            "LB(c) s", "(c)/LB", "LB(a,b) s", "max|dF|"]
+    print(f"measured: float32 GEMM {rate / 1e9:.1f} GFLOP/s ([{15 * P}, {d}] x [{d}, {d}]); one read+write pass "
+          f"over [P, N, C] = {P * N * C * 4 / 1e6:.0f} MB: {mem_pass * 1e3:.2f} ms "
+          f"({2 * P * N * C * 4 / mem_pass / 1e9:.1f} GB/s; {big * 4 >> 20} MB arrays: "
+          f"{2 * big * 4 / big_pass / 1e9:.1f} GB/s); load average before: {load0}")
+    cols = ["N", "placement", "|J|", "|I|", "kernel", "(c) s/run", "MAC s", "mem s", "bound s", "ratio"]
+    if a.with_ab:
+        cols[6:6] = ["(a) s/run", "(b) s/run"]
+    cols.append("max|dF|")
     rows = []
     for n in a.budgets:
-        for placement in placements:
-            w = located(head, n, placement)
+        for placement in a.placements:
+            h, xs, ys, negs = heads["vit" if placement.startswith("fl:") else "synthetic"]
+            t = time.perf_counter()
+            w = (fl_located(h, xs, ys, negs, placement[3:], n) if placement.startswith("fl:")
+                 else located(h, n, placement))
+            fl_s = time.perf_counter() - t
+            hd = h.to(dev)
+            xd, yd, nd = xs.to(dev), ys.to(dev), negs.to(dev)
             row = {"N": n, "placement": placement}
-            sparse = SparseFitness(head, w, x, label, is_neg)
+            sparse = SparseFitness(hd, w, xd, yd, nd, kernel=a.kernel)
             info = sparse.info()
             nJ, nI = info["touched_neurons"], info["touched_rows"]
-            explicit = nJ * d + d * C
-            folded = nJ * (C + nJ + nI) + nI * C
-            row.update({"|J|": nJ, "|I|": nI, "kernel": sparse.kernel})
-            lb_c = evals * P * N * 2 * min(explicit, folded) / rate
-            times = {}
-            if "c" not in a.skip:
-                times["c"] = time_run(de_for(head, w, sparse, "deferred", a.generations), measure_c, a.generations)
-            if "b" not in a.skip:
-                times["b"] = time_run(de_for(head, w, FullBatchFitness(head, w, x, label, is_neg), "deferred",
-                                             a.generations), a.measure_ab, a.generations)
-            if "a" not in a.skip:
-                times["a"] = time_run(de_for(head, w, LoopFitness(head, w, x, label, is_neg), "immediate",
-                                             a.generations), a.measure_ab, a.generations)
-            # (c) against the full head on one population: the same fitness
-            vals = de_for(head, w, sparse, "deferred", 1)
-            vals.initialize()
-            loop = LoopFitness(head, w, x, label, is_neg)
-            dF = float((sparse(vals.pop[:10]).fitness - loop(vals.pop[:10]).fitness).abs().max())
-            for k in "abc":
-                if k in times:
-                    s, extrapolated = times[k]
-                    row[f"({k}) s/run"] = f"{s:.1f}{'*' if extrapolated else ''}"
-            if "c" in times:
-                c = times["c"][0]
-                for k in "ab":
-                    if k in times:
-                        row[f"({k})/(c)"] = f"{times[k][0] / c:.0f}x"
-                row["(c)/LB"] = f"{c / lb_c:.1f}"
-            row.update({"LB(c) s": f"{lb_c:.2f}", "LB(a,b) s": f"{lb_full:.0f}", "max|dF|": f"{dF:.1e}"})
+            macs = min(nJ * d + d * C, nJ * (C + nJ + nI) + nI * C)
+            mac_s = evals * P * N * 2 * macs / rate
+            mem_s = evals * mem_pass
+            row.update({"|J|": nJ, "|I|": nI, "kernel": sparse.kernel, "MAC s": f"{mac_s:.2f}",
+                        "mem s": f"{mem_s:.2f}", "bound s": f"{mac_s + mem_s:.2f}"})
+            s_c, ext = time_run(de_for(hd, w, sparse, "deferred", a.generations, device=dev), measure_c,
+                                a.generations, dev)
+            row["(c) s/run"] = f"{s_c:.2f}{'*' if ext else ''}"
+            row["ratio"] = f"{s_c / (mac_s + mem_s):.2f}"
+            row["_c_s"], row["_bound_s"], row["_fl_s"] = s_c, mac_s + mem_s, fl_s
+            if a.with_ab:
+                for k, ev, upd in (("b", FullBatchFitness, "deferred"), ("a", LoopFitness, "immediate")):
+                    s, ext = time_run(de_for(hd, w, ev(hd, w, xd, yd, nd), upd, a.generations, device=dev),
+                                      a.measure_ab, a.generations, dev)
+                    row[f"({k}) s/run"] = f"{s:.1f}{'*' if ext else ''}"
+            if not a.no_check:  # (c) against the full head on 10 candidates of an initial population
+                de = de_for(hd, w, sparse, "deferred", 1, device=dev)
+                de.initialize()
+                loop = LoopFitness(hd, w, xd, yd, nd)
+                row["max|dF|"] = f"{float((sparse(de.pop[:10]).fitness - loop(de.pop[:10]).fitness).abs().max()):.1e}"
             rows.append(row)
             print(" | ".join(f"{k}={row.get(k, '')}" for k in cols), flush=True)
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    print()
-    print("| " + " | ".join(c.ljust(widths[c]) for c in cols) + " |")
-    print("|" + "|".join("-" * (widths[c] + 2) for c in cols) + "|")
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) + " |")
-    print("\n* extrapolated from the timed generations (see --measure_ab / --measure_c). |J| touched neurons "
-          "(rows of W_bef), |I| touched output rows of W_aft. max|dF|: largest fitness difference (c) vs full head "
-          "on 10 candidates (float32).")
+    print(f"\nload average after: {tuple(round(v, 2) for v in os.getloadavg())}\n")
+    print(_table(rows, cols))
+    print("\n* extrapolated from the timed generations. |J| touched neurons (rows of W_bef), |I| touched output rows "
+          "of W_aft. MAC s / mem s: the two parts of the bound (51 rounds). max|dF|: largest fitness difference (c) "
+          "vs the full head on 10 candidates (in the head's dtype).")
+    return rows
 
 
 if __name__ == "__main__":

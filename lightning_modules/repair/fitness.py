@@ -372,6 +372,7 @@ class SparseFitness(PopulationFitness):
 
     name = "sparse"
     KERNELS = ("auto", "explicit", "folded")
+    CHUNK_ELEMENTS = 1 << 21  # folded: ~8 MB (float32) per [p N, width] work tensor, reused across chunks
 
     @torch.no_grad()
     def __init__(self, *args, kernel: str = "auto", chunk_size: int | None = None, **kwargs):
@@ -412,18 +413,29 @@ class SparseFitness(PopulationFitness):
         self._seg_a1 = (_SegmentSum(torch.tensor([posI[int(r)] for r in rows1.tolist()], dtype=torch.long), nI, dt,
                                     dev) if len(rows1) else None)
         self.m = nJ + nI
+        # W_aft weights on touched columns: S_I += D_p a_J per candidate p, with D_p the [|I|, |J|] matrix of their
+        # changes, as one bmm when its |I| |J| MACs cost less than ~3 elementwise passes over [Ka1, p N]
+        self._a1_flat = None
+        if len(rows1) and nI * nJ <= 16 * len(rows1):
+            self._a1_flat = torch.tensor([posI[int(r)] * nJ + posJ[int(c)] for r, c in
+                                          zip(rows1.tolist(), cols_a[in_J].tolist())], dtype=torch.long, device=dev)
+            self._seg_a1 = None
+        self._buffers: dict[str, Tensor] = {}
+        self._w_neg = self.is_neg.to(torch.float64)
+        self._n_neg, self._n_pos = int(self.is_neg.sum()), int((~self.is_neg).sum())
 
         lam = _layer_scale_vector(h.layer_scale, d)
         fold = _foldable_post(h.post, d) if lam is not None else None
         cost_explicit = nJ * d + d * C + 10 * d
-        cost_folded = nJ * (C + nJ + nI + 3) + nI * (C + 4)
+        cost_folded = (nJ + nI + 1) * C + nJ * (nJ + nI + 1) + 4 * (nJ + nI)
         if kernel == "folded" and fold is None:
             raise RepairInputError("kernel='folded' needs post = LayerNorm -> Linear and a linear layer scale")
         self.kernel = kernel if kernel != "auto" else (
-            "folded" if fold is not None and cost_folded < cost_explicit else "explicit")
+            "folded" if fold is not None and cost_folded < 1.5 * cost_explicit else "explicit")
         self.macs_per_input = cost_folded if self.kernel == "folded" else cost_explicit
         width = max(d if self.kernel == "explicit" else C + nJ + nI + 1, len(self._ka1), 2 * nJ, 1)
-        self.chunk_size = chunk_size or max(1, (1 << 23) // (N * width))
+        self.chunk_size = chunk_size or max(1, (self.CHUNK_ELEMENTS if self.kernel == "folded" else 1 << 23)
+                                            // (N * width))
 
         self._lam = lam.to(dev, dt) if lam is not None else None
         r0 = self.x + inter["o"]                                             # residual stream after the block
@@ -447,18 +459,29 @@ class SparseFitness(PopulationFitness):
         beta = ln.bias.detach() if ln.bias is not None else torch.zeros(d, dtype=dt, device=dev)
         Wc = lin.weight.detach()
         G = gamma[:, None] * Wc.T                                            # [d, C]
-        self._s = G.sum(0)                                                   # [C]
-        self._bprime = beta @ Wc.T + (lin.bias.detach() if lin.bias is not None else 0)
+        s = G.sum(0)                                                         # [C]
+        bprime = beta @ Wc.T + (lin.bias.detach() if lin.bias is not None else 0)
         self._eps = ln.eps
         r0c = r0 - r0.mean(1, keepdim=True)
-        # u-features: [B_J^T G | B_J^T B_J | B_J[I]^T | colsum B_J]; S-features: G_I (S pre-scaled by lam_I)
-        # everything feature-major ([features, p N]) so that products and reductions run over contiguous memory
-        self._lhs_u = torch.cat([G.T @ BJ, BJ.T @ BJ, BJ[self._I], BJ.sum(0)[None, :]], 0).contiguous()
-        self._GIT = G[self._I].T.contiguous()                                # [C, |I|]
-        self._lamI = lam[self._I][:, None]                                   # [|I|, 1]
-        self._RJT = (r0c @ BJ).T.contiguous()                                # [|J|, N]
-        self._r0cIT = r0c[:, self._I].T.contiguous()                         # [|I|, N]
-        self._r0GT, self._sum0, self._ss0 = (r0 @ G).T.contiguous(), r0.sum(1), (r0c * r0c).sum(1)
+        colsum = BJ.sum(0)                                                   # [|J|]
+        # features f = [u_J; S'_I; std] (feature-major [m + 1, p N]); the logits' numerator is one product
+        #   z * std = f^T M + base,  M = [B_J^T G - colsum s^T / d;  G_I - 1 s^T / d;  b']   ([m + 1, C])
+        #   base = r0 G - mean(r0) s                                                           ([N, C])
+        # (the mean's change sum(delta)/d is linear in f and the bias times std is the last feature), so the
+        # logits are never formed in d-space and only one [p N, C] tensor is written per chunk
+        self._M = torch.cat([BJ.T @ G - colsum[:, None] * s[None, :] / d, G[self._I] - s[None, :] / d,
+                             bprime.reshape(1, C).expand(1, C)], 0).contiguous()
+        self._base = (r0 @ G - r0.mean(1, keepdim=True) * s[None, :]).contiguous()          # [N, C]
+        # quadratic and cross terms of var(r): [B_J^T B_J; B_J[I]; colsum] u  ([|J| + |I| + 1, p N])
+        # (or, when |I| > |J|, [B_J^T B_J; colsum] u + 2 B_J[I]^T S': the same MACs, fewer rows written)
+        self._cross_in_u = len(self._I) > nJ
+        self._Q = torch.cat([BJ.T @ BJ, colsum[None, :]] if self._cross_in_u else
+                            [BJ.T @ BJ, BJ[self._I], colsum[None, :]], 0).contiguous()
+        self._BIT2 = (2 * BJ[self._I]).T.contiguous()                        # [|J|, |I|]
+        self._lamI = None if bool((lam == 1).all()) else lam[self._I][:, None]  # [|I|, 1]; None: identity
+        self._RJT2 = (2 * (r0c @ BJ)).T.contiguous()                         # 2 B_J^T r0_c  [|J|, N]
+        self._r0cIT2 = (2 * r0c[:, self._I]).T.contiguous()                  # 2 r0_c[I]     [|I|, N]
+        self._ss0 = (r0c * r0c).sum(1)                                       # |r0_c|^2      [N]
         self._C = C
 
     def info(self) -> dict[str, Any]:
@@ -466,65 +489,166 @@ class SparseFitness(PopulationFitness):
                 "touched_rows": len(self._I), "features": self.m, "chunk_size": self.chunk_size,
                 "macs_per_candidate_input": self.macs_per_input}
 
-    def _features(self, dW: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def _labels(self, p: int) -> Tensor:
+        """``label`` repeated for ``p`` candidates ``[p N]`` (cached)."""
+        lab = self._buffers.get(("labels", p))
+        if lab is None:
+            lab = self._buffers[("labels", p)] = self.label.repeat(p)
+        return lab
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """A reused work tensor (fresh large allocations cost page faults on every generation)."""
+        buf = self._buffers.get(name)
+        n = 1
+        for k in shape:
+            n *= k
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=self.dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:n].view(shape)
+
+    def _features(self, dW: Tensor, out_u: Tensor | None = None,
+                  out_S: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """u_J ``[|J|, p N]`` (activation change of the touched neurons) and S_I ``[|I|, p N]`` (W_aft changes
-        times the new activations, summed per output row)."""
+        times the new activations, summed per output row), written into ``out_u`` / ``out_S`` when given."""
         p, N = dW.shape[0], self.n
         u = aJ = S = None
         if self._dz is not None:
             dz = self._dz(dW[:, self._kb])                                            # [|J|, p, N]
             aJ = self.head.act(dz.add_(self._z0T[:, None, :]))
-            u = (aJ - self._a0T[:, None, :]).view(len(self._J), p * N)
+            u = torch.sub(aJ, self._a0T[:, None, :], out=out_u.view(len(self._J), p, N)) if out_u is not None \
+                else aJ - self._a0T[:, None, :]
+            u = u.view(len(self._J), p * N)
         if len(self._ka):
-            if self._seg_a1 is None:  # every changed W_aft weight sees the old activation
-                return u, self._S0(dW[:, self._ka0]).view(self._nI0, p * N)
-            S = torch.zeros(len(self._I), p * N, dtype=self.dtype, device=self.device)
+            nJ, nI = len(self._J), len(self._I)
+            S = out_S if out_S is not None else torch.empty(nI, p * N, dtype=self.dtype, device=self.device)
             if self._S0 is not None:
                 S[:self._nI0] = self._S0(dW[:, self._ka0]).view(self._nI0, p * N)
-            if self._seg_a1 is not None:
+            if self._a1_flat is not None:
+                S[self._nI0:].zero_()
+                D = dW.new_zeros(p, nI * nJ)
+                D[:, self._a1_flat] = dW[:, self._ka1]
+                S1 = torch.bmm(D.view(p, nI, nJ), aJ.transpose(0, 1))                     # [p, |I|, N]
+                S.view(nI, p, N).add_(S1.transpose(0, 1))
+            elif self._seg_a1 is not None:
+                S[self._nI0:].zero_()
                 s1 = dW[:, self._ka1].T.contiguous()[:, :, None] * aJ[self._a1_posJ]   # [Ka1, p, N]
                 S += self._seg_a1(s1.view(len(self._ka1), p * N))
         return u, S
+
+    def _numerator(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Folded kernel for one chunk of candidates ``v [p, K]``: (z * std ``[p N, C]``, 1 / std ``[p N]``), with z
+        the logits and std = sqrt(var(r) + eps) of the final LayerNorm."""
+        p, N, d = len(v), self.n, self.head.d
+        nJ, nI, C = len(self._J), len(self._I), self._C
+        f = self._buffer("f", (self.m + 1, p * N))                                   # [u; S'; std]
+        u, S = self._features(v - self.old, f[:nJ] if nJ else None, f[nJ:nJ + nI] if nI else None)
+        if S is not None and self._lamI is not None:
+            S.mul_(self._lamI)                                                       # S' = lam_I S_I
+        # var(r) d = |r0_c|^2 + 2 r0_c . delta + |delta|^2 - sum(delta)^2 / d, with
+        # 2 r0_c . delta + |delta|^2 = u . (B^T B u + 2 B^T r0_c) + S' . (2 B_I u + S' + 2 r0_c[I])
+        vard = self._ss0.repeat(p)
+        sum_d = torch.zeros(p * N, dtype=self.dtype, device=self.device)
+        if u is not None:
+            t = torch.mm(self._Q, u, out=self._buffer("t", (len(self._Q), p * N)))
+            if S is not None and self._cross_in_u:
+                t[:nJ].addmm_(self._BIT2, S)
+            tu = t[:nJ].view(nJ, p, N).add_(self._RJT2[:, None, :]).view(nJ, p * N)
+            vard += tu.mul_(u).sum(0)
+            sum_d += t[-1]
+            if S is not None and self._cross_in_u:
+                vard += (S + self._r0cIT2.repeat(1, p)).mul_(S).sum(0)
+                sum_d += S.sum(0)
+            elif S is not None:
+                ts = t[nJ:nJ + nI].mul_(2).add_(S).view(nI, p, N).add_(self._r0cIT2[:, None, :]).view(nI, p * N)
+                vard += ts.mul_(S).sum(0)
+                sum_d += S.sum(0)
+        elif S is not None:
+            ts = (S + self._r0cIT2.repeat(1, p)).mul_(S)
+            vard += ts.sum(0)
+            sum_d += S.sum(0)
+        vard.sub_(sum_d * sum_d / d)
+        std = f[-1]
+        torch.sqrt(vard.div_(d).add_(self._eps), out=std)
+        num = torch.mm(f.T, self._M, out=self._buffer("num", (p * N, C)))
+        num.view(p, N, C).add_(self._base)
+        return num, std.reciprocal()
 
     def logits_chunks(self, values: Tensor):
         h, N, d = self.head, self.n, self.head.d
         for v in values.split(self.chunk_size):
             p = len(v)
-            u, S = self._features(v - self.old)
-            if self.kernel == "explicit":
-                delta = u.T @ self._WJT if u is not None else torch.zeros(p * N, d, dtype=self.dtype,
-                                                                          device=self.device)
-                if S is not None:
-                    if self._lam is not None and self._lam_I is not None:
-                        S = S * self._lam_I
-                    delta.index_add_(1, self._I, S.T)
-                delta = delta.view(p, N, d).add_(self._base)
-                r = delta if self._lam is not None else h.layer_scale(delta).add_(self.x)
-                yield h.post(r.view(p * N, d)).view(p, N, -1)
+            if self.kernel == "folded":
+                num, istd = self._numerator(v)
+                yield (num * istd[:, None]).view(p, N, -1)
                 continue
-            C, nJ, nI = self._C, len(self._J), len(self._I)
-            lin = torch.zeros(C, p * N, dtype=self.dtype, device=self.device)      # delta . G, class-major
-            quad = torch.zeros(p * N, dtype=self.dtype, device=self.device)        # |delta|^2
-            cross, sum_d = torch.zeros_like(quad), torch.zeros_like(quad)           # r0_c . delta, sum(delta)
+            u, S = self._features(v - self.old)
+            delta = u.T @ self._WJT if u is not None else torch.zeros(p * N, d, dtype=self.dtype,
+                                                                      device=self.device)
             if S is not None:
-                S = S * self._lamI                                                   # lam_I S_I
-                lin += self._GIT @ S
-                quad += (S * S).sum(0)
-                cross += (S.view(nI, p, N) * self._r0cIT[:, None, :]).sum(0).view(-1)
-                sum_d += S.sum(0)
-            if u is not None:
-                res = self._lhs_u @ u                                                # [C + |J| + |I| + 1, p N]
-                lin += res[:C]
-                quad += (res[C:C + nJ] * u).sum(0)
-                if S is not None:
-                    quad += 2 * (res[C + nJ:C + nJ + nI] * S).sum(0)
-                sum_d += res[-1]
-                cross += (u.view(nJ, p, N) * self._RJT[:, None, :]).sum(0).view(-1)
-            mean = ((self._sum0 + sum_d.view(p, N)) / d).view(1, p, N)              # mean(r)
-            var = (self._ss0.repeat(p) + 2 * cross + quad - sum_d * sum_d / d) / d
-            num = lin.view(C, p, N).add_(self._r0GT[:, None, :]).sub_(mean * self._s[:, None, None])
-            out = num.div_(torch.sqrt(var + self._eps).view(1, p, N)).add_(self._bprime[:, None, None])
-            yield out.permute(1, 2, 0).contiguous()                                  # [p, N, C]
+                if self._lam is not None and self._lam_I is not None:
+                    S = S * self._lam_I
+                delta.index_add_(1, self._I, S.T)
+            delta = delta.view(p, N, d).add_(self._base)
+            r = delta if self._lam is not None else h.layer_scale(delta).add_(self.x)
+            yield h.post(r.view(p * N, d)).view(p, N, -1)
+
+    @torch.no_grad()
+    def __call__(self, values: Tensor) -> FitnessResult:
+        """The fitness of every candidate, chunk by chunk, with the correctness test and the loss fused: one
+        max over the classes gives the prediction, the loss (logsumexp minus the label logit) is computed only
+        for the inputs that are still wrong, and the logits of a chunk are never written out again."""
+        values = self._values(values)
+        N, label, w_neg = self.n, self.label, self._w_neg
+        fits, patched, broken = [], [], []
+        for v in values.split(self.chunk_size):
+            p = len(v)
+            if self.kernel == "folded":
+                num, istd = self._numerator(v)          # z = num * istd, istd > 0: the same argmax
+            else:
+                num, istd = next(self.logits_chunks(v)).view(p * N, -1), None
+            lab = self._labels(p)
+            if self.device.type == "cuda":
+                correct = num.argmax(1) == lab
+            else:  # argmax == label without CPU argmax (14x slower than amax here): the label's logit against the
+                # largest other one; a tie goes to the first index, as argmax does (resolved row by row)
+                zy = num.gather(1, lab[:, None])
+                num.scatter_(1, lab[:, None], float("-inf"))
+                other = num.amax(1)
+                num.scatter_(1, lab[:, None], zy)
+                zy = zy.squeeze(1)
+                correct = zy > other
+                tied = (zy == other).nonzero().squeeze(1)
+                if len(tied):
+                    correct[tied] = num[tied].argmax(1) == lab[tied]
+            score = torch.ones(p * N, dtype=torch.float64, device=self.device)
+            if self.device.type == "cuda":  # no host synchronisation: the loss of every input, kept where wrong
+                z = num * istd[:, None] if istd is not None else num
+                L = per_input_loss(z[None], lab, self.loss)[0]
+                score = torch.where(correct, score, 1.0 / (L.double() + 1.0))
+            else:
+                wrong = (~correct).nonzero().squeeze(1)
+                if len(wrong):
+                    zw = num[wrong]
+                    if istd is not None:
+                        zw.mul_(istd[wrong, None])
+                    L = per_input_loss(zw[None], lab[wrong], self.loss)[0]
+                    score[wrong] = 1.0 / (L.double() + 1.0)
+            score, correct = score.view(p, N), correct.view(p, N)
+            neg, pos = score @ w_neg, score @ (1.0 - w_neg)
+            fits.append(pos + self.alpha * neg if self.variant == "arachne" else
+                        (self.alpha / (1.0 + self.alpha)) * neg / max(self._n_neg, 1)
+                        + (1.0 / (1.0 + self.alpha)) * pos / max(self._n_pos, 1))
+            patched.append((correct & self.is_neg).sum(-1))
+            broken.append((~correct & ~self.is_neg).sum(-1))
+        res = FitnessResult(torch.cat(fits), torch.cat(patched), torch.cat(broken))
+        self.evaluations += len(values)
+        if not bool(torch.isfinite(res.fitness).all()):
+            bad = int((~torch.isfinite(res.fitness)).sum())
+            raise NonFiniteFitnessError(
+                f"{bad} of {len(values)} candidates have a NaN/inf fitness: the cached states or the head's weights "
+                "hold non-finite values (or the candidate values overflow); re-create the state cache")
+        return res
 
 
 EVALUATORS: dict[str, type[PopulationFitness]] = {"sparse": SparseFitness, "full": FullBatchFitness,
