@@ -222,3 +222,16 @@ def test_cache_states_script_checks_options(run_dir):
         cache_run_states(run_dir, [], trainer_kwargs=KW)
     with pytest.raises(RunError, match="epochs \\[0, 1, 2\\]"):
         cache_run_states(run_dir, ["repair"], epoch=7, trainer_kwargs=KW)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: [unclosed\n", "cannot read the run config as YAML"),
+    ("- just\n- a list\n", "expected a YAML mapping"),
+    ("model: {}\n", "no 'data' section"),
+    ("data: {class_path: datamodules.digits.DigitsDataModule, init_args: [1, 2]}\n", "init_args must be a mapping"),
+])
+def test_an_invalid_run_config_names_the_file(copied_run, text, message):
+    copied_run.run_config.write_text(text)
+    with pytest.raises(RunError, match=message) as e:
+        datamodule_from_run(copied_run)
+    assert str(copied_run.run_config) in str(e.value)
