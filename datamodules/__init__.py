@@ -12,6 +12,7 @@ from datamodules.base import SPLITS, DatasetFormatError, VisionDataModule
 from datamodules.cifar100 import CIFAR100DataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.folds import FoldsFileError, FoldSplit, kfold_split, load_or_create_folds
+from datamodules.mnist_transfer import MNISTTransferDataModule
 from datamodules.tiny_imagenet import TinyImageNetDataModule
 
 __all__ = [
