@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -248,15 +249,32 @@ def _fmt(v) -> str:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (pandas' ``to_markdown`` needs ``tabulate``, which is not a
-    dependency). Floats with 4 significant digits; ``|`` in cells escaped."""
-    cols = [str(c) for c in df.columns]
-    esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(esc(c) for c in cols) + " |",
-             "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else ":---" for c in df.columns) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(esc(_fmt(v)) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+    """A GitHub-flavoured Markdown table via ``pandas.DataFrame.to_markdown`` (``tabulate``), floats with 4
+    significant digits, NaN as "NaN", ``|`` in cells escaped, cell padding removed (one space each side) so a
+    cell reads ``| name |`` whatever the column width. Without ``tabulate`` installed the same table is written
+    by hand."""
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    cells = pd.DataFrame({esc(c): [esc(_fmt(v)) for v in df[c]] for c in df.columns},
+                         columns=[esc(c) for c in df.columns])
+    align = ["right" if pd.api.types.is_numeric_dtype(df[c]) else "left" for c in df.columns]
+    try:
+        import tabulate  # noqa: F401
+
+        text = cells.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True)
+        lines = []
+        for line in text.splitlines():
+            parts = [p.strip() for p in re.split(r"(?<!\\)\|", line.strip()[1:-1])] if line.strip() else []
+            if parts and all(set(p) <= set(":-") and p for p in parts):
+                parts = ["---:" if p.endswith(":") and not p.startswith(":") else ":---" for p in parts]
+                lines.append("|" + "|".join(parts) + "|")
+            else:
+                lines.append("| " + " | ".join(parts) + " |")
+        return "\n".join(lines) + "\n"
+    except ImportError:
+        lines = ["| " + " | ".join(cells.columns) + " |",
+                 "|" + "|".join("---:" if a == "right" else ":---" for a in align) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
+        return "\n".join(lines) + "\n"
 
 
 def to_latex(df: pd.DataFrame, caption: str | None = None, label: str | None = None) -> str:

@@ -141,3 +141,20 @@ def test_scales_to_vit_b_size():
     assert time.perf_counter() - t < 20
     assert row["K@1%"] == 47186 and row["n_pos"] == 47186
     assert row["P@1%"] == pytest.approx(0.01, abs=0.002)
+
+
+def test_precision_at_k_and_ap_match_torchmetrics_retrieval():
+    from torchmetrics.functional.retrieval import retrieval_average_precision, retrieval_precision, retrieval_recall
+
+    g = torch.Generator().manual_seed(5)
+    for total in (50, 400, 1000):
+        s = torch.rand(total, generator=g, dtype=torch.float64)  # continuous: no ties, so both orders agree
+        pos = torch.rand(total, generator=g) < 0.07
+        pos[0] = True
+        row = evaluate_ranking(s, pos, fractions=(0.01, 0.05, 0.2), with_spearman=False)
+        for lab, f in (("1%", 0.01), ("5%", 0.05), ("20%", 0.2)):
+            k = k_of_fraction(f, total)
+            assert row[f"P@{lab}"] == pytest.approx(float(retrieval_precision(s, pos, top_k=k)))
+            assert row[f"R@{lab}"] == pytest.approx(float(retrieval_recall(s, pos, top_k=k)))
+        assert row["AP"] == pytest.approx(float(retrieval_average_precision(s, pos)))
+        assert row["AP"] == pytest.approx(average_precision_score(pos.numpy(), s.numpy()))

@@ -110,3 +110,39 @@ def test_write_stats_table(tmp_path):
     assert sum(l.startswith("|") for l in md.splitlines()) == len(df) + 2 and "p_holm" in md and "a12" in md
     assert "\\begin{tabular}" in paths["tex"].read_text() and "p\\_holm" in paths["tex"].read_text()
     assert to_markdown(pd.DataFrame({"a": ["x|y"]})).splitlines()[2] == "| x\\|y |"
+
+
+def test_holm_matches_statsmodels_on_random_pvalues():
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(11)
+    for _ in range(100):
+        m = int(rng.integers(1, 25))
+        p = rng.uniform(0, 1, m) ** rng.uniform(0.5, 4)
+        if m > 3:
+            p[rng.integers(0, m)] = p[0]  # ties
+        ref = multipletests(p, method="holm")[1]
+        np.testing.assert_allclose(holm(p), ref, rtol=0, atol=1e-12)
+    # NaN entries do not count towards m: same as statsmodels on the finite ones
+    p = np.array([0.01, np.nan, 0.04, 0.03])
+    out = holm(p)
+    assert np.isnan(out[1])
+    np.testing.assert_allclose(out[[0, 2, 3]], multipletests(p[[0, 2, 3]], method="holm")[1])
+
+
+def test_to_markdown_is_pandas_to_markdown_without_padding():
+    from evaluation.stats import to_markdown
+
+    df = pd.DataFrame({"method": ["ours", "a_very_long_method_name", "x|y"], "p": [0.012345, np.nan, 1.0],
+                       "n": [3, 120, 7]})
+    md = to_markdown(df)
+    lines = md.splitlines()
+    assert lines[0] == "| method | p | n |" and lines[1] == "|:---|---:|---:|"
+    assert "| ours | 0.01235 | 3 |" in lines and "| x\\|y | 1 | 7 |" in lines
+    assert "| a_very_long_method_name | NaN | 120 |" in lines
+    # same cells as pandas' own to_markdown (tabulate), whitespace aside
+    ref = df.assign(p=df["p"].map(lambda v: "NaN" if v != v else f"{v:.4g}"), method=df["method"].str.replace(
+        "|", "\\|")).astype(str).to_markdown(index=False, tablefmt="pipe", disable_numparse=True)
+    norm = lambda t: [[c.strip() for c in __import__("re").split(r"(?<!\\)\|", l.strip()[1:-1])]  # noqa: E731
+                      for l in t.splitlines()[2:]]
+    assert norm(md) == norm(ref)
