@@ -62,8 +62,14 @@ def setting_rows(states, setting: Mapping[str, Any], method: str | None = None, 
     if meta.get("pos_sample") == "n_neg":
         from localization.methods.reptran_compat import sample_correct_inputs
 
+        if setting.get("kind") in ("tgt_fp", "tgt_fn", "tgt") and setting.get("label") is not None:
+            # exp-fl-5-5 drew from the target label's correct inputs for the label-targeted settings
+            rows = states.rows_of(torch.tensor(pos_idx, dtype=torch.long))
+            keep = states.label[rows] == int(setting["label"])
+            pos_idx = [i for i, k in zip(pos_idx, keep.tolist()) if k]
+            desc["i_pos"] = f"correct inputs of label {setting['label']}"
         pos_idx = sample_correct_inputs(pos_idx, len(neg_idx), seed).tolist()
-        desc["i_pos"] = f"a seeded sample (seed {seed}) of |I_neg| = {len(neg_idx)} correct inputs"
+        desc["i_pos"] = f"a seeded sample (seed {seed}) of |I_neg| = {len(neg_idx)} of the {desc['i_pos']}"
     extra: dict[str, Any] = {}
     if meta.get("uses_true_label"):
         extra["true_label"] = true_label_of(setting)
