@@ -10,7 +10,8 @@
 root, format, optional full image check) *before* ``run_config.yaml`` is written, so a failed ``fit`` (a typo in
 the data root) leaves the run's config as it was. ``--ckpt_path last`` resumes from ``<run>/checkpoints/last.ckpt``
 (an error if there is none, or if that run already reached ``max_epochs``); a weights-only per-epoch file is
-refused as a resume point with a hint. Checkpoints are read with ``torch.load(weights_only=True)``.
+refused as a resume point with a hint. A fresh ``fit`` (no ``--ckpt_path``) into a run directory that already
+holds trained checkpoints is refused rather than overwriting them. Checkpoints are read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -105,9 +106,26 @@ def _check_trainer_options(t) -> None:
         bad(f"devices must be a positive int, -1 (all), 'auto' or a list of device ids, got {dev}")
 
 
+def _check_fresh_start(layout: RunLayout) -> None:
+    """A fresh fit would overwrite the run's checkpoints: refused once the run has trained anything (a last.ckpt or
+    a checkpoint after epoch 0; the untrained start ``epoch=000.ckpt`` alone is rewritten)."""
+    from lightning_modules.runs import checkpoint_epochs
+
+    trained = [e for e in checkpoint_epochs(layout) if e > 0]
+    last = layout.checkpoints / LAST_CHECKPOINT
+    if trained or last.exists():
+        raise FitOptionError(
+            f"{layout.checkpoints} already holds this run's checkpoints (epochs {trained}"
+            f"{', ' + LAST_CHECKPOINT if last.exists() else ''}); a fresh fit would overwrite them. Resume with "
+            f"--ckpt_path last, or train into another --trainer.default_root_dir (to retrain from scratch here, "
+            f"move or delete {layout.root} yourself)")
+
+
 def _resume_point(layout: RunLayout, ckpt_path: str | None, trainer) -> str | None:
-    """The checkpoint to resume from (``None``: a fresh start), checked: full state, not past ``max_epochs``."""
+    """The checkpoint to resume from (``None``: a fresh start, refused if it would overwrite trained checkpoints),
+    checked: full state, not past ``max_epochs``."""
     if ckpt_path is None:
+        _check_fresh_start(layout)
         return None
     if ckpt_path in ("best", "hpc") or "://" in str(ckpt_path):
         raise FitOptionError(f"--ckpt_path {ckpt_path} is not supported; use 'last' (this run's "

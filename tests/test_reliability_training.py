@@ -111,6 +111,13 @@ def test_resume_options_are_checked(uninterrupted, tmp_path):
     assert uninterrupted.run_config.read_bytes() == before
 
 
+def test_a_fresh_fit_never_overwrites_trained_checkpoints(uninterrupted):
+    files = {p.name: p.read_bytes() for p in uninterrupted.checkpoints.iterdir()}
+    with pytest.raises(FitOptionError, match=r"already holds this run's checkpoints \(epochs \[1, 2, 3\], last.ckpt"):
+        cli(uninterrupted.root, "--trainer.max_epochs=5")
+    assert {p.name: p.read_bytes() for p in uninterrupted.checkpoints.iterdir()} == files
+
+
 def test_a_corrupt_resume_checkpoint_is_named(uninterrupted, tmp_path):
     import shutil
 
