@@ -1,0 +1,528 @@
+"""The experiment runner: one published experiment (a YAML under ``configs/experiment/``) from training to tables,
+calling the step functions of :mod:`pipeline` in data-flow order.
+
+An experiment config names its data sets (one run directory each, with how to train it), the steps to run and the
+options of each step (the step functions' own keyword names). Every step skips what the run store already holds,
+so a rerun resumes where the last one stopped and a finished experiment reruns in seconds. A case that cannot run
+(e.g. a V-score method on a setting with one input) is recorded once in the store as "not applicable"
+(:meth:`core.runstore.RunStore.mark_not_applicable`); later runs count it and do not print it again.
+
+Phases and sharding (``shard=(k, n)``; ``scripts/run_experiment.py --shard k/n``):
+
+==============  ======================================  ================================================
+phase           steps                                   with ``n > 1`` shards
+==============  ======================================  ================================================
+prepare         ``train``, ``cache``, ``misclf``        not sharded: run them first (``--steps prepare``)
+work            ``localize``, ``repair``, ``adequacy``  shard k runs every n-th task of a fixed order
+final           ``evaluate_fl``, ``aggregate``          not sharded: run once every shard is done
+==============  ======================================  ================================================
+
+With one shard (the default) every step of ``steps`` runs in order. A shard never waits for another: the grid of
+every step is deterministic, so n processes on n GPUs or nodes split it with no coordination, and a crashed shard
+rerun finishes exactly what is missing.
+
+Nothing here reads argv or picks an output folder; the config does (``datasets.<name>.run_dir``).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from core.runstore import RunStore, identity_key
+
+__all__ = ["STEPS", "PHASES", "ExperimentConfigError", "quiet", "check_experiment", "run_experiment",
+           "step_options", "summarize_rows"]
+
+STEPS = ("train", "cache", "misclf", "localize", "evaluate_fl", "repair", "aggregate", "adequacy")
+PHASES = {"prepare": ("train", "cache", "misclf"), "work": ("localize", "repair", "adequacy"),
+          "final": ("evaluate_fl", "aggregate")}
+SHARDED = PHASES["work"]
+
+#: the keys of each step's block (the step function's keyword names; ``accelerator`` / ``devices`` go to its Trainer)
+STEP_KEYS = {
+    "cache": {"splits", "accelerator", "devices"},
+    "misclf": {"split", "ranks", "seed", "pos_fraction", "tie_order", "no_true_input", "kinds"},
+    "localize": {"methods", "settings", "budgets", "seed", "batch_size", "method_options", "accelerator", "devices"},
+    "evaluate_fl": {"parts", "methods", "settings", "budgets", "modes", "where", "n_random", "inject_seeds",
+                    "ckpt_settings", "ckpt_epoch", "pos_fraction", "split", "batch_size", "seed", "method_opts",
+                    "figures", "tensorboard", "min_changed_frac", "min_changed"},
+    "repair": {"sweeps", "fl_batch_size", "accelerator", "tensorboard", "on_error"},
+    "sweep": {"name", "repair", "methods", "settings", "budgets", "reps", "seed", "repair_options", "fl_options"},
+    "adequacy": {"rqs", "configs", "overrides", "use_run_checkpoint"},
+    "dataset": {"run_dir", "train", "adequacy"},
+    "train": {"configs", "args", "epochs"},
+}
+
+
+class ExperimentConfigError(ValueError):
+    """An experiment config names an unknown step, option, method or value."""
+
+
+# ------------------------------------------------------------------------------------------------ a quiet console
+#: warnings that say nothing about the results (Lightning's hints for other set-ups, known deprecations upstream)
+KNOWN_WARNINGS = (
+    r".*does not have many workers.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+    r".*GPU available but not used.*",
+    r".*LeafSpec.*is deprecated.*",
+    r".*treespec.*deprecated.*",
+    r".*`isinstance\(treespec, LeafSpec\)`.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*Starting from v1\.9\.0, `tensorboardX` has been removed.*",
+    r".*You defined a `validation_step` but have no `val_dataloader`.*",
+    r".*Total length of .* across ranks is zero.*",
+    r".*`training_step` returned `None`.*",
+    r".*torch\.meshgrid: in an upcoming release.*",
+)
+#: Lightning's info loggers: "GPU available: ...", "TPU available", "💡 Tip: ...", model summaries
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                     "lightning.pytorch.accelerators.cuda", "lightning.pytorch.callbacks.model_summary",
+                     "pytorch_lightning.utilities.rank_zero", "lightning.pytorch.trainer.connectors")
+
+
+def quiet() -> None:
+    """Silence Lightning's tips and info lines and the known warnings above (real warnings still show)."""
+    for name in LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("LITMODELS_DISABLE_TIPS", "1")
+
+
+# ------------------------------------------------------------------------------------------------ checking
+def _unknown(block: Mapping[str, Any] | None, allowed: set[str], where: str) -> None:
+    bad = sorted(set(block or {}) - allowed)
+    if bad:
+        raise ExperimentConfigError(f"{where}: unknown option(s) {bad}; expected some of {sorted(allowed)}")
+
+
+def step_options(cfg: Mapping[str, Any], step: str) -> dict[str, Any]:
+    """The block of ``step`` without null values (null = the step function's default)."""
+    return {k: v for k, v in dict(cfg.get(step) or {}).items() if v is not None}
+
+
+def _expand_steps(steps: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for s in steps:
+        if s in PHASES:
+            out += PHASES[s]
+        elif s in STEPS:
+            out.append(s)
+        else:
+            raise ExperimentConfigError(f"unknown step {s!r}; steps: {list(STEPS)}, phases: {list(PHASES)}")
+    return [s for s in STEPS if s in out]  # data-flow order, once each
+
+
+def _check_budgets(budgets, where: str) -> None:
+    from localization.ranking import BudgetError
+    from pipeline.localize import check_budgets
+
+    if budgets is None:
+        return
+    try:
+        check_budgets(budgets)
+    except BudgetError as e:
+        raise ExperimentConfigError(f"{where}: {e}") from None
+
+
+def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
+    """Check every name in an experiment config before any work: steps, step options, FL methods and their
+    options, repair methods and their options, misclassification options, budgets, shards. Returns the steps to
+    run (in data-flow order); raises :class:`ExperimentConfigError` naming what is wrong."""
+    from lightning_modules.repair import REPAIRS
+    from localization.base import FL_METHODS
+    from localization.misclf import ALL_KINDS, NO_TRUE_INPUT_RULES, TIE_ORDERS
+    from pipeline.localize import resolved_options
+    from pipeline.repair import resolved_repair_options
+
+    if not cfg.get("name"):
+        raise ExperimentConfigError("the experiment has no name")
+    datasets = cfg.get("datasets") or {}
+    if not datasets:
+        raise ExperimentConfigError("no datasets: give datasets.<name>.run_dir")
+    for name, d in datasets.items():
+        _unknown(d, STEP_KEYS["dataset"], f"datasets.{name}")
+        if not (d or {}).get("run_dir"):
+            raise ExperimentConfigError(f"datasets.{name}: no run_dir")
+        if (d or {}).get("train"):
+            _unknown(d["train"], STEP_KEYS["train"], f"datasets.{name}.train")
+            ep = d["train"].get("epochs")
+            if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+                raise ExperimentConfigError(f"datasets.{name}.train.epochs must be an int >= 1, got {ep!r}")
+    steps = _expand_steps(cfg.get("steps") or STEPS)
+
+    def fl_methods(names, where):
+        try:
+            return FL_METHODS.check(list(names))
+        except KeyError as e:
+            raise ExperimentConfigError(f"{where}: {e}") from None
+
+    def fl_options(opts, where):
+        for m, o in dict(opts or {}).items():
+            fl_methods([m], where)
+            try:
+                resolved_options(m, o)
+            except ValueError as e:
+                raise ExperimentConfigError(f"{where}: {e}") from None
+
+    for step in ("cache", "misclf", "localize", "evaluate_fl", "repair", "adequacy"):
+        _unknown(cfg.get(step), STEP_KEYS[step], step)
+    m = step_options(cfg, "misclf")
+    for key, choices in (("tie_order", TIE_ORDERS), ("no_true_input", NO_TRUE_INPUT_RULES)):
+        if key in m and m[key] not in choices:
+            raise ExperimentConfigError(f"misclf.{key}: {m[key]!r} is not one of {list(choices)}")
+    bad_kinds = [k for k in m.get("kinds", ()) if k not in ALL_KINDS]
+    if bad_kinds:
+        raise ExperimentConfigError(f"misclf.kinds: unknown kind(s) {bad_kinds}; expected some of {list(ALL_KINDS)}")
+    loc = step_options(cfg, "localize")
+    if "methods" in loc:
+        fl_methods(loc["methods"], "localize.methods")
+    fl_options(loc.get("method_options"), "localize.method_options")
+    _check_budgets(loc.get("budgets"), "localize.budgets")
+    ev = step_options(cfg, "evaluate_fl")
+    if "methods" in ev:
+        fl_methods(ev["methods"], "evaluate_fl.methods")
+    fl_options(ev.get("method_opts"), "evaluate_fl.method_opts")
+    from pipeline.evaluate_fl import PARTS
+
+    bad_parts = [p for p in ev.get("parts", ()) if p not in PARTS]
+    if bad_parts:
+        raise ExperimentConfigError(f"evaluate_fl.parts: unknown part(s) {bad_parts}; expected some of {list(PARTS)}")
+    rep = step_options(cfg, "repair")
+    for i, sw in enumerate(rep.get("sweeps") or []):
+        where = f"repair.sweeps[{i}]"
+        _unknown(sw, STEP_KEYS["sweep"], where)
+        fl_methods(sw.get("methods") or [], f"{where}.methods")
+        try:
+            REPAIRS.check([sw.get("repair", "de")])
+            resolved_repair_options(sw.get("repair", "de"), sw.get("repair_options"))
+        except (KeyError, ValueError) as e:
+            raise ExperimentConfigError(f"{where}: {e}") from None
+        fl_options(sw.get("fl_options"), f"{where}.fl_options")
+        _check_budgets(sw.get("budgets"), f"{where}.budgets")
+        reps = sw.get("reps", 5)
+        if isinstance(reps, int) and reps < 1:
+            raise ExperimentConfigError(f"{where}.reps must be >= 1, got {reps}")
+    ad = step_options(cfg, "adequacy")
+    from pipeline.adequacy import RQS
+
+    bad_rqs = [r for r in ad.get("rqs", ()) if r not in RQS]
+    if bad_rqs:
+        raise ExperimentConfigError(f"adequacy.rqs: unknown {bad_rqs}; expected some of {list(RQS)}")
+    return steps
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+def _status(row: Mapping[str, Any]) -> str:
+    s = str(row.get("status", ""))
+    if s.startswith(("exists", "claimed elsewhere")):
+        return "skipped"
+    if s.startswith("not applicable"):
+        return "not applicable"
+    if s.startswith("error"):
+        return "error"
+    return "done"
+
+
+def summarize_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Counts of done / skipped (already in the store) / not applicable / error rows of a step."""
+    out = {"done": 0, "skipped": 0, "not applicable": 0, "error": 0}
+    for r in rows:
+        out[_status(r)] += 1
+    return out
+
+
+class _Log:
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.summary: list[dict[str, Any]] = []
+
+    def step(self, step: str, dataset: str, counts: Mapping[str, int], seconds: float, new_na: Mapping[str, str],
+             errors: Sequence[str] = ()) -> None:
+        known_na = counts.get("not applicable", 0) - len(new_na)
+        parts = [f"{counts.get('done', 0)} done", f"{counts.get('skipped', 0)} skipped (in the store)"]
+        if counts.get("not applicable"):
+            parts.append(f"{counts['not applicable']} not applicable"
+                         + (f" ({known_na} known)" if known_na > 0 and new_na else ""))
+        if counts.get("error"):
+            parts.append(f"{counts['error']} failed")
+        self.log(f"{step} [{dataset}]: " + ", ".join(parts) + f" ({seconds:.1f} s)")
+        for key, why in new_na.items():
+            self.log(f"  not applicable (recorded, not retried): {why}")
+        for e in errors[:10]:
+            self.log(f"  failed: {e}")
+        if len(errors) > 10:
+            self.log(f"  ... and {len(errors) - 10} more failures")
+        self.summary.append({"step": step, "dataset": dataset, **dict(counts), "seconds": round(seconds, 2),
+                             "new_not_applicable": len(new_na)})
+
+
+def _na_diff(store: RunStore, before: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in store.not_applicable().items() if k not in before}
+
+
+# ------------------------------------------------------------------------------------------------ the steps
+def _trainer_kwargs(block: Mapping[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False}
+    if block.get("accelerator"):
+        kw["accelerator"] = block["accelerator"]
+    if block.get("devices"):
+        kw["devices"] = block["devices"]
+        if isinstance(block["devices"], int) and block["devices"] > 1:
+            kw["strategy"] = "ddp"
+    return kw
+
+
+def _train(store: RunStore, train: Mapping[str, Any] | None, root: Path) -> dict[str, int]:
+    epochs = store.checkpoint_epochs()
+    if not train:
+        if not epochs:
+            raise FileNotFoundError(f"{store.root} has no checkpoints and the experiment gives no "
+                                    "datasets.<name>.train: train it first (scripts/train.py fit ...)")
+        return {"skipped": 1}
+    if train["epochs"] in epochs:
+        return {"skipped": 1}
+    from lightning_modules.cli import ToolkitCLI
+
+    args = ["fit"]
+    for c in train.get("configs") or []:
+        p = Path(c)
+        args += ["--config", str(p if p.is_absolute() else root / p)]
+    args += [f"--trainer.default_root_dir={store.root}", f"--trainer.max_epochs={train['epochs']}",
+             *[str(a) for a in train.get("args") or []]]
+    if (store.checkpoints / "last.ckpt").is_file():
+        args.append(f"--ckpt_path={store.checkpoints / 'last.ckpt'}")
+    ToolkitCLI(args=args)
+    return {"done": 1}
+
+
+def _cache(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
+    from lightning_modules.runs import load_run_model
+    from localization.cache import CacheError, load_states
+    from localization.ffn import model_fingerprint
+    from pipeline.cache import step_cache
+
+    splits = list(opts.get("splits", ("repair", "test")))
+    model, _ = load_run_model(store)
+    h = model_fingerprint(model)
+    todo = []
+    for s in splits:
+        try:
+            load_states(store.states(s), expected_hash=h)
+        except (CacheError, FileNotFoundError, OSError):
+            todo.append(s)
+    if todo:
+        step_cache(store, todo, trainer_kwargs=_trainer_kwargs(opts))
+    return {"done": len(todo), "skipped": len(splits) - len(todo)}
+
+
+def _misclf(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
+    from core.io import read_json
+    from localization.cache import read_metadata
+    from pipeline.misclf import step_misclf
+
+    kw = {k: (tuple(v) if k == "kinds" else v) for k, v in opts.items()}
+    want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k not in ("split",)}
+    if store.misclf_info.is_file():
+        info = read_json(store.misclf_info)
+        have = dict(info.get("options") or {})
+        have.setdefault("ranks", info.get("options", {}).get("ranks"))
+        split = kw.get("split", "repair")
+        same_model = info.get("model_hash") == read_metadata(store.states(split)).get("model_hash")
+        same = all((list(have.get(k)) if isinstance(have.get(k), (list, tuple)) else have.get(k)) == v
+                   for k, v in want.items())
+        if same_model and same and info.get("split", split) == split:
+            return {"skipped": 1}
+    step_misclf(store, **kw)
+    return {"done": 1}
+
+
+def _localize(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tuple[int, int], log: _Log) -> None:
+    from localization.base import FL_METHODS
+    from pipeline.context import RunContext
+    from pipeline.localize import run_localization
+
+    kw = {k: v for k, v in opts.items() if k not in ("accelerator", "devices")}
+    methods = FL_METHODS.check(kw.pop("methods", None) or FL_METHODS.names())
+    k, n = shard
+    for name, store in stores.items():
+        t0 = time.perf_counter()
+        before = store.not_applicable()
+        if n == 1:
+            rows = run_localization(store, methods=methods, trainer_kwargs=_trainer_kwargs(opts), progress=False,
+                                    **kw)
+        else:
+            settings = kw.get("settings") or sorted(RunContext(store).settings)
+            pairs = [(m, s) for m in methods for s in settings][k::n]
+            rows = []
+            for m in dict.fromkeys(m for m, _ in pairs):
+                rows += run_localization(store, methods=[m], trainer_kwargs=_trainer_kwargs(opts), progress=False,
+                                         **{**kw, "settings": [s for mm, s in pairs if mm == m]})
+        errors = [f"{r['method']} on {r['setting']}: {r['status']}" for r in rows if _status(r) == "error"]
+        log.step("localize", name, summarize_rows(rows), time.perf_counter() - t0, _na_diff(store, before), errors)
+
+
+def _evaluate(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) -> None:
+    from pipeline.evaluate_fl import run_evaluation
+
+    kw = dict(opts)
+    want_epoch = kw.pop("ckpt_epoch", None)
+    if want_epoch is not None and "ckpt_epoch" not in inspect.signature(run_evaluation).parameters:
+        # the evaluation compares the last epoch e whose epoch e-1 exists; any other pair needs its ckpt_epoch
+        eps = store.ffn_weight_epochs()
+        default = next((e for e in reversed(eps) if e - 1 in eps and store.checkpoint(e - 1).is_file()), None)
+        if want_epoch != default:
+            raise ExperimentConfigError(
+                f"evaluate_fl.ckpt_epoch={want_epoch}: this version's checkpoint benchmark compares epoch "
+                f"{default} with {None if default is None else default - 1} only (the last pair on disk)")
+    elif want_epoch is not None:
+        kw["ckpt_epoch"] = want_epoch
+    t0 = time.perf_counter()
+    messages: list[str] = []
+    run_evaluation(store, log=messages.append, **kw)
+    failed = [m for m in messages if "failed" in m]
+    log.step("evaluate_fl", name, {"done": 1, "error": len(failed)}, time.perf_counter() - t0, {}, failed)
+
+
+def _sweep_rows_na(store: RunStore, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Record repair tasks that cannot run (their setting was not made, or FL could not run) once in the store."""
+    for r in rows:
+        if _status(r) == "not applicable" and r.get("run_dir") and Path(r["run_dir"]) == store.root:
+            key = f"repair/{r['setting']}/{r['label']}/n{r.get('budget_n', r['budget'])}/rep{r['rep']}"
+            why = str(r["status"]).removeprefix("not applicable: ")
+            store.mark_not_applicable(key, f"repair {r['label']} on {r['setting']} (budget {r['budget']}, rep "
+                                           f"{r['rep']}): {why}")
+
+
+def _repair(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tuple[int, int], log: _Log) -> None:
+    from pipeline.repair import run_sweep
+
+    run_dirs = {name: s.root for name, s in stores.items()}
+    for i, sw in enumerate(opts.get("sweeps") or []):
+        sw = {k: v for k, v in sw.items() if v is not None}
+        label = sw.pop("name", None) or f"{sw.get('repair', 'de')}#{i}"
+        t0 = time.perf_counter()
+        before = {n: s.not_applicable() for n, s in stores.items()}
+        rows = run_sweep(run_dirs, shard=shard, logger=bool(opts.get("tensorboard", True)), progress=False,
+                         fl_batch_size=opts.get("fl_batch_size", 512), accelerator=opts.get("accelerator", "cpu"),
+                         on_error=opts.get("on_error", "continue"), **sw)
+        for name, store in stores.items():
+            mine = [r for r in rows if r["dataset"] == name]
+            _sweep_rows_na(store, mine)
+            errors = [f"{r['label']} {r['setting']} n={r['budget']} rep={r['rep']}: {r['status']}" for r in mine
+                      if _status(r) == "error"]
+            log.step(f"repair {label}", name, summarize_rows(mine), time.perf_counter() - t0,
+                     _na_diff(store, before[name]), errors)
+
+
+def _aggregate(stores: Mapping[str, RunStore], log: _Log) -> dict[str, Any]:
+    from pipeline.repair import aggregate
+
+    t0 = time.perf_counter()
+    agg = aggregate({name: s.root for name, s in stores.items()})
+    log.step("aggregate", ", ".join(stores), {"done": 1}, time.perf_counter() - t0, {})
+    if agg.get("n_runs"):
+        log.log(f"  {agg['n_runs']} repair runs -> {agg['summary_dir']}")
+    return {k: v for k, v in agg.items() if k in ("n_runs", "summary_dir", "files", "markdown")}
+
+
+def _adequacy(store: RunStore, name: str, opts: Mapping[str, Any], ds_over: Mapping[str, Any] | None,
+              shard: tuple[int, int], root: Path, log: _Log) -> None:
+    from pipeline.adequacy import RQS, _merge, build_config, run_rq
+
+    configs = [p if Path(p).is_absolute() else root / p for p in opts.get("configs") or
+               ["configs/adequacy/default.yaml"]]
+    cfg = _merge(build_config(configs), dict(opts.get("overrides") or {}))
+    cfg = _merge(cfg, dict(ds_over or {}))
+    if opts.get("use_run_checkpoint", True):
+        eps = store.checkpoint_epochs()
+        if not eps:
+            raise FileNotFoundError(f"adequacy: {store.root} has no checkpoint to test")
+        cfg = _merge(cfg, {"model": {"checkpoint": str(store.checkpoint(eps[-1]))}})
+    rqs = list(opts.get("rqs") or RQS)
+    k, n = shard
+    counts = {"done": 0, "skipped": 0}
+    t0 = time.perf_counter()
+    for rq in rqs[k::n]:
+        ckpt = cfg["model"].get("checkpoint")
+        ident = {"kind": "adequacy_rq", "rq": rq, "config": {**cfg, "model": {**cfg["model"], "checkpoint": None}},
+                 "checkpoint": store.file_hash(ckpt) if ckpt else None}
+        marker = store.adequacy_dir / f"{rq}.done.json"
+        if store.read_result(marker, ident) is not None:
+            counts["skipped"] += 1
+            continue
+        out = run_rq(rq, cfg, store.adequacy_dir, progress=False)
+        store.write_result(marker, ident, {"kind": "adequacy_rq", "rq": rq,
+                                           "paths": [store.rel(p) for p in out["paths"]]})
+        counts["done"] += 1
+    log.step("adequacy", name, counts, time.perf_counter() - t0, {})
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
+                   shard: str | tuple[int, int] | None = None, root: str | Path | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run an experiment config (a mapping as ``scripts/run_experiment.py --print_config`` prints it).
+
+    ``steps``: steps or phases to run (default: the config's ``steps``, else all, in data-flow order); ``shard``:
+    ``"k/n"`` or (k, n); ``root``: the folder relative config paths (training and adequacy configs) are read
+    from (default: the current directory). Returns ``{"steps", "summary", "aggregate"}``; ``summary`` holds one
+    row per step and data set with the counts of done / skipped / not applicable / failed tasks."""
+    from pipeline.repair import parse_shard
+
+    quiet()
+    k, n = parse_shard(shard)
+    todo = check_experiment(cfg)
+    if steps is not None:
+        asked = _expand_steps(steps)
+        todo = [s for s in asked]
+    if n > 1:
+        not_sharded = [s for s in todo if s not in SHARDED]
+        if not_sharded:
+            raise ExperimentConfigError(
+                f"steps {not_sharded} are not sharded: run them once without --shard (prepare: {PHASES['prepare']}"
+                f" before the shards, final: {PHASES['final']} after all of them); with --shard k/n give "
+                f"--steps work (or some of {list(SHARDED)})")
+    root = Path(root or os.getcwd())
+    stores = {name: RunStore(Path(d["run_dir"]) if Path(d["run_dir"]).is_absolute() else root / d["run_dir"])
+              for name, d in cfg["datasets"].items()}
+    L = _Log(log)
+    out: dict[str, Any] = {"steps": todo, "summary": L.summary}
+    log(f"experiment {cfg['name']} ({cfg.get('variant', '')}): steps {', '.join(todo)}"
+        + (f"; shard {k}/{n}" if n > 1 else ""))
+    for step in todo:
+        t0 = time.perf_counter()
+        if step == "train":
+            for name, store in stores.items():
+                c = _train(store, cfg["datasets"][name].get("train"), root)
+                L.step("train", name, c, time.perf_counter() - t0, {})
+        elif step == "cache":
+            for name, store in stores.items():
+                L.step("cache", name, _cache(store, step_options(cfg, "cache")), time.perf_counter() - t0, {})
+        elif step == "misclf":
+            for name, store in stores.items():
+                L.step("misclf", name, _misclf(store, step_options(cfg, "misclf")), time.perf_counter() - t0, {})
+        elif step == "localize":
+            _localize(stores, step_options(cfg, "localize"), (k, n), L)
+        elif step == "evaluate_fl":
+            for name, store in stores.items():
+                _evaluate(store, name, step_options(cfg, "evaluate_fl"), L)
+        elif step == "repair":
+            _repair(stores, step_options(cfg, "repair"), (k, n), L)
+        elif step == "aggregate":
+            out["aggregate"] = _aggregate(stores, L)
+        elif step == "adequacy":
+            for name, store in stores.items():
+                _adequacy(store, name, step_options(cfg, "adequacy"), cfg["datasets"][name].get("adequacy"),
+                          (k, n), root, L)
+    return out
+
+
+def experiment_identity(cfg: Mapping[str, Any]) -> str:
+    """A short key of the whole config (for logs and provenance)."""
+    return identity_key(dict(cfg))
