@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_modules.repair.fitness import (FullBatchFitness, LoopFitness, NonFiniteFitnessError, SparseFitness,
                                               make_fitness, repair_fitness)
-from lightning_modules.repair.patch import RepairInputError
+from lightning_modules.repair.patch import RepairInputError, read_values
 from localization.ffn import FFNHead
 
 D, C = 8, 5
@@ -226,3 +226,125 @@ def test_doctests():
 
     r = doctest.testmod(fitness_module)
     assert r.attempted > 0 and r.failed == 0
+
+
+# ----------------------------------------------------------------------------------------------- placements
+def placement(kind, seed=0, n=40):
+    """Located weights of a given shape on the D = 8, 4D = 32 head: ``random`` (spread over both matrices),
+    ``clustered`` (few neurons / rows, both matrices), ``aft_heavy`` (few W_bef rows, many W_aft rows, as ours
+    picks), ``aft_on_touched`` (W_aft weights on the columns of the touched neurons: the per-candidate bmm),
+    ``aft_on_touched_sparse`` (one such weight among many rows: the segment-sum path)."""
+    g = torch.Generator().manual_seed(seed)
+    d_ff = 4 * D
+    if kind == "random":
+        flat = torch.randperm(2 * D * d_ff, generator=g)[:n]
+        m = (flat >= D * d_ff).long()
+        rest = flat - m * D * d_ff
+        rows = torch.where(m == 0, rest // D, rest // d_ff)
+        cols = torch.where(m == 0, rest % D, rest % d_ff)
+        return torch.stack([m, rows, cols], 1)
+    if kind == "clustered":
+        bef = [[0, j, c] for j in (3, 9) for c in range(D)]
+        aft = [[1, i, c] for i in (1, 6) for c in torch.randperm(d_ff, generator=g)[:6].tolist()]
+        return torch.tensor(bef + aft)
+    if kind == "aft_heavy":
+        bef = [[0, 4, c] for c in (0, 5)]
+        aft = [[1, i, c] for i in range(D) for c in torch.randperm(d_ff, generator=g)[:3].tolist()]
+        return torch.tensor(bef + aft)
+    if kind == "aft_on_touched":
+        bef = [[0, j, c] for j in (2, 7) for c in (1, 4)]
+        aft = [[1, i, j] for i in range(D) for j in (2, 7)] + [[1, 0, 11], [1, 3, 20]]
+        return torch.tensor(bef + aft)
+    if kind == "aft_on_touched_sparse":
+        bef = [[0, j, c] for j in range(0, 24, 3) for c in (0, 6)]
+        aft = [[1, 5, 3]] + [[1, i, 30 - i] for i in range(D)]
+        return torch.tensor(bef + aft)
+    raise ValueError(kind)
+
+
+PLACEMENTS = ["random", "clustered", "aft_heavy", "aft_on_touched", "aft_on_touched_sparse"]
+
+
+@pytest.mark.parametrize("kind", PLACEMENTS)
+@pytest.mark.parametrize("kernel", ["explicit", "folded", "auto"])
+@pytest.mark.parametrize("head_kind", ["plain", "layerscale"])
+def test_fused_fitness_equals_full_head_in_every_placement(kind, kernel, head_kind):
+    h = head(head_kind, seed=3)
+    w = placement(kind)
+    x, y, neg = data(n=45, seed=4)
+    vals = read_values(h, w) + 0.7 * candidates(p=9, k=len(w), seed=5)  # near the head: right and wrong inputs
+    loop = LoopFitness(h, w, x, y, neg)
+    ref_logits = loop.logits(vals)
+    correct = ref_logits.argmax(-1) == y
+    assert 0 < int(correct.sum()) < correct.numel()  # both branches of the fused pass are exercised
+    for variant, loss in (("arachne", "logits"), ("reptran", "logits"), ("arachne", "softmax_ce")):
+        ev = SparseFitness(h, w, x, y, neg, kernel=kernel, chunk_size=4, variant=variant, loss=loss)
+        ref = LoopFitness(h, w, x, y, neg, variant=variant, loss=loss)(vals)
+        res = ev(vals)
+        torch.testing.assert_close(res.fitness, ref.fitness, rtol=0, atol=1e-10)
+        assert torch.equal(res.n_patched, ref.n_patched) and torch.equal(res.n_broken, ref.n_broken)
+    torch.testing.assert_close(ev.logits(vals), ref_logits, rtol=1e-10, atol=1e-10)
+    if kind == "aft_on_touched":
+        assert ev._a1_flat is not None  # the per-candidate bmm path
+    if kind == "aft_on_touched_sparse":
+        assert ev._seg_a1 is not None  # the segment-sum path
+
+
+def test_fused_correctness_breaks_ties_like_argmax():
+    """Classes 0 and 1 with identical classifier rows tie exactly: argmax picks class 0, so an input labelled 1
+    is wrong and one labelled 0 is right, in the fused pass as in the full head."""
+    h = head("plain", seed=6)
+    with torch.no_grad():
+        h.post[1].weight[1] = h.post[1].weight[0]
+        h.post[1].bias[1] = h.post[1].bias[0] + 50.0  # ... and both far above the other classes
+        h.post[1].bias[0] += 50.0
+    x, _, neg = data(n=20, seed=7)
+    y = torch.tensor([0, 1] * 10)
+    w = placement("clustered")
+    vals = read_values(h, w) + 0.1 * candidates(p=3, k=len(w), seed=8)
+    logits = LoopFitness(h, w, x, y, neg).logits(vals)
+    assert bool((logits[..., 0] == logits[..., 1]).all())  # the tie is exact in the reference
+    ref = repair_fitness(logits, y, neg)
+    assert bool((ref.n_patched + ref.n_broken > 0).all())
+    for kernel in ("explicit", "folded"):
+        ev = SparseFitness(h, w, x, y, neg, kernel=kernel)
+        zs = ev.logits(vals)
+        if not bool((zs[..., 0] == zs[..., 1]).all()):
+            pytest.fail("the fused kernel broke the exact tie of identical classifier rows")
+        res = ev(vals)
+        torch.testing.assert_close(res.fitness, ref.fitness, rtol=0, atol=1e-10)
+        assert torch.equal(res.n_patched, ref.n_patched) and torch.equal(res.n_broken, ref.n_broken)
+
+
+@pytest.mark.parametrize("kind", ["random", "aft_heavy"])
+@pytest.mark.parametrize("update", ["deferred", "immediate"])
+def test_de_trajectory_with_the_fused_fitness_equals_the_full_head(kind, update):
+    """A fixed seed gives the same search with the fused evaluator as with the full head: best and mean fitness
+    after every generation (float64, <= 1e-10) and the same final population."""
+    from lightning_modules.repair.de import DifferentialEvolution, matrix_bounds, matrix_init_stats
+
+    h = head("plain", seed=9)
+    w = placement(kind, seed=1, n=30)
+    x, y, neg = data(n=40, seed=10)
+    lo, hi, mu, sd = (torch.empty(len(w), dtype=torch.float64) for _ in range(4))
+    for k, W in enumerate(h.weights()):
+        sel = w[:, 0] == k
+        lo[sel], hi[sel] = matrix_bounds(W.detach())
+        mu[sel], sd[sel] = matrix_init_stats(W.detach())
+
+    def trajectory(ev):
+        de = DifferentialEvolution(ev, lo, hi, mu, sd, pop_size=12, generations=10, update=update, seed=3,
+                                   dtype=torch.float64, num_vars=len(w))
+        de.initialize()
+        out = [(float(de.fit.max()), float(de.fit.mean()))]
+        while not de.done:
+            de.step()
+            out.append((float(de.fit.max()), float(de.fit.mean())))
+        return torch.tensor(out, dtype=torch.float64), de.pop
+
+    ref, ref_pop = trajectory(LoopFitness(h, w, x, y, neg))
+    assert float(ref[-1, 0]) > float(ref[0, 0])  # the search moved
+    for kernel in ("explicit", "folded"):
+        got, pop = trajectory(SparseFitness(h, w, x, y, neg, kernel=kernel))
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+        torch.testing.assert_close(pop, ref_pop, rtol=0, atol=1e-12)
