@@ -1,7 +1,10 @@
-"""The main job, end to end on the embedded default (scikit-learn's digits, a small ViT trained from scratch):
+"""The main job, end to end on the embedded testbed (docs/testbed.md; no download): a small ViT pretrained on
+MNIST-5k's pretraining pool + sklearn's digits, then fine-tuned 2 epochs on MNIST-5k's fine-tuning pool.
 
-  1. train the digits ViT (per-epoch checkpoints + last-FFN weight files; TensorBoard logs), test it;
-  2. cache the CLS states of the repair and test folds;
+  1. pretrain (``<run>/pretrain``), export the backbone without its head, fine-tune 2 epochs with a new head
+     (per-epoch checkpoints 0, 1, 2 + last-FFN weight files; TensorBoard logs), test it;
+  2. cache the CLS states of the repair and test folds; print the layer-matters figure (accuracy with the last
+     FFN's activations zeroed) and the checkpoint benchmark's diagnostics (what |W(2) - W(1)| follows);
   3. misclassification analysis (settings, confusion matrix);
   4. every registered FL method on every available setting and budget (FL LightningModule under the Trainer);
   5. FL evaluation (interventions, checkpoint-diff and injected-fault benchmarks, statistics, figures);
@@ -10,8 +13,9 @@
 
 Every step skips what is already on disk, so an interrupted job resumes where it stopped.
 
-    python scripts/main_job.py                          # outputs/digits
-    python scripts/main_job.py --backbone timm --run_dir outputs/digits_timm
+    python scripts/main_job.py                          # outputs/mnist
+    python scripts/main_job.py --backbone timm --run_dir outputs/mnist_timm
+    python scripts/main_job.py --testbed digits         # the older from-scratch digits ViT, outputs/digits
 """
 from __future__ import annotations
 
@@ -22,10 +26,19 @@ import time
 import _bootstrap  # noqa: F401
 
 ROOT = _bootstrap.ROOT
-MODEL_CONFIGS = {"hf": "configs/model/vit_digits.yaml", "timm": "configs/model/vit_digits_timm.yaml"}
-#: FL / repair budgets scaled to the digits layer (2 x 64 x 256 = 32,768 weights): 0.1%, 0.5%, 1% of it, as
-#: 236 / 472 / 944 are 0.005% / 0.01% / 0.02% of ViT-B/16's 4,718,592.
+#: FL / repair budgets scaled to the small layer: 0.1%, 0.5%, 1% of its 2 d d_ff weights (the digits ViT's
+#: 32,768 -> 33, 164, 328), as 236 / 472 / 944 are 0.005% / 0.01% / 0.02% of ViT-B/16's 4,718,592.
+BUDGET_FRACTIONS = (0.001, 0.005, 0.01)
 DIGITS_BUDGETS = [33, 164, 328]
+
+
+def scaled_budgets(layout) -> list[int]:
+    """:data:`BUDGET_FRACTIONS` of the trained model's last-FFN weight count (rounded, at least 1)."""
+    from lightning_modules.runs import load_run_model
+    from localization.ffn import last_ffn_head
+
+    total = last_ffn_head(load_run_model(layout)[0]).index.total
+    return [max(1, round(f * total)) for f in BUDGET_FRACTIONS]
 
 
 def banner(msg: str) -> None:
@@ -62,17 +75,121 @@ def fl_summary(rows: list[dict]) -> str:
     return table(out, ["method", "settings", "N", "mean_s", "max_s", "not run"])
 
 
-def train(layout, backbone: str, epochs: int, extra: list[str]) -> None:
+#: The embedded testbed (``--testbed mnist``, the default): pretrain a small ViT on MNIST-5k's pretraining pool +
+#: sklearn's digits, then fine-tune it for 2 epochs (per-epoch checkpoints 0, 1, 2) on MNIST-5k's fine-tuning
+#: pool with a new classification head, as the published protocol fine-tunes an ImageNet-21k ViT-B/16 on
+#: CIFAR-100 (docs/testbed.md). ``--testbed digits``: the older recipe, a 4-layer ViT trained 40 epochs from
+#: scratch on sklearn's digits.
+TESTBEDS = {
+    "mnist": {
+        "pretrain": {"data": "configs/data/mnist_pretrain.yaml", "trainer": "configs/testbed/pretrain.yaml",
+                     "model": {"hf": "configs/model/vit_mnist_pretrain.yaml",
+                               "timm": "configs/model/vit_mnist_pretrain_timm.yaml"}},
+        "finetune": {"data": "configs/data/mnist_finetune.yaml", "trainer": "configs/testbed/finetune.yaml",
+                     "model": {"hf": "configs/model/vit_mnist_finetune.yaml",
+                               "timm": "configs/model/vit_mnist_finetune_timm.yaml"}},
+    },
+    "digits": {
+        "finetune": {"data": "configs/data/digits.yaml", "trainer": "configs/trainer/cpu.yaml",
+                     "model": {"hf": "configs/model/vit_digits.yaml", "timm": "configs/model/vit_digits_timm.yaml"}},
+    },
+}
+MODEL_CONFIGS = TESTBEDS["digits"]["finetune"]["model"]
+
+
+def _cfg(path: str) -> str:
+    return os.path.join(ROOT, path)
+
+
+def pretrained_dir(layout) -> str:
+    """Where the testbed's pretraining run lives (``<run>/pretrain``) and exports its weights
+    (``<run>/pretrain/export``: an HF ``save_pretrained`` folder or a timm ``model.safetensors``, head left out)."""
+    return os.path.join(str(layout.root), "pretrain")
+
+
+def export_pretrained(ckpt_path: str, backbone: str, out_dir: str) -> str:
+    """Write the pretrained backbone without its classification head where ``hf_vit`` / ``timm_vit`` read local
+    weights (``pretrained_path``): HF: ``ViTModel.save_pretrained(out_dir)`` (so ``ViTForImageClassification.
+    from_pretrained`` builds a new, randomly initialised classifier, as for ``google/vit-base-patch16-224-in21k``);
+    timm: ``out_dir/model.safetensors`` with every ``head.*`` entry dropped. Returns the ``pretrained_path``."""
+    from safetensors.torch import save_file
+
+    from lightning_modules.runs import load_classifier
+
+    model = load_classifier(ckpt_path)
+    os.makedirs(out_dir, exist_ok=True)
+    if backbone == "hf":
+        model.backbone.model.vit.save_pretrained(out_dir)
+        return out_dir
+    state = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items() if not k.startswith("head.")}
+    path = os.path.join(out_dir, "model.safetensors")
+    save_file(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _finetune_model_config(layout, backbone: str, pretrained_path: str) -> str:
+    """The fine-tuning model YAML with ``backbone_kwargs.pretrained_path`` set, written into the run directory."""
+    import yaml
+
+    spec = yaml.safe_load(open(_cfg(TESTBEDS["mnist"]["finetune"]["model"][backbone])))
+    spec["model"].setdefault("backbone_kwargs", {})["pretrained_path"] = pretrained_path
+    path = os.path.join(str(layout.root), "finetune_model.yaml")
+    os.makedirs(str(layout.root), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        yaml.safe_dump(spec, f, sort_keys=False)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def pretrain(layout, backbone: str, epochs: int | None, extra: list[str]) -> str:
+    """Pretrain (``<run>/pretrain``, skipped when its export exists) and export the backbone; returns its
+    ``pretrained_path``. ``epochs=None``: the testbed's ``max_epochs``."""
+    from lightning_modules.cli import ToolkitCLI
+    from localization.artifacts import RunLayout
+
+    pre = RunLayout(pretrained_dir(layout))
+    export = os.path.join(str(pre.root), "export")
+    done = os.path.join(export, "config.json" if backbone == "hf" else "model.safetensors")
+    if os.path.isfile(done):
+        print(f"pretrained weights {done} exist: pretraining skipped")
+        return export if backbone == "hf" else done
+    import yaml
+
+    tb = TESTBEDS["mnist"]["pretrain"]
+    epochs = epochs or int(yaml.safe_load(open(_cfg(tb["trainer"])))["trainer"]["max_epochs"])
+    if epochs not in pre.checkpoint_epochs():
+        ToolkitCLI(args=["fit", "--config", _cfg(tb["data"]), "--config", _cfg(tb["model"][backbone]),
+                         "--config", _cfg(tb["trainer"]), f"--trainer.default_root_dir={pre.root}",
+                         f"--trainer.max_epochs={epochs}", *_resume_args(pre), *extra])
+    return export_pretrained(str(pre.checkpoint(epochs)), backbone, export)
+
+
+def _resume_args(layout) -> list[str]:
+    """``--ckpt_path last`` when an interrupted fit left ``checkpoints/last.ckpt`` behind, else nothing."""
+    return ["--ckpt_path", "last"] if (layout.checkpoints / "last.ckpt").is_file() else []
+
+
+def train(layout, backbone: str, epochs: int, extra: list[str], testbed: str = "mnist",
+          pretrain_epochs: int | None = None) -> None:
+    """Fine-tune the pretrained testbed ViT for ``epochs`` (2) epochs, or (``testbed="digits"``) train the digits
+    ViT from scratch; skipped when the last epoch's checkpoint exists."""
     from lightning_modules.cli import ToolkitCLI
     from lightning_modules.runs import checkpoint_epochs
 
     if epochs in checkpoint_epochs(layout):
         print(f"checkpoint {layout.checkpoint(epochs)} exists: training skipped")
         return
-    ToolkitCLI(args=["fit", "--config", os.path.join(ROOT, "configs/data/digits.yaml"),
-                     "--config", os.path.join(ROOT, MODEL_CONFIGS[backbone]),
-                     "--config", os.path.join(ROOT, "configs/trainer/cpu.yaml"),
-                     f"--trainer.default_root_dir={layout.root}", f"--trainer.max_epochs={epochs}", *extra])
+    tb = TESTBEDS[testbed]["finetune"]
+    model_cfg = _cfg(tb["model"][backbone])
+    if testbed == "mnist":
+        t0 = time.perf_counter()
+        path = pretrain(layout, backbone, pretrain_epochs, extra)
+        print(f"pretraining: {time.perf_counter() - t0:.1f} s; fine-tuning from {path}")
+        model_cfg = _finetune_model_config(layout, backbone, path)
+    ToolkitCLI(args=["fit", "--config", _cfg(tb["data"]), "--config", model_cfg, "--config", _cfg(tb["trainer"]),
+                     f"--trainer.default_root_dir={layout.root}", f"--trainer.max_epochs={epochs}",
+                     *_resume_args(layout), *extra])
 
 
 def test(layout) -> float:
@@ -88,13 +205,102 @@ def test(layout) -> float:
     return out["test/acc"]
 
 
+def layer_matters(head, x, label) -> dict:
+    """How much the model needs its last FFN: top-1 accuracy of the FFN head on cached CLS states ``x [N, d]``
+    with labels ``[N]``, as is and with every post-GELU activation of the last FFN set to 0 (the FFN then adds
+    only its output bias ``b_aft``). With CLS pooling this equals the full model with the last block's
+    activations zeroed (at every token: only token 0 reaches the logits).
+
+    Returns ``n``, ``acc``, ``acc_zeroed``, ``drop`` (= acc - acc_zeroed, in [-1, 1]) and ``ffn_ratio`` (the
+    mean over inputs of ||FFN output|| / ||x||, how large the last FFN's write is beside the residual stream)."""
+    import torch
+
+    x = torch.as_tensor(x)
+    label = torch.as_tensor(label).long().reshape(-1)
+    if x.ndim != 2 or x.shape[1] != head.d or len(x) == 0:
+        raise ValueError(f"layer_matters: x must be non-empty cached states [N, d={head.d}], got {tuple(x.shape)}")
+    if len(label) != len(x):
+        raise ValueError(f"layer_matters: {len(label)} labels for {len(x)} states")
+    x = x.to(head.fc_bef.weight.dtype)
+    with torch.no_grad():
+        mid = head.intermediates(x)
+        zeroed = head.from_activation(x, torch.zeros_like(mid["a"]))
+        acc = (mid["logits"].argmax(1) == label).double().mean().item()
+        acc0 = (zeroed.argmax(1) == label).double().mean().item()
+        ratio = (mid["o"].norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).mean().item()
+    return {"n": len(x), "acc": acc, "acc_zeroed": acc0, "drop": acc - acc0, "ffn_ratio": ratio}
+
+
+def step_layer_matters(layout) -> dict[str, dict]:
+    """:func:`layer_matters` of the run's last checkpoint on the cached test fold, repair fold and both."""
+    import torch
+
+    from lightning_modules.runs import load_run_model
+    from localization.cache import load_states
+    from localization.ffn import last_ffn_head, model_fingerprint
+
+    model, _ = load_run_model(layout)
+    head = last_ffn_head(model)
+    st = {s: load_states(layout.states(s), expected_hash=model_fingerprint(model)) for s in ("test", "repair")}
+    out = {s: layer_matters(head, c.x, c.label) for s, c in st.items()}
+    out["eval"] = layer_matters(head, torch.cat([st["test"].x, st["repair"].x]),
+                                torch.cat([st["test"].label, st["repair"].label]))
+    for s, r in out.items():
+        print(f"layer matters ({s}, n={r['n']}): top-1 {r['acc']:.4f}, last-FFN activations zeroed "
+              f"{r['acc_zeroed']:.4f}, drop {100 * r['drop']:.1f} points; ||FFN out|| / ||x|| = {r['ffn_ratio']:.2f}")
+    return out
+
+
+def checkpoint_diagnostics(layout, epoch: int | None = None, batch_size: int = 512) -> dict:
+    """What the checkpoint benchmark's ground truth |W(e) - W(e-1)| follows, over all last-FFN weights (W_bef then
+    W_aft): Spearman's rho with |W(e-1)| (weight decay / scale) and with |dL/dW at W(e-1)| (L = the mean
+    cross-entropy on logits over the non-augmented training split, the epoch e-1 model in eval mode).
+    ``epoch=None``: the last epoch."""
+    import torch
+    import torch.nn.functional as F
+    from scipy.stats import spearmanr
+
+    from callbacks.ffn_weights import load_ffn_weights
+    from lightning_modules.runs import datamodule_from_run, last_epoch, load_run_model
+    from localization.ffn import last_ffn_head
+
+    e = last_epoch(layout) if epoch is None else epoch
+    prev, nxt = load_ffn_weights(layout.ffn_weights(e - 1)), load_ffn_weights(layout.ffn_weights(e))
+    flat = lambda d: torch.cat([d["W_bef"].reshape(-1), d["W_aft"].reshape(-1)]).double()  # noqa: E731
+    change, mag = (flat(nxt) - flat(prev)).abs(), flat(prev).abs()
+    model, _ = load_run_model(layout, e - 1)
+    head = last_ffn_head(model)
+    dm = datamodule_from_run(layout)
+    dm.setup()
+    for W in head.weights():
+        W.requires_grad_(True)
+        W.grad = None
+    n = 0
+    for images, labels, _ in dm.dataloader("train", batch_size=batch_size):
+        F.cross_entropy(model(images), labels, reduction="sum").backward()
+        n += len(labels)
+    grad = torch.cat([W.grad.reshape(-1) for W in head.weights()]).double().abs() / n
+    out = {"epoch": e, "n_weights": len(change), "n_train": n,
+           "spearman_magnitude": float(spearmanr(change.numpy(), mag.numpy()).statistic),
+           "spearman_gradient": float(spearmanr(change.numpy(), grad.numpy()).statistic)}
+    print(f"checkpoint benchmark ground truth |W({e}) - W({e - 1})| over {out['n_weights']:,} last-FFN weights: "
+          f"Spearman with |W({e - 1})| {out['spearman_magnitude']:.3f}, with |dL/dW| at W({e - 1}) on the "
+          f"{n} training inputs {out['spearman_gradient']:.3f}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run_dir", default=os.path.join(ROOT, "outputs", "digits"))
+    p.add_argument("--run_dir", default=None, help="default: outputs/<testbed> (outputs/mnist, outputs/digits)")
+    p.add_argument("--testbed", choices=sorted(TESTBEDS), default="mnist",
+                   help="mnist: pretrain + 2-epoch fine-tune (default); digits: 40 epochs from scratch")
     p.add_argument("--backbone", choices=sorted(MODEL_CONFIGS), default="hf")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: mnist 2, digits 40)")
+    p.add_argument("--pretrain_epochs", type=int, default=None,
+                   help="mnist testbed: pretraining epochs (default: configs/testbed/pretrain.yaml)")
     p.add_argument("--methods", nargs="+", default=None, help="FL methods (default: all registered)")
-    p.add_argument("--budgets", nargs="+", type=int, default=DIGITS_BUDGETS)
+    p.add_argument("--budgets", nargs="+", type=int, default=None,
+                   help="FL / repair budgets (default: 0.1%%, 0.5%%, 1%% of the last FFN's weights)")
     p.add_argument("--repair_reps", type=int, default=2)
     p.add_argument("--skip", nargs="*", default=[], choices=["evaluate", "repair", "coverage"])
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, few methods (for tests)")
@@ -104,7 +310,7 @@ def main() -> None:
 
     from localization.artifacts import RunLayout
 
-    layout = RunLayout(a.run_dir)
+    layout = RunLayout(a.run_dir or os.path.join(ROOT, "outputs", a.testbed))
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -114,10 +320,13 @@ def main() -> None:
         timings[name] = time.perf_counter() - t0
         return out
 
-    epochs = 2 if a.quick else a.epochs
-    banner(f"1. train the digits ViT ({a.backbone}, {epochs} epochs) -> {layout.root}")
-    timed("train", train, layout, a.backbone, epochs, a.train_args)
+    epochs = a.epochs or (2 if a.quick or a.testbed == "mnist" else 40)
+    pre_epochs = a.pretrain_epochs or (3 if a.quick else None)
+    what = "pretrain + fine-tune" if a.testbed == "mnist" else "train"
+    banner(f"1. {what} the {a.testbed} ViT ({a.backbone}, {epochs} epochs) -> {layout.root}")
+    timed("train", train, layout, a.backbone, epochs, a.train_args, testbed=a.testbed, pretrain_epochs=pre_epochs)
     acc = timed("test", test, layout)
+    a.budgets = a.budgets or scaled_budgets(layout)
 
     banner("2. cache CLS states (repair, test folds)")
     from pipeline.cache import step_cache
@@ -125,6 +334,9 @@ def main() -> None:
     from pipeline.misclf import step_misclf
 
     timed("cache", step_cache, layout, ("repair", "test"), trainer_kwargs={"enable_progress_bar": False})
+    timed("layer_matters", step_layer_matters, layout)
+    if len(layout.checkpoint_epochs()) >= 2:
+        timed("ckpt_diagnostics", checkpoint_diagnostics, layout)
 
     banner("3. misclassification analysis")
     info = timed("misclf", step_misclf, layout)
