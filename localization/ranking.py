@@ -284,7 +284,7 @@ def localize(head: FFNHead, x: Tensor | None, label: Tensor | None, is_neg: Tens
             for s in range(0, n, batch_size):
                 loc.update(x[s:s + batch_size], label[s:s + batch_size], is_neg[s:s + batch_size])
         else:
-            from localization.methods._common import compat_groups, neg_first_order, whole_group_batches
+            from localization.batching import compat_groups, neg_first_order, whole_group_batches
 
             order = neg_first_order(is_neg)  # each set keeps the order given (the published one, from the runner)
             if not torch.equal(order, torch.arange(n)):

@@ -14,7 +14,6 @@ saved, and used by every reader.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch

@@ -139,9 +139,13 @@ class BL(GLFILocalizer):
 
     def own_selection(self) -> Tensor:
         """The Pareto front's global weight indices, best BL score first (call ``compute`` first)."""
-        if self._front is None or self._computed is None:
+        if self._front is None:
             self.compute()
         return self._front
+
+    def reset(self) -> None:
+        super().reset()
+        self._front = None
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "keep_identical": self.keep_identical}

@@ -159,9 +159,13 @@ class IntegratedGradients(SetLocalizer):
         """The paper rule's neurons (``selection="paper"``), else None."""
         if self.selection != "paper":
             return None
-        if self._selected is None or self._computed is None:
+        if self._selected is None:
             self.compute()
         return self._selected
+
+    def reset(self) -> None:
+        super().reset()
+        self._selected = None
 
     def options(self) -> dict[str, Any]:
         opts = {"m": self.m, "on": self.on, "selection": self.selection, "target": self.target,

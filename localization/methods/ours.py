@@ -39,6 +39,7 @@ from torch import Tensor
 from localization.base import register_localizer
 from localization.ffn import FFNHead
 from localization.methods._common import FFNPass, SetLocalizer, acc_zeros, array_split_sizes, ffn_pass
+from localization.methods._reptran import reptran_sums
 from localization.methods.arachne import GLFILocalizer, minmax_eps
 from localization.methods.neuron_scores import VStates
 from localization.ranking import minmax, top_n
@@ -124,8 +125,6 @@ class OursFL5(VStates, SetLocalizer):
         self._init_v(("neg", "pos"), outer=True, vscore=vscore)
 
     def _accumulate(self, side: str, x: Tensor, label: Tensor, batches: list[int] | None = None) -> None:
-        from localization.methods.reptran_compat import reptran_sums
-
         if side == "neg":
             r = reptran_sums(self.head, x, label, batches or array_split_sizes(x.shape[0], self.batching), fi=False)
             self.add_weights(self.rgl_neg, r.gl_bef, r.gl_aft)
