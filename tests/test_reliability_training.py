@@ -210,3 +210,34 @@ def test_a_resume_checkpoint_with_a_payload_is_refused(uninterrupted, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="Python global exec"):
         cli(tmp_path, "--ckpt_path", "last", "--trainer.max_epochs=5")
     assert not marker.exists() and not RunLayout(tmp_path).run_config.exists()
+
+
+def _ddp_fit(root, ckpt_path=None, kill=False):
+    from callbacks.checkpoints import PerEpochCheckpoint, ResumeCheckpoint
+    from conftest import tiny_classifier
+    from datamodules import DigitsDataModule
+
+    L.seed_everything(0, verbose=False)
+    model = tiny_classifier("hf_vit", seed=0, randomize=False, hidden_dropout_prob=0.1).train()
+    dm = DigitsDataModule(batch_size=16, eval_batch_size=64, folds_path=str(root / "folds.json"))
+    callbacks = [PerEpochCheckpoint(), ResumeCheckpoint(), *([KillInEpoch(epoch=1, batch=1)] if kill else [])]
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=EPOCHS,
+                        limit_train_batches=3, limit_val_batches=1, default_root_dir=str(root), logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+
+
+@pytest.mark.slow  # ~1-2 min: three 2-process CPU DDP fits
+def test_ddp_resume_gives_the_same_weights(tmp_path):
+    from conftest import retry_spawn_teardown_abort
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    retry_spawn_teardown_abort(lambda: _ddp_fit(a))
+    with pytest.raises(Exception, match="Killed|killed"):
+        _ddp_fit(b, kill=True)
+    assert checkpoint_epochs(RunLayout(b)) == [0, 1]
+    retry_spawn_teardown_abort(lambda: _ddp_fit(b, ckpt_path=str(RunLayout(b).checkpoints / "last.ckpt")))
+    for epoch in range(EPOCHS + 1):
+        sa, sb = state(RunLayout(a).checkpoint(epoch)), state(RunLayout(b).checkpoint(epoch))
+        worst = max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+        assert worst <= 1e-6, f"epoch {epoch}: resumed DDP weights differ from the uninterrupted run by {worst}"
