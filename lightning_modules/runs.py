@@ -119,6 +119,9 @@ def datamodule_from_run(layout: RunLayout, **override: Any):
     cfg = run_config(layout)
     if "data" not in cfg:
         raise RunError(f"{layout.run_config}: no 'data' section")
+    # the run's own folds (run_config.yaml may name the folder the run was trained in: a copied or moved run must
+    # not read the original's)
+    override.setdefault("folds_path", str(layout.folds))
     return build_from_spec(cfg["data"], source=str(layout.run_config), **override)
 
 

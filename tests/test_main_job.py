@@ -24,7 +24,14 @@ def test_main_job_quick_writes_every_artifact(tmp_path):
         assert (run / sub).exists(), sub
     info = json.loads((run / "misclf" / "misclf_info.json").read_text())
     assert "all" in info["settings"]
-    assert list((run / "fl" / "all").glob("*.pt")), "no FL result for the 'all' setting"
+    assert list((run / "fl" / "all").glob("*.json")), "no FL result for the 'all' setting"
+    assert not list(run.rglob("*.pt")), "no pickled result files: tensors are safetensors, records JSON"
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    for p in run.rglob("*.json"):  # every JSON is strict (NaN / inf written as null)
+        json.loads(p.read_text(), parse_constant=refuse)
     assert list((run / "fl_eval").rglob("*.png")), "no FL evaluation figure"
     assert "digits ViT test accuracy" in out.stdout
     # a second run resumes: nothing is trained again
