@@ -277,7 +277,9 @@ def step_coverage(layout, quick: bool = False, attack: str = "fgsm"):
 
     def tensors(split, n=None):
         ds = dm.dataset(split)
-        idx = range(len(ds)) if n is None else range(min(n, len(ds)))
+        idx = range(len(ds))
+        if n is not None and n < len(ds):  # a seeded sample: a split may be ordered by class
+            idx = sorted(torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist())
         items = [ds[i] for i in idx]
         return torch.stack([t[0] for t in items]), torch.tensor([t[1] for t in items])
 
