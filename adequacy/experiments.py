@@ -93,16 +93,12 @@ def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str, title: str | N
 
 
 def save_figure(fig, out_dir: str | Path, stem: str) -> list[Path]:
-    """``stem.png`` and ``stem.pdf`` (atomic writes); closes the figure."""
-    import matplotlib.pyplot as plt
-
-    from core.io import atomic_savefig
+    """``stem.png`` and ``stem.pdf`` (atomic writes, the house style of :mod:`evaluation.style`: TrueType fonts in
+    the PDF); closes the figure."""
+    from evaluation import style
 
     out_dir = Path(out_dir)
-    paths = [atomic_savefig(fig, out_dir / f"{stem}.png", dpi=150, bbox_inches="tight"),
-             atomic_savefig(fig, out_dir / f"{stem}.pdf", bbox_inches="tight")]
-    plt.close(fig)
-    return paths
+    return style.save(fig, [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"], dpi=200)
 
 
 def write_meta(out_dir: str | Path, stem: str, config: Mapping, **extra) -> Path:
@@ -112,17 +108,11 @@ def write_meta(out_dir: str | Path, stem: str, config: Mapping, **extra) -> Path
 
 
 def _grid(n: int):
-    import matplotlib
+    from evaluation import style
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    return fig, list(axes.flat[:n])
+    fig, axes = style.facet_grid(n, ncols=min(4, n), panel_width=1.75, panel_height=1.5, sharex=False,
+                                 sharey=False)
+    return fig, axes
 
 
 # ================================================================================================ importance
@@ -749,10 +739,22 @@ def coverage_table(model: nn.Module, layer, train_inputs: Tensor, clean_inputs: 
 
 
 def report_coverage_table(out_dir, df: pd.DataFrame, config: Mapping | None = None) -> list[Path]:
-    """``coverage/coverage_table.{csv,md}`` (+ meta JSON) under the adequacy directory."""
+    """``coverage/coverage_table.{csv,md}`` (+ meta JSON) under the adequacy directory. The Markdown title and the
+    clean / adversarial column headers state the split and n (``config``: ``n_clean``, ``n_train``, ``attack``,
+    ``split``, default "eval")."""
     out = rq_dir(out_dir, "coverage_table")
+    cfg = dict(config or {})
     layers = ", ".join(df.attrs.get("layers", []))
-    paths = write_table(df, out, "coverage_table", f"Coverage, clean vs adversarial ({layers})")
-    paths.append(write_meta(out, "coverage_table", dict(config or {}), layers=df.attrs.get("layers"),
+    split, n, attack = cfg.get("split", "eval"), cfg.get("n_clean"), cfg.get("attack", "adversarial")
+    n_txt = f"n = {n}" if n is not None else "n not recorded"
+    md = df.rename(columns={"clean": f"clean ({split} split, {n_txt})",
+                            "adversarial": f"adversarial ({attack} of the same {split} inputs, {n_txt})"})
+    title = (f"Coverage, clean vs adversarial ({layers}): {split} split, {n_txt} inputs each"
+             + (f"; criteria fitted on n = {cfg['n_train']} training inputs" if cfg.get("n_train") else ""))
+    from core.io import atomic_write_text
+
+    paths = [atomic_write_text(out / "coverage_table.csv", df.to_csv(index=False)),
+             atomic_write_text(out / "coverage_table.md", f"# {title}\n\n" + markdown_table(md))]
+    paths.append(write_meta(out, "coverage_table", cfg, layers=df.attrs.get("layers"),
                             method=df.attrs.get("method")))
     return paths

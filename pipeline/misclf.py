@@ -44,29 +44,34 @@ def step_misclf(store: RunStore | str, split: str = "repair", ranks: int = 3, se
 
 
 def plot_confusion(info: dict[str, Any], class_names: list[str] | None = None):
-    """A confusion-matrix figure (counts, log colour scale) of an ``analyze`` result."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A confusion-matrix figure (counts, log colour scale; rows = true class) of an ``analyze`` result or any
+    ``{"confusion", "split", "n", "accuracy"}`` dict, in the house style (:mod:`evaluation.style`): single-column
+    width up to 20 classes (counts printed), wider for more."""
     from matplotlib.colors import LogNorm
+
+    from evaluation import style
 
     c = np.asarray(info["confusion"])
     k = c.shape[0]
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * k + 2), max(3.5, 0.35 * k + 1.5)))
+    if c.size == 0 or c.sum() == 0:
+        return style.nothing_to_plot(f"no inputs in the {info.get('split', '?')} split")
+    w = style.COLUMN_WIDTH if k <= 20 else min(style.DOUBLE_WIDTH, 2.0 + 0.05 * k)
+    fig, ax = style.figure(w, w * 0.9)
+    ax = ax[0, 0]
+    ax.grid(False)
     im = ax.imshow(c + 1, norm=LogNorm(), cmap="viridis")
-    fig.colorbar(im, ax=ax, label="count + 1")
+    fig.colorbar(im, ax=ax, label="count + 1", fraction=0.046, pad=0.04)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{info['split']} split (n = {info['n']}): accuracy {info['accuracy']:.3f}")
+    ax.set_title(f"{info['split']} (n = {info['n']}): accuracy {info['accuracy']:.3f}")
     if k <= 20:
         names = class_names or [str(i) for i in range(k)]
-        ax.set_xticks(range(k), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(k), names, fontsize=7)
+        ax.set_xticks(range(k), names, rotation=90 if max(len(n) for n in names) > 2 else 0)
+        ax.set_yticks(range(k), names)
         for s in range(k):
             for t in range(k):
                 if c[s, t]:
-                    ax.text(t, s, str(c[s, t]), ha="center", va="center", fontsize=6,
+                    ax.text(t, s, str(c[s, t]), ha="center", va="center", fontsize=5,
                             color="white" if s != t else "black")
     fig.tight_layout()
     return fig

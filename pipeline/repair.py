@@ -339,7 +339,8 @@ def _nan(v):
 
 
 def collect_results(run_dirs) -> "pd.DataFrame":  # noqa: F821
-    """One row per repair result in each run directory's store."""
+    """One row per repair result in each run directory's store (counts of the test fold and of the repair split,
+    fitness summary, timings)."""
     import pandas as pd
 
     rows = []
@@ -349,21 +350,23 @@ def collect_results(run_dirs) -> "pd.DataFrame":  # noqa: F821
             t, rp, f = r["metrics"]["test"], r["metrics"]["repair"], r["fitness"]
             rows.append({"dataset": name, "setting": r["setting"], "kind": r["setting_info"]["kind"],
                          "rank": r["setting_info"]["rank"], "fl_method": r["method"], "repair": r["repair"],
-                         "budget": str(r["budget"]), "n_weights": r["n_weights"], "rep": r["rep"],
-                         "seed": r["seed"], "key": r["key"],
+                         "label": r.get("label", r["method"]), "budget": str(r["budget"]),
+                         "budget_n": r.get("budget_n", r["n_weights"]), "n_weights": r["n_weights"],
+                         "rep": r["rep"], "seed": r["seed"], "key": r["key"],
                          "options": identity_key(r["identity"]["repair_options"]),
                          "rr": _nan(t["rr"]), "br": _nan(t["br"]), "acc_before": _nan(t["acc_before"]),
                          "acc_after": _nan(t["acc_after"]), "delta_acc": _nan(t["delta_acc"]),
-                         "n_targets": t["n_targets"], "n_fixed": t["n_fixed"],
+                         "n_test": t.get("n"), "n_targets": t["n_targets"], "n_fixed": t["n_fixed"],
                          "n_correct_before": t["n_correct_before"], "n_broken": t["n_broken"],
                          "rr_repair": _nan(rp["rr"]), "br_repair": _nan(rp["br"]),
                          "delta_acc_repair": _nan(rp["delta_acc"]),
                          "n_targets_repair": rp["n_targets"], "n_fixed_repair": rp["n_fixed"],
+                         "n_correct_repair": rp["n_correct_before"], "n_broken_repair": rp["n_broken"],
                          "n_patched": f.get("n_patched"), "n_broken_fit": f.get("n_broken"),
                          "fitness_original": f.get("fitness_original"), "fitness_patched": f.get("fitness_patched"),
                          "generations_run": f.get("generations_run"), "early_stopped": f.get("early_stopped"),
-                         "repair_s": r["timings"].get("repair_s"), "total_s": r["timings"].get("total_s"),
-                         "path": r["path"]})
+                         "fl_s": r["timings"].get("fl_s"), "repair_s": r["timings"].get("repair_s"),
+                         "total_s": r["timings"].get("total_s"), "path": r["path"]})
     return pd.DataFrame(rows)
 
 
@@ -376,10 +379,25 @@ def _budget_order(budgets: Iterable[str]) -> list[str]:
     return sorted(set(budgets), key=lambda b: (0, int(b), "") if b.isdigit() else (1, 0, b))
 
 
-def summary_table(df) -> "pd.DataFrame":  # noqa: F821
-    """Per dataset, repair, FL method and budget: mean, std of RR, BR, delta acc over the runs that have them, the
-    pooled counts (targets, fixed) with the pooled RR, how many runs had no test target, and the in-sample RR."""
-    keys = ["dataset", "repair", "fl_method", "budget"]
+def _none(v):
+    return float("nan") if v is None else v
+
+
+def summary_table(df, by: Sequence[str] = (), confidence: float = 0.95) -> "pd.DataFrame":  # noqa: F821
+    """Per dataset, repair, FL method, budget (and the ``by`` columns, e.g. ``("kind",)`` for the published
+    per-kind pooling over ranks and repetitions) over every run of the cell:
+
+    * ``rr_pooled`` = sum fixed / sum targets of the test fold with its Wilson interval (``rr_lo``, ``rr_hi``;
+      NaN, shown "n/a", when the cell has no target), ``n_test_targets``, ``n_test_fixed``; the same for BR
+      (broken / correct-before: ``br_pooled``, ``n_test_correct``, ``n_test_broken``) and for RR / BR on the
+      repair split (in-sample: ``rr_repair_pooled``, ...);
+    * ``delta_acc_mean`` with a ``scipy.stats.bootstrap`` interval over the runs (``delta_acc_lo/hi``);
+    * ``rr_mean`` / ``rr_std`` etc.: the per-run means and standard deviations over the runs that have the value
+      (the published tables' mean over repetitions), ``runs_with_rr``, and ``runs_without_target`` (runs with no
+      target in the test fold: counted, never dropped in silence); ``n_runs``, ``n_weights``."""
+    from evaluation.intervals import bootstrap_mean, pooled_rate
+
+    keys = ["dataset", "repair", "fl_method", "budget", *by]
     g = df.groupby(keys, sort=False)
     out = g[list(METRICS)].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
@@ -388,70 +406,176 @@ def summary_table(df) -> "pd.DataFrame":  # noqa: F821
     out["n_test_targets"] = g["n_targets"].sum()
     out["n_test_fixed"] = g["n_fixed"].sum()
     out["runs_without_target"] = g["n_targets"].apply(lambda s: int((s == 0).sum()))
+    out["runs_with_rr"] = g["rr"].apply(lambda s: int(s.notna().sum()))
+    out["n_test_correct"] = g["n_correct_before"].sum()
+    out["n_test_broken"] = g["n_broken"].sum()
+    out["n_targets_repair"] = g["n_targets_repair"].sum()
+    out["n_fixed_repair"] = g["n_fixed_repair"].sum()
     rep = g[["rr_repair", "br_repair"]].mean()
     out["rr_repair_mean"], out["br_repair_mean"] = rep["rr_repair"], rep["br_repair"]
-    out = out.reset_index()
+    extra = {}
+    for k, sub in g:
+        cell = {}
+        for name, fixed, total in (("rr", "n_fixed", "n_targets"), ("br", "n_broken", "n_correct_before"),
+                                   ("rr_repair", "n_fixed_repair", "n_targets_repair"),
+                                   ("br_repair", "n_broken_repair", "n_correct_repair")):
+            r = pooled_rate(sub[fixed].to_numpy(), sub[total].to_numpy(), confidence)
+            cell.update({f"{name}_pooled": _none(r.rate), f"{name}_lo": _none(r.lo), f"{name}_hi": _none(r.hi)})
+        m = bootstrap_mean(sub["delta_acc"].dropna().to_numpy(), confidence)
+        cell.update({"delta_acc_lo": _none(m.lo), "delta_acc_hi": _none(m.hi)})
+        extra[k] = cell
+    import pandas as pd
+
+    ex = pd.DataFrame.from_dict(extra, orient="index")
+    ex.index = out.index
+    out = pd.concat([out, ex], axis=1).reset_index()
     out["_m"] = out["fl_method"].map({m: i for i, m in enumerate(_method_order(out["fl_method"]))})
     out["_b"] = out["budget"].map({b: i for i, b in enumerate(_budget_order(out["budget"]))})
-    return out.sort_values(["dataset", "repair", "_b", "_m"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
+    return out.sort_values(["dataset", "repair", *by, "_b", "_m"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
 
 
-def _markdown(table) -> str:
-    lines = ["| dataset | repair | FL method | budget | N | runs | RR | BR | delta acc | test targets (fixed) | "
-             "runs without a test target | RR (repair split) | BR (repair split) |",
-             "|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def fmt(m, s):
-        if m != m:
-            return "n/a"
-        return f"{m:.4f} ± {0.0 if s != s else s:.4f}"
-
-    for r in table.itertuples(index=False):
-        lines.append(f"| {r.dataset} | {r.repair} | {r.fl_method} | {r.budget} | {r.n_weights:.0f} | {r.n_runs} | "
-                     f"{fmt(r.rr_mean, r.rr_std)} | {fmt(r.br_mean, r.br_std)} | "
-                     f"{fmt(r.delta_acc_mean, r.delta_acc_std)} | {r.n_test_targets:.0f} ({r.n_test_fixed:.0f}) | "
-                     f"{r.runs_without_target} of {r.n_runs} | {r.rr_repair_mean:.4f} | {r.br_repair_mean:.4f} |")
-    return "\n".join(lines) + "\n"
+def _rate_cell(rate, lo, hi, k, n, what: str) -> str:
+    if n == 0 or rate != rate:
+        return f"n/a (0 {what})"
+    return f"{rate:.3f} [{lo:.3f}, {hi:.3f}] ({k:.0f}/{n:.0f})"
 
 
-def _plots(store: RunStore, df, table, out_dir: Path) -> list[Path]:
-    import matplotlib
+def _mean_cell(mean, lo, hi, n) -> str:
+    if n == 0 or mean != mean:
+        return "n/a (no run)"
+    if lo != lo:
+        return f"{mean:+.4f} (n={n}, no interval)"
+    return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (n={n})"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
-    paths = []
+def _markdown(table, by: Sequence[str] = ()) -> str:
+    """The headline table: the header of each column says the split and n (totals over the table's runs)."""
+    import pandas as pd
+
+    from evaluation.stats import to_markdown
+
+    n_runs = int(table["n_runs"].sum())
+    head_rr = (f"RR (test fold, n = {int(table['n_test_targets'].sum())} targets over {n_runs} runs; pooled, "
+               f"Wilson 95% CI)")
+    head_br = (f"BR (test fold, n = {int(table['n_test_correct'].sum())} correct inputs over {n_runs} runs; "
+               f"pooled, Wilson 95% CI)")
+    head_da = f"Δ acc (test fold, mean over runs, bootstrap 95% CI; {n_runs} runs)"
+    head_in = (f"RR (repair split, in-sample, n = {int(table['n_targets_repair'].sum())} targets over {n_runs} "
+               "runs)")
+    rows = []
+    for r in table.to_dict("records"):
+        row = {"dataset": r["dataset"], "repair": r["repair"], "FL method": r["fl_method"]}
+        row.update({b: r[b] for b in by})
+        row.update({"budget": r["budget"], "N": f"{r['n_weights']:.0f}", "runs": int(r["n_runs"]),
+                    head_rr: _rate_cell(r["rr_pooled"], r["rr_lo"], r["rr_hi"], r["n_test_fixed"],
+                                        r["n_test_targets"], "targets"),
+                    "runs without a test target": f"{r['runs_without_target']} of {r['n_runs']}",
+                    head_br: _rate_cell(r["br_pooled"], r["br_lo"], r["br_hi"], r["n_test_broken"],
+                                        r["n_test_correct"], "correct"),
+                    head_da: _mean_cell(r["delta_acc_mean"], r["delta_acc_lo"], r["delta_acc_hi"],
+                                        int(r["n_runs"])),
+                    head_in: _rate_cell(r["rr_repair_pooled"], r["rr_repair_lo"], r["rr_repair_hi"],
+                                        r["n_fixed_repair"], r["n_targets_repair"], "targets")})
+        rows.append(row)
+    return to_markdown(pd.DataFrame(rows))
+
+
+def targetless_note(df) -> str:
+    """"k of n runs had no target in the test fold" (their RR is undefined; counted in every table)."""
+    k, n = int((df["n_targets"] == 0).sum()), len(df)
+    note = f"{k} of {n} runs had no target in the test fold (their RR is undefined and shown as n/a, not 0)"
+    if k:
+        per = df[df["n_targets"] == 0].groupby("setting").size().sort_values(ascending=False)
+        note += "; by setting: " + ", ".join(f"{s}: {c}" for s, c in per.items())
+    return note + "."
+
+
+def _tb_run_dir(store: RunStore, row) -> Path:
+    """The TensorBoard folder of one repair run: ``run_task``'s logger names it
+    ``tb/repair/{setting}/{label}_n{N}_rep{rep}-{key}``."""
+    version = f"{row['label']}_n{row['budget_n']}_rep{row['rep']}-{row['key']}"
+    return store.tensorboard / "repair" / row["setting"] / version
+
+
+def fitness_curves(run_dirs, df) -> "pd.DataFrame":  # noqa: F821
+    """Per-generation DE fitness of every DE run that logged to TensorBoard (``repair/best_fitness``,
+    ``repair/mean_fitness`` read with ``tensorboard.backend.event_processing``), relative to the run's unpatched
+    fitness. Columns dataset, repair, fl_method, budget, run, step, best, mean; empty without event files."""
+    import pandas as pd
+
+    dirs = dataset_dirs(run_dirs)
+    sub = df[df["repair"] == "de"] if len(df) else df
+    rows = []
+    if not len(sub):
+        return pd.DataFrame(columns=["dataset", "repair", "fl_method", "budget", "run", "step", "best", "mean"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for r in sub.to_dict("records"):
+        d = _tb_run_dir(RunStore(dirs[r["dataset"]]), r)
+        if not d.is_dir():
+            continue
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0, "images": 1, "histograms": 1, "tensors": 1})
+        try:
+            acc.Reload()
+            tags = acc.Tags().get("scalars", [])
+        except Exception:  # noqa: BLE001 - a damaged event file: that run has no curve
+            continue
+        if "repair/best_fitness" not in tags:
+            continue
+        base = r["fitness_original"] if r["fitness_original"] and r["fitness_original"] > 0 else None
+        best = {e.step: e.value for e in acc.Scalars("repair/best_fitness")}
+        mean = {e.step: e.value for e in acc.Scalars("repair/mean_fitness")} if "repair/mean_fitness" in tags else {}
+        for step in sorted(best):
+            rows.append({"dataset": r["dataset"], "repair": r["repair"], "fl_method": r["fl_method"],
+                         "budget": r["budget"], "run": r["key"], "step": step + 1,
+                         "best": best[step] / base if base else best[step],
+                         "mean": (mean.get(step, float("nan")) / base if base else mean.get(step, float("nan")))})
+    return pd.DataFrame(rows, columns=["dataset", "repair", "fl_method", "budget", "run", "step", "best", "mean"])
+
+
+def _plots(store: RunStore, df, table, by_kind, curves, out_dir: Path) -> tuple[list[Path], dict[str, str]]:
+    """The repair figures (PNG + PDF) per (dataset, repair); returns (files, {stem: reason} for the figures with
+    nothing to plot)."""
+    from evaluation import figures as figs
+
+    paths, empty = [], {}
+
+    def save(fig, stem):
+        made = figs.save_figure(fig, out_dir / stem, writer=store.save_figure)
+        if not made:
+            from evaluation.style import is_nothing_to_plot
+
+            empty[stem] = is_nothing_to_plot(fig) or "nothing to plot"
+        paths.extend(made)
+
     for (dataset, repair), t in table.groupby(["dataset", "repair"], sort=False):
         methods = _method_order(t["fl_method"])
         budgets = _budget_order(t["budget"])
-        fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4))
-        width = 0.8 / max(len(methods), 1)
-        for ax, metric in zip(axes, METRICS):
-            for i, m in enumerate(methods):
-                sub = t[t["fl_method"] == m].set_index("budget")
-                mean = [sub[f"{metric}_mean"].get(b, np.nan) for b in budgets]
-                std = [sub[f"{metric}_std"].get(b, np.nan) for b in budgets]
-                ax.bar(np.arange(len(budgets)) + (i - (len(methods) - 1) / 2) * width, mean, width, yerr=std,
-                       label=m, capsize=2)
-            ax.set_xticks(range(len(budgets)), budgets)
-            ax.set_xlabel("budget (weights)")
-            ax.set_title(METRIC_NAMES[metric])
-            ax.axhline(0, color="k", lw=0.5)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{dataset}: repair ({repair}), mean ± std over settings and repetitions", fontsize=10)
-        fig.tight_layout()
-        for ext in ("png", "pdf"):
-            paths.append(store.save_figure(fig, out_dir / f"bar_{dataset}_{repair}.{ext}", dpi=150))
-        plt.close(fig)
-    return paths
+        sub = df[(df["dataset"] == dataset) & (df["repair"] == repair)]
+        n = len(sub)
+        what = f"{dataset}, {repair}, {n} runs"
+        save(figs.repair_bars(t, what, methods, budgets), f"bar_{dataset}_{repair}")
+        save(figs.in_sample_vs_held_out(t, f"{what}: RR in-sample vs held out"), f"rr_in_vs_held_{dataset}_{repair}")
+        k = by_kind[(by_kind["dataset"] == dataset) & (by_kind["repair"] == repair)]
+        save(figs.rates_by_kind(k, f"{what}: RR / BR per setting kind (pooled, Wilson 95% CI)"),
+             f"by_kind_{dataset}_{repair}")
+        cost = sub.groupby(["fl_method", "budget"], sort=False).agg(repair_s=("repair_s", "median")).reset_index()
+        cost = cost.merge(t[["fl_method", "budget", "rr_pooled", "rr_lo", "rr_hi"]], on=["fl_method", "budget"])
+        save(figs.cost_vs_quality(cost, "repair_s", "rr_pooled", "repair time per run (s, median)",
+                                  "RR (test fold, pooled)", f"{what}: repair time vs RR", label_col="fl_method",
+                                  y_lo="rr_lo", y_hi="rr_hi", marker_col="budget"), f"time_vs_rr_{dataset}_{repair}")
+        if repair == "de":
+            c = curves[(curves["dataset"] == dataset) & (curves["repair"] == repair)] if len(curves) else curves
+            save(figs.fitness_curves(c, f"{what}: DE fitness / unpatched fitness, median over runs"),
+                 f"fitness_{dataset}_{repair}")
+    return paths, empty
 
 
 def statistics(df, pairs: Sequence[tuple[str, str]] | None = None):
     """(paired, unpaired) tables: per dataset, repair, budget and metric, Wilcoxon signed-rank + Holm + paired
     Cliff's delta over runs matched by (setting, rep), and Mann-Whitney U + A12 + Holm. ``pairs`` None: every pair
     of the FL methods present. Runs with a NaN metric (e.g. RR without test targets) are left out of that metric's
-    comparison."""
+    comparison; the tables' ``n`` / ``n_a`` / ``n_b`` columns say how many runs each row used."""
     import pandas as pd
 
     from evaluation.stats import mann_whitney_holm, wilcoxon_holm
@@ -466,7 +590,7 @@ def statistics(df, pairs: Sequence[tuple[str, str]] | None = None):
             continue
         methods = _method_order({m for p in use for m in p})
         for metric in METRICS:
-            q = f"{dataset} / {repair} / n={budget} / {metric}"
+            q = f"{dataset} / {repair} / n={budget} / {metric} (test fold)"
             wide = g.pivot_table(index=["setting", "rep"], columns="fl_method", values=metric, aggfunc="first")
             wide = wide[[m for m in methods if m in wide.columns]].dropna()
             if len(wide):
@@ -479,8 +603,9 @@ def statistics(df, pairs: Sequence[tuple[str, str]] | None = None):
 
 def aggregate(run_dirs, summary_dir: str | Path | None = None,
               pairs: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
-    """Tables (CSV + Markdown), bar plots (PNG + PDF) and statistics of every result of the run dirs, written to
-    ``summary_dir`` (default: the first run directory's ``repair/summary``)."""
+    """Tables (CSV + Markdown), figures (PNG + PDF) and statistics of every result of the run dirs, written to
+    ``summary_dir`` (default: the first run directory's ``repair/summary``), plus ``manifest.json``: for each
+    table and figure its file, split, n and a caption (what the report links)."""
     from evaluation.stats import write_stats_table
 
     dirs = dataset_dirs(run_dirs)
@@ -488,25 +613,67 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
     out = Path(summary_dir) if summary_dir else store.repair_summary_dir
     df = collect_results(dirs)
     if df.empty:
-        return {"n_runs": 0, "summary_dir": str(out), "files": []}
+        return {"n_runs": 0, "summary_dir": str(out), "files": [], "manifest": {"tables": [], "figures": []}}
     files = [store.write_text(out / "runs.csv", df.to_csv(index=False))]
     table = summary_table(df)
+    by_kind = summary_table(df, by=("kind",))
     files.append(store.write_text(out / "summary.csv", table.to_csv(index=False)))
+    files.append(store.write_text(out / "summary_by_kind.csv", by_kind.to_csv(index=False)))
+    note = targetless_note(df)
     md = _markdown(table)
-    files.append(store.write_text(out / "summary.md", "# Repair results\n\nRR, BR and delta acc on the held-out "
-                                  "test fold (mean ± std over the runs with a target; runs without one are counted); "
-                                  "RR / BR (repair split) in-sample.\n\n" + md))
-    files += _plots(store, df, table, out)
+    intro = ("RR and BR on the held-out test fold are pooled over the settings and repetitions of each cell "
+             "(sum of fixed / sum of targets; sum of broken / sum of correct) with Wilson 95% intervals; Δ acc is "
+             "the mean over runs with a bootstrap 95% interval; RR (repair split) is in-sample. "
+             f"{note}\n\n")
+    files.append(store.write_text(out / "summary.md", "# Repair results\n\n" + intro + md))
+    md_kind = _markdown(by_kind, by=("kind",))
+    files.append(store.write_text(out / "summary_by_kind.md", "# Repair results per setting kind\n\nPooled over the "
+                                  "ranks and repetitions of each kind, as the published per-kind tables pooled "
+                                  f"them. {note}\n\n" + md_kind))
+    curves = fitness_curves(dirs, df)
+    if len(curves):
+        files.append(store.write_text(out / "fitness_curves.csv", curves.to_csv(index=False)))
+    figs, empty = _plots(store, df, table, by_kind, curves, out)
+    files += figs
     paired, unpaired = statistics(df, pairs)
+    n_runs = len(df)
+    tables = [{"file": "summary.md", "title": "Repair: RR, BR, Δ acc per FL method and budget",
+               "split": "test fold (held out); RR in-sample on the repair split", "n": f"{n_runs} runs, "
+               f"{int(df['n_targets'].sum())} test targets", "note": note},
+              {"file": "summary_by_kind.md", "title": "Repair per setting kind", "split": "test fold",
+               "n": f"{n_runs} runs", "note": note}]
     if len(paired):
         files += list(write_stats_table(paired, out / "stats_wilcoxon_holm",
-                                        caption="Repair: Wilcoxon signed-rank (Holm) and paired Cliff's delta, "
-                                                "runs matched by (setting, repetition)").values())
+                                        caption="Repair (test fold): Wilcoxon signed-rank (Holm) and paired "
+                                                "Cliff's delta, runs matched by (setting, repetition)").values())
+        tables.append({"file": "stats_wilcoxon_holm.md", "title": "Repair statistics, paired", "split": "test fold",
+                       "n": f"{int(paired['n'].max())} pairs at most per row (column n)", "note": ""})
     if len(unpaired):
         files += list(write_stats_table(unpaired, out / "stats_mann_whitney",
-                                        caption="Repair: Mann-Whitney U (Holm) and Vargha-Delaney A12").values())
-    return {"n_runs": len(df), "summary_dir": str(out), "files": [str(f) for f in files], "table": table,
-            "markdown": md, "paired": paired, "unpaired": unpaired}
+                                        caption="Repair (test fold): Mann-Whitney U (Holm) and Vargha-Delaney "
+                                                "A12").values())
+        tables.append({"file": "stats_mann_whitney.md", "title": "Repair statistics, unpaired",
+                       "split": "test fold", "n": "per row: columns n_a, n_b", "note": ""})
+    captions = {"bar": "pooled RR / BR (Wilson 95% CI) and mean Δ acc (bootstrap 95% CI)",
+                "rr_in_vs_held": "RR on the repair split (in-sample) vs the test fold (held out)",
+                "by_kind": "RR / BR per setting kind", "time_vs_rr": "repair time vs RR",
+                "fitness": "DE best / mean fitness over generations, relative to the unpatched weights"}
+    figures = []
+    stems = list(dict.fromkeys([Path(p).stem for p in figs] + list(empty)))
+    for stem in stems:
+        kind = next((k for k in sorted(captions, key=len, reverse=True) if stem.startswith(k + "_")), "")
+        dataset = next((d for d in dirs if f"_{d}_" in f"_{stem}_"), "")
+        n = int((df["dataset"] == dataset).sum()) if dataset else n_runs
+        split = "repair split and test fold" if kind == "rr_in_vs_held" else (
+            "repair split (search)" if kind == "fitness" else "test fold")
+        figures.append({"file": f"{stem}.png", "pdf": f"{stem}.pdf", "title": captions.get(kind, stem),
+                        "split": split, "n": f"{n} runs", "nothing_to_plot": empty.get(stem)})
+    manifest = {"tables": tables, "figures": figures, "n_runs": n_runs,
+                "runs_without_target": int((df["n_targets"] == 0).sum()), "note": note}
+    files.append(store.write_json(out / "manifest.json", manifest))
+    return {"n_runs": n_runs, "summary_dir": str(out), "files": [str(f) for f in files], "table": table,
+            "by_kind": by_kind, "markdown": md, "note": note, "paired": paired, "unpaired": unpaired,
+            "curves": curves, "manifest": manifest}
 
 
 # ----------------------------------------------------------------------------------------------------- main job

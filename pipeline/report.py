@@ -1,0 +1,412 @@
+"""The report step: one page per run that links every headline table and figure the run has.
+
+:func:`write_report` writes ``report/report.md`` and a self-contained ``report/report.html`` (images embedded as
+data URIs, tables inline, links relative to the run: no network) through the run store, and returns the .md path.
+For every table and figure it states the split, n and the experiment config; a figure with nothing to plot is
+listed as "nothing to plot" (with the reason), never drawn empty. Sections (each only when the run has it):
+
+1. the experiment config (the ``config`` passed in, else the run's ``run_config.yaml``), the model, the splits;
+2. FL: the benchmark headline (P@1 % and AP against random's exact expectation; headers with split and n), the
+   FL evaluation figures, cost vs quality (FL time per method from ``fl/timing.csv`` vs P@1 % of the checkpoint
+   benchmark);
+3. repair: the headline table of ``repair/summary`` (pooled RR / BR with Wilson 95 % intervals, Δ acc with
+   bootstrap intervals, the count of runs without a test target), the per-kind table, the statistics and every
+   repair figure;
+4. the test fold's confusion matrix (torchmetrics ``MulticlassConfusionMatrix`` on the cached test states) beside
+   the repair split's;
+5. test adequacy: the coverage table and the RQ tables / figures;
+6. the cases recorded as not applicable.
+
+Made here (under ``report/``): ``fl_headline.md``, ``fl_cost_vs_quality.png|pdf``, ``confusion_test.png|pdf``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from core.io import FileFormatError, read_json
+from core.runstore import RunStore
+
+__all__ = ["write_report", "report_links", "check_report", "markdown_to_html"]
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+class _Page:
+    def __init__(self, store: RunStore):
+        self.store = store
+        self.lines: list[str] = []
+        self.links: list[Path] = []
+
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the report folder (``../repair/summary/x.png``)."""
+        return Path(os.path.relpath(Path(path).resolve(), self.store.report_dir.resolve())).as_posix()
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def table_file(self, path: Path, title: str, split: str, n: str, embed: bool = True, note: str = "") -> None:
+        if not path.is_file():
+            return
+        self.links.append(path)
+        self.add(f"**{title}** — split: {split}; n: {n}. [{path.name}]({self.rel(path)})", "")
+        if note:
+            self.add(note, "")
+        if embed:
+            text = path.read_text()
+            body = [line for line in text.splitlines() if line.startswith("|")]
+            if body:
+                self.add(*body, "")
+
+    def figure(self, png: Path, title: str, split: str, n: str, nothing: str | None = None) -> None:
+        if nothing:
+            self.add(f"- **{title}** ({split}; {n}): nothing to plot — {nothing}")
+            return
+        if not png.is_file():
+            return
+        self.links.append(png)
+        pdf = png.with_suffix(".pdf")
+        extra = f" ([PDF]({self.rel(pdf)}))" if pdf.is_file() else ""
+        if pdf.is_file():
+            self.links.append(pdf)
+        self.add(f"**{title}** — split: {split}; n: {n}{extra}", "", f"![{title}]({self.rel(png)})", "")
+
+
+def _files(folder: Path, suffix: str) -> list[Path]:
+    """Files of one store folder with a suffix, sorted (the folders are the store's; names are not parsed)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(suffix)) if folder.is_dir() else []
+
+
+def _read_json(path: Path):
+    try:
+        return read_json(path) if path.is_file() else None
+    except FileFormatError:
+        return None
+
+
+def _config_block(store: RunStore, config: Mapping[str, Any] | None) -> list[str]:
+    if config:
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        return ["Experiment config (as run):", "", "```json", *text.splitlines(), "```", ""]
+    if store.run_config.is_file():
+        return [f"Experiment config: [run_config.yaml](../{store.rel(store.run_config)}) (the fit config; the "
+                "later steps ran with their defaults unless the config above says otherwise)", ""]
+    return ["Experiment config: not recorded (no config passed and no run_config.yaml).", ""]
+
+
+# ------------------------------------------------------------------------------------------------------- FL
+_HEAD_NAMES = {"P@": "P", "rand_P@": "E[random] P", "R@": "R", "rand_R@": "E[random] R", "AP": "AP",
+               "rand_AP": "E[random] AP"}
+
+
+def _fl_headline(page: _Page) -> None:
+    store = page.store
+    head = store.fl_eval("headline.csv")
+    if not head.is_file():
+        return
+    df = pd.read_csv(head)
+    meta = _read_json(store.fl_eval("checkpoint_benchmark_meta.json")) or {}
+    ck = meta.get("fl_inputs", {})
+    ck_desc = (f"checkpoint benchmark (epoch {meta.get('epoch_prev')} -> {meta.get('epoch')}; FL on the "
+               f"{ck.get('split', '?')} split, n = {ck.get('n', '?')} inputs)") if meta else "checkpoint benchmark"
+    inj = store.fl_eval("injected_benchmark.csv")
+    n_seeds = None
+    if inj.is_file():
+        d = pd.read_csv(inj)
+        n_seeds = int(d["seed"].nunique()) if "seed" in d.columns else None
+    ren = {"method": "FL method"}
+    short = {"ckpt_": f"ckpt, {ck.get('split', 'repair')} split", "inj_": "injected, repair split"}
+    for c in df.columns:
+        for prefix, n_col in (("ckpt_", "ckpt_n"), ("inj_", "inj_n")):
+            unit = "settings" if prefix == "ckpt_" else "seeds"
+            if c == n_col:
+                ren[c] = f"n ({short[prefix]}: {unit})"
+            elif c.startswith(prefix):
+                metric = c[len(prefix):].replace("rand_", "E[random] ")
+                n_rows = int(df[n_col].max()) if n_col in df.columns and df[n_col].notna().any() else "?"
+                ren[c] = f"{metric} ({short[prefix]}, n = {n_rows} {unit})"
+    from evaluation.stats import to_markdown
+
+    md = to_markdown(df.rename(columns=ren))
+    out = store.path("report", name="fl_headline.md")
+    store.write_text(out, "# FL benchmarks against random's exact expectation\n\n" + md)
+    page.add("## Fault localization", "")
+    page.table_file(out, "FL benchmark headline", ck_desc + (f"; injected faults on the repair split ({n_seeds} "
+                                                             "seeds)" if n_seeds else ""), f"{len(df)} methods")
+
+
+def _fl_cost_vs_quality(page: _Page) -> None:
+    from evaluation import figures as figs
+
+    store = page.store
+    timing, bench = store.fl_timing, store.fl_eval("checkpoint_benchmark.csv")
+    if not (timing.is_file() and bench.is_file()):
+        return
+    t = pd.read_csv(timing)
+    b = pd.read_csv(bench)
+    if "error" in b.columns:
+        b = b[b["error"].fillna("") == ""]
+    col = "P@1%"
+    if col not in b.columns or "wall_s" not in t.columns:
+        return
+    cost = t.groupby("method")["wall_s"].median().rename("fl_s")
+    q = b.groupby("method")[col].agg(["mean", "min", "max", "size"])
+    d = pd.concat([cost, q], axis=1, join="inner").reset_index().rename(columns={"index": "method"})
+    fig = figs.cost_vs_quality(d, "fl_s", "mean", "FL time per run (s, median)",
+                               "P@1% (checkpoint bench., mean)", "FL cost vs quality",
+                               y_lo="min", y_hi="max")
+    stem = store.path("report", name="fl_cost_vs_quality")
+    made = figs.save_figure(fig, stem, writer=store.save_figure)
+    from evaluation.style import is_nothing_to_plot
+
+    page.figure(stem.with_suffix(".png"), "FL cost vs quality (bars: min-max over settings)",
+                "FL time on the repair split's settings; P@1% on the checkpoint benchmark",
+                f"{len(d)} methods, {int(q['size'].max()) if len(q) else 0} settings",
+                None if made else (is_nothing_to_plot(fig) or "no method has both a timing and a benchmark row"))
+
+
+def _fl_figures(page: _Page) -> None:
+    store = page.store
+    folder = store.fl_eval("figures")
+    pngs = _files(folder, ".png")
+    notes = _files(folder, ".nothing_to_plot.txt")
+    if not pngs and not notes:
+        return
+    page.add("### FL evaluation figures", "")
+    meta = _read_json(store.fl_eval("checkpoint_benchmark_meta.json")) or {}
+    for p in pngs:
+        name = p.stem
+        if name.startswith("checkpoint_"):
+            split = f"checkpoint benchmark, {meta.get('fl_inputs', {}).get('split', 'repair')} split"
+            n = f"{len(meta.get('fl_inputs', {}).get('settings', []))} settings"
+        elif name.startswith("injected_"):
+            split, n = "repair split, injected faults", "one row per seed"
+        else:
+            split, n = "repair split (interventions)", "the setting's I_neg inputs"
+        page.figure(p, name.replace("_", " "), split, n)
+    for p in notes:
+        page.figure(p, p.name[: -len(".nothing_to_plot.txt")].replace("_", " "), "repair split", "-",
+                    nothing=p.read_text().strip() or "nothing to plot")
+
+
+# ------------------------------------------------------------------------------------------------------- repair
+def _repair(page: _Page) -> None:
+    store = page.store
+    d = store.repair_summary_dir
+    man = _read_json(d / "manifest.json")
+    if man is None:
+        if (d / "summary.md").is_file():  # an older summary without its manifest
+            page.add("## Repair", "")
+            page.table_file(d / "summary.md", "Repair summary", "test fold", "see the table")
+        return
+    page.add("## Repair", "", man.get("note", ""), "")
+    for t in man.get("tables", []):
+        page.table_file(d / t["file"], t["title"], t["split"], t["n"], embed=t["file"] == "summary.md")
+    page.add("### Repair figures", "")
+    for f in man.get("figures", []):
+        page.figure(d / f["file"], f["title"], f["split"], f["n"], f.get("nothing_to_plot"))
+
+
+# --------------------------------------------------------------------------------------------------- confusion
+def confusion_of_split(store: RunStore, split: str = "test") -> dict[str, Any] | None:
+    """The confusion matrix of the cached ``split`` states (torchmetrics ``MulticlassConfusionMatrix``, rows =
+    true class) as ``{"confusion", "split", "n", "accuracy"}``; None without a cache."""
+    from localization.cache import CacheError, load_states
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    path = store.states(split)
+    if not path.is_file():
+        return None
+    try:
+        s = load_states(path)
+    except CacheError:
+        return None
+    k = int(s.logits.shape[1])
+    cm = MulticlassConfusionMatrix(num_classes=k)(s.pred, s.label).long()
+    n = int(cm.sum())
+    return {"confusion": cm.tolist(), "split": f"{split} fold", "n": n,
+            "accuracy": float(cm.diagonal().sum()) / n if n else float("nan")}
+
+
+def _confusion(page: _Page) -> None:
+    from evaluation import figures as figs
+    from pipeline.misclf import plot_confusion
+
+    store = page.store
+    info = confusion_of_split(store)
+    rep = store.path("misclf_figure", ext="png")
+    if info is None and not rep.is_file():
+        return
+    page.add("## Confusion matrices", "")
+    if info is not None:
+        stem = store.path("report", name="confusion_test")
+        figs.save_figure(plot_confusion(info), stem, writer=store.save_figure)
+        page.figure(stem.with_suffix(".png"), "Confusion matrix, test fold (torchmetrics)", "test fold (held out)",
+                    f"{info['n']} inputs, accuracy {info['accuracy']:.4f}")
+    misclf = _read_json(store.misclf_info) or {}
+    page.figure(rep, "Confusion matrix, repair split (the misclassification settings come from it)",
+                f"{misclf.get('split', 'repair')} split", f"{misclf.get('n', '?')} inputs")
+
+
+# ----------------------------------------------------------------------------------------------------- adequacy
+def _adequacy(page: _Page) -> None:
+    from adequacy.experiments import ARTIFACTS
+
+    store = page.store
+    found = []
+    for rq, (folder, stems) in ARTIFACTS.items():
+        for stem in stems:
+            md = store.path("adequacy", name=f"{folder}/{stem}.md")
+            png = store.path("adequacy", name=f"{folder}/{stem}.png")
+            if md.is_file() or png.is_file():
+                found.append((rq, folder, stem, md, png))
+    if not found:
+        return
+    page.add("## Test adequacy", "")
+    for rq, folder, stem, md, png in found:
+        meta = _read_json(store.path("adequacy", name=f"{folder}/{rq}_meta.json")) or \
+            _read_json(store.path("adequacy", name=f"{folder}/{stem}_meta.json")) or {}
+        cfg = meta.get("config", {})
+        n = ", ".join(f"{k} = {v}" for k, v in cfg.items() if k.startswith("n_")) or "see the table"
+        split = cfg.get("split", "eval")
+        title = md.read_text().splitlines()[0].lstrip("# ").strip() if md.is_file() else stem
+        page.table_file(md, title or stem, f"{split} split", n, embed=stem == "coverage_table")
+        page.figure(png, f"{rq}: {stem}", f"{split} split", n)
+
+
+# --------------------------------------------------------------------------------------------------------- html
+def _inline(text: str, base: Path) -> str:
+    def img(m):
+        alt, src = m.group(1), m.group(2)
+        p = (base / src).resolve()
+        if p.is_file() and p.suffix == ".png":
+            data = base64.b64encode(p.read_bytes()).decode()
+            return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="max-width:100%">'
+        return f'<img alt="{html.escape(alt)}" src="{html.escape(src)}">'
+
+    out = html.escape(text, quote=False)
+    out = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", lambda m: img(m), out)
+    out = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return out
+
+
+def markdown_to_html(md: str, base: Path, title: str = "report") -> str:
+    """The report's Markdown (headings, paragraphs, lists, pipe tables, code blocks, images, links) as one
+    self-contained HTML page: PNG images under ``base`` are embedded as data URIs; other links stay relative."""
+    body, i, lines = [], 0, md.splitlines()
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("```"):
+                j += 1
+            body.append("<pre>" + html.escape("\n".join(lines[i + 1:j])) + "</pre>")
+            i = j + 1
+            continue
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in re.split(r"(?<!\\)\|", lines[i].strip()[1:-1])])
+                i += 1
+            head, rest = rows[0], [r for r in rows[1:] if not all(set(c) <= set(":-") for c in r)]
+            t = ["<table><thead><tr>" + "".join(f"<th>{_inline(c, base)}</th>" for c in head) + "</tr></thead>",
+                 "<tbody>" + "".join("<tr>" + "".join(f"<td>{_inline(c.replace(chr(92) + '|', '|'), base)}</td>"
+                                                     for c in r) + "</tr>" for r in rest) + "</tbody></table>"]
+            body.append("".join(t))
+            continue
+        m = re.match(r"(#+) (.*)", line)
+        if m:
+            lvl = min(6, len(m.group(1)))
+            body.append(f"<h{lvl}>{_inline(m.group(2), base)}</h{lvl}>")
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:], base)}</li>")
+                i += 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif line.strip():
+            body.append(f"<p>{_inline(line, base)}</p>")
+        i += 1
+    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;font-size:14px}"
+           "table{border-collapse:collapse;margin:0.5em 0;font-size:12px}td,th{border:1px solid #ccc;"
+           "padding:2px 6px}th{background:#f3f3f3}pre{background:#f6f6f6;padding:0.5em;overflow:auto}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{css}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def write_report(store: RunStore | str | os.PathLike, config: Mapping[str, Any] | None = None) -> Path:
+    """Write ``report/report.md`` and ``report/report.html`` of the run (see the module docstring) and return the
+    .md path. ``config``: the experiment config the run was made with (shown verbatim)."""
+    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
+    if not store.root.is_dir():
+        raise FileNotFoundError(f"no run directory at {store.root}")
+    page = _Page(store)
+    page.add(f"# Run report: {store.root.name}", "")
+    page.add(*_config_block(store, config))
+    if store.run_config.is_file():
+        page.links.append(store.run_config)
+    n_before = len(page.lines)
+    _fl_headline(page)
+    if len(page.lines) == n_before:
+        page.add("## Fault localization", "")
+    _fl_cost_vs_quality(page)
+    _fl_figures(page)
+    if len(page.lines) == n_before + 2:
+        page.add("No FL evaluation in this run (run the evaluate step).", "")
+    n_before = len(page.lines)
+    _repair(page)
+    if len(page.lines) == n_before:
+        page.add("## Repair", "", "No repair results in this run (run the repair step).", "")
+    _confusion(page)
+    _adequacy(page)
+    na = store.not_applicable()
+    if na:
+        page.add("## Not applicable", "", f"{len(na)} cases cannot run and were recorded once (not retried):", "")
+        page.add(*[f"- `{k}`: {v}" for k, v in sorted(na.items())], "")
+    md = "\n".join(page.lines).rstrip() + "\n"
+    out = store.path("report", name="report.md")
+    store.write_text(out, md)
+    store.write_text(store.path("report", name="report.html"),
+                     markdown_to_html(md, store.report_dir, f"Run report: {store.root.name}"))
+    return out
+
+
+def report_links(md_path: str | Path) -> list[str]:
+    """Every link and image target of a report (relative to its folder)."""
+    text = Path(md_path).read_text()
+    return re.findall(r"\]\(([^)]+)\)", text)
+
+
+def check_report(md_path: str | Path) -> list[str]:
+    """Problems of a written report: links that do not resolve (or leave the run directory) and tables whose
+    header states no split or n. Empty when the report is sound."""
+    md_path = Path(md_path)
+    base = md_path.parent
+    run_root = base.parent.resolve()
+    problems = []
+    for link in report_links(md_path):
+        if re.match(r"[a-z]+://", link) or Path(link).is_absolute():
+            problems.append(f"absolute or remote link {link!r}")
+            continue
+        p = (base / link).resolve()
+        if not p.is_file():
+            problems.append(f"link {link!r} does not resolve")
+        elif run_root not in p.parents:
+            problems.append(f"link {link!r} leaves the run directory")
+    lines = md_path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
+            intro = lines[i - 2] if i >= 2 else ""
+            if not (("split" in intro and "n:" in intro) or ("n =" in line and ("fold" in line or "split" in line))):
+                problems.append(f"table at line {i + 1} states no split and n: {line[:80]}")
+    return problems
