@@ -328,10 +328,10 @@ class _GroupedProduct:
             start += len(gs)
         self.num_groups, self.N = num_groups, src.shape[1]
 
-    def __call__(self, w: Tensor) -> Tensor:
+    def __call__(self, w: Tensor, out: Tensor | None = None) -> Tensor:
         p = w.shape[0]
         w_ext = torch.cat([w, w.new_zeros(p, 1)], 1)
-        out = w.new_empty(self.num_groups, p, self.N)
+        out = w.new_empty(self.num_groups, p, self.N) if out is None else out.view(self.num_groups, p, self.N)
         for start, end, idx, H in self.buckets:
             torch.bmm(w_ext[:, idx].permute(1, 0, 2), H, out=out[start:end])
         return out
@@ -438,6 +438,7 @@ class SparseFitness(PopulationFitness):
                                             // (N * width))
 
         self._lam = lam.to(dev, dt) if lam is not None else None
+        self._C = C
         r0 = self.x + inter["o"]                                             # residual stream after the block
         if self.kernel == "explicit":
             # r = r0 + lam * (W_aft[:, J] u_J + e_I S_I); with a non-linear layer scale: x + ls(o_raw0 + ...)
@@ -481,6 +482,8 @@ class SparseFitness(PopulationFitness):
         self._lamI = None if bool((lam == 1).all()) else lam[self._I][:, None]  # [|I|, 1]; None: identity
         self._RJT2 = (2 * (r0c @ BJ)).T.contiguous()                         # 2 B_J^T r0_c  [|J|, N]
         self._r0cIT2 = (2 * r0c[:, self._I]).T.contiguous()                  # 2 r0_c[I]     [|I|, N]
+        self._r0cIT = r0c[:, self._I].T.contiguous()                         # r0_c[I]       [|I|, N]
+        self._r0cI_sq = (self._r0cIT * self._r0cIT).sum(0)                   # |r0_c[I]|^2   [N]
         self._ss0 = (r0c * r0c).sum(1)                                       # |r0_c|^2      [N]
         self._C = C
 
@@ -488,6 +491,14 @@ class SparseFitness(PopulationFitness):
         return {**super().info(), "kernel": self.kernel, "touched_neurons": len(self._J),
                 "touched_rows": len(self._I), "features": self.m, "chunk_size": self.chunk_size,
                 "macs_per_candidate_input": self.macs_per_input}
+
+    def _label_flat(self, p: int) -> Tensor:
+        """Flat positions of the label logits in a ``[p N, C]`` tensor (cached)."""
+        flat = self._buffers.get(("label_flat", p))
+        if flat is None:
+            lab = self._labels(p)
+            flat = self._buffers[("label_flat", p)] = torch.arange(len(lab), device=self.device) * self._C + lab
+        return flat
 
     def _labels(self, p: int) -> Tensor:
         """``label`` repeated for ``p`` candidates ``[p N]`` (cached)."""
@@ -514,7 +525,8 @@ class SparseFitness(PopulationFitness):
         p, N = dW.shape[0], self.n
         u = aJ = S = None
         if self._dz is not None:
-            dz = self._dz(dW[:, self._kb])                                            # [|J|, p, N]
+            dz = self._dz(dW[:, self._kb], self._buffer("dz", (len(self._J), p, N)) if out_u is not None
+                          else None)                                                  # [|J|, p, N]
             aJ = self.head.act(dz.add_(self._z0T[:, None, :]))
             u = torch.sub(aJ, self._a0T[:, None, :], out=out_u.view(len(self._J), p, N)) if out_u is not None \
                 else aJ - self._a0T[:, None, :]
@@ -523,7 +535,7 @@ class SparseFitness(PopulationFitness):
             nJ, nI = len(self._J), len(self._I)
             S = out_S if out_S is not None else torch.empty(nI, p * N, dtype=self.dtype, device=self.device)
             if self._S0 is not None:
-                S[:self._nI0] = self._S0(dW[:, self._ka0]).view(self._nI0, p * N)
+                self._S0(dW[:, self._ka0], S[:self._nI0])
             if self._a1_flat is not None:
                 S[self._nI0:].zero_()
                 D = dW.new_zeros(p, nI * nJ)
@@ -536,6 +548,12 @@ class SparseFitness(PopulationFitness):
                 S += self._seg_a1(s1.view(len(self._ka1), p * N))
         return u, S
 
+    def _s_part(self, S: Tensor, p: int) -> Tensor:
+        """|S'|^2 + 2 r0_c[I] . S' = |S' + r0_c[I]|^2 - |r0_c[I]|^2 per candidate and input ``[p N]``."""
+        nI, N = S.shape[0], self.n
+        y = torch.add(S.view(nI, p, N), self._r0cIT[:, None, :], out=self._buffer("y", (nI, p, N)))
+        return (torch.linalg.vector_norm(y, dim=0).square_().sub_(self._r0cI_sq)).view(p * N)
+
     def _numerator(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """Folded kernel for one chunk of candidates ``v [p, K]``: (z * std ``[p N, C]``, 1 / std ``[p N]``), with z
         the logits and std = sqrt(var(r) + eps) of the final LayerNorm."""
@@ -547,7 +565,8 @@ class SparseFitness(PopulationFitness):
             S.mul_(self._lamI)                                                       # S' = lam_I S_I
         # var(r) d = |r0_c|^2 + 2 r0_c . delta + |delta|^2 - sum(delta)^2 / d, with
         # 2 r0_c . delta + |delta|^2 = u . (B^T B u + 2 B^T r0_c) + S' . (2 B_I u + S' + 2 r0_c[I])
-        vard = self._ss0.repeat(p)
+        vard = torch.zeros(p * N, dtype=self.dtype, device=self.device)
+        vard.view(p, N).add_(self._ss0)
         sum_d = torch.zeros(p * N, dtype=self.dtype, device=self.device)
         if u is not None:
             t = torch.mm(self._Q, u, out=self._buffer("t", (len(self._Q), p * N)))
@@ -557,15 +576,14 @@ class SparseFitness(PopulationFitness):
             vard += tu.mul_(u).sum(0)
             sum_d += t[-1]
             if S is not None and self._cross_in_u:
-                vard += (S + self._r0cIT2.repeat(1, p)).mul_(S).sum(0)
+                vard += self._s_part(S, p)
                 sum_d += S.sum(0)
             elif S is not None:
                 ts = t[nJ:nJ + nI].mul_(2).add_(S).view(nI, p, N).add_(self._r0cIT2[:, None, :]).view(nI, p * N)
                 vard += ts.mul_(S).sum(0)
                 sum_d += S.sum(0)
         elif S is not None:
-            ts = (S + self._r0cIT2.repeat(1, p)).mul_(S)
-            vard += ts.sum(0)
+            vard += self._s_part(S, p)
             sum_d += S.sum(0)
         vard.sub_(sum_d * sum_d / d)
         std = f[-1]
@@ -612,11 +630,11 @@ class SparseFitness(PopulationFitness):
                 correct = num.argmax(1) == lab
             else:  # argmax == label without CPU argmax (14x slower than amax here): the label's logit against the
                 # largest other one; a tie goes to the first index, as argmax does (resolved row by row)
-                zy = num.gather(1, lab[:, None])
-                num.scatter_(1, lab[:, None], float("-inf"))
+                flat, nv = self._label_flat(p), num.view(-1)
+                zy = nv[flat]
+                nv[flat] = float("-inf")
                 other = num.amax(1)
-                num.scatter_(1, lab[:, None], zy)
-                zy = zy.squeeze(1)
+                nv[flat] = zy
                 correct = zy > other
                 tied = (zy == other).nonzero().squeeze(1)
                 if len(tied):
