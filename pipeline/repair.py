@@ -593,8 +593,11 @@ def statistics(df, pairs: Sequence[tuple[str, str]] | None = None):
             q = f"{dataset} / {repair} / n={budget} / {metric} (test fold)"
             wide = g.pivot_table(index=["setting", "rep"], columns="fl_method", values=metric, aggfunc="first")
             wide = wide[[m for m in methods if m in wide.columns]].dropna()
-            if len(wide):
-                paired.append(wilcoxon_holm({m: wide[m].to_numpy() for m in wide.columns}, pairs=use, question=q))
+            # a method whose every run lacks the metric (RR without test targets) has no paired values
+            use_p = [(a, b) for a, b in use if a in wide.columns and b in wide.columns]
+            if len(wide) and use_p:
+                paired.append(wilcoxon_holm({m: wide[m].to_numpy() for m in wide.columns}, pairs=use_p,
+                                            question=q))
             vals = {m: g.loc[g["fl_method"] == m, metric].dropna().to_numpy() for m in methods}
             unpaired.append(mann_whitney_holm(vals, pairs=use, question=q))
     cat = lambda parts: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()  # noqa: E731
