@@ -116,6 +116,15 @@ class Registry:
         self.discover()
         return sorted(self._items)
 
+    def __iter__(self):
+        return iter(self.names())
+
+    def __getitem__(self, name: str) -> Any:
+        return self.get(name)
+
+    def __len__(self) -> int:
+        return len(self.names())
+
     def __contains__(self, name: str) -> bool:
         self.discover()
         return name in self._items

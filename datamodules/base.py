@@ -49,6 +49,8 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from core.registry import Registry, UnknownNameError
+
 from datamodules.folds import FoldSplit, load_or_create_folds
 
 __all__ = ["DatasetFormatError", "UnreadableImageError", "BadImage", "BAD_IMAGE_POLICIES", "SPLITS", "SplitSource",
@@ -199,6 +201,21 @@ class _Sources:
     train: tuple[SplitSource, np.ndarray]
     val: tuple[SplitSource, np.ndarray]
     eval: tuple[SplitSource, np.ndarray]
+
+
+class UnknownDataModuleError(UnknownNameError):
+    """A data-module name no module registered."""
+
+
+#: every data module, found by importing each module of the ``datamodules`` package (and the ``vitfl.datamodules``
+#: entry points): a new data set is one file with a decorated :class:`VisionDataModule` subclass
+DATAMODULES = Registry("data module", packages=("datamodules",), entry_points="vitfl.datamodules",
+                       error=UnknownDataModuleError)
+
+
+def register_datamodule(name: str):
+    """Class decorator: register a :class:`VisionDataModule` subclass as data module ``name``."""
+    return DATAMODULES.register(name)
 
 
 class VisionDataModule(L.LightningDataModule):

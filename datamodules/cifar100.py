@@ -20,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from datamodules.base import TensorSource, VisionDataModule, _Sources, holdout_split
+from datamodules.base import holdout_split, register_datamodule, _Sources, TensorSource, VisionDataModule
 
 __all__ = ["CIFAR100DataModule", "CifarUnpickler", "ForbiddenPickleError", "CIFAR_PICKLE_GLOBALS"]
 
@@ -53,6 +53,7 @@ class CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+@register_datamodule("cifar100")
 class CIFAR100DataModule(VisionDataModule):
     """CIFAR-100 (fine labels) as ``(image [3, S, S], label, index)`` items, ``S = image_size`` (default 224).
 

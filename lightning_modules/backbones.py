@@ -7,12 +7,22 @@ pretrained weights come from a local folder or file given by the user.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-_BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+from core.registry import Registry, UnknownNameError
+
+
+class UnknownBackboneError(UnknownNameError):
+    """A backbone name no module registered."""
+
+
+#: every backbone builder (name -> ``fn(num_classes, **kwargs) -> nn.Module``): the ViTs here, the CNNs of the
+#: adequacy part in ``lightning_modules/cnn.py``, third-party ones under the ``vitfl.backbones`` entry point
+BACKBONES = Registry("backbone", modules=("lightning_modules.backbones", "lightning_modules.cnn"),
+                     entry_points="vitfl.backbones", error=UnknownBackboneError)
 
 
 class PretrainedWeightsError(FileNotFoundError):
@@ -20,30 +30,16 @@ class PretrainedWeightsError(FileNotFoundError):
 
 
 def register_backbone(name: str):
-    def deco(fn):
-        _BACKBONES[name] = fn
-        return fn
-
-    return deco
+    """Decorator: register a builder ``fn(num_classes, **kwargs) -> nn.Module`` as backbone ``name``."""
+    return BACKBONES.register(name)
 
 
 def registered_backbones() -> list[str]:
-    _load_all()
-    return sorted(_BACKBONES)
+    return BACKBONES.names()
 
 
 def build_backbone(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    _load_all()
-    if name not in _BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(sorted(_BACKBONES))}")
-    return _BACKBONES[name](num_classes=num_classes, **kwargs)
-
-
-def _load_all() -> None:
-    try:  # the CNNs of the adequacy part register themselves on import
-        import lightning_modules.cnn  # noqa: F401
-    except ImportError:  # pragma: no cover - optional part
-        pass
+    return BACKBONES.get(name)(num_classes=num_classes, **kwargs)
 
 
 class HFLogits(nn.Module):

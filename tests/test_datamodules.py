@@ -413,9 +413,9 @@ def test_digits_resize_and_augment():
 
 # ------------------------------------------------------------------------------------------------ API and configs
 def test_registry_and_bad_arguments():
-    assert set(DATAMODULES) == {"digits", "cifar100", "tiny_imagenet"}
+    assert set(DATAMODULES) == {"digits", "cifar100", "tiny_imagenet", "mnist_transfer"}
     assert isinstance(build_datamodule("digits", seed=3), DigitsDataModule)
-    with pytest.raises(KeyError, match="digits.*cifar100.*tiny_imagenet"):
+    with pytest.raises(KeyError, match="registered: cifar100, digits, .*tiny_imagenet"):
         build_datamodule("mnist")
     for bad in (dict(predict_split="training"), dict(fold_index=5), dict(n_folds=1), dict(mean=[0.5, 0.5]),
                 dict(std=[0.0]), dict(image_size=0), dict(train_fraction=0.95, val_fraction=0.1),
@@ -438,7 +438,7 @@ def test_yaml_config_parses_like_lightning_cli(name):
 
     parser = ArgumentParser()
     parser.add_subclass_arguments(VisionDataModule, "data")
-    cfg = parser.parse_path(str(CONFIGS / f"{name}.yaml"))
+    cfg = parser.parse_path(str(CONFIGS / {"mnist_transfer": "mnist_finetune.yaml"}.get(name, f"{name}.yaml")))
     dm = parser.instantiate_classes(cfg).data
     assert type(dm) is DATAMODULES[name]
     assert dm.fold_seed == 777 and dm.n_folds == 5 and dm.predict_split == "repair"
