@@ -2,7 +2,7 @@
 
 Everything here takes a model (images -> logits), tensors and options, and returns pandas DataFrames; the
 ``report_*`` functions write them (CSV + Markdown tables, PNG + PDF plots, a JSON with the config and provenance)
-under a directory the caller gives (a script passes ``RunLayout(run_dir).adequacy_dir``). The file names below that
+under a directory the caller gives (a script passes ``RunStore(run_dir).adequacy_dir``). The file names below that
 directory are named in :data:`ARTIFACTS`, the one place that does.
 
 - :class:`CoverageSuite`: every criterion (IDC and the baselines of :mod:`adequacy.criteria`) set up once on a
@@ -92,13 +92,25 @@ def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str, title: str | N
             atomic_write_text(out_dir / f"{stem}.md", md)]
 
 
+#: the PDF / PS font settings of the house style (``evaluation.style.RC``; adequacy sits beside evaluation in the
+#: layers and cannot import it): TrueType (Type 42) fonts, never Type 3
+_FONT_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
+            "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7}
+
+
 def save_figure(fig, out_dir: str | Path, stem: str) -> list[Path]:
-    """``stem.png`` and ``stem.pdf`` (atomic writes, the house style of :mod:`evaluation.style`: TrueType fonts in
-    the PDF); closes the figure."""
-    from evaluation import style
+    """``stem.png`` and ``stem.pdf`` (atomic writes, TrueType fonts in the PDF); closes the figure."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from core.io import atomic_savefig
 
     out_dir = Path(out_dir)
-    return style.save(fig, [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"], dpi=200)
+    with matplotlib.rc_context(_FONT_RC):
+        paths = [atomic_savefig(fig, out_dir / f"{stem}.png", dpi=200, bbox_inches="tight"),
+                 atomic_savefig(fig, out_dir / f"{stem}.pdf", bbox_inches="tight")]
+    plt.close(fig)
+    return paths
 
 
 def write_meta(out_dir: str | Path, stem: str, config: Mapping, **extra) -> Path:
@@ -108,11 +120,19 @@ def write_meta(out_dir: str | Path, stem: str, config: Mapping, **extra) -> Path
 
 
 def _grid(n: int):
-    from evaluation import style
+    """Small panels (1.75 x 1.5 in, at most 4 a row: 7 in, two columns of a paper), text at 7-8 pt."""
+    import matplotlib
 
-    fig, axes = style.facet_grid(n, ncols=min(4, n), panel_width=1.75, panel_height=1.5, sharex=False,
-                                 sharey=False)
-    return fig, axes
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    with matplotlib.rc_context(_FONT_RC):
+        fig, axes = plt.subplots(rows, cols, figsize=(1.75 * cols, 1.5 * rows + 0.4), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
 
 
 # ================================================================================================ importance

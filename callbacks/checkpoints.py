@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from localization.artifacts import RunLayout
+from core.runstore import RunStore
 
-#: the full-state checkpoint's file name (``RunLayout(root).checkpoints / LAST_CHECKPOINT``)
+#: the full-state checkpoint's file name (``RunStore(root).checkpoints / LAST_CHECKPOINT``)
 LAST_CHECKPOINT = "last.ckpt"
 
 
@@ -47,7 +47,7 @@ def atomic_save_checkpoint(trainer: L.Trainer, filepath: str | Path, weights_onl
 class _AtomicSave(ModelCheckpoint):
     def _resolve_dirpath(self, trainer: L.Trainer) -> None:
         if self.dirpath is None:
-            self.dirpath = str(RunLayout(trainer.default_root_dir).checkpoints)
+            self.dirpath = str(RunStore(trainer.default_root_dir).checkpoints)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         atomic_save_checkpoint(trainer, filepath, self.save_weights_only)

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from safetensors.torch import load_file
 
-from localization.artifacts import RunLayout
+from core.runstore import RunStore
 from localization.cache import atomic_save_safetensors
 from localization.ffn import FFNHead, last_ffn_head, model_fingerprint
 
@@ -38,7 +38,7 @@ class LastFFNWeightsWriter(L.Callback):
     def _path(self, trainer: L.Trainer, epoch: int) -> Path:
         if self.dirpath is not None:
             return Path(self.dirpath) / f"epoch={epoch:03d}.safetensors"
-        return RunLayout(trainer.default_root_dir).ffn_weights(epoch)
+        return RunStore(trainer.default_root_dir).ffn_weights(epoch)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         if trainer.is_global_zero:

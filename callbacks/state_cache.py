@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from localization.artifacts import RunLayout
+from core.runstore import RunStore
 from localization.cache import merge_shards, save_states
 from localization.ffn import backbone_kind, model_fingerprint
 
@@ -26,7 +26,7 @@ class StateCacheWriter(BasePredictionWriter):
         self._rows: dict[str, list[torch.Tensor]] = {}
 
     def target(self, trainer: L.Trainer) -> Path:
-        return Path(self.path) if self.path else RunLayout(trainer.default_root_dir).states(self.split)
+        return Path(self.path) if self.path else RunStore(trainer.default_root_dir).states(self.split)
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self._rows = {}

@@ -123,7 +123,7 @@ class RunStore:
         p = Path(rel)
         return p if p.is_absolute() else self.root / p
 
-    # fixed artifacts (the names RunLayout had)
+    # fixed artifacts
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"

@@ -34,7 +34,7 @@ Shuffling: the training loader's sampler (:class:`EpochSeededSampler`) draws epo
 ``(seed, e)`` alone, so a run resumed from a checkpoint sees the same batches as an uninterrupted one.
 
 Nothing here downloads anything, imports a model, or decides a file path on its own (``root`` and ``folds_path``
-come from the config / the script's ``RunLayout``).
+come from the config / the script's ``RunStore``).
 """
 from __future__ import annotations
 

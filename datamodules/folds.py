@@ -5,7 +5,7 @@ The evaluation split (e.g. CIFAR-100's official test set) of size ``n`` is cut w
 ``arange(n)``: fold ``fold_index``'s held-out part is the ``test`` split, the other ``n_folds - 1`` parts together
 are the ``repair`` split. Both index arrays are sorted positions *within the evaluation split*.
 
-Given a path (``RunLayout.folds``), :func:`load_or_create_folds` writes the indices there on first use (atomic
+Given a path (``RunStore.folds``), :func:`load_or_create_folds` writes the indices there on first use (atomic
 JSON, with the settings and provenance) and reads them back afterwards, checking them against the current eval
 size and settings, so every later step of the run (state caching, FL, repair, test evaluation) uses exactly the
 same indices, even if a library's shuffling changed in between.

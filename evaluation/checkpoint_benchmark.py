@@ -3,7 +3,7 @@ epoch e-1, predict which last-FFN weights the next epoch of training changes mos
 
 Ground truth (:func:`weight_change_ground_truth`): every weight of W_bef and W_aft scored by
 ``|W(e) - W(e-1)|`` (global index W_bef then W_aft), from the per-epoch last-FFN weight files
-(``RunLayout.ffn_weights(epoch)``: safetensors ``W_bef``, ``b_bef``, ``W_aft``, ``b_aft``); positives = its top
+(``RunStore.ffn_weights(epoch)``: safetensors ``W_bef``, ``b_bef``, ``W_aft``, ``b_aft``); positives = its top
 ``pos_fraction`` (1 %) with ties broken by index (evaluation.ranking_metrics). Biases are not ranked (the
 published benchmark ranked the two weight matrices only).
 

@@ -25,7 +25,8 @@ from lightning.pytorch.cli import LightningCLI
 from callbacks.checkpoints import LAST_CHECKPOINT, PerEpochCheckpoint, ResumeCheckpoint
 from callbacks.ffn_weights import LastFFNWeightsWriter
 from datamodules.base import VisionDataModule
-from localization.artifacts import RunLayout, atomic_write_text
+from core.io import atomic_write_text
+from core.runstore import RunStore
 from lightning_modules.classifier import ImageClassifier
 from lightning_modules.runs import CHECKPOINT_SAFE_GLOBALS, resolve_datamodule_class, safe_torch_load
 
@@ -53,7 +54,7 @@ class ToolkitCLI(LightningCLI):
         if cfg.trainer.logger in (None, True):
             cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                   "init_args": {"save_dir": root, "name": "tb", "version": ""}}
-        layout = RunLayout(root)
+        layout = RunStore(root)
         class_path = cfg.data.get("class_path") if hasattr(cfg.data, "get") else None
         if class_path is not None:  # only the toolkit's own data modules (checked before anything is imported)
             resolve_datamodule_class(class_path, source="data.class_path")
@@ -71,7 +72,7 @@ class ToolkitCLI(LightningCLI):
             **kwargs: Any) -> None:
         """Check the options, set the data up, write ``run_config.yaml``, then ``Trainer.fit`` (resuming from
         ``ckpt_path``, ``"last"`` = ``<run>/checkpoints/last.ckpt``)."""
-        layout: RunLayout = self._layout
+        layout: RunStore = self._layout
         if weights_only is False:
             raise FitOptionError("--weights_only false is not supported: checkpoints are read with "
                                  "weights_only=True so that a shared checkpoint cannot run code")
@@ -106,7 +107,7 @@ def _check_trainer_options(t) -> None:
         bad(f"devices must be a positive int, -1 (all), 'auto' or a list of device ids, got {dev}")
 
 
-def _check_fresh_start(layout: RunLayout) -> None:
+def _check_fresh_start(layout: RunStore) -> None:
     """A fresh fit would overwrite the run's checkpoints: refused once the run has trained anything (a last.ckpt or
     a checkpoint after epoch 0; the untrained start ``epoch=000.ckpt`` alone is rewritten)."""
     from lightning_modules.runs import checkpoint_epochs
@@ -121,7 +122,7 @@ def _check_fresh_start(layout: RunLayout) -> None:
             f"move or delete {layout.root} yourself)")
 
 
-def _resume_point(layout: RunLayout, ckpt_path: str | None, trainer) -> str | None:
+def _resume_point(layout: RunStore, ckpt_path: str | None, trainer) -> str | None:
     """The checkpoint to resume from (``None``: a fresh start, refused if it would overwrite trained checkpoints),
     checked: full state, not past ``max_epochs``."""
     if ckpt_path is None:

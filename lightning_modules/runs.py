@@ -24,7 +24,7 @@ import yaml
 
 from callbacks.state_cache import StateCacheWriter
 from lightning_modules.classifier import ImageClassifier
-from localization.artifacts import RunLayout
+from core.runstore import RunStore
 
 
 class RunError(RuntimeError):
@@ -54,7 +54,7 @@ MODEL_CLASS_PATH = "lightning_modules.classifier.ImageClassifier"
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
-def run_config(layout: RunLayout) -> dict[str, Any]:
+def run_config(layout: RunStore) -> dict[str, Any]:
     path = layout.run_config
     if not path.is_file():
         raise RunError(f"no {path}: train first (`python scripts/train.py fit ... "
@@ -115,7 +115,7 @@ def build_from_spec(spec: Any, source: str = "the config", **override: Any):
         raise RunError(f"{source}: {cls.__name__} does not accept these init_args ({e})") from None
 
 
-def datamodule_from_run(layout: RunLayout, **override: Any):
+def datamodule_from_run(layout: RunStore, **override: Any):
     cfg = run_config(layout)
     if "data" not in cfg:
         raise RunError(f"{layout.run_config}: no 'data' section")
@@ -125,7 +125,7 @@ def datamodule_from_run(layout: RunLayout, **override: Any):
     return build_from_spec(cfg["data"], source=str(layout.run_config), **override)
 
 
-def model_spec_from_run(layout: RunLayout) -> dict[str, Any] | None:
+def model_spec_from_run(layout: RunStore) -> dict[str, Any] | None:
     """The ImageClassifier arguments in ``run_config.yaml`` (``None`` when the run has no config). A ``class_path``
     other than :data:`MODEL_CLASS_PATH` is refused (:class:`UnsafeConfigError`)."""
     if not layout.run_config.is_file():
@@ -143,7 +143,7 @@ def model_spec_from_run(layout: RunLayout) -> dict[str, Any] | None:
     return {k: v for k, v in model.items() if not str(k).startswith("_")}
 
 
-def checkpoint_epochs(layout: RunLayout) -> list[int]:
+def checkpoint_epochs(layout: RunStore) -> list[int]:
     eps = []
     for p in layout.checkpoints.glob("epoch=*.ckpt"):
         m = re.fullmatch(r"epoch=(\d+)\.ckpt", p.name)
@@ -152,7 +152,7 @@ def checkpoint_epochs(layout: RunLayout) -> list[int]:
     return sorted(eps)
 
 
-def last_epoch(layout: RunLayout) -> int:
+def last_epoch(layout: RunStore) -> int:
     eps = checkpoint_epochs(layout)
     if not eps:
         raise RunError(f"no checkpoints in {layout.checkpoints}: train first")
@@ -232,7 +232,7 @@ def _shape_differences(expected: dict[str, Any], model: ImageClassifier, limit: 
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
-def check_architecture(layout: RunLayout, model: ImageClassifier, path: str | Path) -> None:
+def check_architecture(layout: RunStore, model: ImageClassifier, path: str | Path) -> None:
     """Raise :class:`ArchitectureMismatchError` when ``model`` (loaded from ``path``) is not the architecture that
     ``run_config.yaml`` describes (backbone, class count, backbone settings); no-op for a run without a config."""
     spec = model_spec_from_run(layout)
@@ -258,7 +258,7 @@ def check_architecture(layout: RunLayout, model: ImageClassifier, path: str | Pa
               "was changed on disk")
 
 
-def load_run_model(layout: RunLayout, epoch: int | None = None) -> tuple[ImageClassifier, int]:
+def load_run_model(layout: RunStore, epoch: int | None = None) -> tuple[ImageClassifier, int]:
     """The run's checkpoint of ``epoch`` (default: the last), checked against the run's config
     (:func:`check_architecture`)."""
     epoch = last_epoch(layout) if epoch is None else epoch
@@ -270,7 +270,7 @@ def load_run_model(layout: RunLayout, epoch: int | None = None) -> tuple[ImageCl
     return model, epoch
 
 
-def cache_tag(layout: RunLayout, epoch: int | None) -> str:
+def cache_tag(layout: RunStore, epoch: int | None) -> str:
     """The state-cache tag of a checkpoint: ``""`` (``states/{split}.safetensors``) for the run's last epoch, else
     ``epoch=NNN`` (``states/{split}.epoch=NNN.safetensors``), so caching another epoch never replaces the last
     epoch's cache."""
@@ -307,7 +307,7 @@ def check_model_fits_data(model: ImageClassifier, dm, where: str = "the checkpoi
                                         + "; ".join(diff) + "; nothing was changed on disk")
 
 
-def cache_states(layout: RunLayout, model: ImageClassifier, splits: list[str], tag: str = "",
+def cache_states(layout: RunStore, model: ImageClassifier, splits: list[str], tag: str = "",
                  trainer_kwargs: dict[str, Any] | None = None, datamodule=None,
                  extra_metadata: dict[str, str] | None = None) -> list[Path]:
     """One ``Trainer.predict`` pass per split writing ``states/{split}[.tag].safetensors`` (skipped if present
@@ -344,7 +344,7 @@ def cache_states(layout: RunLayout, model: ImageClassifier, splits: list[str], t
     return out
 
 
-def cache_run_states(layout: RunLayout, splits: list[str], epoch: int | None = None,
+def cache_run_states(layout: RunStore, splits: list[str], epoch: int | None = None,
                      trainer_kwargs: dict[str, Any] | None = None) -> list[Path]:
     """Cache the states of ``epoch``'s checkpoint (default: the last) for ``splits``: the last epoch's cache is
     ``states/{split}.safetensors``, any other epoch's ``states/{split}.epoch=NNN.safetensors`` (:func:`cache_tag`).

@@ -14,7 +14,7 @@ A multi-process ``predict`` writes one shard per rank (``{split}.rank{r}.safeten
 :func:`merge_shards` joins them in sample order, dropping the duplicates a DistributedSampler pads with.
 Writes are atomic (temp file, then rename): an existing cache is replaced only once its successor is complete.
 A cache belongs to one checkpoint: the last epoch's is ``states/{split}.safetensors``, another epoch's
-``states/{split}.epoch=NNN.safetensors`` (``RunLayout.states(split, tag)``, tag from
+``states/{split}.epoch=NNN.safetensors`` (``RunStore.states(split, tag)``, tag from
 ``lightning_modules.runs.cache_tag``).
 """
 from __future__ import annotations

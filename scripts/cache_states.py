@@ -13,7 +13,7 @@ import _bootstrap  # noqa: F401
 
 from datamodules.base import SPLITS
 from lightning_modules.runs import RunError, cache_run_states
-from localization.artifacts import RunLayout
+from core.runstore import RunStore
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -28,7 +28,7 @@ def parse(argv=None) -> argparse.Namespace:
         p.error(f"--devices must be >= 1, got {a.devices}")
     if a.epoch is not None and a.epoch < 0:
         p.error(f"--epoch must be >= 0, got {a.epoch}")
-    if not RunLayout(a.run_dir).root.is_dir():
+    if not RunStore(a.run_dir).root.is_dir():
         p.error(f"--run_dir {a.run_dir} is not a directory (train first: scripts/train.py fit ... "
                 f"--trainer.default_root_dir {a.run_dir})")
     return a
@@ -40,7 +40,7 @@ if __name__ == "__main__":
     if a.devices > 1:
         kw["strategy"] = "ddp"
     try:
-        for path in cache_run_states(RunLayout(a.run_dir), a.splits, a.epoch, trainer_kwargs=kw):
+        for path in cache_run_states(RunStore(a.run_dir), a.splits, a.epoch, trainer_kwargs=kw):
             print(path)
     except (RunError, ValueError) as e:
         sys.exit(f"cache_states: {e}")

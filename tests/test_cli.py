@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO
 from lightning_modules.cli import ToolkitCLI
 from lightning_modules.runs import RunError, checkpoint_epochs, datamodule_from_run, load_run_model, run_config
-from localization.artifacts import RunLayout
+from core.runstore import RunStore
 
 # pytest's own argv is in sys.argv; the CLI is given its args explicitly
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -46,7 +46,7 @@ def cli_run(tmp_path_factory):
                            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
                            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                            "--trainer.log_every_n_steps=1"])
-    return cli, RunLayout(root)
+    return cli, RunStore(root)
 
 
 def test_fit_writes_the_run_directory(cli_run):
@@ -87,7 +87,7 @@ def test_reloaded_model_is_the_trained_one(cli_run):
 
 def test_missing_run_config(tmp_path):
     with pytest.raises(RunError, match="train first"):
-        run_config(RunLayout(tmp_path))
+        run_config(RunStore(tmp_path))
 
 
 def test_steps_after_training(cli_run):

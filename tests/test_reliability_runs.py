@@ -20,7 +20,7 @@ from conftest import HF_KW, REPO, _fit_tiny_run, tiny_classifier
 from lightning_modules.runs import (
     ArchitectureMismatchError, RunError, UnsafeCheckpointError, UnsafeConfigError, cache_run_states, cache_tag,
     check_model_fits_data, datamodule_from_run, load_classifier, load_run_model)
-from localization.artifacts import RunLayout
+from core.runstore import RunStore
 from localization.cache import StaleCacheError, load_states, read_metadata
 from localization.ffn import model_fingerprint
 
@@ -36,18 +36,18 @@ def run_dir(tmp_path_factory):
     _fit_tiny_run(root, "hf_vit")
     data = {**DATA, "init_args": {**DATA["init_args"], "folds_path": str(root / "folds.json")}}
     cfg = {"data": data, "model": {"backbone": "hf_vit", "num_classes": 10, "backbone_kwargs": dict(HF_KW)}}
-    RunLayout(root).run_config.write_text(yaml.safe_dump(cfg))
-    return RunLayout(root)
+    RunStore(root).run_config.write_text(yaml.safe_dump(cfg))
+    return RunStore(root)
 
 
 @pytest.fixture
 def copied_run(run_dir, tmp_path):
     dst = tmp_path / "copied"
     shutil.copytree(run_dir.root, dst)
-    return RunLayout(dst)
+    return RunStore(dst)
 
 
-def _set_config(layout: RunLayout, section: str, value) -> None:
+def _set_config(layout: RunStore, section: str, value) -> None:
     cfg = yaml.safe_load(layout.run_config.read_text())
     cfg[section] = value
     layout.run_config.write_text(yaml.safe_dump(cfg))

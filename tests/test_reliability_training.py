@@ -19,7 +19,7 @@ import torch
 from conftest import REPO
 from lightning_modules.cli import FitOptionError, ToolkitCLI
 from lightning_modules.runs import checkpoint_epochs, load_classifier, safe_torch_load
-from localization.artifacts import RunLayout
+from core.runstore import RunStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter", "ignore:.*does not have many workers",
                                         "ignore:The number of training batches")
@@ -73,11 +73,11 @@ def state(path):
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     cli(root)
-    return RunLayout(root)
+    return RunStore(root)
 
 
 def test_resume_after_a_kill_in_epoch_2_gives_the_same_weights(uninterrupted, tmp_path):
-    layout = RunLayout(tmp_path)
+    layout = RunStore(tmp_path)
     with pytest.raises(Killed):
         cli(tmp_path, callbacks=[KillInEpoch(epoch=1, batch=2)])
     assert checkpoint_epochs(layout) == [0, 1]  # epoch 2 never finished
@@ -102,7 +102,7 @@ def test_resume_after_a_kill_in_epoch_2_gives_the_same_weights(uninterrupted, tm
 def test_resume_options_are_checked(uninterrupted, tmp_path):
     with pytest.raises(FitOptionError, match="no checkpoint at .*last.ckpt"):
         cli(tmp_path, "--ckpt_path", "last")
-    assert not RunLayout(tmp_path).run_config.exists()  # refused before anything was written
+    assert not RunStore(tmp_path).run_config.exists()  # refused before anything was written
     with pytest.raises(FitOptionError, match="weights only.*--ckpt_path last"):
         cli(tmp_path, "--ckpt_path", str(uninterrupted.checkpoint(1)))
     before = uninterrupted.run_config.read_bytes()
@@ -150,14 +150,14 @@ def test_a_no_op_fit_is_an_error(tmp_path, option, message):
 def test_bad_data_options_fail_before_any_work(tmp_path, option, message):
     with pytest.raises(ValueError, match=message):
         cli(tmp_path, option)
-    assert not RunLayout(tmp_path).run_config.exists() and not RunLayout(tmp_path).checkpoints.exists()
+    assert not RunStore(tmp_path).run_config.exists() and not RunStore(tmp_path).checkpoints.exists()
 
 
 def test_failed_fit_leaves_run_config_as_it_was(tmp_path):
     """A typo in the data root: the fit fails in the data module's checks and the run's config is untouched."""
     from datamodules.base import DatasetFormatError
 
-    layout = RunLayout(tmp_path)
+    layout = RunStore(tmp_path)
     layout.run_config.write_text("data: {class_path: datamodules.digits.DigitsDataModule}\n# the good config\n")
     before = layout.run_config.read_bytes()
     with pytest.raises(DatasetFormatError, match="tiny-imagenet-200"):
@@ -177,7 +177,7 @@ def test_kill_9_in_epoch_2_then_resume_with_the_script(uninterrupted, tmp_path):
     proc = subprocess.run([*script, *fit_args(tmp_path), *killer], env=env, capture_output=True, text=True,
                           cwd=str(REPO), timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    layout = RunLayout(tmp_path)
+    layout = RunStore(tmp_path)
     assert checkpoint_epochs(layout) == [0, 1]
     proc = subprocess.run([*script, *fit_args(tmp_path), "--ckpt_path", "last"], env=env, capture_output=True,
                           text=True, cwd=str(REPO), timeout=600)
@@ -209,7 +209,7 @@ def test_a_resume_checkpoint_with_a_payload_is_refused(uninterrupted, tmp_path):
     torch.save(ck, last)
     with pytest.raises(UnsafeCheckpointError, match="Python global exec"):
         cli(tmp_path, "--ckpt_path", "last", "--trainer.max_epochs=5")
-    assert not marker.exists() and not RunLayout(tmp_path).run_config.exists()
+    assert not marker.exists() and not RunStore(tmp_path).run_config.exists()
 
 
 def _ddp_fit(root, ckpt_path=None, kill=False):
@@ -235,9 +235,9 @@ def test_ddp_resume_gives_the_same_weights(tmp_path):
     retry_spawn_teardown_abort(lambda: _ddp_fit(a))
     with pytest.raises(Exception, match="Killed|killed"):
         _ddp_fit(b, kill=True)
-    assert checkpoint_epochs(RunLayout(b)) == [0, 1]
-    retry_spawn_teardown_abort(lambda: _ddp_fit(b, ckpt_path=str(RunLayout(b).checkpoints / "last.ckpt")))
+    assert checkpoint_epochs(RunStore(b)) == [0, 1]
+    retry_spawn_teardown_abort(lambda: _ddp_fit(b, ckpt_path=str(RunStore(b).checkpoints / "last.ckpt")))
     for epoch in range(EPOCHS + 1):
-        sa, sb = state(RunLayout(a).checkpoint(epoch)), state(RunLayout(b).checkpoint(epoch))
+        sa, sb = state(RunStore(a).checkpoint(epoch)), state(RunStore(b).checkpoint(epoch))
         worst = max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
         assert worst <= 1e-6, f"epoch {epoch}: resumed DDP weights differ from the uninterrupted run by {worst}"

@@ -12,7 +12,7 @@ from callbacks.ffn_weights import LastFFNWeightsWriter, load_ffn_weights
 from conftest import TIMM_KW, images, retry_spawn_teardown_abort, tiny_classifier, tiny_hf_vit
 from lightning_modules.backbones import PretrainedWeightsError, hf_vit
 from lightning_modules.runs import RunError, checkpoint_epochs, last_epoch, load_classifier
-from localization.artifacts import RunLayout
+from core.runstore import RunStore
 from localization.ffn import last_ffn_head, model_fingerprint
 
 
@@ -23,7 +23,7 @@ def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 # --------------------------------------------------------------------------------- the shared trained run
 def test_per_epoch_checkpoints(trained_run):
-    layout = RunLayout(trained_run["root"])
+    layout = RunStore(trained_run["root"])
     names = sorted(p.name for p in layout.checkpoints.iterdir())
     assert names == ["epoch=000.ckpt", "epoch=001.ckpt", "epoch=002.ckpt"]
     assert checkpoint_epochs(layout) == [0, 1, 2] and last_epoch(layout) == 2
@@ -36,7 +36,7 @@ def test_per_epoch_checkpoints(trained_run):
 
 
 def test_ffn_weight_files_match_checkpoints(trained_run):
-    layout = RunLayout(trained_run["root"])
+    layout = RunStore(trained_run["root"])
     assert sorted(p.name for p in layout.ffn_weights_dir.iterdir()) == [
         "epoch=000.safetensors", "epoch=001.safetensors", "epoch=002.safetensors"]
     timm = trained_run["backbone"] == "timm_vit"
@@ -61,7 +61,7 @@ def test_ffn_weight_files_match_checkpoints(trained_run):
 
 
 def test_reload_gives_identical_logits(trained_run):
-    layout = RunLayout(trained_run["root"])
+    layout = RunStore(trained_run["root"])
     pixels = images(9, seed=4)
     with torch.no_grad():
         want_end = trained_run["final"].eval()(pixels)
@@ -80,7 +80,7 @@ def test_trained_run_validates(trained_run):
 
 
 def test_corrupt_and_missing_checkpoint(trained_run, tmp_path):
-    src = RunLayout(trained_run["root"]).checkpoint(1)
+    src = RunStore(trained_run["root"]).checkpoint(1)
     bad = tmp_path / "epoch=001.ckpt"
     bad.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     with pytest.raises(RunError, match=rf"checkpoint {bad} is corrupt"):
@@ -94,7 +94,7 @@ def test_corrupt_and_missing_checkpoint(trained_run, tmp_path):
 
 
 def test_nan_checkpoint_refused(trained_run, tmp_path):
-    ckpt = torch.load(RunLayout(trained_run["root"]).checkpoint(1), map_location="cpu", weights_only=True)
+    ckpt = torch.load(RunStore(trained_run["root"]).checkpoint(1), map_location="cpu", weights_only=True)
     key = next(k for k in ckpt["state_dict"] if k.endswith("fc1.weight"))
     ckpt["state_dict"][key][0, 0] = float("nan")
     path = tmp_path / "nan.ckpt"
@@ -123,7 +123,7 @@ def test_ddp_spawn_fit(tmp_path):
         return model, trainer
 
     model, trainer = retry_spawn_teardown_abort(fit)
-    layout = RunLayout(tmp_path)
+    layout = RunStore(tmp_path)
     assert checkpoint_epochs(layout) == [0, 1]
     assert layout.ffn_weights(0).is_file() and layout.ffn_weights(1).is_file()
     assert {"val/loss", "val/acc"} <= set(trainer.callback_metrics)
