@@ -12,12 +12,10 @@ __all__ = ["step_cache"]
 
 def step_cache(store: RunStore | str, splits: Sequence[str] = ("repair", "test"), epoch: int | None = None,
                trainer_kwargs: dict[str, Any] | None = None):
-    """Cache ``splits`` for the last (or ``epoch``'s) checkpoint; a cache of that checkpoint on disk is kept."""
-    from lightning_modules.runs import cache_states, load_run_model
+    """Cache ``splits`` for the last (or ``epoch``'s) checkpoint: the last epoch's cache is
+    ``states/{split}.safetensors``, another epoch's ``states/{split}.epoch=NNN.safetensors``; a cache of that
+    checkpoint on disk is kept, a stale one replaced only once the new one is complete."""
+    from lightning_modules.runs import cache_run_states
 
     store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
-    model, ep = load_run_model(store, epoch)
-    kw = {}
-    if epoch is not None and ep != (store.checkpoint_epochs() or [ep])[-1]:
-        kw["tag"] = f"epoch={ep:03d}"  # another checkpoint's cache never replaces the last epoch's
-    return cache_states(store, model, list(splits), trainer_kwargs=trainer_kwargs, **kw)
+    return cache_run_states(store, list(splits), epoch=epoch, trainer_kwargs=trainer_kwargs)
