@@ -47,9 +47,25 @@ Evaluators (all return :class:`FitnessResult` for ``values [P, K]``, the candida
         var(r)  = (|r0_c|^2 + 2 r0_c . delta + |delta|^2 - sum(delta)^2 / d) / d
         logits  = (r0 G + delta G - mean(r) 1^T G) / sqrt(var(r) + eps) + beta_LN W_cls^T + b_cls
 
-    one ``[P N, |J|] x [|J|, C + |J| + |I| + 1]`` and one ``[P N, |I|] x [|I|, C]`` product:
-    ~ |J| (C + |J| + |I|) + |I| C MACs per candidate and input, so the cost grows with the touched neurons / rows,
-    not with the layer (the better kernel when they are few, as for gradient-ranked weights).
+    With s = 1^T G, b' = beta_LN W_cls^T + b_cls and std = sqrt(var(r) + eps), the logits times std are linear
+    in the features f = [u_J; S'_I; std] plus a per-input base (the mean's change sum(delta)/d = f . [colsum; 1]/d
+    folds into the product, the bias into the std feature)::
+
+        z std = f^T M + base,   M = [B_J^T G - colsum s^T / d;  G_I - 1 s^T / d;  b'],   base = r0 G - mean(r0) s
+
+    and var(r) comes from one ``[|J| + 1 (+ |I|), |J|] x [|J|, p N]`` product ([B_J^T B_J; colsum (; B_J[I])] u,
+    or B_J[I]^T S' added into the u rows when |I| > |J|) and |S' + r0_c[I]|^2 - |r0_c[I]|^2. So per chunk of
+    candidates one ``[p N, m + 1] x [m + 1, C]`` product writes the only ``[p N, C]`` tensor:
+    ~ (|J| + |I| + 1) C + |J| (|J| + |I| + 1) MACs per candidate and input, growing with the touched neurons and
+    rows, not with the layer. ``"auto"`` takes it whenever the head is foldable and its MACs are below 1.5 x the
+    explicit kernel's (it writes no ``[p N, d]`` tensors, so it wins at equal MACs).
+
+  The fitness pass is fused (:meth:`SparseFitness.__call__`): since std > 0, the prediction test runs on z std
+  (the label's logit against the largest other logit, an exact tie resolved like ``argmax``: the first index
+  wins), and the loss (logsumexp minus the label logit) is computed only for the inputs still wrong (on CUDA: for
+  all, to avoid a host synchronisation). Work tensors are reused across chunks and generations. W_aft weights on
+  the columns of touched neurons (which see the new activation) are one ``bmm`` per chunk with the per-candidate
+  [|I|, |J|] matrix of their changes when that is cheap, else a segment sum.
 
 ``tests/test_repair_fitness.py`` checks every evaluator and kernel against :class:`LoopFitness` in float64.
 """
