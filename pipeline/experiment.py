@@ -78,11 +78,13 @@ KNOWN_WARNINGS = (
     r".*Total length of .* across ranks is zero.*",
     r".*`training_step` returned `None`.*",
     r".*torch\.meshgrid: in an upcoming release.*",
+    r".*LightningCLI's args parameter is intended to run from within Python.*",
 )
 #: Lightning's info loggers: "GPU available: ...", "TPU available", "💡 Tip: ...", model summaries
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                      "lightning.pytorch.accelerators.cuda", "lightning.pytorch.callbacks.model_summary",
-                     "pytorch_lightning.utilities.rank_zero", "lightning.pytorch.trainer.connectors")
+                     "pytorch_lightning.utilities.rank_zero", "lightning.pytorch.trainer.connectors",
+                     "lightning.fabric.utilities.seed", "lightning.pytorch.utilities.seed")
 
 
 def quiet() -> None:
@@ -294,6 +296,7 @@ def _train(store: RunStore, train: Mapping[str, Any] | None, root: Path) -> dict
         p = Path(c)
         args += ["--config", str(p if p.is_absolute() else root / p)]
     args += [f"--trainer.default_root_dir={store.root}", f"--trainer.max_epochs={train['epochs']}",
+             "--trainer.enable_model_summary=false",
              *[str(a) for a in train.get("args") or []]]
     if (store.checkpoints / "last.ckpt").is_file():
         args.append(f"--ckpt_path={store.checkpoints / 'last.ckpt'}")
@@ -344,7 +347,7 @@ def _misclf(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
 
 def _localize(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tuple[int, int], log: _Log) -> None:
     from localization.base import FL_METHODS
-    from pipeline.context import RunContext
+    from pipeline.context import load_misclf
     from pipeline.localize import run_localization
 
     kw = {k: v for k, v in opts.items() if k not in ("accelerator", "devices")}
@@ -353,16 +356,25 @@ def _localize(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tu
     for name, store in stores.items():
         t0 = time.perf_counter()
         before = store.not_applicable()
-        if n == 1:
-            rows = run_localization(store, methods=methods, trainer_kwargs=_trainer_kwargs(opts), progress=False,
-                                    **kw)
-        else:
-            settings = kw.get("settings") or sorted(RunContext(store).settings)
-            pairs = [(m, s) for m in methods for s in settings][k::n]
-            rows = []
-            for m in dict.fromkeys(m for m, _ in pairs):
-                rows += run_localization(store, methods=[m], trainer_kwargs=_trainer_kwargs(opts), progress=False,
-                                         **{**kw, "settings": [s for mm, s in pairs if mm == m]})
+        info = load_misclf(store)
+        avail, skipped = info["settings"], info.get("skipped", {})
+        wanted = list(kw.get("settings") or avail)
+        unknown = [s for s in wanted if s not in avail and s not in skipped]
+        if unknown:
+            raise ExperimentConfigError(f"localize.settings: {unknown} are neither made nor skipped by the "
+                                        f"misclassification analysis of {store.root}; available: {sorted(avail)}")
+        rows: list[dict[str, Any]] = []
+        for s in wanted:  # a setting the analysis could not build: not applicable for every method, recorded once
+            if s not in avail:
+                store.mark_not_applicable(f"misclf/{s}", f"setting {s}: {skipped[s]}")
+                rows += [{"method": m, "setting": s, "status": f"not applicable: {skipped[s]}"} for m in methods]
+        settings = [s for s in wanted if s in avail]
+        pairs = [(m, s) for m in methods for s in settings][k::n]
+        for m in dict.fromkeys(m for m, _ in pairs):
+            if not settings:
+                break
+            rows += run_localization(store, methods=[m], trainer_kwargs=_trainer_kwargs(opts), progress=False,
+                                     **{**kw, "settings": [s for mm, s in pairs if mm == m]})
         errors = [f"{r['method']} on {r['setting']}: {r['status']}" for r in rows if _status(r) == "error"]
         log.step("localize", name, summarize_rows(rows), time.perf_counter() - t0, _na_diff(store, before), errors)
 

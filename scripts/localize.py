@@ -1,52 +1,84 @@
-"""Run FL methods x settings x budgets on a trained run (resumable: existing results are skipped).
+"""Run FL methods x settings x budgets on a trained run (resumable: existing results are skipped; a case that cannot
+run is recorded once as not applicable).
 
-    python scripts/localize.py --run_dir outputs/digits --methods ours arachne_w bl random --budgets 236 472 944 avg
-    python scripts/localize.py --list     # the registered methods
+    python scripts/localize.py --run_dir outputs/digits --methods ours arachne_w bl random --budgets 33 164 328 avg
+    python scripts/localize.py --config my_fl.yaml --print_config     # the merged config
+    python scripts/localize.py --list [--verbose]                     # the registered methods
 """
-import argparse
-import sys
+from typing import Any, Dict, List, Optional
 
-import _bootstrap  # noqa: F401
-
-from pipeline.localize import run_localization
-from localization.artifacts import RunLayout
-from localization.base import UnknownMethodError, get_localizer, registered_localizers
+import _cli
+from _cli import Budget
 
 
-def budget(v: str):
-    return v if v in ("avg", "front") else int(v)
+def build_parser():
+    p = _cli.make_parser(__doc__)
+    p.add_argument("--run_dir", type=str, default="outputs/digits", help="the trained run directory")
+    p.add_argument("--methods", type=str, nargs="+", default=None, help="FL methods (null: every registered method)")
+    p.add_argument("--settings", type=str, nargs="+", default=None, help="settings (null: every available setting)")
+    p.add_argument("--budgets", type=Budget, nargs="+", default=[236, 472, 944, "avg"],
+                   help="weights, 'avg' (N_avg, the mean size of BL's front) or 'front'")
+    p.add_argument("--method_options", type=Dict[str, Dict[str, Any]], default={},
+                   help="FL method -> its options, e.g. '{ig: {times_activation: false}}' (see --list --verbose)")
+    p.add_argument("--seed", type=int, default=0, help="FL seed (random methods)")
+    p.add_argument("--batch_size", type=int, default=512, help="loader batch size of the FL pass")
+    p.add_argument("--accelerator", type=str, default="cpu", help="Trainer accelerator")
+    p.add_argument("--devices", type=int, default=1, help="Trainer devices (ddp when > 1)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar over (method, setting)")
+    p.add_argument("--list", action="store_true", help="list the registered methods and exit")
+    p.add_argument("--verbose", action="store_true", help="with --list: each method's summary, metadata, options")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    _cli.quiet()
+    from localization.base import FL_METHODS
+
+    if a.list:
+        print(FL_METHODS.listing(verbose=a.verbose))
+        return 0
+    from core.io import is_rank_zero
+    from core.runstore import RunStore
+    from localization.ranking import BudgetError
+    from pipeline.experiment import summarize_rows
+    from pipeline.localize import check_budgets, resolved_options, run_localization
+
+    try:
+        FL_METHODS.check(list(a.methods or []) + list(a.method_options))
+        for m, o in a.method_options.items():
+            resolved_options(m, o)
+        check_budgets(a.budgets)
+        if a.devices < 1:
+            raise ValueError(f"--devices must be >= 1, got {a.devices}")
+    except (KeyError, ValueError, BudgetError) as e:
+        p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
+    kw = {"accelerator": a.accelerator, "devices": a.devices, "enable_progress_bar": False,
+          "enable_model_summary": False}
+    if a.devices > 1:
+        kw["strategy"] = "ddp"
+    store = RunStore(a.run_dir)
+    before = store.not_applicable()
+    try:
+        rows = run_localization(store, a.methods, a.settings, a.budgets, seed=a.seed, batch_size=a.batch_size,
+                                trainer_kwargs=kw, method_options=a.method_options, progress=not a.no_progress)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        _cli.fail("localize", e)
+    if not is_rank_zero():
+        return 0
+    for r in rows:
+        if not r["status"].startswith(("exists", "not applicable")):
+            print(f"{r['method']:18s} {r['setting']:12s} budgets={r['budgets']:18s} {r.get('wall_s', '')!s:>8} s "
+                  f"{r['status']}")
+    new = {k: v for k, v in store.not_applicable().items() if k not in before}
+    for why in new.values():
+        print(f"not applicable (recorded, not retried): {why}")
+    c = summarize_rows(rows)
+    print(f"localize: {c['done']} done, {c['skipped']} skipped (in the store), {c['not applicable']} not applicable"
+          f" ({len(new)} new), {c['error']} failed")
+    return 1 if c["error"] else 0
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run_dir", default="outputs/digits")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
-    p.add_argument("--settings", nargs="+", default=None, help="default: every available setting")
-    p.add_argument("--budgets", nargs="+", type=budget, default=[236, 472, 944, "avg"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=512)
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--list", action="store_true", help="list the registered methods and exit")
-    p.add_argument("--verbose", action="store_true", help="with --list: each method's summary, metadata, options")
-    a = p.parse_args()
-    if a.list:
-        from localization.base import FL_METHODS
-
-        print(FL_METHODS.listing(verbose=a.verbose))
-        sys.exit(0)
-    try:
-        for m in a.methods or []:
-            get_localizer(m)
-    except UnknownMethodError as e:
-        sys.exit(str(e))
-    kw = {"accelerator": a.accelerator, "devices": a.devices}
-    if a.devices > 1:
-        kw["strategy"] = "ddp"
-    rows = run_localization(RunLayout(a.run_dir), a.methods, a.settings, a.budgets, seed=a.seed,
-                            batch_size=a.batch_size, trainer_kwargs=kw)
-    from core.io import is_rank_zero
-
-    for r in rows if is_rank_zero() else []:
-        print(f"{r['method']:18s} {r['setting']:12s} budgets={r['budgets']:18s} {r.get('wall_s', '')!s:>8} s "
-              f"{r['status']}")
+    raise SystemExit(main())

@@ -1,85 +1,114 @@
-"""Repair sweep: FL method x setting x budget x repetition x dataset (run directories), one JSON per run,
-resumable (existing results are skipped), shardable; then tables, figures and statistics.
+"""Repair sweep: FL method x setting x budget x repetition x dataset (run directories), one result per run in the
+run store, resumable (existing results are skipped), shardable; then tables, figures and statistics.
 
-    python scripts/repair_sweep.py --run_dirs c100=outputs/c100 tiny=outputs/tiny_imagenet \\
-        --methods ours arachne_w random --budgets 236 472 944 avg --reps 5 --shard 3/8
-    python scripts/repair_sweep.py --run_dirs outputs/c100 --aggregate_only      # tables + figures + statistics
-    python scripts/repair_sweep.py --list                                        # the registered repair methods
+    python scripts/repair_sweep.py --run_dirs c100=outputs/c100_vit_b16 tiny=outputs/tiny_imagenet_vit_b16 \\
+        --methods ours arachne_w random --budgets 236 472 944 --reps 5 --shard 3/8
+    python scripts/repair_sweep.py --run_dirs outputs/digits --repair_options '{generations: 100, fitness: reptran}'
+    python scripts/repair_sweep.py --run_dirs outputs/c100_vit_b16 --aggregate_only   # tables + figures + statistics
+    python scripts/repair_sweep.py --list [--verbose]                                # the registered repair methods
 
-Repair options: --generations, --pop_size, --update, --evaluator, or any --option key=value (YAML-typed), e.g.
---option fitness=reptran --option lr=1e-4 (for --repair finetune). The logic is in lightning_modules/repair/sweep.py.
+A whole published experiment is one command instead: scripts/run_experiment.py --config configs/experiment/...
 """
-import argparse
-import sys
+from typing import Any, Dict, List, Optional
 
-import _bootstrap  # noqa: F401
-import yaml
-
-from lightning_modules.repair import UnknownRepairError, get_repair, registered_repairs
-from pipeline.repair import DEFAULT_BUDGETS, DEFAULT_METHODS, aggregate, parse_shard, run_sweep
+import _cli
+from _cli import Budget
 
 
-def budget(v: str):
-    return v if v in ("avg", "front") else int(v)
-
-
-def option(v: str):
-    key, sep, val = v.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {v!r}")
-    return key, yaml.safe_load(val)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run_dirs", nargs="+", default=["outputs/digits"], help="run directories, 'name=path' or path")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="FL methods")
-    p.add_argument("--settings", nargs="+", default=None, help="default: every available setting")
-    p.add_argument("--budgets", nargs="+", type=budget, default=list(DEFAULT_BUDGETS))
-    p.add_argument("--reps", type=int, default=5)
+def build_parser():
+    p = _cli.make_parser(__doc__)
+    p.add_argument("--run_dirs", type=str, nargs="+", default=["outputs/digits"],
+                   help="run directories, 'name=path' or path (name = folder name)")
+    p.add_argument("--methods", type=str, nargs="+", default=["ours", "arachne_w", "random"], help="FL methods")
+    p.add_argument("--settings", type=str, nargs="+", default=None, help="settings (null: every available setting)")
+    p.add_argument("--budgets", type=Budget, nargs="+", default=[236, 472, 944, "avg"],
+                   help="weights, 'avg' (N_avg) or 'front' (methods that select their own set always get 'front')")
+    p.add_argument("--reps", type=int, default=5, help="repetitions per (setting, method, budget)")
     p.add_argument("--seed", type=int, default=0, help="run seed = seed + repetition")
-    p.add_argument("--shard", default="0/1", help="k/n: this process runs every n-th run from k (0-based)")
-    p.add_argument("--repair", default="de")
-    p.add_argument("--generations", type=int, default=None, help="DE: max generations (50 RepTran, 100 Arachne)")
-    p.add_argument("--pop_size", type=int, default=None)
-    p.add_argument("--update", choices=["deferred", "immediate"], default=None)
-    p.add_argument("--evaluator", choices=["sparse", "full", "loop"], default=None)
-    p.add_argument("--option", type=option, action="append", default=[], help="key=value for the repair module")
-    p.add_argument("--fl_batch_size", type=int, default=512)
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--no_tensorboard", action="store_true")
+    p.add_argument("--shard", type=str, default="0/1", help="k/n: this process runs every n-th run from k (0-based)")
+    p.add_argument("--repair", type=str, default="de", help="repair method (--list)")
+    p.add_argument("--repair_options", type=Dict[str, Any], default={},
+                   help="options of the repair method, e.g. '{generations: 50, fitness: reptran}' (--list --verbose)")
+    p.add_argument("--generations", type=Optional[int], default=None,
+                   help="DE: max generations (50 RepTran, 100 Arachne); same as repair_options.generations")
+    p.add_argument("--pop_size", type=Optional[int], default=None, help="DE: population; repair_options.pop_size")
+    p.add_argument("--update", type=Optional[str], default=None,
+                   help="DE: 'deferred' or 'immediate' (published); repair_options.update")
+    p.add_argument("--evaluator", type=Optional[str], default=None,
+                   help="DE fitness evaluator: 'sparse', 'full' or 'loop'; repair_options.evaluator")
+    p.add_argument("--option", type=str, action="append", default=[],
+                   help="one repair option as key=value (YAML-typed), repeatable, e.g. --option fitness=reptran")
+    p.add_argument("--fl_options", type=Dict[str, Dict[str, Any]], default={},
+                   help="FL method -> its options (scripts/localize.py --list --verbose)")
+    p.add_argument("--fl_batch_size", type=int, default=512, help="loader batch size of the FL pass")
+    p.add_argument("--accelerator", type=str, default="cpu", help="accelerator of the repair fits")
+    p.add_argument("--no_tensorboard", action="store_true",
+                   help="do not log the runs to TensorBoard (default: each run with its hparams and final metrics)")
     p.add_argument("--progress_bar", action="store_true", help="the Trainer's bar inside each run, too")
-    p.add_argument("--on_error", choices=["continue", "raise"], default="continue")
+    p.add_argument("--on_error", type=str, default="continue",
+                   help="a failed run: 'continue' (reported, retried next time) or 'raise'")
     p.add_argument("--aggregate", action="store_true", help="aggregate after the sweep")
-    p.add_argument("--aggregate_only", action="store_true")
-    p.add_argument("--summary_dir", default=None, help="default: <first run_dir>/repair/summary")
+    p.add_argument("--aggregate_only", action="store_true", help="only aggregate what is in the stores")
+    p.add_argument("--summary_dir", type=Optional[str], default=None,
+                   help="where the tables go (null: <first run_dir>/repair/summary)")
     p.add_argument("--list", action="store_true", help="list the registered repair methods and exit")
+    p.add_argument("--verbose", action="store_true", help="with --list: each method's summary and options")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
+    _cli.quiet()
+    from lightning_modules.repair import REPAIRS
+
     if a.list:
-        print("\n".join(registered_repairs()))
+        print(REPAIRS.listing(verbose=a.verbose))
         return 0
+    from localization.base import FL_METHODS
+    from localization.ranking import BudgetError
+    from pipeline.experiment import summarize_rows
+    from pipeline.localize import check_budgets, resolved_options
+    from pipeline.repair import aggregate, parse_shard, resolved_repair_options, run_sweep
+    import yaml
+
+    opts = dict(a.repair_options)
     try:
-        get_repair(a.repair)
+        for item in a.option:
+            key, sep, val = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--option expects key=value, got {item!r}")
+            opts[key] = yaml.safe_load(val)
+        flat = a.as_dict()  # (Namespace.update is a method: read "update" from the dict)
+        opts.update({k: flat[k] for k in ("generations", "pop_size", "update", "evaluator") if flat[k] is not None})
+        REPAIRS.check([a.repair])
+        FL_METHODS.check(list(a.methods) + list(a.fl_options))
+        resolved_repair_options(a.repair, opts)
+        for m, o in a.fl_options.items():
+            resolved_options(m, o)
+        check_budgets(a.budgets)
         shard = parse_shard(a.shard)
-    except (UnknownRepairError, ValueError) as e:
-        p.error(str(e))
+        if a.reps < 1:
+            raise ValueError(f"--reps must be >= 1, got {a.reps}")
+        if a.on_error not in ("continue", "raise"):
+            raise ValueError(f"--on_error must be 'continue' or 'raise', got {a.on_error!r}")
+    except (KeyError, ValueError, BudgetError) as e:
+        p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
     if not a.aggregate_only:
-        opts = dict(a.option)
-        for k in ("generations", "pop_size", "update", "evaluator"):
-            if getattr(a, k) is not None:
-                opts[k] = getattr(a, k)
-        rows = run_sweep(a.run_dirs, a.methods, a.settings, a.budgets, a.reps, shard=shard, repair=a.repair,
-                         repair_options=opts, seed=a.seed, fl_batch_size=a.fl_batch_size,
-                         logger=not a.no_tensorboard, progress_bar=a.progress_bar, accelerator=a.accelerator,
-                         on_error=a.on_error)
-        counts = {}
+        try:
+            rows = run_sweep(a.run_dirs, a.methods, a.settings, a.budgets, a.reps, shard=shard, repair=a.repair,
+                             repair_options=opts, seed=a.seed, fl_options=a.fl_options,
+                             fl_batch_size=a.fl_batch_size, logger=not a.no_tensorboard, progress_bar=a.progress_bar,
+                             accelerator=a.accelerator, on_error=a.on_error)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            _cli.fail("repair_sweep", e)
+        c = summarize_rows(rows)
+        print(f"shard {shard[0]}/{shard[1]}: {c['done']} done, {c['skipped']} skipped (in the store), "
+              f"{c['not applicable']} not applicable, {c['error']} failed")
         for r in rows:
-            counts[r["status"].split(":")[0]] = counts.get(r["status"].split(":")[0], 0) + 1
-        print(f"shard {shard[0]}/{shard[1]}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-        for r in rows:
-            if r["status"].startswith(("error", "skipped")):
+            if r["status"].startswith("error"):
                 print(f"  {r['dataset']} {r['setting']} {r['label']} n={r['budget']} rep={r['rep']}: {r['status']}")
-        if any(r["status"].startswith("error") for r in rows):
+        if c["error"]:
             return 1
     if a.aggregate or a.aggregate_only:
         agg = aggregate(a.run_dirs, a.summary_dir)
@@ -90,4 +119,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
