@@ -25,8 +25,10 @@ from evaluation.ranking_metrics import fraction_label  # noqa: E402
 __all__ = ["intervention_distributions", "flip_counts", "ranking_curves", "save_figure", "repair_bars",
            "in_sample_vs_held_out", "rates_by_kind", "cost_vs_quality", "fitness_curves", "PER_PANEL"]
 
+_BASELINE = "#d9d9d9"  # random at the same count (hatched), apart from the random method's own grey
+
 #: at most this many methods share one panel of a line plot
-PER_PANEL = 6
+PER_PANEL = 4
 
 
 def save_figure(fig, stem: str | Path, close: bool = True, dpi: int = 200,
@@ -47,7 +49,7 @@ def _chunks(items: list, size: int) -> list[list]:
 def intervention_distributions(records: pd.DataFrame, title: str = "", group: str = "I_neg",
                                kind: str = "box", value: str = "abs_delta_p"):
     """One small panel per FL method: per mode, the distribution of |delta p| over the inputs of ``group`` for the
-    method (its colour) and its random baseline at the same count (all draws pooled, grey) side by side.
+    method (its colour) and its random baseline at the same count (all draws pooled, light grey, hatched) side by side.
     ``records``: the long table of :func:`evaluation.interventions.run_interventions` (columns method,
     baseline_of, mode, group, value)."""
     if kind not in ("box", "violin"):
@@ -64,7 +66,7 @@ def intervention_distributions(records: pd.DataFrame, title: str = "", group: st
         for j, mode in enumerate(modes):
             own = sub[(sub["mode"] == mode) & (sub["method"] == m)][value].dropna().to_numpy()
             rnd = sub[(sub["mode"] == mode) & (sub["baseline_of"] == m)][value].dropna().to_numpy()
-            for off, vals, c in ((-0.2, own, colors[m]), (0.2, rnd, style.RANDOM_COLOR)):
+            for off, vals, c in ((-0.2, own, colors[m]), (0.2, rnd, _BASELINE)):
                 if len(vals):
                     data.append(vals)
                     cols.append(c)
@@ -76,6 +78,8 @@ def intervention_distributions(records: pd.DataFrame, title: str = "", group: st
                             medianprops={"color": "k", "linewidth": 0.8})
             for patch, c in zip(bp["boxes"], cols):
                 patch.set_facecolor(c)
+                if c == _BASELINE:
+                    patch.set_hatch("////")
         else:
             ok = [(p, d, c) for p, d, c in zip(pos, data, cols) if len(d) > 1]
             if ok:
@@ -85,11 +89,11 @@ def intervention_distributions(records: pd.DataFrame, title: str = "", group: st
                     body.set_facecolor(c)
                     body.set_alpha(0.8)
         ax.set_xticks(range(len(modes)), modes)
-        ax.set_title(m, color=colors[m] if colors[m] != style.RANDOM_COLOR else "k")
+        ax.set_title(m)
     for ax in axes[::max(1, int(style.DOUBLE_WIDTH // 1.7))]:
         ax.set_ylabel(f"|Δp| ({group})" if value == "abs_delta_p" else value)
-    fig.suptitle(f"{title}: per method (colour) vs random at the same count (grey)" if title else
-                 "per method (colour) vs random at the same count (grey)")
+    fig.suptitle(f"{title}: per method (colour) vs random at the same count (hatched)" if title else
+                 "per method (colour) vs random at the same count (hatched)")
     fig.tight_layout()
     return fig
 
@@ -117,22 +121,22 @@ def flip_counts(summary: pd.DataFrame, title: str = "", groups: Sequence[str] = 
             x = np.arange(len(groups)) + (2 * j - len(modes)) * bw + bw / 2
             ax.bar(x, own, bw, color=colors[m], hatch="" if j == 0 else "//", edgecolor="k", linewidth=0.3,
                    label=f"{mode}")
-            ax.bar(x + bw, rnd, bw, color=style.RANDOM_COLOR, alpha=0.6, hatch="" if j == 0 else "//",
+            ax.bar(x + bw, rnd, bw, color=_BASELINE, hatch="...." if j == 0 else "//..",
                    edgecolor="k", linewidth=0.3)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_title(m)
     axes[0].set_ylabel("flips")
     if len(modes) > 1:
         axes[0].legend(title="mode (hatch)", loc="upper left")
-    fig.suptitle(f"{title}: prediction flips, method (colour) vs random (grey)" if title else
-                 "prediction flips, method (colour) vs random (grey)")
+    fig.suptitle(f"{title}: prediction flips, method (colour) vs random (dotted)" if title else
+                 "prediction flips, method (colour) vs random (dotted)")
     fig.tight_layout()
     return fig
 
 
 # -------------------------------------------------------------------------------------------------- P@K curves
 def ranking_curves(df: pd.DataFrame, fractions: Sequence[float], metric: str = "P", title: str = "",
-                   group_col: str = "method", band: str = "range"):
+                   group_col: str = "method", band: str = "iqr"):
     """``metric``@K against K (log x), one line per method: the mean over its rows (settings or seeds) with a band
     over them (``band``: "range" = min-max, "iqr" = 25-75 %, "none"), random's exact expectation dashed; at most
     :data:`PER_PANEL` methods per panel (panels share both axes). ``df``: rows of
@@ -160,7 +164,7 @@ def ranking_curves(df: pd.DataFrame, fractions: Sequence[float], metric: str = "
             ax.plot(xs, mean, color=colors[m], marker="o", markersize=2.5, label=f"{m} (n={len(sub)})")
             if band != "none" and len(sub) > 1:
                 lo, hi = (sub.min(0), sub.max(0)) if band == "range" else np.percentile(sub, [25, 75], axis=0)
-                ax.fill_between(xs, lo, hi, color=colors[m], alpha=0.18, linewidth=0)
+                ax.fill_between(xs, lo, hi, color=colors[m], alpha=0.15, linewidth=0)
         if rand is not None:
             ax.plot(xs, rand, "k--", linewidth=0.9, label="random (exact E)")
         ax.set_xscale("log")
