@@ -68,6 +68,9 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "tensorboard": ("tb", "TensorBoard logs"),
     "report": ("report/{name}", "the run's report (report.md, report.html) and what it links"),
     "lock": ("locks/{key}.lock", "a worker's claim on one task (concurrent sweeps never run a task twice)"),
+    "fold": ("cv/fold={k}", "fold run k of the cross-validated repair: that fold's caches, settings, FL and repair "
+             "results (the same layout as a run; the model is the parent run's)"),
+    "parent": ("parent.json", "in a fold run: the run it belongs to (a relative path)"),
 }
 
 RESULT_KINDS = ("fl_result", "repair_result", "n_avg")
@@ -216,6 +219,29 @@ class RunStore:
     @property
     def report_dir(self) -> Path:
         return self.root / "report"
+
+    # --------------------------------------------------------------------------------------------- fold runs
+    def fold(self, k: int) -> "RunStore":
+        """Fold run ``k`` of the cross-validated repair (created, with its parent pointer, on first use)."""
+        fs = RunStore(self.path("fold", k=int(k)))
+        if not fs.path("parent").is_file() and self.writes():
+            atomic_write_json(fs.path("parent"), {"parent": os.path.relpath(self.root, fs.root)})
+        return fs
+
+    def fold_indices(self) -> list[int]:
+        import re
+
+        base = self.root / "cv"
+        if not base.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in base.iterdir() if (m := re.fullmatch(r"fold=(\d+)", p.name)))
+
+    def model_store(self) -> "RunStore":
+        """Where this run's model lives: the parent run for a fold run, else the run itself."""
+        p = self.path("parent")
+        if p.is_file():
+            return RunStore((self.root / read_json(p)["parent"]).resolve())
+        return self
 
     # --------------------------------------------------------------------------------------------- input hashes
     def file_hash(self, path: str | Path) -> str:

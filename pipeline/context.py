@@ -34,7 +34,7 @@ class RunContext:
         from localization.ffn import last_ffn_head, model_fingerprint
 
         self.store = store if isinstance(store, RunStore) else RunStore(store)
-        self.model, self.epoch = load_run_model(self.store, epoch)
+        self.model, self.epoch = load_run_model(self.store.model_store(), epoch)
         self.model_hash = model_fingerprint(self.model)
         self.head = last_ffn_head(self.model).eval()
         self._states: dict[str, Any] = {}

@@ -1,0 +1,169 @@
+"""Cross-validated repair: the held-out repair rate estimated over the k folds of the evaluation split.
+
+For each fold k: the repair split is the other k - 1 folds, the test split is fold k. Each fold is a *fold run*
+(``cv/fold=K/`` inside the run, :meth:`core.runstore.RunStore.fold`) that holds that fold's state caches (rows of
+the run's evaluation-split cache, so sample indices are the same in every fold), its own misclassification
+settings (analysed on its repair split) and its own FL and repair results; the model is the run's own (a fold run
+names its parent). The ordinary localize and repair steps run on each fold run, so every fold's results are
+addressed, resumed and skipped like any other. Each evaluation input is tested exactly once over the k folds.
+
+Pooling (:func:`pooled_table`): per (repair method, FL method, budget, setting kind) the counts are summed over
+folds, settings and repetitions: RR = sum fixed / sum targets (so the pooled RR is the target-count-weighted mean
+of the per-run RRs), BR = sum broken / sum correct, each with its Wilson 95% interval and its n; runs whose test fold
+holds no target are counted and shown, never dropped in silence.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from core.runstore import RunStore
+
+__all__ = ["prepare_folds", "run_crossval", "collect_crossval", "pooled_table", "wilson"]
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of k successes in n trials (NaN, NaN when n = 0); always inside [0, 1]."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if k == 0 else lo), (1.0 if k == n else hi)  # exact at the ends (rounding would leave 1 - 1e-16)
+
+
+def prepare_folds(store: RunStore | str, trainer_kwargs: dict[str, Any] | None = None,
+                  misclf_options: dict[str, Any] | None = None) -> list[RunStore]:
+    """The k fold runs of ``store`` (made where missing): fold caches cut from the run's evaluation-split cache and
+    each fold's misclassification settings."""
+    from datamodules.folds import kfold_split
+    from lightning_modules.runs import cache_run_states, datamodule_from_run, load_run_model
+    from localization.cache import load_states, save_states
+    from localization.misclf import analyze
+
+    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
+    dm = datamodule_from_run(store)
+    n_folds, fold_seed = int(dm.n_folds), int(dm.fold_seed)
+    cache_run_states(store, ["eval"], trainer_kwargs=trainer_kwargs)
+    model, _ = load_run_model(store)
+    from localization.ffn import model_fingerprint
+
+    h = model_fingerprint(model)
+    ev = load_states(store.states("eval"), expected_hash=h)
+    folds = []
+    for k in range(n_folds):
+        fs = store.fold(k)
+        split = kfold_split(len(ev), n_folds, fold_seed, k)
+        for name, pos in (("repair", split.repair), ("test", split.test)):
+            path = fs.states(name)
+            if path.is_file():
+                continue
+            rows = ev.rows_of(torch.as_tensor(pos, dtype=torch.long))
+            if fs.writes():
+                save_states(path, ev.x[rows], ev.a[rows], ev.logits[rows], ev.label[rows], ev.index[rows],
+                            {**ev.metadata, "split": name, "fold": str(k), "n_folds": str(n_folds)})
+        if not fs.misclf_info.is_file():
+            rep = load_states(fs.states("repair"), expected_hash=h)
+            info = analyze(rep.label, rep.pred, rep.index, num_classes=rep.logits.shape[1], split="repair",
+                           **(misclf_options or {}))
+            info["model_hash"] = h
+            info["fold"] = {"k": k, "n_folds": n_folds, "fold_seed": fold_seed}
+            fs.write_json(fs.misclf_info, info)
+        folds.append(fs)
+    return folds
+
+
+def run_crossval(store: RunStore | str, methods: Sequence[str], settings: Sequence[str] | None,
+                 budgets: Sequence[int | str], reps: int, repair: str = "de",
+                 repair_options: dict[str, Any] | None = None, progress: bool = False,
+                 trainer_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The repair sweep on every fold run (settings each fold has; those it lacks are reported by the sweep)."""
+    from pipeline.repair import run_sweep
+
+    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
+    rows = []
+    for fs in prepare_folds(store, trainer_kwargs):
+        from pipeline.context import load_misclf
+
+        avail = load_misclf(fs)["settings"]
+        sets = [s for s in (settings or avail) if s in avail]
+        if not sets:
+            continue
+        rows += run_sweep({fs.root.name: fs.root}, methods, sets, budgets, reps, repair=repair,
+                          repair_options=repair_options, progress=progress)
+    return rows
+
+
+def collect_crossval(store: RunStore | str):
+    """One row per repair run of every fold run (``fold`` = k), as :func:`pipeline.repair.collect_results`."""
+    import pandas as pd
+
+    from pipeline.repair import collect_results
+
+    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
+    parts = []
+    for k in store.fold_indices():
+        df = collect_results({f"fold={k}": store.fold(k).root})
+        if len(df):
+            parts.append(df.assign(fold=k))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def pooled_table(df, by: Sequence[str] = ("repair", "fl_method", "budget")):
+    """Pooled held-out counts and rates per group (see the module docstring), plus the in-sample RR."""
+    import pandas as pd
+
+    rows = []
+    for key, g in df.groupby(list(by), sort=False):
+        t, f = int(g["n_targets"].sum()), int(g["n_fixed"].sum())
+        c, b = int(g["n_correct_before"].sum()), int(g["n_broken"].sum())
+        rr, br = (f / t if t else float("nan")), (b / c if c else float("nan"))
+        rr_lo, rr_hi = wilson(f, t)
+        br_lo, br_hi = wilson(b, c)
+        tr, fr = int(g["n_targets_repair"].sum()), int(g["n_fixed_repair"].sum())
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "runs": len(g),
+                     "folds": int(g["fold"].nunique()) if "fold" in g else 1,
+                     "runs_without_test_target": int((g["n_targets"] == 0).sum()),
+                     "test_targets": t, "test_fixed": f, "rr": rr, "rr_lo": rr_lo, "rr_hi": rr_hi,
+                     "test_correct": c, "test_broken": b, "br": br, "br_lo": br_lo, "br_hi": br_hi,
+                     "repair_targets": tr, "rr_in_sample": fr / tr if tr else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def pooled_markdown(table) -> str:
+    def rate(v, lo, hi):
+        return "n/a" if v != v else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    lines = ["| repair | FL method | budget | runs (folds) | RR, test folds (95% Wilson) | targets fixed / n | "
+             "BR, test folds (95% Wilson) | broken / n correct | runs without a test target | RR in-sample |",
+             "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table.itertuples(index=False):
+        lines.append(f"| {r.repair} | {r.fl_method} | {r.budget} | {r.runs} ({r.folds}) | "
+                     f"{rate(r.rr, r.rr_lo, r.rr_hi)} | {r.test_fixed} / {r.test_targets} | "
+                     f"{rate(r.br, r.br_lo, r.br_hi)} | {r.test_broken} / {r.test_correct} | "
+                     f"{r.runs_without_test_target} of {r.runs} | "
+                     f"{'n/a' if r.rr_in_sample != r.rr_in_sample else f'{r.rr_in_sample:.3f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def aggregate_crossval(store: RunStore | str) -> dict[str, Any]:
+    """Write ``repair/summary/crossval.csv|md`` (pooled over folds) and return the table and its Markdown."""
+    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
+    df = collect_crossval(store)
+    if df.empty:
+        return {"n_runs": 0, "table": None, "markdown": ""}
+    table = pooled_table(df)
+    md = pooled_markdown(table)
+    n_eval = sum(1 for _ in store.fold_indices())
+    store.write_text(store.repair_summary_dir / "crossval_runs.csv", df.to_csv(index=False))
+    store.write_text(store.repair_summary_dir / "crossval.csv", table.to_csv(index=False))
+    store.write_text(store.repair_summary_dir / "crossval.md",
+                     f"# Cross-validated repair ({n_eval} folds; each evaluation input tested once)\n\n"
+                     "Counts pooled over folds, settings and repetitions; RR = fixed / targets of the held-out "
+                     "fold, BR = broken / correct, 95% Wilson intervals.\n\n" + md)
+    return {"n_runs": len(df), "table": table, "markdown": md, "runs": df}
