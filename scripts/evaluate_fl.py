@@ -1,51 +1,89 @@
-"""Evaluate fault localization on a run (DESIGN.md section 5): interventions on every FL result, the checkpoint
-benchmark and the injected-fault benchmark, with statistics, figures (PNG + PDF, TensorBoard) and a headline
-table. Resumable: outputs already under <run_dir>/fl_eval are read back, not recomputed.
+"""Evaluate fault localization on a run (docs/methods.md section 5): interventions on every FL result, the
+checkpoint benchmark and the injected-fault benchmark, with statistics, figures (PNG + PDF, TensorBoard) and a
+headline table. Resumable: outputs already under <run_dir>/fl_eval are read back, not recomputed.
 
     python scripts/evaluate_fl.py --run_dir outputs/digits
     python scripts/evaluate_fl.py --run_dir outputs/digits --parts checkpoint injected --methods random grad_loss ours
     python scripts/evaluate_fl.py --run_dir outputs/digits --quick
 """
-import argparse
-import sys
+from typing import Any, Dict, List, Optional
 
-import _bootstrap  # noqa: F401
-
-from evaluation.interventions import MODES
-from pipeline.evaluate_fl import PARTS, run_evaluation
-from lightning_modules.runs import RunError
-from localization.cache import CacheError
+import _cli
+from _cli import Budget
 
 
-def budget(v: str):
-    return v if not v.lstrip("-").isdigit() else int(v)
+def build_parser():
+    from evaluation.interventions import MODES
+    from pipeline.evaluate_fl import PARTS
 
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run_dir", default="outputs/digits")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="FL methods (interventions: which results; benchmarks: which to run); default: all")
-    p.add_argument("--settings", nargs="+", default=None, help="settings for the interventions (default: all)")
-    p.add_argument("--budgets", nargs="+", type=budget, default=None, help="FL result budgets (default: all)")
-    p.add_argument("--ckpt_settings", nargs="+", default=None, help="settings for the checkpoint benchmark")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--where", choices=["post", "pre"], default="post",
-                   help="neuron edits after GELU (knowledge neurons) or before it (RepTran)")
-    p.add_argument("--n_random", type=int, default=None, help="random draws per FL result (default 2; quick 1)")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="injected-fault seeds (default 0 1 2; quick 0)")
+    p = _cli.make_parser(__doc__)
+    p.add_argument("--run_dir", type=str, default="outputs/digits", help="the run directory")
+    p.add_argument("--parts", type=str, nargs="+", default=list(PARTS), help=f"parts to run, of {list(PARTS)}")
+    p.add_argument("--methods", type=str, nargs="+", default=None,
+                   help="FL methods (interventions: which results; benchmarks: which to run); null: all")
+    p.add_argument("--settings", type=str, nargs="+", default=None, help="settings of the interventions (null: all)")
+    p.add_argument("--budgets", type=Budget, nargs="+", default=None, help="FL result budgets (null: all)")
+    p.add_argument("--ckpt_settings", type=str, nargs="+", default=None,
+                   help="settings of the checkpoint benchmark (null: all)")
+    p.add_argument("--modes", type=str, nargs="+", default=list(MODES), help=f"intervention modes, of {list(MODES)}")
+    p.add_argument("--where", type=str, default="post",
+                   help="neuron edits after GELU ('post', knowledge neurons) or before it ('pre', RepTran)")
+    p.add_argument("--n_random", type=Optional[int], default=None,
+                   help="random draws per FL result (null: 2; quick 1)")
+    p.add_argument("--seeds", type=Optional[List[int]], default=None,
+                   help="injected-fault seeds (null: [0, 1, 2]; quick [0])")
     p.add_argument("--pos_fraction", type=float, default=0.01, help="checkpoint ground truth: top fraction")
-    p.add_argument("--split", default="repair")
-    p.add_argument("--batch_size", type=int, default=512)
-    p.add_argument("--no_figures", action="store_true")
+    p.add_argument("--method_options", type=Dict[str, Dict[str, Any]], default={},
+                   help="FL method -> its options for the benchmarks (scripts/localize.py --list --verbose)")
+    p.add_argument("--split", type=str, default="repair", help="split the FL inputs come from")
+    p.add_argument("--batch_size", type=int, default=512, help="loader batch size")
+    p.add_argument("--no_figures", action="store_true", help="no figures (and no TensorBoard)")
     p.add_argument("--overwrite", action="store_true", help="recompute outputs that exist")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 random draw, 1 seed, the 'all' setting only")
-    a = p.parse_args()
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    _cli.quiet()
+    from evaluation.interventions import MODES
+    from lightning_modules.runs import RunError
+    from localization.base import FL_METHODS
+    from localization.cache import CacheError
+    from pipeline.evaluate_fl import PARTS, run_evaluation
+    from pipeline.localize import resolved_options
+
+    try:
+        for name, given, allowed in (("parts", a.parts, PARTS), ("modes", a.modes, MODES)):
+            bad = [v for v in given if v not in allowed]
+            if bad:
+                raise ValueError(f"--{name}: unknown {bad}; expected some of {list(allowed)}")
+        if a.where not in ("post", "pre"):
+            raise ValueError(f"--where must be 'post' or 'pre', got {a.where!r}")
+        FL_METHODS.check(list(a.methods or []) + list(a.method_options))
+        for m, o in a.method_options.items():
+            resolved_options(m, o)
+        if a.budgets is not None:
+            from pipeline.localize import check_budgets
+
+            check_budgets(a.budgets)
+        if a.n_random is not None and a.n_random < 1:
+            raise ValueError(f"--n_random must be >= 1, got {a.n_random}")
+        if not 0 < a.pos_fraction <= 1:
+            raise ValueError(f"--pos_fraction must be in (0, 1], got {a.pos_fraction}")
+    except (KeyError, ValueError) as e:
+        p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
     try:
         run_evaluation(a.run_dir, methods=a.methods, quick=a.quick, parts=a.parts, settings=a.settings,
                        budgets=a.budgets, modes=a.modes, where=a.where, n_random=a.n_random, inject_seeds=a.seeds,
                        ckpt_settings=a.ckpt_settings, pos_fraction=a.pos_fraction, split=a.split,
-                       batch_size=a.batch_size, figures=not a.no_figures, overwrite=a.overwrite)
-    except (ValueError, FileNotFoundError, RunError, CacheError) as e:
-        sys.exit(f"evaluate_fl: {e}")
+                       batch_size=a.batch_size, method_opts=a.method_options or None, figures=not a.no_figures,
+                       overwrite=a.overwrite)
+    except (ValueError, FileNotFoundError, KeyError, RunError, CacheError) as e:
+        _cli.fail("evaluate_fl", e)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
