@@ -20,14 +20,15 @@ A cache belongs to one checkpoint: the last epoch's is ``states/{split}.safetens
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import Tensor
+
+from core.io import atomic_save_tensors
 
 FORMAT = "vitfl-state-cache/1"
 KEYS = ("x", "a", "logits", "label", "index")
@@ -78,17 +79,8 @@ class StateCache:
 
 
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``tensors`` (safetensors) atomically, with the user's umask (``core.io``)."""
+    atomic_save_tensors(path, tensors, {k: str(v) for k, v in metadata.items()})
 
 
 def save_states(path: str | Path, x: Tensor, a: Tensor, logits: Tensor, label: Tensor, index: Tensor,

@@ -215,6 +215,8 @@ def run_localization(store: RunStore | str, methods: Sequence[str] | None = None
                      method_options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
                      epoch: int | None = None) -> list[dict[str, Any]]:
     """Every (method, setting) not yet in the store; one status row per pair. Every option is checked first."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     ctx = RunContext(store, epoch)
     methods = FL_METHODS.check(methods or FL_METHODS.names())
     method_options = dict(method_options or {})
