@@ -54,7 +54,7 @@ Evaluators (all return :class:`FitnessResult` for ``values [P, K]``, the candida
         z std = f^T M + base,   M = [B_J^T G - colsum s^T / d;  G_I - 1 s^T / d;  b'],   base = r0 G - mean(r0) s
 
     and var(r) comes from one ``[|J| + 1 (+ |I|), |J|] x [|J|, p N]`` product ([B_J^T B_J; colsum (; B_J[I])] u,
-    or B_J[I]^T S' added into the u rows when |I| > |J|) and |S' + r0_c[I]|^2 - |r0_c[I]|^2. So per chunk of
+    or B_J[I]^T S' added into the u rows when |I| > |J|) and S' . (S' + 2 r0_c[I]). So per chunk of
     candidates one ``[p N, m + 1] x [m + 1, C]`` product writes the only ``[p N, C]`` tensor:
     ~ (|J| + |I| + 1) C + |J| (|J| + |I| + 1) MACs per candidate and input, growing with the touched neurons and
     rows, not with the layer. ``"auto"`` takes it whenever the head is foldable and its MACs are below 1.5 x the
@@ -498,8 +498,6 @@ class SparseFitness(PopulationFitness):
         self._lamI = None if bool((lam == 1).all()) else lam[self._I][:, None]  # [|I|, 1]; None: identity
         self._RJT2 = (2 * (r0c @ BJ)).T.contiguous()                         # 2 B_J^T r0_c  [|J|, N]
         self._r0cIT2 = (2 * r0c[:, self._I]).T.contiguous()                  # 2 r0_c[I]     [|I|, N]
-        self._r0cIT = r0c[:, self._I].T.contiguous()                         # r0_c[I]       [|I|, N]
-        self._r0cI_sq = (self._r0cIT * self._r0cIT).sum(0)                   # |r0_c[I]|^2   [N]
         self._ss0 = (r0c * r0c).sum(1)                                       # |r0_c|^2      [N]
         self._C = C
 
@@ -565,10 +563,10 @@ class SparseFitness(PopulationFitness):
         return u, S
 
     def _s_part(self, S: Tensor, p: int) -> Tensor:
-        """|S'|^2 + 2 r0_c[I] . S' = |S' + r0_c[I]|^2 - |r0_c[I]|^2 per candidate and input ``[p N]``."""
+        """|S'|^2 + 2 r0_c[I] . S' = S' . (S' + 2 r0_c[I]) per candidate and input ``[p N]``."""
         nI, N = S.shape[0], self.n
-        y = torch.add(S.view(nI, p, N), self._r0cIT[:, None, :], out=self._buffer("y", (nI, p, N)))
-        return (torch.linalg.vector_norm(y, dim=0).square_().sub_(self._r0cI_sq)).view(p * N)
+        y = torch.add(S.view(nI, p, N), self._r0cIT2[:, None, :], out=self._buffer("y", (nI, p, N)))
+        return y.view(nI, p * N).mul_(S).sum(0)
 
     def _numerator(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """Folded kernel for one chunk of candidates ``v [p, K]``: (z * std ``[p N, C]``, 1 / std ``[p N]``), with z
