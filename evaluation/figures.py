@@ -9,6 +9,7 @@ Many methods are faceted (one small panel per method, or per group of at most :d
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,6 +42,16 @@ def save_figure(fig, stem: str | Path, close: bool = True, dpi: int = 200,
     return style.save(fig, paths, writer=writer, close=close, dpi=dpi)
 
 
+_RESULT_LABEL = re.compile(r"^(?P<method>.+)_n(?P<budget>[^_]+)-(?P<key>[0-9a-f]{12})$")
+
+
+def _method_of(label: str) -> tuple[str, str]:
+    """(FL method, short panel title) of a series label: the FL evaluation labels its per-result series
+    ``{method}_n{N}-{key}``; the method decides the colour, the title drops the key."""
+    m = _RESULT_LABEL.match(str(label))
+    return (m["method"], f"{m['method']} (n={m['budget']})") if m else (str(label), str(label))
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
 
@@ -59,8 +70,10 @@ def intervention_distributions(records: pd.DataFrame, title: str = "", group: st
     if not methods or sub[value].notna().sum() == 0:
         return style.nothing_to_plot(f"no |Δp| values for {group}" + (f" ({title})" if title else ""))
     modes = list(dict.fromkeys(sub["mode"]))
-    colors = style.method_colors(methods)
-    fig, axes = style.facet_grid(len(methods), panel_width=max(1.2, 0.55 * len(modes) + 0.6))
+    base = {m: _method_of(m) for m in methods}
+    by_method = style.method_colors(dict.fromkeys(b for b, _ in base.values()))
+    colors = {m: by_method[base[m][0]] for m in methods}
+    fig, axes = style.facet_grid(len(methods), panel_width=max(1.4, 0.55 * len(modes) + 0.6))
     for ax, m in zip(axes, methods):
         data, cols, pos = [], [], []
         for j, mode in enumerate(modes):
@@ -76,10 +89,13 @@ def intervention_distributions(records: pd.DataFrame, title: str = "", group: st
         elif kind == "box":
             bp = ax.boxplot(data, positions=pos, widths=0.35, patch_artist=True, showfliers=False,
                             medianprops={"color": "k", "linewidth": 0.8})
-            for patch, c in zip(bp["boxes"], cols):
+            for patch, med, c in zip(bp["boxes"], bp["medians"], cols):
                 patch.set_facecolor(c)
                 if c == _BASELINE:
                     patch.set_hatch("////")
+                else:  # a near-flat box still shows its method's colour
+                    patch.set_edgecolor(c)
+                    med.set_color(c)
         else:
             ok = [(p, d, c) for p, d, c in zip(pos, data, cols) if len(d) > 1]
             if ok:
@@ -89,8 +105,8 @@ def intervention_distributions(records: pd.DataFrame, title: str = "", group: st
                     body.set_facecolor(c)
                     body.set_alpha(0.8)
         ax.set_xticks(range(len(modes)), modes)
-        ax.set_title(m)
-    for ax in axes[::max(1, int(style.DOUBLE_WIDTH // 1.7))]:
+        ax.set_title(base[m][1])
+    for ax in (a for a in axes if a.get_subplotspec().is_first_col()):
         ax.set_ylabel(f"|Δp| ({group})" if value == "abs_delta_p" else value)
     fig.suptitle(f"{title}: per method (colour) vs random at the same count (hatched)" if title else
                  "per method (colour) vs random at the same count (hatched)")
@@ -110,7 +126,9 @@ def flip_counts(summary: pd.DataFrame, title: str = "", groups: Sequence[str] = 
         return style.nothing_to_plot("no prediction flipped under any intervention"
                                      + (f" ({title})" if title else ""))
     modes = list(dict.fromkeys(summary["mode"]))
-    colors = style.method_colors(methods)
+    base = {m: _method_of(m) for m in methods}
+    by_method = style.method_colors(dict.fromkeys(b for b, _ in base.values()))
+    colors = {m: by_method[base[m][0]] for m in methods}
     fig, axes = style.facet_grid(len(methods), panel_width=max(1.4, 0.45 * len(groups) * len(modes) + 0.6))
     bw = 0.8 / (2 * len(modes))
     for ax, m in zip(axes, methods):
@@ -124,7 +142,7 @@ def flip_counts(summary: pd.DataFrame, title: str = "", groups: Sequence[str] = 
             ax.bar(x + bw, rnd, bw, color=_BASELINE, hatch="...." if j == 0 else "//..",
                    edgecolor="k", linewidth=0.3)
         ax.set_xticks(range(len(groups)), groups)
-        ax.set_title(m)
+        ax.set_title(base[m][1])
     axes[0].set_ylabel("flips")
     if len(modes) > 1:
         axes[0].legend(title="mode (hatch)", loc="upper left")

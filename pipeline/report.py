@@ -133,12 +133,18 @@ def _fl_headline(page: _Page) -> None:
                 ren[c] = f"{metric} ({short[prefix]}, n = {n_rows} {unit})"
     from evaluation.stats import to_markdown
 
-    md = to_markdown(df.rename(columns=ren))
-    out = store.path("report", name="fl_headline.md")
-    store.write_text(out, "# FL benchmarks against random's exact expectation\n\n" + md)
     page.add("## Fault localization", "")
-    page.table_file(out, "FL benchmark headline", ck_desc + (f"; injected faults on the repair split ({n_seeds} "
-                                                             "seeds)" if n_seeds else ""), f"{len(df)} methods")
+    for prefix, what in (("ckpt_", ck_desc),
+                         ("inj_", f"injected faults on the repair split ({n_seeds} seeds)")):
+        cols = ["method"] + [c for c in df.columns if c.startswith(prefix)]
+        if len(cols) == 1:
+            continue
+        part = df[cols].rename(columns=ren)
+        name = "fl_headline.md" if prefix == "ckpt_" else "fl_headline_injected.md"
+        out = store.path("report", name=name)
+        store.write_text(out, f"# FL benchmark against random's exact expectation: {what}\n\n" + to_markdown(part))
+        page.table_file(out, "FL benchmark headline" + (" (checkpoint benchmark)" if prefix == "ckpt_" else
+                                                        " (injected faults)"), what, f"{len(df)} methods")
 
 
 def _fl_cost_vs_quality(page: _Page) -> None:
