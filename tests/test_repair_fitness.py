@@ -348,3 +348,21 @@ def test_de_trajectory_with_the_fused_fitness_equals_the_full_head(kind, update)
         got, pop = trajectory(SparseFitness(h, w, x, y, neg, kernel=kernel))
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
         torch.testing.assert_close(pop, ref_pop, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["random", "aft_heavy"])
+def test_sync_free_path_equals_the_cpu_path(kind):
+    """The CUDA path (argmax, loss of every input, no data-dependent shapes) run on the CPU gives the same
+    fitness as the default CPU path and the full head."""
+    h = head("layerscale", seed=11)
+    w = placement(kind, seed=2)
+    x, y, neg = data(n=36, seed=12)
+    vals = read_values(h, w) + 0.7 * candidates(p=6, k=len(w), seed=13)
+    ref = LoopFitness(h, w, x, y, neg)(vals)
+    for kernel in ("explicit", "folded"):
+        ev = SparseFitness(h, w, x, y, neg, kernel=kernel)
+        assert not ev.sync_free
+        ev.sync_free = True
+        res = ev(vals)
+        torch.testing.assert_close(res.fitness, ref.fitness, rtol=0, atol=1e-10)
+        assert torch.equal(res.n_patched, ref.n_patched) and torch.equal(res.n_broken, ref.n_broken)

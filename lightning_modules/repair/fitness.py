@@ -436,7 +436,10 @@ class SparseFitness(PopulationFitness):
             self._a1_flat = torch.tensor([posI[int(r)] * nJ + posJ[int(c)] for r, c in
                                           zip(rows1.tolist(), cols_a[in_J].tolist())], dtype=torch.long, device=dev)
             self._seg_a1 = None
-        self._buffers: dict[str, Tensor] = {}
+        self._buffers: dict[Any, Tensor] = {}
+        # CUDA: no data-dependent shapes in the fitness pass (argmax and the loss of every input), so a generation
+        # runs without host synchronisation; the CPU path computes the loss of the wrong inputs only
+        self.sync_free = dev.type == "cuda"
         self._w_neg = self.is_neg.to(torch.float64)
         self._n_neg, self._n_pos = int(self.is_neg.sum()), int((~self.is_neg).sum())
 
@@ -450,8 +453,8 @@ class SparseFitness(PopulationFitness):
             "folded" if fold is not None and cost_folded < 1.5 * cost_explicit else "explicit")
         self.macs_per_input = cost_folded if self.kernel == "folded" else cost_explicit
         width = max(d if self.kernel == "explicit" else C + nJ + nI + 1, len(self._ka1), 2 * nJ, 1)
-        self.chunk_size = chunk_size or max(1, (self.CHUNK_ELEMENTS if self.kernel == "folded" else 1 << 23)
-                                            // (N * width))
+        budget = (self.CHUNK_ELEMENTS if self.kernel == "folded" else 1 << 23) * (32 if dev.type == "cuda" else 1)
+        self.chunk_size = chunk_size or max(1, budget // (N * width))  # CUDA: the whole population at once
 
         self._lam = lam.to(dev, dt) if lam is not None else None
         self._C = C
@@ -640,7 +643,7 @@ class SparseFitness(PopulationFitness):
             else:
                 num, istd = next(self.logits_chunks(v)).view(p * N, -1), None
             lab = self._labels(p)
-            if self.device.type == "cuda":
+            if self.sync_free:
                 correct = num.argmax(1) == lab
             else:  # argmax == label without CPU argmax (14x slower than amax here): the label's logit against the
                 # largest other one; a tie goes to the first index, as argmax does (resolved row by row)
@@ -654,7 +657,7 @@ class SparseFitness(PopulationFitness):
                 if len(tied):
                     correct[tied] = num[tied].argmax(1) == lab[tied]
             score = torch.ones(p * N, dtype=torch.float64, device=self.device)
-            if self.device.type == "cuda":  # no host synchronisation: the loss of every input, kept where wrong
+            if self.sync_free:  # no host synchronisation: the loss of every input, kept where wrong
                 z = num * istd[:, None] if istd is not None else num
                 L = per_input_loss(z[None], lab, self.loss)[0]
                 score = torch.where(correct, score, 1.0 / (L.double() + 1.0))
