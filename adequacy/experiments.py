@@ -95,7 +95,7 @@ def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str, title: str | N
 #: the PDF / PS font settings of the house style (``evaluation.style.RC``; adequacy sits beside evaluation in the
 #: layers and cannot import it): TrueType (Type 42) fonts, never Type 3
 _FONT_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
-            "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7}
+            "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7, "figure.titlesize": 8}
 
 
 def save_figure(fig, out_dir: str | Path, stem: str) -> list[Path]:
@@ -126,10 +126,10 @@ def _grid(n: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    matplotlib.rcParams.update(_FONT_RC)  # text sizes are read when the titles and labels are drawn, later
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    with matplotlib.rc_context(_FONT_RC):
-        fig, axes = plt.subplots(rows, cols, figsize=(1.75 * cols, 1.5 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.75 * cols, 1.5 * rows + 0.5), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, list(axes.flat[:n])
@@ -514,18 +514,23 @@ def report_rq3(out_dir, res: Mapping[str, pd.DataFrame], config: Mapping) -> lis
                          "RQ3: Pearson r of NCov with the adversarial ratio")
     paths += write_table(res["attacks"], out, "rq3_attacks", "RQ3: attacks (success rate, time)")
     d = res["detail"]
-    size = d["size"].max()
+    sizes = sorted(set(d["size"]))
     crits = list(dict.fromkeys(d["criterion"]))
     fig, axes = _grid(len(crits))
     for ax, crit in zip(axes, crits):
-        g = d[(d["criterion"] == crit) & (d["size"] == size)]
+        g = d[d["criterion"] == crit]
         for attack, ga in g.groupby("attack", sort=False):
-            ax.plot(ga["ratio"] * 100, ga["ncov"], marker="o", label=attack)
-        ax.set_title(crit, fontsize=9)
-        ax.set_xlabel("adversarial %", fontsize=7)
+            # one point per ratio: the mean NCov over the suite sizes, bars min-max over them
+            s = ga.groupby("ratio")["ncov"].agg(["mean", "min", "max"]).sort_index()
+            yerr = [s["mean"] - s["min"], s["max"] - s["mean"]] if len(sizes) > 1 else None
+            ax.errorbar(s.index * 100, s["mean"], yerr=yerr, marker="o", markersize=3, capsize=2,
+                        elinewidth=0.7, label=attack)
+        ax.set_title(crit)
+        ax.set_xlabel("adversarial %")
     axes[0].set_ylabel("NCov")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"RQ3: normalised coverage change (suite size {size})")
+    axes[0].legend()
+    fig.suptitle("RQ3: normalised coverage change" + (f"\nmean over suite sizes {sizes} (bars: min-max)"
+                                                      if len(sizes) > 1 else f" (suite size {sizes[0]})"))
     fig.tight_layout()
     paths += save_figure(fig, out, "rq3_sensitivity")
     paths.append(write_meta(out, "rq3", config))
