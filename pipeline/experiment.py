@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from core.runstore import RunStore, identity_key
 
-__all__ = ["STEPS", "PHASES", "ExperimentConfigError", "quiet", "check_experiment", "run_experiment",
+__all__ = ["STEPS", "PHASES", "ExperimentConfigError", "quiet", "check_experiment", "check_fl_options", "run_experiment",
            "step_options", "summarize_rows"]
 
 STEPS = ("train", "cache", "misclf", "localize", "evaluate_fl", "repair", "aggregate", "adequacy")
@@ -132,6 +132,18 @@ def _check_budgets(budgets, where: str) -> None:
         raise ExperimentConfigError(f"{where}: {e}") from None
 
 
+def check_fl_options(method: str, options: Mapping[str, Any] | None) -> None:
+    """Unknown option names of an FL method are an error (its constructor may take ``**kwargs``; the names it
+    documents are its registry options)."""
+    from localization.base import FL_METHODS
+
+    FL_METHODS.check([method])
+    known = FL_METHODS.options(method)
+    bad = sorted(set(options or {}) - set(known))
+    if bad:
+        raise ValueError(f"FL method {method!r} has no option(s) {bad}; its options: {sorted(known)}")
+
+
 def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
     """Check every name in an experiment config before any work: steps, step options, FL methods and their
     options, repair methods and their options, misclassification options, budgets, shards. Returns the steps to
@@ -168,6 +180,7 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
         for m, o in dict(opts or {}).items():
             fl_methods([m], where)
             try:
+                check_fl_options(m, o)
                 resolved_options(m, o)
             except ValueError as e:
                 raise ExperimentConfigError(f"{where}: {e}") from None

@@ -98,7 +98,7 @@ def main(rq: str, doc: str, argv: Optional[List[str]] = None) -> None:
 
     try:
         out = run_rq(rq, config_dict(a), RunStore(a.run_dir).adequacy_dir, progress=not a.no_progress)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except _cli.RUN_ERRORS as e:
         _cli.fail(f"adequacy_{rq}", e)
     for name, df in ((k, v) for k, v in out["results"].items() if k != "detail"):
         print(f"\n== {rq} {name} ==")

@@ -26,6 +26,15 @@ def make_parser(doc: str) -> ArgumentParser:
     return p
 
 
+def __getattr__(name):
+    if name == "RUN_ERRORS":
+        from lightning_modules.runs import RunError
+        from localization.cache import CacheError
+
+        return (FileNotFoundError, KeyError, ValueError, RunError, CacheError)
+    raise AttributeError(name)
+
+
 def quiet() -> None:
     from pipeline.experiment import quiet as _quiet
 

@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         info = step_misclf(RunStore(a.run_dir), split=a.split, ranks=a.ranks, seed=a.seed,
                            pos_fraction=a.pos_fraction, tie_order=a.tie_order, no_true_input=no_true_input,
                            kinds=tuple(kinds))
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+    except _cli.RUN_ERRORS as e:
         _cli.fail("analyze_misclf", e)
     print(f"{a.split} split: {info['n']} inputs, accuracy {info['accuracy']:.4f}; options {info['options']}")
     for name, s in info["settings"].items():

@@ -48,11 +48,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     _cli.quiet()
     from evaluation.interventions import MODES
-    from lightning_modules.runs import RunError
     from localization.base import FL_METHODS
-    from localization.cache import CacheError
     from pipeline.evaluate_fl import PARTS, run_evaluation
-    from pipeline.localize import resolved_options
+    from pipeline.experiment import check_fl_options
 
     try:
         for name, given, allowed in (("parts", a.parts, PARTS), ("modes", a.modes, MODES)):
@@ -63,7 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--where must be 'post' or 'pre', got {a.where!r}")
         FL_METHODS.check(list(a.methods or []) + list(a.method_options))
         for m, o in a.method_options.items():
-            resolved_options(m, o)
+            check_fl_options(m, o)
         if a.budgets is not None:
             from pipeline.localize import check_budgets
 
@@ -80,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        ckpt_settings=a.ckpt_settings, pos_fraction=a.pos_fraction, split=a.split,
                        batch_size=a.batch_size, method_opts=a.method_options or None, figures=not a.no_figures,
                        overwrite=a.overwrite)
-    except (ValueError, FileNotFoundError, KeyError, RunError, CacheError) as e:
+    except _cli.RUN_ERRORS as e:
         _cli.fail("evaluate_fl", e)
     return 0
 

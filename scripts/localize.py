@@ -43,12 +43,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from core.runstore import RunStore
     from localization.ranking import BudgetError
     from pipeline.experiment import summarize_rows
-    from pipeline.localize import check_budgets, resolved_options, run_localization
+    from pipeline.experiment import check_fl_options
+    from pipeline.localize import check_budgets, run_localization
 
     try:
         FL_METHODS.check(list(a.methods or []) + list(a.method_options))
         for m, o in a.method_options.items():
-            resolved_options(m, o)
+            check_fl_options(m, o)
         check_budgets(a.budgets)
         if a.devices < 1:
             raise ValueError(f"--devices must be >= 1, got {a.devices}")
@@ -63,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         rows = run_localization(store, a.methods, a.settings, a.budgets, seed=a.seed, batch_size=a.batch_size,
                                 trainer_kwargs=kw, method_options=a.method_options, progress=not a.no_progress)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except _cli.RUN_ERRORS as e:
         _cli.fail("localize", e)
     if not is_rank_zero():
         return 0

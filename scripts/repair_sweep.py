@@ -36,8 +36,8 @@ def build_parser():
                    help="DE: 'deferred' or 'immediate' (published); repair_options.update")
     p.add_argument("--evaluator", type=Optional[str], default=None,
                    help="DE fitness evaluator: 'sparse', 'full' or 'loop'; repair_options.evaluator")
-    p.add_argument("--option", type=str, action="append", default=[],
-                   help="one repair option as key=value (YAML-typed), repeatable, e.g. --option fitness=reptran")
+    p.add_argument("--option", type=str, nargs="+", default=[],
+                   help="repair options as key=value (YAML-typed), e.g. --option fitness=reptran cr=0.5")
     p.add_argument("--fl_options", type=Dict[str, Dict[str, Any]], default={},
                    help="FL method -> its options (scripts/localize.py --list --verbose)")
     p.add_argument("--fl_batch_size", type=int, default=512, help="loader batch size of the FL pass")
@@ -68,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from localization.base import FL_METHODS
     from localization.ranking import BudgetError
     from pipeline.experiment import summarize_rows
-    from pipeline.localize import check_budgets, resolved_options
+    from pipeline.experiment import check_fl_options
+    from pipeline.localize import check_budgets
     from pipeline.repair import aggregate, parse_shard, resolved_repair_options, run_sweep
     import yaml
 
@@ -85,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         FL_METHODS.check(list(a.methods) + list(a.fl_options))
         resolved_repair_options(a.repair, opts)
         for m, o in a.fl_options.items():
-            resolved_options(m, o)
+            check_fl_options(m, o)
         check_budgets(a.budgets)
         shard = parse_shard(a.shard)
         if a.reps < 1:
@@ -100,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                              repair_options=opts, seed=a.seed, fl_options=a.fl_options,
                              fl_batch_size=a.fl_batch_size, logger=not a.no_tensorboard, progress_bar=a.progress_bar,
                              accelerator=a.accelerator, on_error=a.on_error)
-        except (FileNotFoundError, KeyError, ValueError) as e:
+        except _cli.RUN_ERRORS as e:
             _cli.fail("repair_sweep", e)
         c = summarize_rows(rows)
         print(f"shard {shard[0]}/{shard[1]}: {c['done']} done, {c['skipped']} skipped (in the store), "

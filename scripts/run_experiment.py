@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
     try:
         out = run_experiment(cfg, steps=ns.only, shard=ns.shard, root=ns.root)
-    except (ExperimentConfigError, FileNotFoundError, KeyError, ValueError) as e:
+    except _cli.RUN_ERRORS as e:
         _cli.fail("run_experiment", e)
     if out.get("aggregate", {}).get("markdown"):
         print(out["aggregate"]["markdown"])
