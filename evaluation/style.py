@@ -10,6 +10,8 @@ is drawn and saved through this module.
   Every registered FL method has its own entry in :data:`METHOD_COLORS`; ``random`` is always grey; a method not in
   the table gets the first colour of :data:`PALETTE` not used by the table or by the other methods of the same
   call, so no two methods of one figure share a colour.
+* Importing this module applies :data:`RC` globally (:func:`apply`), so a figure drawn with it and saved by
+  code that does not go through :func:`save` still gets TrueType fonts.
 * **No empty figure**: :func:`nothing_to_plot` makes a figure that says why there is nothing to plot and marks it;
   :func:`save` then writes a ``{stem}.nothing_to_plot.txt`` note instead of an image, and the report says
   "nothing to plot".
@@ -186,3 +188,6 @@ def colors_for(names: Iterable[str], fixed: Mapping[str, str] | None = None) -> 
     out = method_colors(names)
     out.update(dict(fixed or {}))
     return out
+
+
+apply()
