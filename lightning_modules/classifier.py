@@ -58,6 +58,11 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
+    def on_test_epoch_end(self) -> None:
+        # the HParams tab compares runs by their test accuracy (TensorBoard's ``hp_metric``)
+        if self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_hyperparams(dict(self.hparams), {"hp_metric": float(self.test_acc.compute())})
+
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         images, labels, index = batch[0], batch[1], batch[2]
         try:

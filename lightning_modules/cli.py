@@ -49,11 +49,22 @@ class ToolkitCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        root = cfg.trainer.default_root_dir or "outputs/digits"
-        cfg.trainer.default_root_dir = root
+        root = cfg.trainer.default_root_dir
+        if not root:
+            raise FitOptionError("give the run directory: --trainer.default_root_dir <run_dir> (every artifact of the "
+                                 "run lands there)")
         if cfg.trainer.logger in (None, True):
+            # fit logs to tb/, test / validate / predict to tb/<subcommand>/: a later test never appends to or
+            # overwrites fit's event files and config.yaml; hp_metric is the test accuracy (ImageClassifier)
             cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                  "init_args": {"save_dir": root, "name": "tb", "version": ""}}
+                                  "init_args": {"save_dir": root, "name": "tb", "default_hp_metric": False,
+                                                "version": "" if self.subcommand == "fit" else self.subcommand}}
+        if cfg.trainer.logger not in (None, False) and self.subcommand == "fit":  # the learning rate in TensorBoard
+            callbacks = list(cfg.trainer.callbacks or [])
+            if not any("LearningRateMonitor" in str(c) for c in callbacks):
+                callbacks.append({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+                                  "init_args": {"logging_interval": "step"}})
+            cfg.trainer.callbacks = callbacks
         layout = RunStore(root)
         class_path = cfg.data.get("class_path") if hasattr(cfg.data, "get") else None
         if class_path is not None:  # only the toolkit's own data modules (checked before anything is imported)

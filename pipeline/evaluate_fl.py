@@ -77,6 +77,19 @@ class _Ctx:
     def done(self, path: Path) -> bool:
         return path.exists() and not self.overwrite
 
+    def scalars(self, df: pd.DataFrame, fractions, bench: str, metrics) -> None:
+        """Each method's metric@K (mean over settings / seeds) as TensorBoard scalars, one series per method with
+        K (in 0.1 % steps) on the step axis: ``fl_eval/{bench}/{metric}@K/{method}``."""
+        if self.writer is None or not len(df):
+            return
+        for method, g in df.groupby("method", sort=False):
+            for metric in metrics:
+                for f in fractions:
+                    col = f"{metric}@{fraction_label(f)}"
+                    if col in g.columns:
+                        self.writer.add_scalar(f"fl_eval/{bench}/{metric}@K/{method}", float(g[col].mean()),
+                                               global_step=int(round(f * 1000)))
+
     def write_text(self, path: Path, text: str) -> None:
         self.layout.write_text(path, text)
 
@@ -319,6 +332,7 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
                           caption=f"Checkpoint benchmark (epoch {e - 1} -> {e}): each method vs random's exact "
                                   "expectation, paired by setting")
     ok = df[df["error"] == ""]
+    ctx.scalars(ok, fractions, "checkpoint", ("P", "R", "overlap"))
     if ctx.figures and len(ok):
         for metric in ("P", "R", "overlap"):
             ctx.figure(figs.ranking_curves(ok, fractions, metric, f"checkpoint benchmark {e - 1}->{e}: {metric}@K "
@@ -378,6 +392,7 @@ def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, mi
                           caption="Injected-fault benchmark: each method vs random's exact expectation, paired by "
                                   "seed")
     ok = df[df["error"] == ""]
+    ctx.scalars(ok, fractions, "injected", ("P", "R"))
     if ctx.figures and len(ok):
         ctx.figure(figs.ranking_curves(ok, fractions, "R", "injected faults: R@K (mean over seeds)"),
                    "injected_R_at_k")
@@ -449,8 +464,8 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
     settings = list(settings) if settings is not None else (["all"] if quick else None)
     out = layout.fl_eval_dir
     writer = None
-    if tensorboard and figures:
-        from torch.utils.tensorboard import SummaryWriter
+    if tensorboard and figures and (overwrite or not (out / "headline.csv").is_file()) and layout.writes():
+        from torch.utils.tensorboard import SummaryWriter  # a rerun that finds every output adds no event file
 
         writer = SummaryWriter(str(layout.tensorboard / "fl_eval"))
     ctx = _Ctx(layout, out, log, overwrite, writer, figures)
