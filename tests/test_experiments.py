@@ -245,3 +245,34 @@ def test_shrunk_digits_exp_repair_4_end_to_end_and_rerun_skips(tmp_path):
         assert c["done"] == 0 and c["skipped"] >= 1, (step, c)
     assert "recorded, not retried" not in out2  # known not-applicable cases are counted, not re-printed
     assert len(store.list_results("repair_result")) == len(results)
+
+
+def test_shards_split_the_localize_work_and_a_full_rerun_skips_it(tmp_path, make_classifier):
+    """Two shards of the localize step together do each (method, setting) once; the unsharded rerun finds all of it
+    in the store. A setting the analysis skipped is counted as not applicable, recorded once, not re-printed."""
+    from test_repair_sweep import make_run
+
+    from pipeline.experiment import run_experiment
+
+    store, _, info = make_run(tmp_path / "digits", make_classifier)
+    settings = sorted(info["settings"])[:2]
+    skipped = sorted(info.get("skipped", {}))[:1]
+    assert skipped, "the fixture run should have a setting the analysis skipped"
+    cfg = RUN.experiment_dict(load(EXP_DIR / "exp_repair_4_digits_corrected.yaml")[1])
+    cfg["datasets"] = {"digits": {"run_dir": str(store.root), "train": None}}
+    cfg["localize"] = {"methods": ["random", "magnitude"], "settings": settings + skipped, "budgets": [6]}
+    logs = []
+    rows = []
+    for k in range(2):
+        out = run_experiment(cfg, steps=["localize"], shard=f"{k}/2", log=logs.append)
+        rows += out["summary"]
+    assert sum(r["done"] for r in rows) == 2 * len(settings)  # each pair once, over both shards
+    assert all(r["error"] == 0 for r in rows)
+    keys = [(r["method"], r["setting"]) for r in store.list_results("fl_result")]
+    assert sorted(keys) == sorted((m, s) for m in ("random", "magnitude") for s in settings)
+    na_lines = [m for m in logs if "recorded, not retried" in m]
+    assert len(na_lines) == len(skipped)  # printed by the first shard only
+    logs.clear()
+    (again,) = run_experiment(cfg, steps=["localize"], log=logs.append)["summary"]
+    assert again["done"] == 0 and again["skipped"] == 2 * len(settings)
+    assert again["not applicable"] == 2 * len(skipped) and not [m for m in logs if "recorded, not retried" in m]
