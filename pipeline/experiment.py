@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from core.runstore import RunStore, identity_key
 
 __all__ = ["STEPS", "PHASES", "ExperimentConfigError", "quiet", "check_experiment", "check_fl_options", "run_experiment",
+           "experiment_results",
            "step_options", "summarize_rows"]
 
 STEPS = ("train", "cache", "misclf", "localize", "evaluate_fl", "repair", "aggregate", "adequacy")
@@ -445,15 +446,67 @@ def _repair(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tupl
                      _na_diff(store, before[name]), errors)
 
 
-def _aggregate(stores: Mapping[str, RunStore], log: _Log) -> dict[str, Any]:
+def experiment_results(cfg: Mapping[str, Any], store: RunStore) -> list[dict[str, Any]]:
+    """The repair results in ``store`` that this experiment's sweeps made (FL method, repair method and its resolved
+    options, setting, budget, repetition all match), out of whatever else the run directory holds."""
+    from pipeline.repair import resolved_repair_options
+
+    sweeps = []
+    for sw in (cfg.get("repair") or {}).get("sweeps") or []:
+        repair = sw.get("repair") or "de"
+        reps = sw.get("reps", 5)
+        sweeps.append({"repair": repair, "methods": set(sw.get("methods") or ()),
+                       "settings": None if sw.get("settings") is None else set(sw["settings"]),
+                       "budgets": None if sw.get("budgets") is None else {str(b) for b in sw["budgets"]} | {"front"},
+                       "reps": set(range(reps)) if isinstance(reps, int) else set(reps), "seed": sw.get("seed", 0),
+                       "options": resolved_repair_options(repair, sw.get("repair_options"))})
+    out = []
+    for r in store.list_results("repair_result"):
+        ident = r.get("identity") or {}
+        for sw in sweeps:
+            if (r.get("repair") == sw["repair"] and r.get("method") in sw["methods"]
+                    and (sw["settings"] is None or r.get("setting") in sw["settings"])
+                    and (sw["budgets"] is None or str(r.get("budget")) in sw["budgets"])
+                    and r.get("rep") in sw["reps"] and ident.get("seed") == sw["seed"] + r.get("rep", 0)
+                    and ident.get("repair_options") == sw["options"]):
+                out.append(r)
+                break
+    return out
+
+
+def _aggregate(cfg: Mapping[str, Any], stores: Mapping[str, RunStore], log: _Log) -> dict[str, Any]:
     from pipeline.repair import aggregate
 
     t0 = time.perf_counter()
-    agg = aggregate({name: s.root for name, s in stores.items()})
+    first = next(iter(stores.values()))
+    tag = f"{cfg['name']}_{cfg.get('variant') or 'run'}"
+    summary_dir = first.path("repair_summary", name=tag)
+    kw: dict[str, Any] = {}
+    mine = {n: experiment_results(cfg, s) for n, s in stores.items()}
+    others = {n: len(s.list_results("repair_result")) - len(mine[n]) for n, s in stores.items()}
+    if "keys" in inspect.signature(aggregate).parameters:
+        kw["keys"] = {r["key"] for rs in mine.values() for r in rs}
+    elif any(others.values()):
+        log.log(f"  note: the run directories also hold {sum(others.values())} repair results of other "
+                "configurations; this version of the aggregation tabulates them too (by FL method, repair, budget)")
+    agg = aggregate({name: s.root for name, s in stores.items()}, summary_dir, **kw)
     log.step("aggregate", ", ".join(stores), {"done": 1}, time.perf_counter() - t0, {})
-    if agg.get("n_runs"):
-        log.log(f"  {agg['n_runs']} repair runs -> {agg['summary_dir']}")
+    log.log(f"  {sum(len(v) for v in mine.values())} repair results of this experiment"
+            + (f" ({agg.get('n_runs', 0)} tabulated)" if agg.get("n_runs") is not None else "")
+            + f" -> {agg.get('summary_dir', summary_dir)}")
     return {k: v for k, v in agg.items() if k in ("n_runs", "summary_dir", "files", "markdown")}
+
+
+def _save_config(cfg: Mapping[str, Any], stores: Mapping[str, RunStore]) -> None:
+    """The experiment config as run, into each run's report folder (the report states which config made it)."""
+    import yaml
+
+    if not RunStore.writes():
+        return
+    text = yaml.safe_dump(dict(cfg), sort_keys=False)
+    for store in stores.values():
+        store.write_text(store.path("report", name=f"experiments/{cfg['name']}_{cfg.get('variant') or 'run'}.yaml"),
+                         text)
 
 
 def _adequacy(store: RunStore, name: str, opts: Mapping[str, Any], ds_over: Mapping[str, Any] | None,
@@ -520,6 +573,7 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
     out: dict[str, Any] = {"steps": todo, "summary": L.summary}
     log(f"experiment {cfg['name']} ({cfg.get('variant', '')}): steps {', '.join(todo)}"
         + (f"; shard {k}/{n}" if n > 1 else ""))
+    _save_config(cfg, stores)
     for step in todo:
         t0 = time.perf_counter()
         if step == "train":
@@ -540,7 +594,7 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
         elif step == "repair":
             _repair(stores, step_options(cfg, "repair"), (k, n), L)
         elif step == "aggregate":
-            out["aggregate"] = _aggregate(stores, L)
+            out["aggregate"] = _aggregate(cfg, stores, L)
         elif step == "adequacy":
             for name, store in stores.items():
                 _adequacy(store, name, step_options(cfg, "adequacy"), cfg["datasets"][name].get("adequacy"),

@@ -235,7 +235,18 @@ def test_shrunk_digits_exp_repair_4_end_to_end_and_rerun_skips(tmp_path):
     for r in results:
         opts = r["identity"]["repair_options"]
         assert (opts["generations"], opts["fitness"], opts["update"]) == (3, "reptran", "immediate")
-    assert (store.repair_summary_dir / "summary.md").is_file()
+    assert (store.path("repair_summary", name="exp_repair_4_published") / "summary.md").is_file()
+    saved = yaml.safe_load(store.path("report", name="experiments/exp_repair_4_published.yaml").read_text())
+    assert saved["repair"]["sweeps"][0]["repair_options"]["generations"] == 3  # the config as run
+    from pipeline.experiment import experiment_results
+    from pipeline.repair import run_sweep
+
+    cfg = RUN.experiment_dict(load(EXP_DIR / "exp_repair_4_digits.yaml", "--config", str(over))[1])
+    assert {r["key"] for r in experiment_results(cfg, store)} == {r["key"] for r in results}
+    other = run_sweep({"digits": run_dir}, ["random"], ["src_tgt_r1"], [33], 1, progress=False,
+                      repair_options={"generations": 2, "pop_size": 10})  # another configuration in the same run
+    assert [r["status"] for r in other] == ["done"]
+    assert {r["key"] for r in experiment_results(cfg, store)} == {r["key"] for r in results}
 
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), timeout=900, env=env)
     out2 = second.stdout + second.stderr
@@ -244,7 +255,7 @@ def test_shrunk_digits_exp_repair_4_end_to_end_and_rerun_skips(tmp_path):
         c = _counts(out2, step)
         assert c["done"] == 0 and c["skipped"] >= 1, (step, c)
     assert "recorded, not retried" not in out2  # known not-applicable cases are counted, not re-printed
-    assert len(store.list_results("repair_result")) == len(results)
+    assert len(store.list_results("repair_result")) == len(results) + 1
 
 
 def test_shards_split_the_localize_work_and_a_full_rerun_skips_it(tmp_path, make_classifier):
