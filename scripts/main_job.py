@@ -146,7 +146,7 @@ def pretrain(layout, backbone: str, epochs: int | None, extra: list[str]) -> str
     """Pretrain (``<run>/pretrain``, skipped when its export exists) and export the backbone; returns its
     ``pretrained_path``. ``epochs=None``: the testbed's ``max_epochs``."""
     from lightning_modules.cli import ToolkitCLI
-    from localization.artifacts import RunLayout
+    from core.runstore import RunStore as RunLayout
 
     pre = RunLayout(pretrained_dir(layout))
     export = os.path.join(str(pre.root), "export")
@@ -308,7 +308,7 @@ def main() -> None:
                    help="extra LightningCLI arguments for training (last on the line)")
     a = p.parse_args()
 
-    from localization.artifacts import RunLayout
+    from core.runstore import RunStore as RunLayout
 
     layout = RunLayout(a.run_dir or os.path.join(ROOT, "outputs", a.testbed))
     t_start = time.perf_counter()
