@@ -45,6 +45,8 @@ from adequacy.attribution import (default_method, input_attributions, neuron_imp
 from adequacy.criteria import DEFAULT_CRITERIA, make_criterion
 from adequacy.idc import IDC
 
+from core.style import RC as _FONT_RC  # the house style: TrueType fonts, never Type 3
+
 __all__ = [
     "ARTIFACTS", "CoverageSuite", "importance_scores", "prune_neurons", "rq1_pruning", "top_pixel_mask",
     "random_pixel_mask", "perturb_pixels", "rq2_diversity", "normalized_coverage_change", "rq3_sensitivity",
@@ -90,12 +92,6 @@ def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str, title: str | N
     md = (f"# {title}\n\n" if title else "") + markdown_table(df)
     return [atomic_write_text(out_dir / f"{stem}.csv", df.to_csv(index=False)),
             atomic_write_text(out_dir / f"{stem}.md", md)]
-
-
-#: the PDF / PS font settings of the house style (``evaluation.style.RC``; adequacy sits beside evaluation in the
-#: layers and cannot import it): TrueType (Type 42) fonts, never Type 3
-_FONT_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
-            "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7, "figure.titlesize": 8}
 
 
 def save_figure(fig, out_dir: str | Path, stem: str) -> list[Path]:

@@ -1,6 +1,6 @@
-"""Figures of the FL evaluation and the repair sweep, in the one house style (:mod:`evaluation.style`: TrueType
+"""Figures of the FL evaluation and the repair sweep, in the one house style (:mod:`core.style`: TrueType
 fonts, single-column sizes, one fixed colour per method). Each function returns a Figure; where there is nothing
-to draw it returns :func:`evaluation.style.nothing_to_plot` (never an empty figure). :func:`save_figure` writes
+to draw it returns :func:`core.style.nothing_to_plot` (never an empty figure). :func:`save_figure` writes
 PNG and PDF atomically and closes the figure; a nothing-to-plot figure becomes a ``.nothing_to_plot.txt`` note.
 
 Many methods are faceted (one small panel per method, or per group of at most :data:`PER_PANEL` methods) instead of
@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from evaluation import style  # noqa: E402
+from core import style  # noqa: E402
 from evaluation.ranking_metrics import fraction_label  # noqa: E402
 
 __all__ = ["intervention_distributions", "flip_counts", "ranking_curves", "save_figure", "repair_bars",
@@ -35,7 +35,7 @@ PER_PANEL = 4
 def save_figure(fig, stem: str | Path, close: bool = True, dpi: int = 200,
                 writer: Callable | None = None) -> list[Path]:
     """``{stem}.png`` and ``{stem}.pdf`` (TrueType fonts), through ``writer`` (e.g. ``store.save_figure``;
-    default ``core.io.atomic_savefig``). A :func:`evaluation.style.nothing_to_plot` figure writes
+    default ``core.io.atomic_savefig``). A :func:`core.style.nothing_to_plot` figure writes
     ``{stem}.nothing_to_plot.txt`` instead and returns []."""
     stem = Path(stem)
     paths = [stem.with_name(stem.name + f".{ext}") for ext in ("png", "pdf")]

@@ -25,16 +25,12 @@ from core.runstore import RunStore
 __all__ = ["prepare_folds", "run_crossval", "collect_crossval", "pooled_table", "wilson"]
 
 
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval of k successes in n trials (NaN, NaN when n = 0); always inside [0, 1]."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
-    return (0.0 if k == 0 else lo), (1.0 if k == n else hi)  # exact at the ends (rounding would leave 1 - 1e-16)
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of k in n (:func:`evaluation.intervals.wilson_interval`); (NaN, NaN) when n = 0."""
+    from evaluation.intervals import wilson_interval
+
+    ci = wilson_interval(int(k), int(n))
+    return (float("nan"), float("nan")) if ci is None else ci
 
 
 def prepare_folds(store: RunStore | str, trainer_kwargs: dict[str, Any] | None = None,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from core.runstore import RunStore
-from lightning_modules.runs import datamodule_from_run, load_run_model
+from lightning_modules.runs import UnsafeConfigError, datamodule_from_run, load_run_model
 from localization.cache import load_states
 from localization.ffn import model_fingerprint
 from localization.misclf import DEFAULT_KINDS, analyze
@@ -32,7 +32,9 @@ def step_misclf(store: RunStore | str, split: str = "repair", ranks: int = 3, se
     store.write_json(store.misclf_info, info)
     try:
         names = datamodule_from_run(store).class_names
-    except Exception:  # noqa: BLE001 - class names are decoration only
+    except UnsafeConfigError:  # a refused class_path is never silent
+        raise
+    except Exception:  # noqa: BLE001 - class names are decoration only (e.g. the data folder is not mounted)
         names = None
     import matplotlib.pyplot as plt
 
@@ -45,11 +47,11 @@ def step_misclf(store: RunStore | str, split: str = "repair", ranks: int = 3, se
 
 def plot_confusion(info: dict[str, Any], class_names: list[str] | None = None):
     """A confusion-matrix figure (counts, log colour scale; rows = true class) of an ``analyze`` result or any
-    ``{"confusion", "split", "n", "accuracy"}`` dict, in the house style (:mod:`evaluation.style`): single-column
+    ``{"confusion", "split", "n", "accuracy"}`` dict, in the house style (:mod:`core.style`): single-column
     width up to 20 classes (counts printed), wider for more."""
     from matplotlib.colors import LogNorm
 
-    from evaluation import style
+    from core import style
 
     c = np.asarray(info["confusion"])
     k = c.shape[0]

@@ -543,7 +543,7 @@ def _plots(store: RunStore, df, table, by_kind, curves, out_dir: Path) -> tuple[
     def save(fig, stem):
         made = figs.save_figure(fig, out_dir / stem, writer=store.save_figure)
         if not made:
-            from evaluation.style import is_nothing_to_plot
+            from core.style import is_nothing_to_plot
 
             empty[stem] = is_nothing_to_plot(fig) or "nothing to plot"
         paths.extend(made)

@@ -169,7 +169,7 @@ def _fl_cost_vs_quality(page: _Page) -> None:
                                y_lo="min", y_hi="max")
     stem = store.path("report", name="fl_cost_vs_quality")
     made = figs.save_figure(fig, stem, writer=store.save_figure)
-    from evaluation.style import is_nothing_to_plot
+    from core.style import is_nothing_to_plot
 
     page.figure(stem.with_suffix(".png"), "FL cost vs quality (bars: min-max over settings)",
                 "FL time on the repair split's settings; P@1% on the checkpoint benchmark",

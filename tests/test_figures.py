@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from evaluation import figures as figs
-from evaluation import style
+from core import style
 
 
 def pdf_font_subtypes(data: bytes) -> list[str]:
