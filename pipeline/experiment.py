@@ -339,23 +339,31 @@ def _cache(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _misclf(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
+    """The settings step. The analysis on disk is kept when it was made by the same model with the same rules
+    (ranks, seed, I_pos share, tie order, no-true-input rule) and already holds every kind asked for; otherwise it
+    is rebuilt with the union of the kinds on disk and the kinds asked for, so experiments that share a run
+    directory but need different kinds do not rebuild it in turn (settings are content-hashed in every result
+    identity, so a rebuilt analysis never mixes results of other input sets)."""
     from core.io import read_json
     from localization.cache import read_metadata
+    from localization.misclf import ALL_KINDS, DEFAULT_KINDS
     from pipeline.misclf import step_misclf
 
-    kw = {k: (tuple(v) if k == "kinds" else v) for k, v in opts.items()}
-    want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k not in ("split",)}
+    kw = dict(opts)
+    split = kw.get("split", "repair")
+    kinds = list(kw.pop("kinds", DEFAULT_KINDS))
+    rules = {k: v for k, v in kw.items() if k != "split"}
     if store.misclf_info.is_file():
         info = read_json(store.misclf_info)
         have = dict(info.get("options") or {})
-        have.setdefault("ranks", info.get("options", {}).get("ranks"))
-        split = kw.get("split", "repair")
         same_model = info.get("model_hash") == read_metadata(store.states(split)).get("model_hash")
-        same = all((list(have.get(k)) if isinstance(have.get(k), (list, tuple)) else have.get(k)) == v
-                   for k, v in want.items())
-        if same_model and same and info.get("split", split) == split:
-            return {"skipped": 1}
-    step_misclf(store, **kw)
+        same_rules = all(have.get(k) == v for k, v in rules.items())
+        have_kinds = list(have.get("kinds") or [])
+        if same_model and same_rules and info.get("split", split) == split:
+            if set(kinds) <= set(have_kinds):
+                return {"skipped": 1}
+            kinds = [k for k in ALL_KINDS if k in set(kinds) | set(have_kinds)]
+    step_misclf(store, kinds=tuple(kinds), **kw)
     return {"done": 1}
 
 
