@@ -103,7 +103,7 @@ def run_one(task: tuple[int, int, int, str], generations: int = 50, early_stop: 
     w = localize(head, x, label, is_neg, method, budget, seed=rep).weights
     fl_s = time.perf_counter() - t
     hd = head.to(dev)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     fitness = SparseFitness(hd, w, x.to(dev), label.to(dev), is_neg.to(dev))
     de = de_for(hd, w, fitness, "deferred", generations, seed=rep, device=dev)
     if early_stop:
@@ -111,7 +111,7 @@ def run_one(task: tuple[int, int, int, str], generations: int = 50, early_stop: 
     de.run()
     _sync(dev)
     return {"setting": SETTINGS[s], "rep": rep, "budget": budget, "method": method, "run_s": time.perf_counter() - t,
-            "fl_s": fl_s, "generations": de.generation, "kernel": fitness.kernel,
+            "cpu_s": time.process_time() - c, "fl_s": fl_s, "generations": de.generation, "kernel": fitness.kernel,
             "touched_neurons": fitness.info()["touched_neurons"], "touched_rows": fitness.info()["touched_rows"],
             "pid": os.getpid()}
 
@@ -151,24 +151,26 @@ def main(argv=None) -> dict:
             for r in pool.imap_unordered(_run_star, [(t, a.generations, a.early_stop) for t in chosen]):
                 results.append(r)
                 print(f"[{len(results)}/{len(chosen)}] {r['setting']} rep {r['rep']} N={r['budget']} "
-                      f"{r['method']}: {r['run_s']:.2f} s ({r['generations']} gens, {r['kernel']}, "
+                      f"{r['method']}: {r['run_s']:.2f} s, CPU {r['cpu_s']:.2f} s ({r['generations']} gens, {r['kernel']}, "
                       f"|J|={r['touched_neurons']}, |I|={r['touched_rows']}; FL {r['fl_s']:.2f} s)", flush=True)
         wall = time.perf_counter() - t0
     load1 = tuple(round(v, 2) for v in os.getloadavg())
-    cells = {}
+    cells, cpu_cells = {}, {}
     for r in results:
         cells.setdefault((r["method"], r["budget"]), []).append(r["run_s"])
+        cpu_cells.setdefault((r["method"], r["budget"]), []).append(r["cpu_s"])
     per_cell = len(tasks) // (len(METHODS) * len(BUDGETS))
     print(f"\n{len(results)} of {len(tasks)} runs on {procs} {a.device} worker(s) x {a.threads} thread(s); "
           f"set-up {prep_s:.1f} s; load average before {load0}, after {load1}\n")
-    print("| method | N | runs | mean s/run | max s/run |")
-    print("|---|---|---|---|---|")
+    print("| method | N | runs | mean s/run (wall) | max s/run (wall) | mean CPU s/run |")
+    print("|---|---|---|---|---|---|")
     for m, b in itertools.product(METHODS, BUDGETS):
         v = cells.get((m, b), [])
         if v:
-            print(f"| {m} | {b} | {len(v)} | {statistics.mean(v):.2f} | {max(v):.2f} |")
+            print(f"| {m} | {b} | {len(v)} | {statistics.mean(v):.2f} | {max(v):.2f} | "
+                  f"{statistics.mean(cpu_cells[(m, b)]):.2f} |")
         else:
-            print(f"| {m} | {b} | 0 | not sampled | not sampled |")
+            print(f"| {m} | {b} | 0 | not sampled | not sampled | not sampled |")
     busy = sum(r["run_s"] + r["fl_s"] for r in results)
     out = {"runs": len(results), "wall_s": wall, "procs": procs, "busy_s": busy}
     if len(results) == len(tasks):
@@ -179,6 +181,11 @@ def main(argv=None) -> dict:
         eff = busy / (wall * procs) if wall > 0 else 1.0  # how well the workers were kept busy in the sample
         out["total_s"] = (est_busy + fl_mean * len(tasks)) / (procs * max(min(eff, 1.0), 1e-9))
         out["kind"] = "extrapolated from the sample (per-cell mean x 45 runs, over the workers)"
+        if a.device == "cpu" and a.threads == 1:  # what the search costs when the cores are not shared
+            cpu_total = sum(statistics.mean(v) * per_cell for v in cpu_cells.values())
+            out["cpu_total_s"] = cpu_total
+            print(f"CPU time of the 405 searches (extrapolated): {cpu_total / 3600:.2f} core-hours, i.e. "
+                  f"{cpu_total / procs / 3600:.2f} h on {procs} unshared cores (localisation not included)")
     else:
         out["kind"] = "not extrapolated: the sample misses a (method, budget) cell; use --limit >= 9"
     total = out.get("total_s")
