@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     failed = sum(r.get("error", 0) for r in out["summary"])
     print(f"experiment {cfg['name']}: " + "; ".join(
         f"{r['step']} [{r['dataset']}] {r.get('done', 0)} done / {r.get('skipped', 0)} skipped / "
-        f"{r.get('not applicable', 0)} n/a" for r in out["summary"]))
+        f"{r.get('not applicable', 0)} n/a" + (f" / {r['error']} failed" if r.get("error") else "")
+        for r in out["summary"]))
     return 1 if failed else 0
 
 
