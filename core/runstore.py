@@ -66,6 +66,8 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "repair_summary": ("repair/summary/{name}", "repair tables, figures and statistics over every run"),
     "adequacy": ("adequacy/{name}", "test-adequacy (coverage) tables and figures"),
     "tensorboard": ("tb", "TensorBoard logs"),
+    "tb_repair_run": ("tb/repair/{setting}/{label}_n{budget}_rep{rep}-{key}", "TensorBoard run of one repair run "
+                      "(per-generation fitness, its hparams and final metrics)"),
     "report": ("report/{name}", "the run's report (report.md, report.html) and what it links"),
     "lock": ("locks/{key}.lock", "a worker's claim on one task (concurrent sweeps never run a task twice)"),
     "fold": ("cv/fold={k}", "fold run k of the cross-validated repair: that fold's caches, settings, FL and repair "
@@ -344,6 +346,9 @@ class RunStore:
                            rep: int) -> Path:
         return self._result_path("repair_result", identity, setting=setting, label=label, budget=_budget_str(budget),
                                  rep=rep)[0]
+
+    def repair_tb_dir(self, *, setting: str, label: str, budget: Any, rep: int, key: str) -> Path:
+        return self.path("tb_repair_run", setting=setting, label=label, budget=_budget_str(budget), rep=rep, key=key)
 
     def n_avg_path(self, identity: Mapping[str, Any]) -> Path:
         return self._result_path("n_avg", identity)[0]

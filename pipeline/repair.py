@@ -212,8 +212,9 @@ def run_task(task: RepairTask, ctx: RunContext, identity: Mapping[str, Any], pat
     if logger and store.writes():
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        tb = TensorBoardLogger(save_dir=str(store.tensorboard), name=f"repair/{task.setting}",
-                               version=f"{task.label}_n{n}_rep{task.rep}-{identity_key(identity)}",
+        d = store.repair_tb_dir(setting=task.setting, label=task.label, budget=n, rep=task.rep,
+                                key=identity_key(identity))
+        tb = TensorBoardLogger(save_dir=str(d.parent.parent), name=d.parent.name, version=d.name,
                                default_hp_metric=False)
     t0 = time.perf_counter()
     patch = fit_repair(module, logger=tb, enable_progress_bar=progress_bar, accelerator=accelerator)
@@ -493,8 +494,8 @@ def targetless_note(df) -> str:
 def _tb_run_dir(store: RunStore, row) -> Path:
     """The TensorBoard folder of one repair run: ``run_task``'s logger names it
     ``tb/repair/{setting}/{label}_n{N}_rep{rep}-{key}``."""
-    version = f"{row['label']}_n{row['budget_n']}_rep{row['rep']}-{row['key']}"
-    return store.tensorboard / "repair" / row["setting"] / version
+    return store.repair_tb_dir(setting=row["setting"], label=row["label"], budget=row["budget_n"], rep=row["rep"],
+                               key=row["key"])
 
 
 def fitness_curves(run_dirs, df) -> "pd.DataFrame":  # noqa: F821
