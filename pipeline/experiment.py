@@ -564,9 +564,13 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
     quiet()
     k, n = parse_shard(shard)
     todo = check_experiment(cfg)
-    if steps is not None:
+    if steps is not None:  # a selection of the experiment's own steps (phases: the part of them in that phase)
+        steps = list(steps)
+        extra = [s for s in steps if s in STEPS and s not in todo]
+        if extra:
+            raise ExperimentConfigError(f"steps {extra} are not steps of experiment {cfg['name']} ({todo})")
         asked = _expand_steps(steps)
-        todo = [s for s in asked]
+        todo = [s for s in todo if s in asked]
     if n > 1:
         not_sharded = [s for s in todo if s not in SHARDED]
         if not_sharded:

@@ -287,3 +287,15 @@ def test_shards_split_the_localize_work_and_a_full_rerun_skips_it(tmp_path, make
     (again,) = run_experiment(cfg, steps=["localize"], log=logs.append)["summary"]
     assert again["done"] == 0 and again["skipped"] == 2 * len(settings)
     assert again["not applicable"] == 2 * len(skipped) and not [m for m in logs if "recorded, not retried" in m]
+
+
+def test_only_selects_among_the_experiments_own_steps(tmp_path):
+    from pipeline.experiment import ExperimentConfigError, run_experiment
+
+    cfg = RUN.experiment_dict(load(EXP_DIR / "exp_repair_4_digits.yaml")[1])
+    cfg["datasets"] = {"digits": {"run_dir": str(tmp_path / "none"), "train": None}}
+    with pytest.raises(ExperimentConfigError, match="not steps of experiment"):
+        run_experiment(cfg, steps=["evaluate_fl"], log=lambda m: None)  # exp-repair-4 has no FL evaluation
+    logs = []
+    out = run_experiment(cfg, steps=["final"], log=logs.append)  # the final phase of exp-repair-4: aggregate only
+    assert out["steps"] == ["aggregate"]
