@@ -69,10 +69,11 @@ class _Ctx:
     made: list = field(default_factory=list)
 
     def figure(self, fig, name: str) -> None:
-        if self.writer is not None:
+        from core.style import is_nothing_to_plot
+
+        if self.writer is not None and not is_nothing_to_plot(fig):
             self.writer.add_figure(f"fl_eval/{name}", fig, close=False)
-        if self.layout.writes():
-            self.made.extend(figs.save_figure(fig, self.out / "figures" / name))
+        self.made.extend(figs.save_figure(fig, self.out / "figures" / name, writer=self.layout.save_figure))
 
     def done(self, path: Path) -> bool:
         return path.exists() and not self.overwrite
