@@ -132,7 +132,8 @@ def _finetune_model_config(layout, backbone: str, pretrained_path: str) -> str:
     """The fine-tuning model YAML with ``backbone_kwargs.pretrained_path`` set, written into the run directory."""
     import yaml
 
-    spec = yaml.safe_load(open(_cfg(TESTBEDS["mnist"]["finetune"]["model"][backbone])))
+    with open(_cfg(TESTBEDS["mnist"]["finetune"]["model"][backbone])) as f:
+        spec = yaml.safe_load(f)
     spec["model"].setdefault("backbone_kwargs", {})["pretrained_path"] = pretrained_path
     path = os.path.join(str(layout.root), "finetune_model.yaml")
     os.makedirs(str(layout.root), exist_ok=True)
@@ -157,7 +158,9 @@ def pretrain(layout, backbone: str, epochs: int | None, extra: list[str]) -> str
     import yaml
 
     tb = TESTBEDS["mnist"]["pretrain"]
-    epochs = epochs or int(yaml.safe_load(open(_cfg(tb["trainer"])))["trainer"]["max_epochs"])
+    if not epochs:
+        with open(_cfg(tb["trainer"])) as f:
+            epochs = int(yaml.safe_load(f)["trainer"]["max_epochs"])
     if epochs not in pre.checkpoint_epochs():
         ToolkitCLI(args=["fit", "--config", _cfg(tb["data"]), "--config", _cfg(tb["model"][backbone]),
                          "--config", _cfg(tb["trainer"]), f"--trainer.default_root_dir={pre.root}",
@@ -266,7 +269,9 @@ def checkpoint_diagnostics(layout, epoch: int | None = None, batch_size: int = 5
 
     e = last_epoch(layout) if epoch is None else epoch
     prev, nxt = load_ffn_weights(layout.ffn_weights(e - 1)), load_ffn_weights(layout.ffn_weights(e))
-    flat = lambda d: torch.cat([d["W_bef"].reshape(-1), d["W_aft"].reshape(-1)]).double()  # noqa: E731
+    def flat(d):
+        return torch.cat([d["W_bef"].reshape(-1), d["W_aft"].reshape(-1)]).double()
+
     change, mag = (flat(nxt) - flat(prev)).abs(), flat(prev).abs()
     model, _ = load_run_model(layout, e - 1)
     head = last_ffn_head(model)

@@ -15,7 +15,7 @@ from localization.ffn import last_ffn_head
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import main_job  # noqa: E402
+import main_job  # noqa: E402 (scripts/ is not a package)
 
 
 # ------------------------------------------------------------------------------------------- data module

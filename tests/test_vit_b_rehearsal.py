@@ -17,6 +17,7 @@ epoch), ``REHEARSAL_BATCH`` (8), ``REHEARSAL_ACCELERATOR`` (cpu), ``REHEARSAL_PR
 from __future__ import annotations
 
 import csv
+import math
 import os
 import pickle
 import resource
@@ -69,7 +70,7 @@ class Steps:
         self.rows.append({"backbone": self.backbone, "step": name, "wall_s": round(wall, 2),
                           "peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1)})
         print(f"[rehearsal {self.backbone}] {name}: {wall:.1f} s, peak RSS {rss:.0f} MiB"
-              + ("" if gpu != gpu else f", peak GPU {gpu:.0f} MiB"), flush=True)
+              + ("" if math.isnan(gpu) else f", peak GPU {gpu:.0f} MiB"), flush=True)
         return out
 
 
