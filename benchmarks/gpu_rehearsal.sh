@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_rehearsal.sh                 # GPU: 2,000 train + 1,000 test images, bf16-mixed (<= 8 min
 #                                                    # on one H200-class GPU)
-#   bash benchmarks/gpu_rehearsal.sh --smoke         # CPU, 100 + 100 images, fp32: proves the command works
+#   bash benchmarks/gpu_rehearsal.sh --smoke         # CPU, 100 + 100 images (10 classes), fp32: proves the command works
 #   OUT_DIR=/some/dir bash benchmarks/gpu_rehearsal.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,13 +16,13 @@ OUT_DIR=${OUT_DIR:-outputs/gpu_rehearsal}
 mkdir -p "$OUT_DIR"
 
 if [ "${1:-}" = "--smoke" ]; then
-  export REHEARSAL_ACCELERATOR=cpu REHEARSAL_PRECISION=32-true REHEARSAL_TRAIN_PER_CLASS=1 \
-         REHEARSAL_TEST_PER_CLASS=1 REHEARSAL_TRAIN_BATCHES=2 REHEARSAL_BATCH=8 REHEARSAL_BACKBONES=${REHEARSAL_BACKBONES:-hf} \
+  export REHEARSAL_ACCELERATOR=cpu REHEARSAL_PRECISION=32-true REHEARSAL_CLASSES=10 \
+         REHEARSAL_TRAIN_PER_CLASS=10 REHEARSAL_TEST_PER_CLASS=10 REHEARSAL_TRAIN_BATCHES=2 REHEARSAL_BATCH=8 REHEARSAL_BACKBONES=${REHEARSAL_BACKBONES:-hf} \
          REHEARSAL_FL_METHODS=${REHEARSAL_FL_METHODS:-random,grad_loss,arachne_w,ours,bl} \
          REHEARSAL_DE_GENERATIONS=2 REHEARSAL_DE_POP=10
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run with --smoke on a CPU')"
-  export REHEARSAL_ACCELERATOR=gpu REHEARSAL_PRECISION=bf16-mixed REHEARSAL_TRAIN_PER_CLASS=20 \
+  export REHEARSAL_ACCELERATOR=gpu REHEARSAL_PRECISION=bf16-mixed REHEARSAL_CLASSES=100 REHEARSAL_TRAIN_PER_CLASS=20 \
          REHEARSAL_TEST_PER_CLASS=10 REHEARSAL_TRAIN_BATCHES=${REHEARSAL_TRAIN_BATCHES:-63} REHEARSAL_BATCH=32 \
          REHEARSAL_BACKBONES=${REHEARSAL_BACKBONES:-hf,timm} REHEARSAL_DE_GENERATIONS=${REHEARSAL_DE_GENERATIONS:-50} \
          REHEARSAL_DE_POP=100

@@ -9,7 +9,7 @@ benchmark (epoch 1 -> 2), a repair sweep at budgets 236 / 472 / 944 (DE and mask
 and the coverage table. Every step prints its wall time and peak memory and asserts shapes and counts.
 
 Sizes come from the environment so ``benchmarks/gpu_rehearsal.sh`` runs the same path on a GPU with a larger
-fixture: ``REHEARSAL_TRAIN_PER_CLASS`` (1), ``REHEARSAL_TEST_PER_CLASS`` (1), ``REHEARSAL_TRAIN_BATCHES`` (2 per
+fixture: ``REHEARSAL_CLASSES`` (10 of the 100 labels), ``REHEARSAL_TRAIN_PER_CLASS`` (10), ``REHEARSAL_TEST_PER_CLASS`` (10), ``REHEARSAL_TRAIN_BATCHES`` (2 per
 epoch), ``REHEARSAL_BATCH`` (8), ``REHEARSAL_ACCELERATOR`` (cpu), ``REHEARSAL_PRECISION`` (32-true),
 ``REHEARSAL_BACKBONES`` (hf,timm), ``REHEARSAL_FL_METHODS`` (all registered), ``REHEARSAL_DE_GENERATIONS`` (3),
 ``REHEARSAL_DE_POP`` (20), ``REHEARSAL_OUT`` (a tmp dir; the timing table is written there as CSV too).
@@ -40,8 +40,9 @@ def _env(name: str, default):
     return default if v in (None, "") else type(default)(v)
 
 
-TRAIN_PER_CLASS = _env("REHEARSAL_TRAIN_PER_CLASS", 1)
-TEST_PER_CLASS = _env("REHEARSAL_TEST_PER_CLASS", 1)
+CLASSES = _env("REHEARSAL_CLASSES", 10)  # labels used (of CIFAR-100's 100): enough images per class to learn from
+TRAIN_PER_CLASS = _env("REHEARSAL_TRAIN_PER_CLASS", 10)
+TEST_PER_CLASS = _env("REHEARSAL_TEST_PER_CLASS", 10)
 TRAIN_BATCHES = _env("REHEARSAL_TRAIN_BATCHES", 2)
 BATCH = _env("REHEARSAL_BATCH", 8)
 ACCELERATOR = _env("REHEARSAL_ACCELERATOR", "cpu")
@@ -74,8 +75,9 @@ class Steps:
         return out
 
 
-def make_cifar100(root: Path, train_per_class: int, test_per_class: int, seed: int = 0) -> Path:
-    """ROOT/cifar-100-python/{train,test,meta}: the real pickle format (bytes keys, uint8 [N, 3072] rows)."""
+def make_cifar100(root: Path, train_per_class: int, test_per_class: int, classes: int = 100, seed: int = 0) -> Path:
+    """ROOT/cifar-100-python/{train,test,meta}: the real pickle format (bytes keys, uint8 [N, 3072] rows), with
+    ``*_per_class`` images of each of the first ``classes`` fine labels (the model still has 100 outputs)."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
@@ -87,7 +89,7 @@ def make_cifar100(root: Path, train_per_class: int, test_per_class: int, seed: i
     dump("meta", {b"fine_label_names": [f"class{k:03d}".encode() for k in range(100)],
                   b"coarse_label_names": [f"super{k}".encode() for k in range(20)]})
     for name, per in (("train", train_per_class), ("test", test_per_class)):
-        labels = np.repeat(np.arange(100), per)
+        labels = np.repeat(np.arange(classes), per)
         rng.shuffle(labels)
         # class-dependent colour blobs, so a short fit has something to learn
         base = rng.integers(0, 256, (100, 3), dtype=np.int64)
@@ -162,7 +164,7 @@ def test_vit_b16_rehearsal(kind, tmp_path):
 
     out_dir = Path(os.environ.get("REHEARSAL_OUT") or tmp_path)
     steps = Steps(kind)
-    data_root = steps.run("fixture", make_cifar100, tmp_path / "data", TRAIN_PER_CLASS, TEST_PER_CLASS)
+    data_root = steps.run("fixture", make_cifar100, tmp_path / "data", TRAIN_PER_CLASS, TEST_PER_CLASS, CLASSES)
     pretrained = steps.run("pretrained weights", write_pretrained, kind, tmp_path / "pretrained")
     run = tmp_path / f"run_{kind}"
     store = RunStore(run)
@@ -182,7 +184,7 @@ def test_vit_b16_rehearsal(kind, tmp_path):
               trainer_kwargs={"enable_progress_bar": False, **DEVICE})
     model, epoch = load_run_model(store)
     assert epoch == 2
-    n_eval = 100 * TEST_PER_CLASS
+    n_eval = CLASSES * TEST_PER_CLASS
     n_test = len(np.array_split(np.arange(n_eval), 5)[0])  # KFold(5): the first folds get the remainder
     sizes = {}
     for split in ("repair", "test"):
