@@ -69,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not is_rank_zero():
         return 0
     for r in rows:
-        if not r["status"].startswith(("exists", "not applicable")):
+        if not r["status"].startswith("not applicable"):  # those: counted below, the new ones named once
             print(f"{r['method']:18s} {r['setting']:12s} budgets={r['budgets']:18s} {r.get('wall_s', '')!s:>8} s "
                   f"{r['status']}")
     new = {k: v for k, v in store.not_applicable().items() if k not in before}
