@@ -299,3 +299,17 @@ def test_only_selects_among_the_experiments_own_steps(tmp_path):
     logs = []
     out = run_experiment(cfg, steps=["final"], log=logs.append)  # the final phase of exp-repair-4: aggregate only
     assert out["steps"] == ["aggregate"]
+
+
+def test_checkpoint_epochs_are_a_config_value_checked_before_work(tmp_path, make_classifier):
+    """exp-fl-5's pair of epochs comes from the config: a pair the run does not have is a clear error."""
+    from test_repair_sweep import make_run
+
+    from pipeline.experiment import ExperimentConfigError, run_experiment
+
+    store, _, _ = make_run(tmp_path / "digits", make_classifier)  # one checkpoint, no per-epoch FFN weights
+    cfg = RUN.experiment_dict(load(EXP_DIR / "exp_fl_5_digits.yaml")[1])
+    assert cfg["evaluate_fl"]["ckpt_epoch"] == 40 and cfg["datasets"]["digits"]["train"]["epochs"] == 40
+    cfg["datasets"] = {"digits": {"run_dir": str(store.root), "train": None}}
+    with pytest.raises(ExperimentConfigError, match="ckpt_epoch=40"):
+        run_experiment(cfg, steps=["evaluate_fl"], log=lambda m: None)
