@@ -200,3 +200,59 @@ def test_layer_matters_rejects_bad_input():
 
 def test_scaled_budgets_fractions():
     assert [max(1, round(f * 32768)) for f in main_job.BUDGET_FRACTIONS] == main_job.DIGITS_BUDGETS
+
+
+# ------------------------------------------------------------------------------------------- the testbed itself
+def pooled_cv_target_counts(store, n_folds: int = 5) -> dict[str, int]:
+    """Held-out target counts of every setting under k-fold cross-validation, pooled over the folds: the settings
+    of fold k come from the model's predictions on fold k's repair part, their targets are counted in fold k's
+    test part; every eval input is tested exactly once (checked)."""
+    import json
+
+    from datamodules.folds import kfold_split
+    from localization.cache import load_states
+    from localization.misclf import analyze, target_mask
+
+    rep, tst = load_states(store.states("repair")), load_states(store.states("test"))
+    f0 = json.loads(Path(store.folds).read_text())
+    pos = np.concatenate([np.asarray(f0["repair"])[rep.index.numpy()], np.asarray(f0["test"])[tst.index.numpy()]])
+    order = np.argsort(pos)
+    assert np.array_equal(pos[order], np.arange(f0["eval_size"]))
+    y, p = torch.cat([rep.label, tst.label])[order], torch.cat([rep.pred, tst.pred])[order]
+    tested = np.zeros(len(y), dtype=int)
+    pooled: dict[str, int] = {}
+    for k in range(n_folds):
+        f = kfold_split(len(y), n_folds, f0["fold_seed"], k)
+        tested[f.test] += 1
+        info = analyze(y[f.repair], p[f.repair], torch.as_tensor(f.repair), num_classes=10, ranks=3, split="repair")
+        for name, s in info["settings"].items():
+            pooled[name] = pooled.get(name, 0) + int(target_mask(s, y[f.test], p[f.test]).sum())
+    assert (tested == 1).all(), "an eval input was tested more or less than once"
+    return pooled
+
+
+NINE = [f"{k}_r{r}" for k in ("src_tgt", "tgt_fp", "tgt_fn") for r in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_testbed_last_ffn_matters_and_cv_counts(tmp_path):
+    """The default testbed (pretrain 30 epochs + 2-epoch fine-tune, HF): zeroing the last FFN's activations costs
+    >= 20 points of test-fold accuracy, the fine-tuned model is usable (>= 75 % top-1), checkpoints 0, 1, 2 exist,
+    and 5-fold cross-validation gives `all` >= 50 and the 9 settings together >= 100 held-out targets."""
+    from core.runstore import RunStore
+    from pipeline.cache import step_cache
+
+    store = RunStore(tmp_path / "run")
+    main_job.train(store, "hf", 2, [])
+    assert store.checkpoint_epochs() == [0, 1, 2]
+    step_cache(store, ("repair", "test"), trainer_kwargs={"enable_progress_bar": False})
+    lm = main_job.step_layer_matters(store)
+    assert lm["test"]["n"] == 400 and lm["eval"]["n"] == 2000
+    assert lm["test"]["acc"] >= 0.75, lm["test"]
+    assert lm["test"]["drop"] >= 0.20 and lm["eval"]["drop"] >= 0.20, lm
+    counts = pooled_cv_target_counts(store)
+    assert counts["all"] >= 50, counts
+    assert sum(counts.get(s, 0) for s in NINE) >= 100, counts
+    assert counts["all"] == round((1 - lm["eval"]["acc"]) * 2000)  # `all` pooled = every eval misclassification
+    diag = main_job.checkpoint_diagnostics(store)
+    assert diag["n_weights"] == 2 * 64 * 512 and diag["n_train"] == 1350
