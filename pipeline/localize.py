@@ -34,19 +34,37 @@ N_AVG_METHOD = "bl"
 NOT_APPLICABLE_MARKERS = ("needs at least", "needs >= ", "at least 2 inputs", "no I_neg")
 
 
+#: the keyword arguments torchmetrics' Metric itself takes (every Localizer passes them on)
+_METRIC_KWARGS = {"compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn", "distributed_available_fn",
+                  "sync_on_compute", "compute_with_cache"}
+
+
+def _accepted_options(cls) -> set[str]:
+    """Every keyword a Localizer class accepts: the named parameters of each ``__init__`` along its MRO (they pass
+    the rest on with ``**kwargs``) and torchmetrics' own."""
+    import inspect
+
+    names = set(_METRIC_KWARGS)
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass.__module__.startswith(("torch", "torchmetrics")):
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in ("self", "head"):
+                names.add(p.name)
+    return names
+
+
 def resolved_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The method's constructor defaults merged with ``options`` (unknown options: a clear error)."""
     defaults = FL_METHODS.options(method)
     defaults.pop("seed", None)
     options = dict(options or {})
-    cls = FL_METHODS.get(method)
-    import inspect
-
-    params = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in options if k not in defaults and not takes_any]
+    accepted = _accepted_options(FL_METHODS.get(method))
+    unknown = [k for k in options if k not in accepted]
     if unknown:
-        raise ValueError(f"FL method {method!r} has no option(s) {unknown}; its options: {sorted(defaults)}")
+        raise ValueError(f"FL method {method!r} has no option(s) {unknown}; its options: "
+                         f"{sorted(accepted - _METRIC_KWARGS - {'seed'})}")
     return {**defaults, **options}
 
 
@@ -217,6 +235,10 @@ def run_localization(store: RunStore | str, methods: Sequence[str] | None = None
     """Every (method, setting) not yet in the store; one status row per pair. Every option is checked first."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    devices = (trainer_kwargs or {}).get("devices", 1)
+    if not (devices == "auto" or devices == -1 or (isinstance(devices, int) and not isinstance(devices, bool)
+                                                  and devices >= 1)):
+        raise ValueError(f"devices must be a positive int, -1 or 'auto', got {devices!r}")
     ctx = RunContext(store, epoch)
     methods = FL_METHODS.check(methods or FL_METHODS.names())
     method_options = dict(method_options or {})
