@@ -157,6 +157,21 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
 
     if not cfg.get("name"):
         raise ExperimentConfigError("the experiment has no name")
+    if cfg.get("variant") not in ("published", "corrected"):
+        raise ExperimentConfigError(f"variant must be 'published' or 'corrected', got {cfg.get('variant')!r}")
+    for entry in cfg.get("compat") or []:
+        key, sep, _ = str(entry).partition("=")
+        node: Any = cfg
+        for part in key.split("."):
+            if isinstance(node, list):  # repair.sweeps.<sweep name>
+                node = next((x for x in node if isinstance(x, Mapping) and x.get("name") == part), None)
+            else:
+                node = node.get(part) if isinstance(node, Mapping) else None
+            if node is None:
+                break
+        if not sep or node is None:
+            raise ExperimentConfigError(f"compat entry {entry!r}: expected 'step.option=value' naming an option "
+                                        "the config sets")
     datasets = cfg.get("datasets") or {}
     if not datasets:
         raise ExperimentConfigError("no datasets: give datasets.<name>.run_dir")

@@ -169,10 +169,12 @@ def test_exp_repair_4_is_the_published_protocol():
                          "repair_options: {generationz: 3}}]"], "generationz"),
     (["--steps", "[train, polish]"], "polish"),
     (["--shard", "3/3"], "0 <= k < n"),
+    (["--variant", "improved"], "variant must be"),
+    (["--compat", "[misclf.nope=1]"], "misclf.nope"),
 ])
 def test_bad_values_exit_non_zero_with_a_clear_message(override, message, capsys):
     with pytest.raises(SystemExit) as e:
-        RUN.main(["--config", str(EXP_DIR / "exp_repair_4_digits.yaml"), *override])
+        RUN.main(["--config", str(EXP_DIR / "exp_repair_4_digits_corrected.yaml"), *override])
     assert e.value.code not in (0, None)
     err = capsys.readouterr().err + str(e.value.code)
     assert message in err, err[-2000:]
