@@ -75,6 +75,7 @@ def _worker_init(path: str, device: str, threads: int) -> None:
         ident = mp.current_process()._identity
         device = f"cuda:{(ident[0] - 1) % torch.cuda.device_count()}" if ident else "cuda:0"
     data["device"] = device
+    data["head"], data["pool"] = data["head"].to(device), data["pool"].to(device)
     _STATE = data
 
 
@@ -87,7 +88,7 @@ def _states(setting: int):
     neg_idx = n_pos + torch.randperm(len(pool) - n_pos, generator=g)[:n_neg]
     x = torch.cat([pool[neg_idx], pool[:n_pos]])
     label, is_neg = label_states(st["head"], x, n_neg, seed=setting)
-    return x, label, is_neg
+    return x, label.to(x.device), is_neg.to(x.device)
 
 
 def run_one(task: tuple[int, int, int, str], generations: int = 50, early_stop: bool = False) -> dict:
@@ -151,7 +152,8 @@ def main(argv=None) -> dict:
             for r in pool.imap_unordered(_run_star, [(t, a.generations, a.early_stop) for t in chosen]):
                 results.append(r)
                 print(f"[{len(results)}/{len(chosen)}] {r['setting']} rep {r['rep']} N={r['budget']} "
-                      f"{r['method']}: {r['run_s']:.2f} s, CPU {r['cpu_s']:.2f} s ({r['generations']} gens, {r['kernel']}, "
+                      f"{r['method']}: {r['run_s']:.2f} s, CPU {r['cpu_s']:.2f} s ({r['generations']} gens, "
+                      f"{r['kernel']}, "
                       f"|J|={r['touched_neurons']}, |I|={r['touched_rows']}; FL {r['fl_s']:.2f} s)", flush=True)
         wall = time.perf_counter() - t0
     load1 = tuple(round(v, 2) for v in os.getloadavg())

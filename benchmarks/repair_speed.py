@@ -250,7 +250,8 @@ def main(argv=None) -> list[dict]:
     mem_pass = add_pass_seconds(P * N * C, dev)
     big = 1 << 26
     big_pass = add_pass_seconds(big, dev, reps=3)
-    print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads, {a.clock} clock; d={d}, 4d={d_ff}, C={C}, "
+    print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads, {a.clock} clock; "
+          f"d={d}, 4d={d_ff}, C={C}, "
           f"|I_neg|={a.n_neg}, |I_pos|={a.n_pos}, P={P}, {a.generations} generations (+ initial population)")
     print(f"measured: float32 GEMM {rate / 1e9:.1f} GFLOP/s ([{15 * P}, {d}] x [{d}, {d}]); one read+write pass "
           f"over [P, N, C] = {P * N * C * 4 / 1e6:.0f} MB: {mem_pass * 1e3:.2f} ms "
@@ -265,8 +266,9 @@ def main(argv=None) -> list[dict]:
         for placement in a.placements:
             h, xs, ys, negs = heads["vit" if placement.startswith("fl:") else "synthetic"]
             t = time.perf_counter()
-            w = (fl_located(h, xs, ys, negs, placement[3:], n) if placement.startswith("fl:")
-                 else located(h, n, placement))
+            hdev = h.fc_bef.weight.device  # Module.to moves in place: the head may already be on the device
+            w = (fl_located(h, xs.to(hdev), ys.to(hdev), negs.to(hdev), placement[3:], n)
+                 if placement.startswith("fl:") else located(h, n, placement))
             fl_s = time.perf_counter() - t
             hd = h.to(dev)
             xd, yd, nd = xs.to(dev), ys.to(dev), negs.to(dev)
@@ -301,8 +303,8 @@ def main(argv=None) -> list[dict]:
     print(f"\nload average after: {tuple(round(v, 2) for v in os.getloadavg())}\n")
     print(_table(rows, cols))
     print("\n* extrapolated from the timed generations. |J| touched neurons (rows of W_bef), |I| touched output rows "
-          "of W_aft. MAC s / mem s: the two parts of the bound (51 rounds). max|dF|: largest fitness difference (c) "
-          "vs the full head on 10 candidates (in the head's dtype).")
+          f"of W_aft. MAC s / mem s: the two parts of the bound ({evals} rounds). max|dF|: largest fitness "
+          "difference (c) vs the full head on 10 candidates (in the head's dtype).")
     return rows
 
 
