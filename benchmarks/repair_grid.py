@@ -63,7 +63,7 @@ def prepare(path: str, n_neg: list[int], n_pos: int, images: int, seed: int = 0)
     """Build the ViT-B/16 head and a pool of states once; workers load them from ``path``."""
     from repair_speed import vit_b16_head_and_states
     need = max(n_neg) * len(SETTINGS) + n_pos
-    head, x, label, is_neg = vit_b16_head_and_states(0, need, 100, images, seed)  # labels set per setting below
+    head, x, _, _ = vit_b16_head_and_states(0, need, 100, images, seed)  # labels are set per setting
     torch.save({"head": head, "pool": x, "n_neg": n_neg, "n_pos": n_pos}, path)
 
 

@@ -634,7 +634,7 @@ class SparseFitness(PopulationFitness):
         max over the classes gives the prediction, the loss (logsumexp minus the label logit) is computed only
         for the inputs that are still wrong, and the logits of a chunk are never written out again."""
         values = self._values(values)
-        N, label, w_neg = self.n, self.label, self._w_neg
+        N, w_neg = self.n, self._w_neg
         fits, patched, broken = [], [], []
         for v in values.split(self.chunk_size):
             p = len(v)
