@@ -1,7 +1,7 @@
 """Layer outputs for test adequacy: which layers hold "neurons", how an output becomes one value per neuron, and
 forward hooks that collect them.
 
-A *neuron* is one feature of a layer's output, reduced to one value per input (DESIGN.md section 8):
+A *neuron* is one feature of a layer's output, reduced to one value per input (docs/methods.md, section 8):
 
 - ``[B, F]`` (a linear layer): unchanged;
 - ``[B, C, H, W]`` (a conv layer): a channel is a neuron, its value the channel's spatial mean -> ``[B, C]``;

@@ -1,4 +1,4 @@
-"""The checkpoint benchmark (the published exp-fl-5; DESIGN.md section 5): can an FL method, run on the model of
+"""The checkpoint benchmark (the published exp-fl-5; docs/methods.md, section 5): can an FL method, run on the model of
 epoch e-1, predict which last-FFN weights the next epoch of training changes most?
 
 Ground truth (:func:`weight_change_ground_truth`): every weight of W_bef and W_aft scored by

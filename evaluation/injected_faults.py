@@ -1,4 +1,4 @@
-"""The injected-fault benchmark (Arachne's RQ1; DESIGN.md section 5): perturb a few last-FFN weights of a copy of
+"""The injected-fault benchmark (Arachne's RQ1; docs/methods.md, section 5): perturb a few last-FFN weights of a copy of
 the head until some predictions change, then ask each FL method to find the perturbed weights.
 
 Injection (:func:`inject_faults`), per seed:

@@ -1,4 +1,4 @@
-"""Interventions on located neurons or weights (DESIGN.md section 5): does editing what a method located change
+"""Interventions on located neurons or weights (docs/methods.md, section 5): does editing what a method located change
 the model's behaviour more than editing as many random neurons / weights?
 
 Everything runs through the FFN head on cached CLS states, no images and no full model:

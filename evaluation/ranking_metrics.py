@@ -1,4 +1,4 @@
-"""Ranking metrics of an FL score vector against a ground truth (DESIGN.md section 5), with random's exact
+"""Ranking metrics of an FL score vector against a ground truth (docs/methods.md, section 5), with random's exact
 expectation beside each.
 
 Inputs: ``scores [total]`` (higher = more suspicious; one per weight, global index W_bef then W_aft), a

@@ -1,4 +1,4 @@
-"""Statistics for comparing methods (DESIGN.md section 7), on ``scipy.stats``.
+"""Statistics for comparing methods (docs/methods.md, section 7), on ``scipy.stats``.
 
 Paired comparisons (the same repetitions / ranks / inputs under two methods):
 

@@ -1,4 +1,4 @@
-"""The state-cache format (DESIGN.md section 1): the one reader and writer of cached CLS states.
+"""The state-cache format (docs/run_store.md): the one reader and writer of cached CLS states.
 
 A cache is one safetensors file per split, ``states/{split}.safetensors``, holding for N samples of that split::
 

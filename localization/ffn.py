@@ -1,4 +1,4 @@
-"""The last-FFN adapter and the FFN head (DESIGN.md section 2): the one place that knows where a ViT keeps its
+"""The last-FFN adapter and the FFN head (docs/methods.md, section 1): the one place that knows where a ViT keeps its
 last feed-forward block.
 
 For both backbones (Hugging Face ``ViTForImageClassification`` and timm ``VisionTransformer``) the adapter returns

@@ -1,4 +1,4 @@
-"""The repair LightningModule base (DESIGN.md sections 6 and 9).
+"""The repair LightningModule base (docs/methods.md, section 6).
 
 A repair module holds a *copy* of the FFN head, the located weights ``[K, 3]`` (matrix, row, col) and the cached
 CLS states of I_neg and I_pos; it changes only the located weights and returns a :class:`~.patch.Patch`

@@ -1,4 +1,4 @@
-"""Differential-evolution repair (Arachne / RepTran; DESIGN.md section 6).
+"""Differential-evolution repair (Arachne / RepTran; docs/methods.md, section 6).
 
 The located weights are the K variables. DE/rand/1/bin, maximising the repair fitness (:mod:`.fitness`):
 

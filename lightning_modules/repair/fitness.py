@@ -1,4 +1,4 @@
-"""Repair fitness (DESIGN.md section 6) and three evaluators of it for a whole population of candidate values of the
+"""Repair fitness (docs/methods.md, section 6) and three evaluators of it for a whole population of candidate values of the
 located weights.
 
 Fitness (maximised; Arachne, ``variant="arachne"``)::

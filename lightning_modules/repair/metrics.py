@@ -1,4 +1,4 @@
-"""Repair metrics (DESIGN.md section 6) as torchmetrics: sums of counts as state (``dist_reduce_fx="sum"``), so a
+"""Repair metrics (docs/methods.md, section 6) as torchmetrics: sums of counts as state (``dist_reduce_fx="sum"``), so a
 multi-process run computes the same numbers as one process (``tests/test_repair_metrics.py`` checks a 2-process
 gloo run).
 

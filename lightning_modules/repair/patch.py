@@ -1,4 +1,4 @@
-"""A repair patch: the located weights, their old values and their new values (DESIGN.md section 6).
+"""A repair patch: the located weights, their old values and their new values (docs/methods.md, section 6).
 
 A patch touches only the located weights ``(matrix, row, col)`` of the last FFN (matrix 0 = W_bef ``[4d, d]``,
 matrix 1 = W_aft ``[d, 4d]``, PyTorch's (out, in) layout, as in :mod:`localization.ffn`). It applies to and reverts
