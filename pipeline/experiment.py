@@ -283,8 +283,12 @@ class _Log:
         if counts.get("error"):
             parts.append(f"{counts['error']} failed")
         self.log(f"{step} [{dataset}]: " + ", ".join(parts) + f" ({seconds:.1f} s)")
-        for key, why in new_na.items():
-            self.log(f"  not applicable (recorded, not retried): {why}")
+        groups: dict[str, int] = {}
+        for why in new_na.values():  # repair runs share their FL case's reason: one line per reason
+            reason = why.split("): ", 1)[1] if why.startswith("repair ") and "): " in why else why
+            groups[reason] = groups.get(reason, 0) + 1
+        for reason, k in groups.items():
+            self.log(f"  not applicable (recorded, not retried){f' x{k}' if k > 1 else ''}: {reason}")
         for e in errors[:10]:
             self.log(f"  failed: {e}")
         if len(errors) > 10:
