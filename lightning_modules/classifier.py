@@ -8,7 +8,6 @@ the state cache is one predict pass (see ``callbacks/state_cache.py``).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import lightning as L
 import torch

@@ -175,7 +175,7 @@ def compute_scores(head: FFNHead, method: str, x: Tensor, label: Tensor, is_neg:
         trainer.test(module, verbose=False)
         own = None
         if method_meta(method)["own_selection"]:
-            own = module.localizer.own_selection()
+            own = module.localizer.own_selection()  # None where the options rank instead (IG's mean)
         wall = time.perf_counter() - t0
     return ScoresRun(module.scores, None if own is None else torch.as_tensor(own).long().cpu(),
                      module.localizer.options(), wall, mem.extra_mb, mem.cuda_mb,

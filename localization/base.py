@@ -71,6 +71,15 @@ def method_meta(name: str) -> dict[str, Any]:
     return FL_METHODS.meta(name)
 
 
+def selects_own(name: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether method ``name`` with ``options`` selects its own set (budget "front"): its ``own_selection``
+    metadata, refined by the class's ``uses_own_selection(options)`` where it has one (IG: only the paper rule)."""
+    if not method_meta(name)["own_selection"]:
+        return False
+    fn = getattr(FL_METHODS.get(name), "uses_own_selection", None)
+    return bool(fn(dict(options or {}))) if callable(fn) else True
+
+
 class Localizer(torchmetrics.Metric):
     """Base of every FL method. ``update(x [B, d], label [B], is_neg [B] bool)`` on cached CLS states of I_neg and
     I_pos; ``compute()`` -> scores, ``[d_ff]`` for ``level == "neuron"`` or ``[2 d d_ff]`` (global weight index,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from core.runstore import RunStore

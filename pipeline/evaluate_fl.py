@@ -257,13 +257,20 @@ def _vs_expectation(df: pd.DataFrame, metrics: Sequence[str], pair_key: str, que
 
 
 def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, batch_size, seed,
-                training_splits, method_opts) -> dict[str, pd.DataFrame]:
+                training_splits, method_opts, ckpt_epoch: int | None = None) -> dict[str, pd.DataFrame]:
     from lightning_modules.runs import load_classifier
     from localization.ffn import last_ffn_head, model_fingerprint
     from localization.misclf import analyze
 
     layout = ctx.layout
-    e = _ckpt_epochs(layout)
+    if ckpt_epoch is not None:  # the epoch pair is a config value: ground truth |W(e) - W(e-1)|
+        have = layout.ffn_weight_epochs()
+        e = int(ckpt_epoch)
+        if e not in have or e - 1 not in have or not layout.checkpoint(e - 1).is_file():
+            raise ValueError(f"checkpoint benchmark at epoch {e} needs the last-FFN weights of epochs {e - 1} and {e} "
+                             f"and the epoch {e - 1} checkpoint; this run has weights for epochs {have}")
+    else:
+        e = _ckpt_epochs(layout)
     if e is None:
         ctx.log("checkpoint benchmark: needs ffn_weights for two consecutive epochs and the earlier checkpoint; "
                 "skipped")
@@ -432,7 +439,8 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
                    min_changed: int = 2, method_opts: dict[str, dict] | None = None,
                    figure_settings: Iterable[str] = FIGURE_SETTINGS, figures: bool = True,
                    tensorboard: bool = True, overwrite: bool = False, num_threads: int | str | None = "auto",
-                   log: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:
+                   log: Callable[[str], None] | None = None, ckpt_epoch: int | None = None
+                   ) -> dict[str, pd.DataFrame]:
     """Run the FL evaluation of a run directory and return its tables (DataFrames by name: interventions_summary,
     interventions_stats, checkpoint, checkpoint_stats, injected, injected_stats, headline).
 
@@ -486,7 +494,7 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
                                           list(modes), where, n_random, seed, batch_size, set(figure_settings)))
         if "checkpoint" in parts:
             results.update(_checkpoint(ctx, bench_methods, ckpt_settings, fractions, pos_fraction, split,
-                                       batch_size, seed, training_splits, method_opts))
+                                       batch_size, seed, training_splits, method_opts, ckpt_epoch))
         if "injected" in parts:
             results.update(_injected(ctx, head, states, bench_methods, inject_seeds, fractions, batch_size,
                                      min_changed_frac, min_changed, method_opts))

@@ -425,15 +425,12 @@ def _evaluate(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) ->
 
     kw = dict(opts)
     want_epoch = kw.pop("ckpt_epoch", None)
-    if want_epoch is not None and "ckpt_epoch" not in inspect.signature(run_evaluation).parameters:
-        # the evaluation compares the last epoch e whose epoch e-1 exists; any other pair needs its ckpt_epoch
+    if want_epoch is not None:  # the checkpoint benchmark's epoch pair is a config value, checked before work
         eps = store.ffn_weight_epochs()
-        default = next((e for e in reversed(eps) if e - 1 in eps and store.checkpoint(e - 1).is_file()), None)
-        if want_epoch != default:
+        if want_epoch not in eps or want_epoch - 1 not in eps or not store.checkpoint(want_epoch - 1).is_file():
             raise ExperimentConfigError(
-                f"evaluate_fl.ckpt_epoch={want_epoch}: this version's checkpoint benchmark compares epoch "
-                f"{default} with {None if default is None else default - 1} only (the last pair on disk)")
-    elif want_epoch is not None:
+                f"evaluate_fl.ckpt_epoch={want_epoch}: the run needs the last-FFN weights of epochs {want_epoch - 1} "
+                f"and {want_epoch} and the epoch {want_epoch - 1} checkpoint; it has weights for epochs {eps}")
         kw["ckpt_epoch"] = want_epoch
     t0 = time.perf_counter()
     messages: list[str] = []

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from core.io import provenance
 from core.runstore import RunStore, identity_key
-from localization.base import FL_METHODS, FLResult, method_meta
+from localization.base import FL_METHODS, FLResult, method_meta, selects_own
 from localization.ranking import BudgetError, select
 from pipeline.context import RunContext
 
@@ -215,9 +215,10 @@ def resolve_n_avg(ctx: RunContext, *, options: Mapping[str, Any] | None = None, 
                                           "provenance": provenance(model_hash=ctx.model_hash)})
 
 
-def resolve_budgets(ctx: RunContext, method: str, budgets: Sequence[int | str], **n_avg_kw: Any) -> list[int | str]:
+def resolve_budgets(ctx: RunContext, method: str, budgets: Sequence[int | str], *,
+                    method_options: Mapping[str, Any] | None = None, **n_avg_kw: Any) -> list[int | str]:
     """A method's concrete budgets: "front" alone for methods that select their own set; "avg" -> N_avg."""
-    if method_meta(method)["own_selection"]:
+    if selects_own(method, method_options):
         return ["front"]
     out: list[int | str] = []
     for b in budgets:
@@ -257,7 +258,7 @@ def run_localization(store: RunStore | str, methods: Sequence[str] | None = None
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(methods) * len(settings), desc="FL", disable=not progress or not store_writes())
     for method in methods:
-        want = resolve_budgets(ctx, method, budgets, **n_avg_kw)
+        want = resolve_budgets(ctx, method, budgets, method_options=method_options.get(method), **n_avg_kw)
         for setting in settings:
             bar.set_postfix_str(f"{method} @ {setting}")
             try:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from core.io import provenance
 from core.runstore import RunStore, identity_key
 from lightning_modules.repair import REPAIRS
-from localization.base import FL_METHODS, method_meta
+from localization.base import FL_METHODS, method_meta, selects_own
 from pipeline.context import RunContext
 from pipeline.localize import check_budgets, fl_identity, resolve_budgets, run_method
 
@@ -109,7 +109,7 @@ def _available_settings(root: Path) -> dict[str, Any]:
 
 def build_grid(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iterable[str] | None = None,
                budgets: Iterable[int | str] = DEFAULT_BUDGETS, reps: int | Iterable[int] = 5,
-               repair: str = "de") -> list[RepairTask]:
+               repair: str = "de", fl_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[RepairTask]:
     """Every run of the sweep in a deterministic order (dataset, setting, method, budget, rep), every option checked
     first: unknown FL or repair methods, budgets <= 0, no repetitions, or a setting a run directory has neither
     made nor reported as skipped are errors."""
@@ -139,7 +139,7 @@ def build_grid(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Ite
                                  f"the analysis: {sorted(skipped)}")
         for s in sets:
             for m in methods:
-                bs = ["front"] if method_meta(m)["own_selection"] else [b for b in budgets if b != "front"]
+                bs = ["front"] if selects_own(m, (fl_options or {}).get(m)) else [b for b in budgets if b != "front"]
                 for b in bs:
                     for r in reps:
                         tasks.append(RepairTask(name, str(root), s, m, b, r, repair))
@@ -265,7 +265,7 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
         raise ValueError(f"fl_batch_size must be a positive int, got {fl_batch_size!r}")
     fl_options = {m: dict(o) for m, o in (fl_options or {}).items()}
     resolved_repair_options(repair, repair_options)  # unknown options: an error before any work
-    grid = build_grid(run_dirs, methods, settings, budgets, reps, repair)
+    grid = build_grid(run_dirs, methods, settings, budgets, reps, repair, fl_options)
     tasks = shard_tasks(grid, shard)
     config = {"methods": list(methods), "settings": None if settings is None else list(settings),
               "budgets": list(budgets), "reps": reps if isinstance(reps, int) else list(reps), "repair": repair,
@@ -287,8 +287,8 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
             if task.setting not in ctx.settings:
                 rows.append({**row, "status": f"not applicable: {ctx.misclf.get('skipped', {}).get(task.setting)}"})
                 continue
-            nb = resolve_budgets(ctx, task.method, [task.budget], options=fl_options.get("bl"), seed=0,
-                                 batch_size=fl_batch_size)
+            nb = resolve_budgets(ctx, task.method, [task.budget], method_options=fl_options.get(task.method),
+                                 options=fl_options.get("bl"), seed=0, batch_size=fl_batch_size)
             n = nb[0]
             identity = task_identity(ctx, task, n, seed=seed, repair_options=repair_options,
                                      fl_options=fl_options.get(task.method))
@@ -606,7 +606,7 @@ def statistics(df, pairs: Sequence[tuple[str, str]] | None = None):
 
 
 def aggregate(run_dirs, summary_dir: str | Path | None = None,
-              pairs: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
+              pairs: Sequence[tuple[str, str]] | None = None, keys: Iterable[str] | None = None) -> dict[str, Any]:
     """Tables (CSV + Markdown), figures (PNG + PDF) and statistics of every result of the run dirs, written to
     ``summary_dir`` (default: the first run directory's ``repair/summary``), plus ``manifest.json``: for each
     table and figure its file, split, n and a caption (what the report links)."""
@@ -616,6 +616,8 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
     store = RunStore(next(iter(dirs.values())))
     out = Path(summary_dir) if summary_dir else store.repair_summary_dir
     df = collect_results(dirs)
+    if keys is not None and not df.empty:  # one experiment's results only (several may share a run directory)
+        df = df[df["key"].isin(set(keys))].reset_index(drop=True)
     if df.empty:
         return {"n_runs": 0, "summary_dir": str(out), "files": [], "manifest": {"tables": [], "figures": []}}
     files = [store.write_text(out / "runs.csv", df.to_csv(index=False))]

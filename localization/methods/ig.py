@@ -155,6 +155,11 @@ class IntegratedGradients(SetLocalizer):
         self._selected, self._p_final = paper_selection(share, self.p)
         return share
 
+    @classmethod
+    def uses_own_selection(cls, options: dict[str, Any]) -> bool:
+        """Only the paper rule (``selection="paper"``) selects its own neurons; ranking by the mean takes budgets."""
+        return options.get("selection", "mean") == "paper"
+
     def own_selection(self) -> Tensor | None:
         """The paper rule's neurons (``selection="paper"``), else None."""
         if self.selection != "paper":
