@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_rehearsal.sh                 # GPU: 2,000 train + 1,000 test images, bf16-mixed (<= 8 min
 #                                                    # on one H200-class GPU)
-#   bash benchmarks/gpu_rehearsal.sh --smoke         # CPU, 100 + 100 images (10 classes), fp32: proves the command works
+#   bash benchmarks/gpu_rehearsal.sh --smoke         # CPU, 200 + 100 images (10 classes), fp32: proves the command works
 #   OUT_DIR=/some/dir bash benchmarks/gpu_rehearsal.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ mkdir -p "$OUT_DIR"
 
 if [ "${1:-}" = "--smoke" ]; then
   export REHEARSAL_ACCELERATOR=cpu REHEARSAL_PRECISION=32-true REHEARSAL_CLASSES=10 \
-         REHEARSAL_TRAIN_PER_CLASS=10 REHEARSAL_TEST_PER_CLASS=10 REHEARSAL_TRAIN_BATCHES=2 REHEARSAL_BATCH=8 REHEARSAL_BACKBONES=${REHEARSAL_BACKBONES:-hf} \
+         REHEARSAL_TRAIN_PER_CLASS=20 REHEARSAL_TEST_PER_CLASS=10 REHEARSAL_TRAIN_BATCHES=2 REHEARSAL_BATCH=8 REHEARSAL_BACKBONES=${REHEARSAL_BACKBONES:-hf} \
          REHEARSAL_FL_METHODS=${REHEARSAL_FL_METHODS:-random,grad_loss,arachne_w,ours,bl} \
          REHEARSAL_DE_GENERATIONS=2 REHEARSAL_DE_POP=10
 else

@@ -9,7 +9,7 @@ benchmark (epoch 1 -> 2), a repair sweep at budgets 236 / 472 / 944 (DE and mask
 and the coverage table. Every step prints its wall time and peak memory and asserts shapes and counts.
 
 Sizes come from the environment so ``benchmarks/gpu_rehearsal.sh`` runs the same path on a GPU with a larger
-fixture: ``REHEARSAL_CLASSES`` (10 of the 100 labels), ``REHEARSAL_TRAIN_PER_CLASS`` (10), ``REHEARSAL_TEST_PER_CLASS`` (10), ``REHEARSAL_TRAIN_BATCHES`` (2 per
+fixture: ``REHEARSAL_CLASSES`` (10 of the 100 labels), ``REHEARSAL_TRAIN_PER_CLASS`` (20), ``REHEARSAL_TEST_PER_CLASS`` (10), ``REHEARSAL_TRAIN_BATCHES`` (2 per
 epoch), ``REHEARSAL_BATCH`` (8), ``REHEARSAL_ACCELERATOR`` (cpu), ``REHEARSAL_PRECISION`` (32-true),
 ``REHEARSAL_BACKBONES`` (hf,timm), ``REHEARSAL_FL_METHODS`` (all registered), ``REHEARSAL_DE_GENERATIONS`` (3),
 ``REHEARSAL_DE_POP`` (20), ``REHEARSAL_OUT`` (a tmp dir; the timing table is written there as CSV too).
@@ -41,7 +41,7 @@ def _env(name: str, default):
 
 
 CLASSES = _env("REHEARSAL_CLASSES", 10)  # labels used (of CIFAR-100's 100): enough images per class to learn from
-TRAIN_PER_CLASS = _env("REHEARSAL_TRAIN_PER_CLASS", 10)
+TRAIN_PER_CLASS = _env("REHEARSAL_TRAIN_PER_CLASS", 20)  # > 10 per class after val: LSC fits a 10-d KDE per class
 TEST_PER_CLASS = _env("REHEARSAL_TEST_PER_CLASS", 10)
 TRAIN_BATCHES = _env("REHEARSAL_TRAIN_BATCHES", 2)
 BATCH = _env("REHEARSAL_BATCH", 8)
