@@ -10,7 +10,8 @@ and the coverage table. Every step prints its wall time and peak memory and asse
 
 Sizes come from the environment so ``benchmarks/gpu_rehearsal.sh`` runs the same path on a GPU with a larger
 fixture: ``REHEARSAL_CLASSES`` (10 of the 100 labels), ``REHEARSAL_TRAIN_PER_CLASS`` (20),
-``REHEARSAL_TEST_PER_CLASS`` (10), ``REHEARSAL_TRAIN_BATCHES`` (2 per epoch), ``REHEARSAL_BATCH`` (8), ``REHEARSAL_ACCELERATOR`` (cpu), ``REHEARSAL_PRECISION`` (32-true),
+``REHEARSAL_TEST_PER_CLASS`` (10), ``REHEARSAL_TRAIN_BATCHES`` (2 per epoch), ``REHEARSAL_BATCH`` (8),
+``REHEARSAL_ACCELERATOR`` (cpu), ``REHEARSAL_PRECISION`` (32-true),
 ``REHEARSAL_BACKBONES`` (hf,timm), ``REHEARSAL_FL_METHODS`` (all registered), ``REHEARSAL_DE_GENERATIONS`` (3),
 ``REHEARSAL_DE_POP`` (20), ``REHEARSAL_OUT`` (a tmp dir; the timing table is written there as CSV too).
 """
