@@ -44,6 +44,8 @@ LAYOUT: dict[str, tuple[str, str]] = {
                         "loops): `fit --ckpt_path last` resumes from it"),
     "ffn_weights": ("ffn_weights/epoch={epoch:03d}.safetensors", "that epoch's last-FFN weights alone (W_bef, b_bef, "
                     "W_aft, b_aft)"),
+    "test_metrics": ("test/epoch={epoch:03d}.json", "the held-out test fold's accuracy of that epoch's model "
+                     "(the main job's test step; TensorBoard: tb/test, hp_metric)"),
     "run_config": ("run_config.yaml", "the fit config (data + model + trainer) every later step rebuilds from"),
     "folds": ("folds.json", "the repair / test k-fold indices of the evaluation split"),
     "states": ("states/{split}{tag}.safetensors", "CLS state cache of a split (x, a, logits, label, index) of one "

@@ -1,4 +1,4 @@
-"""Masked fine-tuning (DESIGN.md section 6): gradient descent on the located weights alone.
+"""Masked fine-tuning (docs/methods.md, section 6): gradient descent on the located weights alone.
 
 Minimises a weighted cross-entropy (on logits) of the FFN head over I_neg + I_pos (cached states) with respect to
 W_bef and W_aft, where gradient hooks multiply each matrix's gradient by the 0/1 mask of the located weights, so

@@ -1,4 +1,4 @@
-"""Simple repair baselines (DESIGN.md section 6): set located weights to 0 (``prune``) or re-initialise them from
+"""Simple repair baselines (docs/methods.md, section 6): set located weights to 0 (``prune``) or re-initialise them from
 N(mean, std) of their matrix (``reinit``, seeded; population std).
 
 Replacing *every* located weight is what a prune / re-init baseline did before; on a layer the model needs it
