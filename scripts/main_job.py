@@ -200,10 +200,20 @@ def test(layout) -> float:
 
     from lightning_modules.runs import datamodule_from_run, load_run_model
 
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from core.io import read_json
+
     model, epoch = load_run_model(layout)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    out = trainer.test(model, datamodule=datamodule_from_run(layout), verbose=False)[0]
+    done = layout.path("test_metrics", epoch=epoch)
+    if done.is_file():  # tested already: no second run, no duplicate TensorBoard events
+        out = read_json(done)
+    else:
+        tb = TensorBoardLogger(save_dir=str(layout.root), name="tb", version="test", default_hp_metric=False)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=tb, enable_progress_bar=False,
+                            enable_model_summary=False)
+        out = trainer.test(model, datamodule=datamodule_from_run(layout), verbose=False)[0]
+        layout.write_json(done, {"epoch": epoch, **out})
     print(f"epoch {epoch}: test (held-out fold) top-1 {out['test/acc']:.4f}, top-5 {out['test/acc_top5']:.4f}")
     return out["test/acc"]
 
@@ -294,6 +304,34 @@ def checkpoint_diagnostics(layout, epoch: int | None = None, batch_size: int = 5
     return out
 
 
+def crossval(layout, budgets, quick: bool = False) -> dict:
+    """The held-out repair rate by cross-validation over the k folds of the evaluation split: DE with Ours /
+    ArachneW / random at the middle budget on the 9 benchmark settings and ``all`` of each fold (quick: ``all``,
+    5 generations of 20); counts pooled over folds (docs/methods.md, section 6.5)."""
+    from pipeline.crossval import aggregate_crossval, run_crossval
+    from pipeline.localize import BENCHMARK_SETTINGS
+
+    settings = ["all"] if quick else [*BENCHMARK_SETTINGS, "all"]
+    budget = [budgets[0]] if quick else [budgets[len(budgets) // 2]]
+    opts = {"generations": 5, "pop_size": 20} if quick else {}
+    rows = run_crossval(layout, ["ours", "arachne_w", "random"], settings, budget, 1, repair_options=opts,
+                        trainer_kwargs={"enable_progress_bar": False})
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"].split(":")[0]] = counts.get(r["status"].split(":")[0], 0) + 1
+    agg = aggregate_crossval(layout)
+    df = agg.get("runs")
+    if df is not None and len(df):
+        one = df[df["fl_method"] == df["fl_method"].iloc[0]]  # target counts do not depend on the FL method
+        n_all = int(one.loc[one["setting"] == "all", "n_targets"].sum())
+        n_bench = int(one.loc[one["setting"] != "all", "n_targets"].sum())
+        print(f"cross-validated repair: {len(df)} runs over {df['fold'].nunique()} folds ("
+              + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"); held-out targets: 'all' {n_all}, "
+              f"the 9 settings together {n_bench} (per FL method and repetition)")
+        print(agg["markdown"])
+    return {"rows": rows, "n_runs": agg["n_runs"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", default=None, help="default: outputs/<testbed> (outputs/mnist, outputs/digits)")
@@ -307,7 +345,7 @@ def main() -> None:
     p.add_argument("--budgets", nargs="+", type=int, default=None,
                    help="FL / repair budgets (default: 0.1%%, 0.5%%, 1%% of the last FFN's weights)")
     p.add_argument("--repair_reps", type=int, default=2)
-    p.add_argument("--skip", nargs="*", default=[], choices=["evaluate", "repair", "coverage"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["evaluate", "repair", "crossval", "coverage"])
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, few methods (for tests)")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
                    help="extra LightningCLI arguments for training (last on the line)")
@@ -368,14 +406,26 @@ def main() -> None:
 
         timed("repair", main_job_sweep, layout, budgets=a.budgets, reps=a.repair_reps, quick=a.quick)
 
+    if "crossval" not in a.skip:
+        banner("6b. cross-validated repair: repair on the other folds, test on fold k, counts pooled")
+        timed("crossval", crossval, layout, a.budgets, quick=a.quick)
+
     if "coverage" not in a.skip:
         banner("7. test adequacy: coverage of the digits ViT, clean vs adversarial")
         from pipeline.adequacy import step_coverage
 
         timed("coverage", step_coverage, layout, quick=a.quick)
 
+    banner("8. report")
+    from pipeline.report import write_report
+
+    report = timed("report", write_report, layout, {"testbed": a.testbed, "backbone": a.backbone, "epochs": epochs,
+                                                    "budgets": a.budgets, "repair_reps": a.repair_reps,
+                                                    "quick": a.quick})
+    print(f"report: {report} (and {report.with_suffix('.html')})")
+
     banner("done")
-    print(f"digits ViT test accuracy: {acc:.4f}")
+    print(f"{a.testbed} ViT test accuracy: {acc:.4f}")
     print("step times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     print(f"total wall time: {time.perf_counter() - t_start:.1f} s")
     print(f"outputs: {layout.root}")

@@ -33,7 +33,15 @@ def test_main_job_quick_writes_every_artifact(tmp_path):
     for p in run.rglob("*.json"):  # every JSON is strict (NaN / inf written as null)
         json.loads(p.read_text(), parse_constant=refuse)
     assert list((run / "fl_eval").rglob("*.png")), "no FL evaluation figure"
-    assert "digits ViT test accuracy" in out.stdout
+    assert "ViT test accuracy" in out.stdout
+    assert (run / "repair" / "summary" / "crossval.md").is_file() and "cross-validated repair" in out.stdout
+    from pipeline.report import check_report
+
+    report = run / "report" / "report.md"
+    assert report.is_file() and (run / "report" / "report.html").is_file() and f"report: {report}" in out.stdout
+    assert check_report(report) == []  # every link resolves, every table states split and n
+    pdfs = list(run.rglob("*.pdf"))
+    assert pdfs and not [p for p in pdfs if b"/Type3" in p.read_bytes()], "a PDF embeds a Type 3 font"
     # a second run resumes: nothing is trained again
     again = subprocess.run([sys.executable, str(ROOT / "scripts" / "main_job.py"), "--quick", "--run_dir", str(run),
                             "--skip", "evaluate", "repair", "coverage"], capture_output=True, text=True, env=env,
