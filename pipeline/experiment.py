@@ -627,6 +627,15 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
             for name, store in stores.items():
                 _adequacy(store, name, step_options(cfg, "adequacy"), cfg["datasets"][name].get("adequacy"),
                           (k, n), root, L)
+    if n == 1 and any(s in todo for s in PHASES["final"]):  # one report per run, after the final steps
+        from pipeline.report import write_report
+
+        out["reports"] = {}
+        for name, store in stores.items():
+            path = write_report(store, {"experiment": cfg["name"], "variant": cfg.get("variant"),
+                                        "compat": list(cfg.get("compat") or [])})
+            out["reports"][name] = str(path)
+            log(f"report ({name}): {path}")
     return out
 
 

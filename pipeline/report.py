@@ -204,19 +204,60 @@ def _fl_figures(page: _Page) -> None:
 # ------------------------------------------------------------------------------------------------------- repair
 def _repair(page: _Page) -> None:
     store = page.store
-    d = store.repair_summary_dir
-    man = _read_json(d / "manifest.json")
-    if man is None:
-        if (d / "summary.md").is_file():  # an older summary without its manifest
-            page.add("## Repair", "")
-            page.table_file(d / "summary.md", "Repair summary", "test fold", "see the table")
+    top = store.repair_summary_dir
+    # the run's summary, and one per experiment that tabulated its own results (repair/summary/<name>/)
+    dirs = [top] + (sorted(p for p in top.iterdir() if p.is_dir() and (p / "manifest.json").is_file())
+                    if top.is_dir() else [])
+    for d in dirs:
+        man = _read_json(d / "manifest.json")
+        title = "## Repair" + ("" if d == top else f": {d.name}")
+        if man is None:
+            if (d / "summary.md").is_file():  # an older summary without its manifest
+                page.add(title, "")
+                page.table_file(d / "summary.md", "Repair summary", "test fold", "see the table")
+            continue
+        page.add(title, "", man.get("note", ""), "")
+        for t in man.get("tables", []):
+            page.table_file(d / t["file"], t["title"], t["split"], t["n"], embed=t["file"] == "summary.md")
+        page.add("### Repair figures" + ("" if d == top else f": {d.name}"), "")
+        for f in man.get("figures", []):
+            page.figure(d / f["file"], f["title"], f["split"], f["n"], f.get("nothing_to_plot"))
+
+
+def _crossval(page: _Page) -> None:
+    d = page.store.repair_summary_dir
+    if (d / "crossval.md").is_file():
+        page.add("## Cross-validated repair", "")
+        page.table_file(d / "crossval.md", "Held-out RR / BR pooled over the k folds (each evaluation input tested "
+                        "once; 95% Wilson intervals)", "test folds (k-fold cross-validation of the evaluation split)",
+                        "targets and correct inputs per cell, in the table")
+        if (d / "crossval_runs.csv").is_file():
+            page.links.append(d / "crossval_runs.csv")
+            page.add(f"Per run: [crossval_runs.csv]({page.rel(d / 'crossval_runs.csv')})", "")
+
+
+def _testbed(page: _Page) -> None:
+    """What the model needs its last FFN for, and what the checkpoint benchmark's ground truth follows."""
+    info = _read_json(page.store.path("report", name="testbed.json"))
+    if not info:
         return
-    page.add("## Repair", "", man.get("note", ""), "")
-    for t in man.get("tables", []):
-        page.table_file(d / t["file"], t["title"], t["split"], t["n"], embed=t["file"] == "summary.md")
-    page.add("### Repair figures", "")
-    for f in man.get("figures", []):
-        page.figure(d / f["file"], f["title"], f["split"], f["n"], f.get("nothing_to_plot"))
+    page.add("## The testbed: does the last FFN matter, what does the checkpoint benchmark measure", "")
+    lm = info.get("layer_matters") or {}
+    if lm:
+        page.add("| split | n | top-1 | last-FFN activations zeroed | drop (points) | ‖FFN out‖ / ‖x‖ |",
+                 "|:---|---:|---:|---:|---:|---:|")
+        for split, r in lm.items():
+            page.add(f"| {split} | {r['n']} | {r['acc']:.4f} | {r['acc_zeroed']:.4f} | {100 * r['drop']:.1f} | "
+                     f"{r['ffn_ratio']:.2f} |")
+        page.add("")
+    cd = info.get("checkpoint_diagnostics")
+    if cd:
+        page.add(f"Checkpoint benchmark ground truth |W({cd['epoch']}) - W({cd['epoch'] - 1})| over "
+                 f"{cd['n_weights']:,} last-FFN weights: Spearman's rho with |W({cd['epoch'] - 1})| = "
+                 f"{cd['spearman_magnitude']:.3f}, with |dL/dW| at W({cd['epoch'] - 1}) on the {cd['n_train']} "
+                 "training inputs (split: train) = "
+                 f"{cd['spearman_gradient']:.3f}. FL inputs: the repair split's I_neg / I_pos of the epoch "
+                 f"{cd['epoch'] - 1} model (disjoint from training).", "")
 
 
 # --------------------------------------------------------------------------------------------------- confusion
@@ -373,6 +414,8 @@ def write_report(store: RunStore | str | os.PathLike, config: Mapping[str, Any] 
     _repair(page)
     if len(page.lines) == n_before:
         page.add("## Repair", "", "No repair results in this run (run the repair step).", "")
+    _crossval(page)
+    _testbed(page)
     _confusion(page)
     _adequacy(page)
     na = store.not_applicable()

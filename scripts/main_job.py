@@ -377,9 +377,10 @@ def main() -> None:
     from pipeline.misclf import step_misclf
 
     timed("cache", step_cache, layout, ("repair", "test"), trainer_kwargs={"enable_progress_bar": False})
-    timed("layer_matters", step_layer_matters, layout)
+    testbed = {"layer_matters": timed("layer_matters", step_layer_matters, layout)}
     if len(layout.checkpoint_epochs()) >= 2:
-        timed("ckpt_diagnostics", checkpoint_diagnostics, layout)
+        testbed["checkpoint_diagnostics"] = timed("ckpt_diagnostics", checkpoint_diagnostics, layout)
+    layout.write_json(layout.path("report", name="testbed.json"), testbed)  # the report shows both
 
     banner("3. misclassification analysis")
     info = timed("misclf", step_misclf, layout)
