@@ -1,29 +1,37 @@
 """Cache the CLS states of a trained run's splits (one Trainer.predict pass each).
 
-    python scripts/cache_states.py --run_dir outputs/digits [--splits repair test] [--epoch E] [--devices 2]
+    python scripts/cache_states.py --run_dir outputs/digits [--splits [repair,test]] [--epoch E] [--devices 2]
 
 The last epoch's cache is ``states/{split}.safetensors``; ``--epoch E`` for another epoch writes
 ``states/{split}.epoch=EEE.safetensors`` and leaves the last epoch's untouched. An existing cache is replaced only
 once the new one is complete; a checkpoint that does not match the run's config or data is refused first.
 """
-import argparse
 import sys
+from typing import List, Optional
 
-import _bootstrap  # noqa: F401
+import _cli
 
-from datamodules.base import SPLITS
-from lightning_modules.runs import RunError, cache_run_states
 from core.runstore import RunStore
+from datamodules.base import SPLITS
 
 
-def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run_dir", default="outputs/digits")
-    p.add_argument("--splits", nargs="+", default=["repair", "test"], choices=SPLITS)
-    p.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: the last)")
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--devices", type=int, default=1)
+def build_parser():
+    p = _cli.make_parser(__doc__)
+    p.add_argument("--run_dir", type=str, default="outputs/digits", help="the run directory")
+    p.add_argument("--splits", type=List[str], default=["repair", "test"],
+                   help=f"splits to cache, some of {list(SPLITS)}")
+    p.add_argument("--epoch", type=Optional[int], default=None, help="checkpoint epoch (null: the last)")
+    p.add_argument("--accelerator", type=str, default="cpu", help="Trainer accelerator")
+    p.add_argument("--devices", type=int, default=1, help="Trainer devices (> 1: strategy ddp)")
+    return p
+
+
+def parse(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
+    bad = [s for s in a.splits if s not in SPLITS]
+    if bad or not a.splits:
+        p.error(f"--splits {a.splits}: expected some of {list(SPLITS)}")
     if a.devices < 1:
         p.error(f"--devices must be >= 1, got {a.devices}")
     if a.epoch is not None and a.epoch < 0:
@@ -34,8 +42,11 @@ def parse(argv=None) -> argparse.Namespace:
     return a
 
 
-if __name__ == "__main__":
-    a = parse()
+def main(argv=None) -> int:
+    from lightning_modules.runs import RunError, cache_run_states
+
+    a = parse(argv)
+    _cli.quiet()
     kw = {"accelerator": a.accelerator, "devices": a.devices}
     if a.devices > 1:
         kw["strategy"] = "ddp"
@@ -43,4 +54,9 @@ if __name__ == "__main__":
         for path in cache_run_states(RunStore(a.run_dir), a.splits, a.epoch, trainer_kwargs=kw):
             print(path)
     except (RunError, ValueError) as e:
-        sys.exit(f"cache_states: {e}")
+        _cli.fail("cache_states", e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

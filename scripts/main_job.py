@@ -352,7 +352,9 @@ def main() -> None:
     a = p.parse_args()
 
     from core.runstore import RunStore as RunLayout
+    from pipeline.experiment import quiet
 
+    quiet()  # no Lightning tips, banners or known deprecation warnings
     layout = RunLayout(a.run_dir or os.path.join(ROOT, "outputs", a.testbed))
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
