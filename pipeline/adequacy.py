@@ -263,9 +263,13 @@ def _run_rq(rq: str, cfg: Mapping, out_dir: str | Path, progress: bool) -> dict:
     return {"results": res, "paths": paths, "info": info}
 
 
-def step_coverage(layout, quick: bool = False, attack: str = "fgsm"):
-    """The coverage table of a run's model at its last FFN's activation: every criterion on the clean evaluation
-    split vs its adversarial version (FGSM through ART), written to the run's ``adequacy/`` and printed."""
+def step_coverage(layout, quick: bool = False, attack: str = "fgsm", n_train: int | None = None,
+                  n_clean: int | None = None, batch_size: int = 128, criteria: Mapping | None = None,
+                  attr_kw: Mapping | None = None):
+    """The coverage table of a run's model at its last FFN's activation: every criterion (or ``criteria``) on the
+    clean evaluation split vs its adversarial version (FGSM through ART), written to the run's ``adequacy/`` and
+    printed. ``n_train`` / ``n_clean``: seeded samples of the training and evaluation splits (quick: 300 / 100;
+    default: all); ``batch_size``: the attack's batch (small for a ViT-B on a CPU)."""
     from adequacy.attacks import adversarial_examples
     from adequacy.experiments import coverage_table, report_coverage_table
     from lightning_modules.runs import datamodule_from_run, load_run_model
@@ -283,16 +287,16 @@ def step_coverage(layout, quick: bool = False, attack: str = "fgsm"):
         items = [ds[i] for i in idx]
         return torch.stack([t[0] for t in items]), torch.tensor([t[1] for t in items])
 
-    train_x, train_y = tensors("train", 300 if quick else None)
-    clean_x, clean_y = tensors("eval", 100 if quick else None)
+    train_x, train_y = tensors("train", n_train if n_train is not None else (300 if quick else None))
+    clean_x, clean_y = tensors("eval", n_clean if n_clean is not None else (100 if quick else None))
     mean, std = np.asarray(dm.mean), np.asarray(dm.std)
     clip = (float(((0 - mean) / std).min()), float(((1 - mean) / std).max()))
     adv_x = adversarial_examples(net, clean_x, clean_y, method=attack, clip_values=clip,
-                                 nb_classes=dm.num_classes)
+                                 nb_classes=dm.num_classes, batch_size=batch_size)
     with torch.no_grad():
         fooled = (net(adv_x).argmax(1) != clean_y).float().mean().item()
     df = coverage_table(net, None, train_x, clean_x, adv_x, train_labels=train_y, clean_labels=clean_y,
-                        adv_labels=clean_y)
+                        adv_labels=clean_y, criteria=criteria, attr_kw=attr_kw)
     report_coverage_table(layout.adequacy_dir, df, {"epoch": epoch, "attack": attack, "n_clean": len(clean_x),
                                                    "n_train": len(train_x), "attack_success": fooled})
     print(f"{attack.upper()} fooled {fooled:.1%} of {len(clean_x)} clean eval inputs; layer: "

@@ -167,6 +167,7 @@ def test_vit_b16_rehearsal(kind, tmp_path):
     from localization.base import registered_localizers
     from localization.cache import load_states
     from localization.ffn import capture_ffn_states, last_ffn_head, model_fingerprint
+    from adequacy.criteria import DEFAULT_CRITERIA
     from pipeline.adequacy import step_coverage
     from pipeline.cache import step_cache
     from pipeline.evaluate_fl import run_evaluation
@@ -270,7 +271,11 @@ def test_vit_b16_rehearsal(kind, tmp_path):
     assert Path(agg["summary_dir"]).is_dir()
 
     # ---- the coverage table
-    df = steps.run("coverage table", step_coverage, store, quick=True)
+    # a CPU-sized sample: FGSM through ViT-B in batches of 8; the neuron-coverage criteria (the surprise criteria's
+    # per-class statistics need far more inputs per class than a CPU rehearsal can push through ViT-B)
+    crit = {k: v for k, v in DEFAULT_CRITERIA.items() if k in ("NC", "KMNC", "NBC", "SNAC", "TKNC", "TKNP", "NLC")}
+    df = steps.run("coverage table", step_coverage, store, quick=True, n_train=200, n_clean=24, batch_size=8,
+                   criteria=crit, attr_kw={"n_steps": 4, "batch_size": 8})
     assert len(df) >= 5 and {"criterion", "clean", "adversarial"} <= set(df.columns)
 
     print("\n" + "\n".join(f"{r['step']:<40} {r['wall_s']:>8.1f} s  {r['peak_rss_mb']:>8.0f} MiB RSS  "
