@@ -271,10 +271,10 @@ def test_vit_b16_rehearsal(kind, tmp_path):
     assert Path(agg["summary_dir"]).is_dir()
 
     # ---- the coverage table
-    # a CPU-sized sample: FGSM through ViT-B in batches of 8; the neuron-coverage criteria (the surprise criteria's
+    # a CPU-sized sample (100 training, 16 clean inputs): FGSM through ViT-B in batches of 8; the neuron-coverage criteria (the surprise criteria's
     # per-class statistics need far more inputs per class than a CPU rehearsal can push through ViT-B)
     crit = {k: v for k, v in DEFAULT_CRITERIA.items() if k in ("NC", "KMNC", "NBC", "SNAC", "TKNC", "TKNP", "NLC")}
-    df = steps.run("coverage table", step_coverage, store, quick=True, n_train=200, n_clean=24, batch_size=8,
+    df = steps.run("coverage table", step_coverage, store, quick=True, n_train=100, n_clean=16, batch_size=8,
                    criteria=crit, attr_kw={"n_steps": 4, "batch_size": 8})
     assert len(df) >= 5 and {"criterion", "clean", "adversarial"} <= set(df.columns)
 
