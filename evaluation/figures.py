@@ -356,7 +356,8 @@ def fitness_curves(curves: pd.DataFrame, title: str = ""):
     best, mean (relative values); one panel per budget."""
     if not len(curves):
         return style.nothing_to_plot("no per-generation fitness values (TensorBoard logging was off)")
-    budgets = list(dict.fromkeys(curves["budget"])) if "budget" in curves.columns else [None]
+    budgets = (sorted(dict.fromkeys(curves["budget"]), key=lambda b: (0, int(b)) if str(b).isdigit() else (1, str(b)))
+               if "budget" in curves.columns else [None])  # numeric budgets in order, then avg / front
     methods = list(dict.fromkeys(curves["fl_method"]))
     colors = style.method_colors(methods)
     fig, axes = style.facet_grid(len(budgets), ncols=min(3, len(budgets)), panel_width=2.3, panel_height=1.9,
