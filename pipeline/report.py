@@ -244,6 +244,8 @@ def _testbed(page: _Page) -> None:
     page.add("## The testbed: does the last FFN matter, what does the checkpoint benchmark measure", "")
     lm = info.get("layer_matters") or {}
     if lm:
+        page.add("**Layer matters: top-1 of the FFN head on the cached states, as is and with the last FFN's "
+                 f"activations zeroed** — split: {', '.join(lm)}; n: per row.", "")
         page.add("| split | n | top-1 | last-FFN activations zeroed | drop (points) | ‖FFN out‖ / ‖x‖ |",
                  "|:---|---:|---:|---:|---:|---:|")
         for split, r in lm.items():
