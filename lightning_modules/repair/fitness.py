@@ -220,11 +220,15 @@ class PopulationFitness:
         parts = [repair_fitness(lg, self.label, self.is_neg, self.alpha, self.variant, self.loss)
                  for lg in self.logits_chunks(values)]
         res = FitnessResult(*(torch.cat([getattr(r, k) for r in parts]) for k in ("fitness", "n_patched", "n_broken")))
-        self.evaluations += len(values)
+        return self._counted(res, len(values))
+
+    def _counted(self, res: FitnessResult, n: int) -> FitnessResult:
+        """Count ``n`` evaluations and refuse a non-finite fitness (the search could not rank it)."""
+        self.evaluations += n
         if not bool(torch.isfinite(res.fitness).all()):
             bad = int((~torch.isfinite(res.fitness)).sum())
             raise NonFiniteFitnessError(
-                f"{bad} of {len(values)} candidates have a NaN/inf fitness: the cached states or the head's weights "
+                f"{bad} of {n} candidates have a NaN/inf fitness: the cached states or the head's weights "
                 "hold non-finite values (or the candidate values overflow); re-create the state cache")
         return res
 
@@ -677,13 +681,7 @@ class SparseFitness(PopulationFitness):
             patched.append((correct & self.is_neg).sum(-1))
             broken.append((~correct & ~self.is_neg).sum(-1))
         res = FitnessResult(torch.cat(fits), torch.cat(patched), torch.cat(broken))
-        self.evaluations += len(values)
-        if not bool(torch.isfinite(res.fitness).all()):
-            bad = int((~torch.isfinite(res.fitness)).sum())
-            raise NonFiniteFitnessError(
-                f"{bad} of {len(values)} candidates have a NaN/inf fitness: the cached states or the head's weights "
-                "hold non-finite values (or the candidate values overflow); re-create the state cache")
-        return res
+        return self._counted(res, len(values))
 
 
 EVALUATORS: dict[str, type[PopulationFitness]] = {"sparse": SparseFitness, "full": FullBatchFitness,
