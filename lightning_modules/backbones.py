@@ -58,12 +58,17 @@ class HFLogits(nn.Module):
 def hf_vit(num_classes: int, pretrained_path: str | None = None, image_size: int = 224, patch_size: int = 16,
            num_channels: int = 3, hidden_size: int = 768, num_hidden_layers: int = 12, num_attention_heads: int = 12,
            intermediate_size: int = 3072, hidden_dropout_prob: float = 0.0, attention_probs_dropout_prob: float = 0.0,
-           hidden_act: str = "gelu") -> nn.Module:
+           hidden_act: str = "gelu", config: dict | None = None) -> nn.Module:
     """HF ViT from a ``ViTConfig`` (from scratch) or ``from_pretrained(pretrained_path)`` (a local folder written by
-    ``save_pretrained``; the classifier is re-initialised when its class count differs)."""
+    ``save_pretrained``; the classifier is re-initialised when its class count differs). ``config``: a saved
+    ``ViTConfig.to_dict()`` (what :func:`architecture_kwargs` records), built from scratch with nothing read from
+    disk; it wins over every other argument."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    if pretrained_path:
+    if config is not None:
+        cfg = ViTConfig.from_dict({**config, "num_labels": num_classes})
+        model = ViTForImageClassification(cfg)
+    elif pretrained_path:
         path = Path(pretrained_path)
         if not (path / "config.json").is_file():
             raise PretrainedWeightsError(
@@ -72,6 +77,7 @@ def hf_vit(num_classes: int, pretrained_path: str | None = None, image_size: int
                 f"{path}` on a machine with internet)")
         model = ViTForImageClassification.from_pretrained(str(path), num_labels=num_classes,
                                                           ignore_mismatched_sizes=True, local_files_only=True)
+        model.train()  # from_pretrained returns eval mode; a fresh build (and Lightning's fit) expects train mode
     else:
         cfg = ViTConfig(image_size=image_size, patch_size=patch_size, num_channels=num_channels,
                         hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
@@ -81,6 +87,24 @@ def hf_vit(num_classes: int, pretrained_path: str | None = None, image_size: int
                         num_labels=num_classes)
         model = ViTForImageClassification(cfg)
     return HFLogits(model)
+
+
+#: ``ViTConfig`` entries that :func:`architecture_kwargs` leaves out: label names follow ``num_classes``, and the
+#: rest is bookkeeping of the folder the weights came from
+_HF_CONFIG_DROP = ("id2label", "label2id", "_name_or_path", "transformers_version", "architectures", "_commit_hash",
+                   "num_labels")
+
+
+def architecture_kwargs(name: str, module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The backbone arguments that rebuild ``module``'s architecture from scratch, with no ``pretrained_path``:
+    a checkpoint's module is rebuilt from them and then receives its own weights, so loading it reads nothing but
+    the checkpoint (the pretrained folder may have moved or gone). HF: the loaded ``ViTConfig`` (``config``);
+    others: ``kwargs`` without ``pretrained_path`` (its file only held weights of the named architecture)."""
+    out = {k: v for k, v in kwargs.items() if k != "pretrained_path"}
+    if isinstance(module, HFLogits):
+        cfg = module.model.config.to_dict()
+        out = {"config": {k: v for k, v in cfg.items() if k not in _HF_CONFIG_DROP}}
+    return out
 
 
 @register_backbone("timm_vit")

@@ -14,17 +14,27 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.backbones import build_backbone
+from lightning_modules.backbones import architecture_kwargs, build_backbone
 from localization.ffn import UnsupportedModelError, capture_ffn_states
 
 
 class ImageClassifier(L.LightningModule):
     def __init__(self, backbone: str = "hf_vit", num_classes: int = 10, backbone_kwargs: dict | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 1.0,
-                 label_smoothing: float = 0.0, min_lr_ratio: float = 0.01):
+                 label_smoothing: float = 0.0, min_lr_ratio: float = 0.01, backbone_arch: dict | None = None):
+        """``backbone_arch`` is recorded by the module itself, never set by hand: the architecture a
+        ``backbone_kwargs.pretrained_path`` resolved to at the first build (see ``architecture_kwargs``). A checkpoint
+        carries it in its hyperparameters, so loading one builds that architecture from scratch and reads no
+        pretrained folder (which may have moved) before its own weights replace the random ones."""
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = build_backbone(backbone, num_classes, **(backbone_kwargs or {}))
+        kwargs = dict(backbone_kwargs or {})
+        if backbone_arch is not None:
+            self.backbone = build_backbone(backbone, num_classes, **backbone_arch)
+        else:
+            self.backbone = build_backbone(backbone, num_classes, **kwargs)
+            if kwargs.get("pretrained_path"):
+                self.hparams["backbone_arch"] = architecture_kwargs(backbone, self.backbone, kwargs)
         top5 = min(5, num_classes)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
@@ -60,7 +70,8 @@ class ImageClassifier(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         # the HParams tab compares runs by their test accuracy (TensorBoard's ``hp_metric``)
         if self.logger is not None and self.trainer.is_global_zero:
-            self.logger.log_hyperparams(dict(self.hparams), {"hp_metric": float(self.test_acc.compute())})
+            hp = {k: v for k, v in self.hparams.items() if k != "backbone_arch"}  # a whole ViTConfig: not a knob
+            self.logger.log_hyperparams(hp, {"hp_metric": float(self.test_acc.compute())})
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         images, labels, index = batch[0], batch[1], batch[2]

@@ -76,20 +76,31 @@ def prepare_folds(store: RunStore | str, trainer_kwargs: dict[str, Any] | None =
 def run_crossval(store: RunStore | str, methods: Sequence[str], settings: Sequence[str] | None,
                  budgets: Sequence[int | str], reps: int, repair: str = "de",
                  repair_options: dict[str, Any] | None = None, progress: bool = False,
-                 trainer_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The repair sweep on every fold run (settings each fold has; those it lacks are reported by the sweep)."""
+                 trainer_kwargs: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1),
+                 workers: int | str | None = 1) -> list[dict[str, Any]]:
+    """The repair sweep on every fold run (settings each fold has; those it lacks are reported by the sweep):
+    this ``shard`` of each fold's grid, on ``workers`` processes (``pipeline/parallel.py``; the fold runs are
+    made first, here)."""
+    from pipeline.context import load_misclf
+    from pipeline.parallel import resolve_workers, run_sharded
     from pipeline.repair import run_sweep
 
     store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
+    folds = prepare_folds(store, trainer_kwargs)
+    n_workers = resolve_workers(workers)
+    if n_workers > 1:
+        return run_sharded(run_crossval, dict(store=str(store.root), methods=list(methods),
+                                              settings=None if settings is None else list(settings),
+                                              budgets=list(budgets), reps=reps, repair=repair,
+                                              repair_options=repair_options, progress=progress,
+                                              trainer_kwargs=trainer_kwargs), n_workers, shard)
     rows = []
-    for fs in prepare_folds(store, trainer_kwargs):
-        from pipeline.context import load_misclf
-
+    for fs in folds:
         avail = load_misclf(fs)["settings"]
         sets = [s for s in (settings or avail) if s in avail]
         if not sets:
             continue
-        rows += run_sweep({fs.root.name: fs.root}, methods, sets, budgets, reps, repair=repair,
+        rows += run_sweep({fs.root.name: fs.root}, methods, sets, budgets, reps, shard=shard, repair=repair,
                           repair_options=repair_options, progress=progress)
     return rows
 

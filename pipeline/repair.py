@@ -250,17 +250,32 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
               repair_options: Mapping[str, Any] | None = None, seed: int = 0,
               fl_options: Mapping[str, Mapping[str, Any]] | None = None, fl_batch_size: int = 512,
               logger: bool = False, progress: bool = True, progress_bar: bool = False, accelerator: str = "cpu",
-              on_error: str = "continue", on_result: Callable[[dict[str, Any]], None] | None = None
-              ) -> list[dict[str, Any]]:
+              on_error: str = "continue", on_result: Callable[[dict[str, Any]], None] | None = None,
+              workers: int | str | None = 1) -> list[dict[str, Any]]:
     """Run this shard's part of the grid, skipping runs whose identity is in the store. Returns one row per task:
     ``status`` in {"done", "exists", "claimed elsewhere", "not applicable: ...", "error: ..."} plus metrics.
 
     ``repair_options`` go to the repair module (e.g. ``{"generations": 100}``); ``fl_options`` map an FL method to
     its options; ``logger``: TensorBoard under the run's ``tb/repair/{setting}`` (one version per identity, with
     hparams and final metrics); ``on_error``: "continue" (report and go on; retried next time) or "raise";
-    ``on_result`` is called with each new result (tests use it to simulate a kill)."""
+    ``on_result`` is called with each new result (tests use it to simulate a kill); ``workers``: processes on this
+    machine, each one sub-shard of ``shard`` (``pipeline/parallel.py``; "auto": the cores, at most 4; rows of
+    worker 0 first)."""
     if on_error not in ("continue", "raise"):
         raise ValueError(f"on_error must be 'continue' or 'raise', got {on_error!r}")
+    from pipeline.parallel import resolve_workers, run_sharded
+
+    n_workers = resolve_workers(workers)
+    if n_workers > 1:
+        if on_result is not None:
+            raise ValueError("on_result needs workers=1 (it cannot be called from another process)")
+        return run_sharded(run_sweep, dict(run_dirs=run_dirs, methods=list(methods),
+                                           settings=None if settings is None else list(settings),
+                                           budgets=list(budgets), reps=reps if isinstance(reps, int) else list(reps),
+                                           repair=repair, repair_options=repair_options, seed=seed,
+                                           fl_options=fl_options, fl_batch_size=fl_batch_size, logger=logger,
+                                           progress=progress, progress_bar=progress_bar, accelerator=accelerator,
+                                           on_error=on_error), n_workers, parse_shard(shard))
     if isinstance(fl_batch_size, bool) or not isinstance(fl_batch_size, int) or fl_batch_size < 1:
         raise ValueError(f"fl_batch_size must be a positive int, got {fl_batch_size!r}")
     fl_options = {m: dict(o) for m, o in (fl_options or {}).items()}
@@ -683,28 +698,44 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
 
 
 # ----------------------------------------------------------------------------------------------------- main job
+#: the main job's repair sweep (and intervention) settings: the rank-1 setting of each kind, and all
+MAIN_JOB_SETTINGS = ("src_tgt_r1", "tgt_fp_r1", "tgt_fn_r1", "all")
+
+
+def main_job_runs(runs: Mapping[str, Path], methods: Sequence[str], settings: Sequence[str],
+                  budgets: Sequence[int | str], reps: int, de_opts: Mapping[str, Any], quick: bool, progress: bool,
+                  shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
+    """The main job's repair runs of one shard: DE, then the prune and masked fine-tuning baselines."""
+    rows = run_sweep(runs, methods, settings, budgets, reps, shard=shard, repair="de", repair_options=dict(de_opts),
+                     logger=True, progress=progress)
+    for repair in ("prune", "finetune"):
+        opts = {"epochs": 3} if repair == "finetune" and quick else {}
+        rows += run_sweep(runs, methods, settings, budgets[:1] if quick else budgets, 1, shard=shard, repair=repair,
+                          repair_options=opts, progress=progress)
+    return rows
+
+
 def main_job_sweep(store: RunStore | str, budgets: Sequence[int] = (33, 164, 328), reps: int = 2,
-                   quick: bool = False, progress: bool = False) -> dict[str, Any]:
+                   quick: bool = False, progress: bool = False, workers: int | str | None = 1) -> dict[str, Any]:
     """The main job's small sweep on one run: Ours / ArachneW / random at the given budgets plus N_avg on the
     rank-1 setting of each kind and ``all``, DE with the published constants (quick: 5 generations of 20, one
-    setting, one budget, one repetition), then the prune and masked fine-tuning baselines on the same weights;
-    aggregated into ``repair/summary``."""
+    setting, one budget, one repetition), then the prune and masked fine-tuning baselines on the same weights, on
+    ``workers`` processes (``pipeline/parallel.py``); aggregated into ``repair/summary``."""
+    from pipeline.parallel import resolve_workers, run_sharded
+
     store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
     info = _available_settings(store.root)
     avail = info["settings"]
-    settings = [s for s in ("src_tgt_r1", "tgt_fp_r1", "tgt_fn_r1", "all") if s in avail] or list(avail)[:1]
+    settings = [s for s in MAIN_JOB_SETTINGS if s in avail] or list(avail)[:1]
     methods = [m for m in DEFAULT_METHODS if m in FL_METHODS]
     budgets = [*budgets, "avg"]
     de_opts: dict[str, Any] = {}
     if quick:
         settings, budgets, reps, de_opts = settings[:1], budgets[:1], 1, {"generations": 5, "pop_size": 20}
     runs = {store.root.name: store.root}
-    rows = run_sweep(runs, methods, settings, budgets, reps, repair="de", repair_options=de_opts, logger=True,
-                     progress=progress)
-    for repair in ("prune", "finetune"):
-        opts = {"epochs": 3} if repair == "finetune" and quick else {}
-        rows += run_sweep(runs, methods, settings, budgets[:1] if quick else budgets, 1, repair=repair,
-                          repair_options=opts, progress=progress)
+    rows = run_sharded(main_job_runs, dict(runs=runs, methods=methods, settings=settings, budgets=budgets,
+                                           reps=reps, de_opts=de_opts, quick=quick, progress=progress),
+                       resolve_workers(workers))
     agg = aggregate(runs)
     failed = [r for r in rows if r["status"].startswith("error")]
     na = [r for r in rows if r["status"].startswith("not applicable")]

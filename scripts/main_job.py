@@ -7,7 +7,8 @@ MNIST-5k's pretraining pool + sklearn's digits, then fine-tuned 2 epochs on MNIS
      FFN's activations zeroed) and the checkpoint benchmark's diagnostics (what |W(2) - W(1)| follows);
   3. misclassification analysis (settings, confusion matrix);
   4. every registered FL method on every available setting and budget (FL LightningModule under the Trainer);
-  5. FL evaluation (interventions, checkpoint-diff and injected-fault benchmarks, statistics, figures);
+  5. FL evaluation (interventions on the repair sweep's settings; the checkpoint-diff and injected-fault benchmarks on
+     every setting; statistics, figures);
   6. a small repair sweep (DE and baselines over a few settings, budgets scaled to the small layer, 2 repetitions);
   7. the coverage table (every criterion, clean vs adversarial inputs) of the digits ViT.
 
@@ -304,7 +305,7 @@ def checkpoint_diagnostics(layout, epoch: int | None = None, batch_size: int = 5
     return out
 
 
-def crossval(layout, budgets, quick: bool = False) -> dict:
+def crossval(layout, budgets, quick: bool = False, workers: int | str = 1) -> dict:
     """The held-out repair rate by cross-validation over the k folds of the evaluation split: DE with Ours /
     ArachneW / random at the middle budget on the 9 benchmark settings and ``all`` of each fold (quick: ``all``,
     5 generations of 20); counts pooled over folds (docs/methods.md, section 6.5)."""
@@ -315,7 +316,7 @@ def crossval(layout, budgets, quick: bool = False) -> dict:
     budget = [budgets[0]] if quick else [budgets[len(budgets) // 2]]
     opts = {"generations": 5, "pop_size": 20} if quick else {}
     rows = run_crossval(layout, ["ours", "arachne_w", "random"], settings, budget, 1, repair_options=opts,
-                        trainer_kwargs={"enable_progress_bar": False})
+                        trainer_kwargs={"enable_progress_bar": False}, workers=workers)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"].split(":")[0]] = counts.get(r["status"].split(":")[0], 0) + 1
@@ -345,6 +346,8 @@ def main() -> None:
     p.add_argument("--budgets", nargs="+", type=int, default=None,
                    help="FL / repair budgets (default: 0.1%%, 0.5%%, 1%% of the last FFN's weights)")
     p.add_argument("--repair_reps", type=int, default=2)
+    p.add_argument("--workers", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="processes for the repair sweeps (default auto: the cores, at most 4)")
     p.add_argument("--skip", nargs="*", default=[], choices=["evaluate", "repair", "crossval", "coverage"])
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, few methods (for tests)")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
@@ -401,17 +404,22 @@ def main() -> None:
         banner("5. FL evaluation")
         from pipeline.evaluate_fl import run_evaluation
 
-        timed("evaluate", run_evaluation, layout.root, quick=a.quick)
+        from pipeline.repair import MAIN_JOB_SETTINGS
+
+        # interventions on the repair sweep's settings (the checkpoint and injected-fault benchmarks: all of them)
+        timed("evaluate", run_evaluation, layout.root, quick=a.quick,
+              settings=None if a.quick else list(MAIN_JOB_SETTINGS))
 
     if "repair" not in a.skip:
         banner("6. repair sweep")
         from pipeline.repair import main_job_sweep
 
-        timed("repair", main_job_sweep, layout, budgets=a.budgets, reps=a.repair_reps, quick=a.quick)
+        timed("repair", main_job_sweep, layout, budgets=a.budgets, reps=a.repair_reps, quick=a.quick,
+              workers=a.workers)
 
     if "crossval" not in a.skip:
         banner("6b. cross-validated repair: repair on the other folds, test on fold k, counts pooled")
-        timed("crossval", crossval, layout, a.budgets, quick=a.quick)
+        timed("crossval", crossval, layout, a.budgets, quick=a.quick, workers=a.workers)
 
     if "coverage" not in a.skip:
         banner("7. test adequacy: coverage of the digits ViT, clean vs adversarial")

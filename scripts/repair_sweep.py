@@ -9,7 +9,7 @@ run store, resumable (existing results are skipped), shardable; then tables, fig
 
 A whole published experiment is one command instead: scripts/run_experiment.py --config configs/experiment/...
 """
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import _cli
 from _cli import Budget
@@ -42,6 +42,8 @@ def build_parser():
                    help="FL method -> its options (scripts/localize.py --list --verbose)")
     p.add_argument("--fl_batch_size", type=int, default=512, help="loader batch size of the FL pass")
     p.add_argument("--accelerator", type=str, default="cpu", help="accelerator of the repair fits")
+    p.add_argument("--workers", type=Union[int, str], default=1,
+                   help="processes on this machine, each one sub-shard of --shard (auto: the cores, at most 4)")
     p.add_argument("--no_tensorboard", action="store_true",
                    help="do not log the runs to TensorBoard (default: each run with its hparams and final metrics)")
     p.add_argument("--progress_bar", action="store_true", help="the Trainer's bar inside each run, too")
@@ -100,7 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows = run_sweep(a.run_dirs, a.methods, a.settings, a.budgets, a.reps, shard=shard, repair=a.repair,
                              repair_options=opts, seed=a.seed, fl_options=a.fl_options,
                              fl_batch_size=a.fl_batch_size, logger=not a.no_tensorboard, progress_bar=a.progress_bar,
-                             accelerator=a.accelerator, on_error=a.on_error)
+                             accelerator=a.accelerator, on_error=a.on_error, workers=a.workers)
         except _cli.RUN_ERRORS as e:
             _cli.fail("repair_sweep", e)
         c = summarize_rows(rows)

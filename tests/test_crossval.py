@@ -54,6 +54,10 @@ def test_folds_test_every_eval_input_once_and_pool_by_counts(run):
     assert {r["status"] for r in rows} == {"done"} and len(rows) == 2 * len(folds)
     again = run_crossval(run, ["random"], ["all"], [20], 2, repair_options={"pop_size": 6, "generations": 2})
     assert {r["status"] for r in again} == {"exists"}
+    # two worker processes: each fold's grid split between them, the new repetition run exactly once per fold
+    more = run_crossval(run, ["random"], ["all"], [20], 3, repair_options={"pop_size": 6, "generations": 2},
+                        workers=2)
+    assert sorted(r["status"] for r in more) == sorted(["exists"] * 2 * len(folds) + ["done"] * len(folds))
     df = collect_crossval(run)
     assert sorted(df["fold"].unique()) == list(range(len(folds)))
     agg = aggregate_crossval(run)

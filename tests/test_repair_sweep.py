@@ -255,3 +255,41 @@ def test_script_runs_a_shard_and_aggregates(run_dir):
     assert "1 runs aggregated" in out.stdout
     bad = subprocess.run(cmd[:2] + ["--repair", "nope"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode != 0 and "registered" in bad.stderr
+
+
+def test_sub_shards_partition_a_shard():
+    from pipeline.parallel import resolve_workers, sub_shards
+
+    tasks = list(range(53))
+    for shard in ((0, 1), (1, 3), (2, 4)):
+        for w in (1, 2, 3):
+            mine = tasks[shard[0]::shard[1]]
+            parts = [tasks[k::n] for k, n in sub_shards(shard, w)]
+            assert sorted(sum(parts, [])) == mine and sum(map(len, parts)) == len(mine)
+    assert resolve_workers(None) == 1 and 1 <= resolve_workers("auto") <= 4
+    for bad in (0, -1, 1.5, True, "two"):
+        with pytest.raises(ValueError, match="workers"):
+            resolve_workers(bad)
+
+
+def test_two_worker_sweep_writes_the_one_process_results(run_dir, tmp_path, make_classifier):
+    """workers=2: two spawned processes, one sub-shard each; every run once, and each result (patch, metrics)
+    equal to the one-process sweep's on an identical run directory."""
+    store, _, _ = run_dir
+    other, _, _ = make_run(tmp_path / "other" / "digits", make_classifier)
+    kw = dict(methods=["random", "ours"], settings=["all"], budgets=[6], reps=2, repair_options=DE, progress=False,
+              on_error="raise")
+    one = run_sweep({"digits": store.root}, **kw)
+    two = run_sweep({"digits": other.root}, workers=2, **kw)
+    assert sorted(r["status"] for r in two) == ["done"] * 4 and len(one) == 4
+    run_of = lambda rows: {(r["method"], r["rep"]): r for r in rows}  # noqa: E731
+    assert sorted(run_of(two)) == sorted(run_of(one)) and len(run_of(two)) == 4  # the same runs, each once
+    with pytest.raises(ValueError, match="on_result"):
+        run_sweep({"digits": other.root}, workers=2, on_result=print, **kw)
+    for k, r in run_of(one).items():
+        a = read_json(store.root / r["path"])
+        b = read_json(other.root / run_of(two)[k]["path"])
+        assert a["patch"]["weights"] == b["patch"]["weights"]
+        np.testing.assert_allclose(a["patch"]["new"], b["patch"]["new"], rtol=1e-5, atol=1e-6)
+        assert a["metrics"]["test"]["n_fixed"] == b["metrics"]["test"]["n_fixed"]
+    assert {r["status"] for r in run_sweep({"digits": other.root}, workers=2, **kw)} == {"exists"}

@@ -157,6 +157,49 @@ def test_local_pretrained_folder(tmp_path, monkeypatch):
         assert torch.equal(clf(pixels), saved(pixel_values=pixels).logits)
 
 
+def _save_lightning_checkpoint(module: L.LightningModule, path) -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("backbone", ["hf_vit", "timm_vit"])
+def test_checkpoint_of_a_pretrained_start_loads_without_its_folder(tmp_path, monkeypatch, backbone):
+    """A model fine-tuned from local pretrained weights: its checkpoint rebuilds the architecture it recorded and
+    reads nothing else, so it loads (equal logits) after the pretrained folder has moved away."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lightning_modules.classifier import ImageClassifier
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if backbone == "hf_vit":
+        pre = tmp_path / "pre"
+        tiny_hf_vit(seed=4).save_pretrained(str(pre))
+        kwargs = {"pretrained_path": str(pre)}
+    else:
+        pre = tmp_path / "pre" / "w.safetensors"
+        pre.parent.mkdir()
+        src = tiny_classifier("timm_vit", seed=4).backbone
+        save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(pre))
+        kwargs = {**TIMM_KW, "pretrained_path": str(pre)}
+    clf = ImageClassifier(backbone=backbone, num_classes=7, backbone_kwargs=kwargs).eval()
+    arch = clf.hparams["backbone_arch"]
+    assert "pretrained_path" not in arch and (backbone != "hf_vit" or arch["config"]["hidden_size"] == 16)
+    with torch.no_grad():
+        for p in clf.parameters():  # "fine-tuned": not the pretrained weights any more
+            p.add_(0.01 * torch.randn_like(p))
+    _save_lightning_checkpoint(clf, tmp_path / "e1.ckpt")
+    shutil.rmtree(tmp_path / "pre")
+    loaded = load_classifier(tmp_path / "e1.ckpt")
+    pixels = images(3, seed=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels), clf(pixels))
+    assert loaded.hparams["backbone_kwargs"]["pretrained_path"] == kwargs["pretrained_path"]  # provenance kept
+
+
 def test_missing_pretrained_folder(tmp_path):
     with pytest.raises(PretrainedWeightsError, match=r"no Hugging Face model folder at .*config\.json"):
         hf_vit(num_classes=10, pretrained_path=str(tmp_path / "absent"))
