@@ -24,9 +24,13 @@ The bound for (c) counts what cannot be avoided per evaluation round, measured i
 - MACs: P |I| (min over the two kernels of the MACs per candidate and input: explicit |J| d + d C, folded
   |J| (C + |J| + |I|) + |I| C), at the measured float32 GEMM rate (``[15 P, d] x [d, d]``);
 - memory: one read and one write pass over the ``[P, |I|, C]`` candidate logits, at the bandwidth of a
-  ``torch.add`` of two tensors of that size into a third (measured; the large-array bandwidth is printed too).
+  ``torch.add`` of two tensors of that size into a third (measured; the large-array bandwidth is printed too);
+- activation (column ``act s``, reported beside the bound, and in ``ratio+act``): every candidate changes the
+  pre-activations of its |J| touched neurons on every input, so the exact activation (GELU: an erf per element)
+  is evaluated P |I| |J| times per round at least, at the head activation's measured rate per element. It is
+  no MAC and no pass over the logits, but no exact evaluator avoids it (on the CPU it is small beside the MACs).
 
-bound = 51 x (MAC time + memory time); ratio = (c) s/run / bound. The machine may be shared: the load average is
+bound = 51 x (MAC time + memory time); ratio = (c) s/run / bound; ratio+act = (c) s/run / (bound + act s). The machine may be shared: the load average is
 printed before and after, and only ratios measured in one run should be compared.
 
     python benchmarks/repair_speed.py                                   # every placement and budget
@@ -166,6 +170,13 @@ def add_pass_seconds(numel: int, device, reps: int = 5) -> float:
     return _best_time(lambda: torch.add(a, b, out=c), reps, device) / 1.5
 
 
+def act_seconds_per_element(act, device, numel: int = 1 << 22, reps: int = 3) -> float:
+    """Seconds per element of the head's activation (e.g. exact GELU) on a float32 tensor (best of ``reps``)."""
+    t = torch.randn(numel, device=device)
+    with torch.no_grad():
+        return _best_time(lambda: act(t), reps, device) / numel
+
+
 def de_for(head, weights, fitness, update, generations, seed=0, device="cpu"):
     lo, hi, mu, sd = (torch.empty(len(weights), dtype=torch.float64) for _ in range(4))
     for k, W in enumerate(head.weights()):
@@ -257,7 +268,8 @@ def main(argv=None) -> list[dict]:
           f"over [P, N, C] = {P * N * C * 4 / 1e6:.0f} MB: {mem_pass * 1e3:.2f} ms "
           f"({2 * P * N * C * 4 / mem_pass / 1e9:.1f} GB/s; {big * 4 >> 20} MB arrays: "
           f"{2 * big * 4 / big_pass / 1e9:.1f} GB/s); load average before: {load0}")
-    cols = ["N", "placement", "|J|", "|I|", "kernel", "(c) s/run", "MAC s", "mem s", "bound s", "ratio"]
+    cols = ["N", "placement", "|J|", "|I|", "kernel", "(c) s/run", "MAC s", "mem s", "bound s", "ratio", "act s",
+            "ratio+act"]
     if a.with_ab:
         cols[6:6] = ["(a) s/run", "(b) s/run"]
     cols.append("max|dF|")
@@ -281,12 +293,14 @@ def main(argv=None) -> list[dict]:
             mem_pass = add_pass_seconds(P * N * C, dev)
             mac_s = evals * P * N * 2 * macs / rate
             mem_s = evals * mem_pass
+            act_s = evals * P * N * nJ * act_seconds_per_element(hd.act, dev)
             row.update({"|J|": nJ, "|I|": nI, "kernel": sparse.kernel, "MAC s": f"{mac_s:.2f}",
                         "mem s": f"{mem_s:.2f}", "bound s": f"{mac_s + mem_s:.2f}"})
             s_c, ext = time_run(de_for(hd, w, sparse, "deferred", a.generations, device=dev), measure_c,
                                 a.generations, dev)
             row["(c) s/run"] = f"{s_c:.2f}{'*' if ext else ''}"
             row["ratio"] = f"{s_c / (mac_s + mem_s):.2f}"
+            row["act s"], row["ratio+act"] = f"{act_s:.2f}", f"{s_c / (mac_s + mem_s + act_s):.2f}"
             row["_c_s"], row["_bound_s"], row["_fl_s"] = s_c, mac_s + mem_s, fl_s
             if a.with_ab:
                 for k, ev, upd in (("b", FullBatchFitness, "deferred"), ("a", LoopFitness, "immediate")):
@@ -303,7 +317,8 @@ def main(argv=None) -> list[dict]:
     print(f"\nload average after: {tuple(round(v, 2) for v in os.getloadavg())}\n")
     print(_table(rows, cols))
     print("\n* extrapolated from the timed generations. |J| touched neurons (rows of W_bef), |I| touched output rows "
-          f"of W_aft. MAC s / mem s: the two parts of the bound ({evals} rounds). max|dF|: largest fitness "
+          f"of W_aft. MAC s / mem s: the two parts of the bound ({evals} rounds); act s: the touched neurons' "
+          "activations (see the module docstring). max|dF|: largest fitness "
           "difference (c) vs the full head on 10 candidates (in the head's dtype).")
     return rows
 

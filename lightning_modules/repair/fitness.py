@@ -392,7 +392,8 @@ class SparseFitness(PopulationFitness):
 
     name = "sparse"
     KERNELS = ("auto", "explicit", "folded")
-    CHUNK_ELEMENTS = 1 << 21  # folded: ~8 MB (float32) per [p N, width] work tensor, reused across chunks
+    CHUNK_ELEMENTS = 1 << 22  # folded: ~16 MB (float32) per [p N, width] work tensor, reused across chunks
+    # (2^21 .. 2^24 measured at ViT-B shapes: 2^22 fastest in every placement, by up to 29% where |I| >> |J|)
 
     @torch.no_grad()
     def __init__(self, *args, kernel: str = "auto", chunk_size: int | None = None, **kwargs):
