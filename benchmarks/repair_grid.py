@@ -52,11 +52,20 @@ def grid() -> list[tuple[int, int, int, str]]:
 
 
 def spread(tasks: list, k: int) -> list:
-    """k tasks spread evenly over the list (every 405/k-th, offset so that cells rotate)."""
+    """k tasks stratified over the (budget, method) cells: every cell gets k // cells of them (the first k % cells
+    one more), evenly spaced over its settings and repetitions (offset per cell, so the cells sample different
+    settings); returned cell by cell in turn. With k >= the number of cells every cell is measured."""
     if k >= len(tasks):
         return list(tasks)
-    step = len(tasks) / k
-    return [tasks[int(i * step + (i % 9) * step / 9) % len(tasks)] for i in range(k)]
+    cells: dict = {}
+    for t in tasks:
+        cells.setdefault((t[2], t[3]), []).append(t)
+    picked = []
+    for c, members in enumerate(cells.values()):
+        n = k // len(cells) + (1 if c < k % len(cells) else 0)
+        step = len(members) / max(n, 1)
+        picked.append([members[int((j + c / len(cells)) * step) % len(members)] for j in range(n)])
+    return [cell[j] for j in range(max(map(len, picked))) for cell in picked if j < len(cell)]
 
 
 def prepare(path: str, n_neg: list[int], n_pos: int, images: int, seed: int = 0) -> None:
