@@ -35,7 +35,6 @@ Everything is vectorised (one sort and one cumulative sum over the weights): 4.7
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
 import numpy as np

@@ -95,7 +95,7 @@ _HF_CONFIG_DROP = ("id2label", "label2id", "_name_or_path", "transformers_versio
                    "num_labels")
 
 
-def architecture_kwargs(name: str, module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+def architecture_kwargs(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The backbone arguments that rebuild ``module``'s architecture from scratch, with no ``pretrained_path``:
     a checkpoint's module is rebuilt from them and then receives its own weights, so loading it reads nothing but
     the checkpoint (the pretrained folder may have moved or gone). HF: the loaded ``ViTConfig`` (``config``);

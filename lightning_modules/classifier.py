@@ -34,7 +34,7 @@ class ImageClassifier(L.LightningModule):
         else:
             self.backbone = build_backbone(backbone, num_classes, **kwargs)
             if kwargs.get("pretrained_path"):
-                self.hparams["backbone_arch"] = architecture_kwargs(backbone, self.backbone, kwargs)
+                self.hparams["backbone_arch"] = architecture_kwargs(self.backbone, kwargs)
         top5 = min(5, num_classes)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
