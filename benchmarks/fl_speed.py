@@ -172,7 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes (d=64, d_ff=256, 10 classes)")
     p.add_argument("--methods", nargs="+", help="registered FL methods (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows per update (localize's default)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per update (localize's default)")
     p.add_argument("--budget", type=int, default=944, help="weights to select (BL: its front)")
     p.add_argument("--neg-fraction", type=float, default=0.3, help="share of inputs marked I_neg")
     p.add_argument("--repeats", type=int, default=1, help="runs per method (median time, max peak)")

@@ -245,7 +245,7 @@ def select(scores: Tensor, level: str, budget: int | str | None, index: WeightIn
 
 
 def localize(head: FFNHead, x: Tensor | None, label: Tensor | None, is_neg: Tensor | None,
-             method: str | Localizer, budget: int | str | None, batch_size: int = 1024, seed: int = 0,
+             method: str | Localizer, budget: int | str | None, batch_size: int = 4096, seed: int = 0,
              unit: str = "weights", whole_neurons: bool = False, **opts: Any) -> FLResult:
     """Run one FL method over cached states without a Trainer: ``update`` in batches of ``batch_size`` rows,
     ``compute``, then :func:`select` the budget.

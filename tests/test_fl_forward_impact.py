@@ -117,3 +117,23 @@ def test_zero_denominators_contribute_zero():
     torch.testing.assert_close(s, torch.tensor([[1 / 7, 3 / 7], [0.0, 0.0]]))
     b = fi_back_sum(torch.tensor([[0.0, 0.0], [1.0, -3.0]]))
     torch.testing.assert_close(b, torch.tensor([0.25, 0.75]))
+
+
+def test_cached_abs_weights_follow_an_in_place_change_of_the_head():
+    """|W| is kept between updates, but a weight edited in place (version counter) is seen: the states equal a
+    fresh localizer's on the edited head."""
+    head = tiny_head(False, 4)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (10,), generator=g)
+    neg = torch.ones(10, dtype=torch.bool)
+    loc = get_localizer("forward_impact")(head)
+    loc.update(x[:5], y[:5], neg[:5])
+    first = loc.fi_front_neg.clone()
+    with torch.no_grad():
+        head.fc_bef.weight.mul_(-3.0)
+        head.fc_aft.weight[0, 0] = 7.0
+    loc.update(x[5:], y[5:], neg[5:])
+    fresh = get_localizer("forward_impact")(head)
+    fresh.update(x[5:], y[5:], neg[5:])
+    torch.testing.assert_close(loc.fi_front_neg - first, fresh.fi_front_neg, rtol=1e-12, atol=1e-15)

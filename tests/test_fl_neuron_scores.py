@@ -94,3 +94,32 @@ def test_second_moment_float32_keeps_covariance_accurate_with_large_means():
     naive = sum((t[s:s + 100].t() @ t[s:s + 100]).double() for s in range(0, 300, 100))
     bad = ((naive - torch.outer(s1, s1) / 300) / 299).numpy()
     assert np.abs(bad - ref).max() > 1e-2 * np.abs(ref).max()  # what the centring avoids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocked_second_moment_and_its_sum_match_float64(dtype, monkeypatch):
+    """Above GRAM_MIN_WIDTH c^T c is formed from its upper blocks (each added with its transpose); widths that do
+    not divide into the blocks included. The moment and the batch sum it adds match numpy float64."""
+    import localization.methods.neuron_scores as ns
+
+    monkeypatch.setattr(ns, "GRAM_MIN_WIDTH", 8)  # small widths through the blocked path
+    rng = np.random.default_rng(3)
+    for width in (8, 11, 30):
+        a = rng.normal(size=(57, width)) * rng.uniform(0.1, 2.0, size=width) + rng.uniform(-1, 3, size=width)
+        t = torch.from_numpy(a).to(dtype)
+        state = torch.zeros(width, width, dtype=torch.float64)
+        total = torch.zeros(width, dtype=torch.float64)
+        for s in range(0, 57, 20):
+            ns.add_second_moment_(state, t[s:s + 20], sum_into=total)
+        ref = t.double().numpy()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        np.testing.assert_allclose(state.numpy(), ref.T @ ref, rtol=tol, atol=tol * np.abs(ref.T @ ref).max())
+        np.testing.assert_allclose(total.numpy(), ref.sum(0), rtol=tol, atol=tol * np.abs(ref).sum())
+        torch.testing.assert_close(state, state.T, rtol=tol, atol=0)  # the lower blocks are the upper ones
+
+
+def test_gram_blocks_are_used_at_vit_width():
+    """ViT-B's d_ff = 3072 is above the threshold: the blocked path is the one that runs there."""
+    import localization.methods.neuron_scores as ns
+
+    assert 3072 >= ns.GRAM_MIN_WIDTH and ns.GRAM_BLOCKS > 1

@@ -464,3 +464,15 @@ def test_compat_batch_sampler_keeps_parts_whole_and_covers_each_row_once(n_neg, 
         for g in set(group[b].tolist()):
             assert where.setdefault(g, k) == k  # a part lies in one batch only
     assert set(where) == set(group.tolist())
+
+
+def test_single_published_sums_keep_only_their_own_states():
+    """grad_loss_reptran computes and keeps the GL sums only, forward_impact_reptran the FI sums only (no
+    4.7M-entry state and no backward for the other); the composites keep both."""
+    head = FFNHead(nn.LayerNorm(D), nn.Linear(D, D_FF), nn.GELU(), nn.Linear(D_FF, D), None,
+                   nn.Sequential(nn.LayerNorm(D), nn.Linear(D, C)), "hf").double()
+    kinds = {"grad_loss_reptran": {"rgl"}, "forward_impact_reptran": {"rfi"}, "arachne_w_reptran": {"rgl", "rfi"}}
+    for name, want in kinds.items():
+        loc = get_localizer(name)(head)
+        have = {k.split("_")[0] for k in loc._defaults if k.startswith(("rgl_", "rfi_"))}
+        assert have == want, name

@@ -53,19 +53,27 @@ Evaluators (all return :class:`FitnessResult` for ``values [P, K]``, the candida
 
         z std = f^T M + base,   M = [B_J^T G - colsum s^T / d;  G_I - 1 s^T / d;  b'],   base = r0 G - mean(r0) s
 
-    and var(r) comes from one ``[|J| + 1 (+ |I|), |J|] x [|J|, p N]`` product ([B_J^T B_J; colsum (; B_J[I])] u,
-    or B_J[I]^T S' added into the u rows when |I| > |J|) and S' . (S' + 2 r0_c[I]). So per chunk of
-    candidates one ``[p N, m + 1] x [m + 1, C]`` product writes the only ``[p N, C]`` tensor:
-    ~ (|J| + |I| + 1) C + |J| (|J| + |I| + 1) MACs per candidate and input, growing with the touched neurons and
-    rows, not with the layer. ``"auto"`` takes it whenever the head is foldable and its MACs are below 1.5 x the
-    explicit kernel's (it writes no ``[p N, d]`` tensors, so it wins at equal MACs).
+    and var(r) d = |r_c|^2 = |r0_c + delta|^2 - sum(delta)^2 / d needs no [p N]-wide pass per term: split d-space
+    into the rows I and the rest ~I and take a thin QR of the rest of B_J, B_J[~I] = Q R (Q orthonormal
+    ``[d - |I|, k]``, k = min(d - |I|, |J|)); since B_J[~I]^T (1 - Q Q^T) = 0::
+
+        |r0_c + delta|^2 = |S' + B_J[I] u + r0_c[I]|^2 + |R u + Q^T r0_c[~I]|^2 + |(1 - Q Q^T) r0_c[~I]|^2
+
+    (the last term is per input: no candidate changes it). So var(r) is one ``[|I| + k + 1, |J|] x [|J|, p N]``
+    product ([B_J[I]; R; colsum] u, the last row giving colsum . u for sum(delta)) added onto per-input constants,
+    then one sum of squares. Per chunk of candidates one ``[p N, m + 1] x [m + 1, C]`` product writes the only
+    ``[p N, C]`` tensor: ~ (|J| + |I| + 1) C + |J| (|I| + k + 1) MACs per candidate and input, growing with the
+    touched neurons and rows, not with the layer. ``"auto"`` takes it whenever the head is foldable and its MACs
+    are below 1.5 x the explicit kernel's (it writes no ``[p N, d]`` tensors, so it wins at equal MACs).
 
   The fitness pass is fused (:meth:`SparseFitness.__call__`): since std > 0, the prediction test runs on z std
   (the label's logit against the largest other logit, an exact tie resolved like ``argmax``: the first index
   wins), and the loss (logsumexp minus the label logit) is computed only for the inputs still wrong (on CUDA: for
   all, to avoid a host synchronisation). Work tensors are reused across chunks and generations. W_aft weights on
   the columns of touched neurons (which see the new activation) are one ``bmm`` per chunk with the per-candidate
-  [|I|, |J|] matrix of their changes when that is cheap, else a segment sum.
+  [|I|, |J|] matrix of their changes when that is cheap, else an ``index_add_`` into their rows. The touched
+  neurons' new pre-activations z0_J + dz_J come from one grouped product with z0_J as its bias, and an exact GELU
+  (or ReLU) is applied in place.
 
 ``tests/test_repair_fitness.py`` checks every evaluator and kernel against :class:`LoopFitness` in float64.
 """
@@ -292,40 +300,15 @@ class FullBatchFitness(PopulationFitness):
             yield h.post(r_.reshape(-1, h.d)).view(p, self.n, -1)
 
 
-class _SegmentSum:
-    """out[g] = sum_{k: group[k] = g} src[k] over the first dim of ``src [K, M]`` -> ``[G, M]``.
-
-    A gather when every group has one member (the common case for spread-out weights), else a sparse CSR
-    product (linear in K M, unlike a dense one-hot product)."""
-
-    def __init__(self, group: Tensor, num_groups: int, dtype: torch.dtype, device: torch.device):
-        counts = torch.bincount(group, minlength=num_groups)
-        self.identity = bool((counts == 1).all()) and bool((group == torch.arange(len(group))).all())
-        self.perm = torch.argsort(group).to(device) if bool((counts == 1).all()) else None
-        self.csr = None
-        if self.perm is None:
-            k = torch.arange(len(group))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-                self.csr = torch.sparse_coo_tensor(torch.stack([group, k]), torch.ones(len(group), dtype=dtype),
-                                                   (num_groups, len(group))).coalesce().to_sparse_csr().to(device)
-
-    def __call__(self, src: Tensor) -> Tensor:
-        if self.identity:
-            return src
-        if self.perm is not None:
-            return src[self.perm]
-        return torch.sparse.mm(self.csr, src)
-
-
 class _GroupedProduct:
-    """out[g, p, n] = sum_{k in group g} w[p, k] src[k, n] for ``w [p, K]`` (per call) and a fixed ``src [K, N]``.
+    """out[g, p, n] = bias[g, n] + sum_{k in group g} w[p, k] src[k, n] for ``w [p, K]`` (per call), a fixed
+    ``src [K, N]`` and an optional fixed ``bias [num_groups, N]``.
 
     The groups (e.g. the located weights of one neuron) are bucketed by size, each bucket padded to the next power
-    of two (at most 2x the MACs) and computed with one ``bmm`` per bucket, so no ``[K, p, N]`` intermediate is
-    written. Output rows follow ``self.order`` (group ids, by bucket then id)."""
+    of two (at most 2x the MACs) and computed with one ``bmm`` per bucket (one ``addcmul`` for groups of one), so
+    no ``[K, p, N]`` intermediate is written. Output rows follow ``self.order`` (group ids, by bucket then id)."""
 
-    def __init__(self, group: Tensor, num_groups: int, src: Tensor):
+    def __init__(self, group: Tensor, num_groups: int, src: Tensor, bias: Tensor | None = None):
         group = group.cpu()
         sizes = torch.bincount(group, minlength=num_groups)
         bucket = torch.ceil(torch.log2(sizes.double())).long()
@@ -344,7 +327,8 @@ class _GroupedProduct:
             for i, g in enumerate(gs):
                 idx[i, :len(members[g])] = torch.tensor(members[g])
             idx = idx.to(dev)
-            self.buckets.append((start, start + len(gs), idx, src_ext[idx]))  # H: [g_b, kmax, N]
+            bb = None if bias is None else bias[torch.tensor(gs, dtype=torch.long, device=bias.device)][:, None, :]
+            self.buckets.append((start, start + len(gs), idx, src_ext[idx], bb))  # H: [g_b, kmax, N]
             start += len(gs)
         self.num_groups, self.N = num_groups, src.shape[1]
 
@@ -352,9 +336,28 @@ class _GroupedProduct:
         p = w.shape[0]
         w_ext = torch.cat([w, w.new_zeros(p, 1)], 1)
         out = w.new_empty(self.num_groups, p, self.N) if out is None else out.view(self.num_groups, p, self.N)
-        for start, end, idx, H in self.buckets:
-            torch.bmm(w_ext[:, idx].permute(1, 0, 2), H, out=out[start:end])
+        for start, end, idx, H, bb in self.buckets:
+            wb, o = w_ext[:, idx].permute(1, 0, 2), out[start:end]                 # [g_b, p, kmax]
+            if idx.shape[1] == 1:  # groups of one: an outer product per group (one elementwise pass)
+                torch.mul(wb, H, out=o) if bb is None else torch.addcmul(bb, wb, H, out=o)
+            else:
+                torch.bmm(wb, H, out=o)
+                if bb is not None:
+                    o.add_(bb)
         return out
+
+
+def _inplace_act(act: nn.Module):
+    """``act`` applied in place when it is an exact GELU or a ReLU (the work tensor is scratch: no fresh
+    allocation per chunk); other activations run out of place."""
+    name = type(act).__name__
+    if isinstance(act, nn.GELU):
+        return lambda z: torch.ops.aten.gelu_(z, approximate=act.approximate)
+    if name == "GELUActivation" and getattr(act, "act", None) is nn.functional.gelu:  # transformers' GELU
+        return lambda z: torch.ops.aten.gelu_(z)
+    if isinstance(act, nn.ReLU):
+        return torch.relu_
+    return act
 
 
 def _foldable_post(post: nn.Module, d: int) -> tuple[nn.LayerNorm, nn.Linear] | None:
@@ -411,9 +414,11 @@ class SparseFitness(PopulationFitness):
         J, inv_b = torch.unique(rows_b, return_inverse=True)                 # touched neurons
         nJ = len(J)
         # dz_J = sum over each neuron's located weights of dW_bef h_c: a grouped product (rows in its order)
-        self._dz = _GroupedProduct(inv_b, nJ, inter["h"][:, cols_b].T.contiguous()) if nJ else None
+        # (the pre-activations z0_J of the touched neurons are its bias: it writes z_J = z0_J + dz_J)
+        self._dz = (_GroupedProduct(inv_b, nJ, inter["h"][:, cols_b].T.contiguous(), inter["z"][:, J].T)
+                    if nJ else None)
         self._J = J[self._dz.order.to(dev)] if nJ else J
-        self._z0T = inter["z"][:, self._J].T.contiguous()                   # [|J|, N]
+        self._act = _inplace_act(h.act)
         self._a0T = inter["a"][:, self._J].T.contiguous()                   # [|J|, N]
         rows_a, cols_a = w[self._ka, 1], w[self._ka, 2]
         posJ = {int(j): i for i, j in enumerate(self._J.tolist())}
@@ -431,8 +436,9 @@ class SparseFitness(PopulationFitness):
         nI, self._nI0 = len(self._I), len(I0)
         posI = {int(i): k for k, i in enumerate(self._I.tolist())}
         self._a1_posJ = torch.tensor([posJ[int(c)] for c in cols_a[in_J].tolist()], dtype=torch.long, device=dev)
-        self._seg_a1 = (_SegmentSum(torch.tensor([posI[int(r)] for r in rows1.tolist()], dtype=torch.long), nI, dt,
-                                    dev) if len(rows1) else None)
+        # (else: their products, added into their output rows of S)
+        self._seg_a1 = (torch.tensor([posI[int(r)] for r in rows1.tolist()], dtype=torch.long, device=dev)
+                        if len(rows1) else None)
         self.m = nJ + nI
         # W_aft weights on touched columns: S_I += D_p a_J per candidate p, with D_p the [|I|, |J|] matrix of their
         # changes, as one bmm when its |I| |J| MACs cost less than ~3 elementwise passes over [Ka1, p N]
@@ -451,7 +457,7 @@ class SparseFitness(PopulationFitness):
         lam = _layer_scale_vector(h.layer_scale, d)
         fold = _foldable_post(h.post, d) if lam is not None else None
         cost_explicit = nJ * d + d * C + 10 * d
-        cost_folded = (nJ + nI + 1) * C + nJ * (nJ + nI + 1) + 4 * (nJ + nI)
+        cost_folded = (nJ + nI + 1) * C + nJ * (nI + min(d - nI, nJ) + 1) + 4 * (nJ + nI)
         if kernel == "folded" and fold is None:
             raise RepairInputError("kernel='folded' needs post = LayerNorm -> Linear and a linear layer scale")
         self.kernel = kernel if kernel != "auto" else (
@@ -497,16 +503,30 @@ class SparseFitness(PopulationFitness):
         self._M = torch.cat([BJ.T @ G - colsum[:, None] * s[None, :] / d, G[self._I] - s[None, :] / d,
                              bprime.reshape(1, C).expand(1, C)], 0).contiguous()
         self._base = (r0 @ G - r0.mean(1, keepdim=True) * s[None, :]).contiguous()          # [N, C]
-        # quadratic and cross terms of var(r): [B_J^T B_J; B_J[I]; colsum] u  ([|J| + |I| + 1, p N])
-        # (or, when |I| > |J|, [B_J^T B_J; colsum] u + 2 B_J[I]^T S': the same MACs, fewer rows written)
-        self._cross_in_u = len(self._I) > nJ
-        self._Q = torch.cat([BJ.T @ BJ, colsum[None, :]] if self._cross_in_u else
-                            [BJ.T @ BJ, BJ[self._I], colsum[None, :]], 0).contiguous()
-        self._BIT2 = (2 * BJ[self._I]).T.contiguous()                        # [|J|, |I|]
+        # var(r) d = |r_c|^2 = |r0_c + delta|^2 - sum(delta)^2 / d (r0_c sums to zero), delta = E_I S' + B_J u.
+        # Split d-space into the rows I and the rest ~I, and take a thin QR of the rest, B_J[~I] = Q R (Q
+        # orthonormal [d - |I|, k], k = min(d - |I|, |J|)): since B_J[~I]^T (1 - Q Q^T) = 0,
+        #   |r0_c + delta|^2 = |S' + B_J[I] u + r0_c[I]|^2 + |R u + Q^T r0_c[~I]|^2 + e,
+        #   e = |(1 - Q Q^T) r0_c[~I]|^2   (per input; what no candidate changes),
+        # so the whole variance is one product [B_J[I]; R; colsum] u added onto per-input constants, then one
+        # sum of squares: (|I| + k + 1) |J| MACs, and no [p N]-wide pass per term. Computed in float64.
+        notI = torch.ones(d, dtype=torch.bool, device=dev)
+        notI[self._I] = False
+        B64, r0c64 = BJ.double(), r0c.double()
+        c1 = r0c64[:, self._I]                                               # [N, |I|]
+        rest = r0c64[:, notI]                                                # [N, d - |I|]
+        if nJ:
+            Q, R = torch.linalg.qr(B64[notI])                                # [d - |I|, k], [k, |J|]
+            c2 = rest @ Q                                                    # [N, k]
+            self._R = torch.cat([B64[self._I], R, B64.sum(0, keepdim=True)]).to(dt).contiguous()
+            rest = rest - c2 @ Q.T
+        else:
+            c2 = rest[:, :0]
+            self._R = None
+        self._nY = nI + c2.shape[1]                                          # rows of y summed in squares
+        self._cT = torch.cat([c1, c2], 1).T.to(dt).contiguous()              # [|I| + k, N]
+        self._e = (rest * rest).sum(1).to(dt)                                # [N]
         self._lamI = None if bool((lam == 1).all()) else lam[self._I][:, None]  # [|I|, 1]; None: identity
-        self._RJT2 = (2 * (r0c @ BJ)).T.contiguous()                         # 2 B_J^T r0_c  [|J|, N]
-        self._r0cIT2 = (2 * r0c[:, self._I]).T.contiguous()                  # 2 r0_c[I]     [|I|, N]
-        self._ss0 = (r0c * r0c).sum(1)                                       # |r0_c|^2      [N]
         self._C = C
 
     def info(self) -> dict[str, Any]:
@@ -547,9 +567,9 @@ class SparseFitness(PopulationFitness):
         p, N = dW.shape[0], self.n
         u = aJ = S = None
         if self._dz is not None:
-            dz = self._dz(dW[:, self._kb], self._buffer("dz", (len(self._J), p, N)) if out_u is not None
-                          else None)                                                  # [|J|, p, N]
-            aJ = self.head.act(dz.add_(self._z0T[:, None, :]))
+            z = self._dz(dW[:, self._kb], self._buffer("dz", (len(self._J), p, N)) if out_u is not None
+                         else None)                                                   # z0_J + dz_J [|J|, p, N]
+            aJ = self._act(z)
             u = torch.sub(aJ, self._a0T[:, None, :], out=out_u.view(len(self._J), p, N)) if out_u is not None \
                 else aJ - self._a0T[:, None, :]
             u = u.view(len(self._J), p * N)
@@ -566,48 +586,35 @@ class SparseFitness(PopulationFitness):
                 S.view(nI, p, N).add_(S1.transpose(0, 1))
             elif self._seg_a1 is not None:
                 S[self._nI0:].zero_()
-                s1 = dW[:, self._ka1].T.contiguous()[:, :, None] * aJ[self._a1_posJ]   # [Ka1, p, N]
-                S += self._seg_a1(s1.view(len(self._ka1), p * N))
+                s1 = aJ.index_select(0, self._a1_posJ).mul_(dW[:, self._ka1].T[:, :, None])  # [Ka1, p, N]
+                S.index_add_(0, self._seg_a1, s1.view(len(self._ka1), p * N))
         return u, S
-
-    def _s_part(self, S: Tensor, p: int) -> Tensor:
-        """|S'|^2 + 2 r0_c[I] . S' = S' . (S' + 2 r0_c[I]) per candidate and input ``[p N]``."""
-        nI, N = S.shape[0], self.n
-        y = torch.add(S.view(nI, p, N), self._r0cIT2[:, None, :], out=self._buffer("y", (nI, p, N)))
-        return y.view(nI, p * N).mul_(S).sum(0)
 
     def _numerator(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """Folded kernel for one chunk of candidates ``v [p, K]``: (z * std ``[p N, C]``, 1 / std ``[p N]``), with z
         the logits and std = sqrt(var(r) + eps) of the final LayerNorm."""
         p, N, d = len(v), self.n, self.head.d
-        nJ, nI, C = len(self._J), len(self._I), self._C
+        nJ, nI, C, nY = len(self._J), len(self._I), self._C, self._nY
         f = self._buffer("f", (self.m + 1, p * N))                                   # [u; S'; std]
         u, S = self._features(v - self.old, f[:nJ] if nJ else None, f[nJ:nJ + nI] if nI else None)
         if S is not None and self._lamI is not None:
             S.mul_(self._lamI)                                                       # S' = lam_I S_I
-        # var(r) d = |r0_c|^2 + 2 r0_c . delta + |delta|^2 - sum(delta)^2 / d, with
-        # 2 r0_c . delta + |delta|^2 = u . (B^T B u + 2 B^T r0_c) + S' . (2 B_I u + S' + 2 r0_c[I])
-        vard = torch.zeros(p * N, dtype=self.dtype, device=self.device)
-        vard.view(p, N).add_(self._ss0)
-        sum_d = torch.zeros(p * N, dtype=self.dtype, device=self.device)
-        if u is not None:
-            t = torch.mm(self._Q, u, out=self._buffer("t", (len(self._Q), p * N)))
-            if S is not None and self._cross_in_u:
-                t[:nJ].addmm_(self._BIT2, S)
-            tu = t[:nJ].view(nJ, p, N).add_(self._RJT2[:, None, :]).view(nJ, p * N)
-            vard += tu.mul_(u).sum(0)
-            sum_d += t[-1]
-            if S is not None and self._cross_in_u:
-                vard += self._s_part(S, p)
-                sum_d += S.sum(0)
-            elif S is not None:
-                ts = t[nJ:nJ + nI].mul_(2).add_(S).view(nI, p, N).add_(self._r0cIT2[:, None, :]).view(nI, p * N)
-                vard += ts.mul_(S).sum(0)
-                sum_d += S.sum(0)
-        elif S is not None:
-            vard += self._s_part(S, p)
-            sum_d += S.sum(0)
-        vard.sub_(sum_d * sum_d / d)
+        # y = [S' + r0_c[I]; Q^T r0_c[~I]; 0] + [B_J[I]; R; colsum] u: its first nY rows' squares sum to the
+        # candidate's part of var(r) d, its last row is colsum . u (sum(delta) without S')
+        y = self._buffer("y", (nY + (nJ > 0), p, N))
+        if nI:
+            torch.add(S.view(nI, p, N), self._cT[:nI, None, :], out=y[:nI])
+        y[nI:nY].copy_(self._cT[nI:, None, :])
+        y = y.view(-1, p * N)
+        sum_d = S.sum(0) if nI else None
+        if nJ:
+            y[nY].zero_()
+            y.addmm_(self._R, u)
+            sum_d = y[nY] if sum_d is None else sum_d.add_(y[nY])
+        vard = y[:nY].square_().sum(0)
+        vard.view(p, N).add_(self._e)
+        if sum_d is not None:
+            vard.sub_(sum_d.square_().div_(d))
         std = f[-1]
         torch.sqrt(vard.div_(d).add_(self._eps), out=std)
         num = torch.mm(f.T, self._M, out=self._buffer("num", (p * N, C)))

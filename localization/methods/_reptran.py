@@ -33,8 +33,10 @@ class ReptranSums:
     a: Tensor
 
 
-def reptran_sums(head: FFNHead, x: Tensor, label: Tensor, sizes: Sequence[int], fi: bool = True) -> ReptranSums:
-    """The published GL / FI summed over the consecutive parts of ``x [N, d]`` with the given ``sizes``.
+def reptran_sums(head: FFNHead, x: Tensor, label: Tensor, sizes: Sequence[int], fi: bool = True,
+                 gl: bool = True) -> ReptranSums:
+    """The published GL / FI summed over the consecutive parts of ``x [N, d]`` with the given ``sizes`` (``gl`` /
+    ``fi`` False: that one is not computed and is None).
 
     FI_b = front_b * back_b = W * [(R_b^T o_b) * (G_b^T o_b)] / B_b with R_b = 1 / (o_b W^T + 1e-8)
     ``[B_b, out]`` and G_b = per-input d(sum logits)/d(layer output before its activation) ``[B_b, out]``, so the
@@ -56,8 +58,10 @@ def reptran_sums(head: FFNHead, x: Tensor, label: Tensor, sizes: Sequence[int], 
         a = head.act(z)
         nn_out = head.fc_aft(a)
         logits = head.post(x + head.layer_scale(nn_out))
-        loss = (F.cross_entropy(logits, label, reduction="none") * per_row).sum()
-        gl_bef, gl_aft = torch.autograd.grad(loss, [w_bef, w_aft], retain_graph=fi)
+        gl_bef = gl_aft = None
+        if gl:
+            loss = (F.cross_entropy(logits, label, reduction="none") * per_row).sum()
+            gl_bef, gl_aft = torch.autograd.grad(loss, [w_bef, w_aft], retain_graph=fi)
         if fi:
             g_z, g_n = torch.autograd.grad(logits.sum(), [z, nn_out])  # dO/dz: W_bef's output before GELU
     h, a = h.detach(), a.detach()
@@ -68,10 +72,16 @@ def reptran_sums(head: FFNHead, x: Tensor, label: Tensor, sizes: Sequence[int], 
     r_bef = 1.0 / (h @ w_bef.t() + EPS)  # [N, d_ff], signed, no |.|
     r_aft = 1.0 / (a @ w_aft.t() + EPS)  # [N, d]
     fi_bef, fi_aft = torch.zeros_like(w_bef), torch.zeros_like(w_aft)
+    # the two per-part products go into reused buffers (a fresh weight-sized tensor per part costs more in page
+    # faults than the product itself: 5x slower at ViT-B shapes)
+    work = [(acc, r, g, o, torch.empty_like(acc), torch.empty_like(acc))
+            for acc, r, g, o in ((fi_bef, r_bef, g_z, h), (fi_aft, r_aft, g_n, a))]
     s = 0
     for b in sizes:
         rows = slice(s, s + b)
-        for acc, r, g, o in ((fi_bef, r_bef, g_z, h), (fi_aft, r_aft, g_n, a)):
-            acc.addcmul_(r[rows].t() @ o[rows], g[rows].t() @ o[rows], value=1.0 / b)
+        for acc, r, g, o, p_r, p_g in work:
+            torch.mm(r[rows].t(), o[rows], out=p_r)
+            torch.mm(g[rows].t(), o[rows], out=p_g)
+            acc.addcmul_(p_r, p_g, value=1.0 / b)
         s += b
     return ReptranSums(gl_bef, gl_aft, fi_bef, fi_aft, len(sizes), h, a)

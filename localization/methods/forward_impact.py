@@ -40,10 +40,11 @@ def _safe_reciprocal(t: Tensor) -> Tensor:
     return r.masked_fill_(t <= 0, 0.0)
 
 
-def fi_front_sum(weight: Tensor, o: Tensor) -> Tensor:
-    """S_ji = sum_x |o_i(x)| / sum_k |o_k(x) w_jk|, ``[out, in]`` for ``weight [out, in]`` and ``o [B, in]``."""
+def fi_front_sum(weight: Tensor, o: Tensor, abs_weight: Tensor | None = None) -> Tensor:
+    """S_ji = sum_x |o_i(x)| / sum_k |o_k(x) w_jk|, ``[out, in]`` for ``weight [out, in]`` and ``o [B, in]``
+    (``abs_weight``: |weight| when the caller holds it)."""
     ao = o.abs()
-    denom = ao @ weight.abs().t()  # [B, out]
+    denom = ao @ (weight.abs() if abs_weight is None else abs_weight).t()  # [B, out]
     return _safe_reciprocal(denom).t() @ ao
 
 
@@ -76,9 +77,20 @@ class FIStates:
             self.add_state(f"fi_front_{s}", acc_zeros(self.index.total), dist_reduce_fx="sum")
             self.add_state(f"fi_back_{s}", acc_zeros(self.head.d_ff + self.head.d), dist_reduce_fx="sum")
 
+    def _abs_weights(self) -> tuple[Tensor, Tensor]:
+        """|W_bef|, |W_aft|, kept while neither weight tensor changes (its storage and version counter)."""
+        ws = [w.detach() for w in (self.head.fc_bef.weight, self.head.fc_aft.weight)]
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
+        cached = getattr(self, "_abs_w_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._abs_w_cache = (key, tuple(w.abs() for w in ws))
+        return cached[1]
+
     def _acc_fi(self, side: str, p: FFNPass) -> None:
         w_bef, w_aft = self.head.fc_bef.weight.detach(), self.head.fc_aft.weight.detach()
-        self.add_weights(getattr(self, f"fi_front_{side}"), fi_front_sum(w_bef, p.h), fi_front_sum(w_aft, p.a))
+        abs_bef, abs_aft = self._abs_weights()
+        self.add_weights(getattr(self, f"fi_front_{side}"), fi_front_sum(w_bef, p.h, abs_bef),
+                         fi_front_sum(w_aft, p.a, abs_aft))
         back = getattr(self, f"fi_back_{side}")
         self.add_to(back[: self.head.d_ff], fi_back_sum(p.back_a))
         self.add_to(back[self.head.d_ff:], fi_back_sum(p.back_n))

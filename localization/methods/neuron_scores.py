@@ -74,18 +74,46 @@ def v_score_from_moments(n: int, act_sum: Tensor, act_outer: Tensor, vscore: str
     return (var + others) / (n - 1)
 
 
-def add_second_moment_(state: Tensor, a: Tensor) -> Tensor:
+def add_second_moment_(state: Tensor, a: Tensor, sum_into: Tensor | None = None) -> Tensor:
     """state += sum_x a(x) a(x)^T in place (``state [d_ff, d_ff]`` float64, ``a [B, d_ff]``), centred around the
-    batch mean K: sum a a^T = c^T c + u K^T + K u^T with c = a - K, u = sum c + (B / 2) K. c^T c is one matmul in
-    a's dtype; the rank-one terms are in-place float64 updates (no [d_ff, d_ff] temporaries besides c^T c)."""
+    batch mean K: sum a a^T = c^T c + u K^T + K u^T with c = a - K, u = sum c + (B / 2) K. c^T c is a matmul in
+    a's dtype (its blocks on and above the diagonal only); the rank-one terms are in-place float64 updates (no
+    [d_ff, d_ff] temporaries besides the blocks of c^T c). ``sum_into`` (float64 ``[d_ff]``): sum_x a(x) = B K +
+    sum c is added into it (the batch's sum of the centred rows in a's dtype, like the product)."""
     if a.dtype == torch.float64:
+        if sum_into is not None:
+            sum_into += a.sum(0)
         return state.addmm_(a.t(), a)
     k = a.mean(0)  # the shift, exactly representable in float64
     c = a - k
     k64 = k.to(state)
-    u = c.to(state).sum(0) + 0.5 * a.shape[0] * k64
-    state += c.t() @ c  # float32 product, accumulated in float64
+    sc = c.sum(0).to(state)  # ~0: the rounding of the mean
+    if sum_into is not None:
+        sum_into += a.shape[0] * k64 + sc.to(sum_into)
+    u = sc + 0.5 * a.shape[0] * k64
+    _add_gram_(state, c)  # float32 products, accumulated in float64
     return state.addr_(u, k64).addr_(k64, u)
+
+
+#: c^T c is symmetric: above this width it is formed in GRAM_BLOCKS x GRAM_BLOCKS blocks, the upper ones only
+#: (each added with its transpose), (nb + 1) / (2 nb) of the full product's MACs
+GRAM_BLOCKS, GRAM_MIN_WIDTH = 4, 1024
+
+
+def _add_gram_(state: Tensor, c: Tensor) -> None:
+    """state += c^T c (``state [D, D]``, ``c [B, D]``), computing only the blocks on and above the diagonal."""
+    D = c.shape[1]
+    if D < GRAM_MIN_WIDTH:
+        state += c.t() @ c
+        return
+    step = -(-D // GRAM_BLOCKS)
+    for i in range(0, D, step):
+        ci = c[:, i:i + step].t()
+        for j in range(i, D, step):
+            blk = ci @ c[:, j:j + step]
+            state[i:i + step, j:j + step] += blk
+            if j != i:
+                state[j:j + step, i:i + step] += blk.t()
 
 
 def second_moment(a: Tensor) -> Tensor:
@@ -143,10 +171,12 @@ class VStates:
             if a.shape[0] == 0:
                 return
         getattr(self, f"act_n_{side}").add_(a.shape[0])
-        self.add_to(getattr(self, f"act_sum_{side}"), a.double().sum(0))
-        if self.v_outer:
+        act_sum = getattr(self, f"act_sum_{side}")
+        if self.v_outer:  # the sum comes with the second moment (from the same centred rows)
             state = getattr(self, f"act_outer_{side}")
-            add_second_moment_(state, a.to(state.device))
+            add_second_moment_(state, a.to(state.device), sum_into=act_sum)
+        else:
+            self.add_to(act_sum, a.sum(0, dtype=torch.float64))
 
     def _v_score(self, side: str) -> Tensor:
         n = int(getattr(self, f"act_n_{side}").item())

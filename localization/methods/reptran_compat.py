@@ -72,6 +72,8 @@ class ReptranGLFI:
 
     batching = REPTRAN_BATCH
     norm_eps = EPS
+    #: the published sums this method needs ("gl", "fi"): states and work only for those
+    reptran_kinds: tuple[str, ...] = ("gl", "fi")
 
     def _set_batch_size(self, batch_size: int) -> None:
         array_split_sizes(1, batch_size)  # a clear error unless a positive int
@@ -79,14 +81,15 @@ class ReptranGLFI:
 
     def _init_glfi(self) -> None:
         for s in self.sides:
-            self.add_state(f"rgl_{s}", acc_zeros(self.index.total), dist_reduce_fx="sum")
-            self.add_state(f"rfi_{s}", acc_zeros(self.index.total), dist_reduce_fx="sum")
+            for kind in self.reptran_kinds:
+                self.add_state(f"r{kind}_{s}", acc_zeros(self.index.total), dist_reduce_fx="sum")
             self.add_state(f"batches_{s}", acc_zeros(), dist_reduce_fx="sum")
 
     def _accumulate(self, side: str, x: Tensor, label: Tensor, batches: list[int] | None = None) -> None:
-        r = reptran_sums(self.head, x, label, batches or array_split_sizes(x.shape[0], self.batching))
-        self.add_weights(getattr(self, f"rgl_{side}"), r.gl_bef, r.gl_aft)
-        self.add_weights(getattr(self, f"rfi_{side}"), r.fi_bef, r.fi_aft)
+        r = reptran_sums(self.head, x, label, batches or array_split_sizes(x.shape[0], self.batching),
+                         fi="fi" in self.reptran_kinds, gl="gl" in self.reptran_kinds)
+        for kind in self.reptran_kinds:
+            self.add_weights(getattr(self, f"r{kind}_{side}"), getattr(r, f"{kind}_bef"), getattr(r, f"{kind}_aft"))
         getattr(self, f"batches_{side}").add_(r.n_batches)
         self._acc_more(side, FFNPass(h=r.h, a=r.a), label)
 
@@ -115,6 +118,10 @@ class ReptranGLFI:
 class _ReptranSingle(ReptranGLFI, SetLocalizer):
     level = "weight"
     kind = "gl"
+
+    @property
+    def reptran_kinds(self) -> tuple[str, ...]:  # GL alone or FI alone
+        return (self.kind,)
 
     def __init__(self, head: FFNHead, seed: int = 0, batch_size: int = REPTRAN_BATCH, two_sided: bool = True,
                  **kwargs: Any):
