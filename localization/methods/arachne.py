@@ -39,7 +39,7 @@ def minmax_eps(v: Tensor, eps: float = 0.0) -> Tensor:
     if eps == 0.0:
         return minmax(v)
     lo, hi = torch.aminmax(v)
-    return (v - lo) / (hi - lo + eps)
+    return torch.sub(v, lo).div_(hi - lo + eps)
 
 
 def arachne_w_score(gl: Tensor, fi: Tensor, p: float = 0.5, eps: float = 0.0) -> Tensor:
@@ -47,7 +47,7 @@ def arachne_w_score(gl: Tensor, fi: Tensor, p: float = 0.5, eps: float = 0.0) ->
     ``eps`` > 0: the published minmax with ``+ eps`` in the denominator (:func:`minmax_eps`)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must lie in [0, 1], got {p}")
-    return (1.0 - p) * minmax_eps(gl, eps) + p * minmax_eps(fi, eps)
+    return minmax_eps(gl, eps).mul_(1.0 - p).add_(minmax_eps(fi, eps), alpha=p)
 
 
 def bl_scores(gl: Tensor, fi: Tensor, keep_identical: bool = True) -> tuple[Tensor, Tensor]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from localization.base import register_localizer
@@ -34,10 +35,11 @@ __all__ = ["fi_front_sum", "fi_back_sum", "forward_impact_from_sums", "forward_i
            "ForwardImpact", "ForwardImpactTwoSided"]
 
 
-def _safe_reciprocal(t: Tensor) -> Tensor:
-    """1 / t where t > 0, else 0 (t >= 0 here: sums of absolute values)."""
-    r = t.reciprocal()
-    return r.masked_fill_(t <= 0, 0.0)
+def _safe_reciprocal(t: Tensor, inplace: bool = False) -> Tensor:
+    """1 / t where t > 0, else 0 (t >= 0 here: sums of absolute values); ``inplace``: t is overwritten."""
+    zero = t <= 0
+    r = t.reciprocal_() if inplace else t.reciprocal()
+    return r.masked_fill_(zero, 0.0)
 
 
 def fi_front_sum(weight: Tensor, o: Tensor, abs_weight: Tensor | None = None) -> Tensor:
@@ -45,7 +47,7 @@ def fi_front_sum(weight: Tensor, o: Tensor, abs_weight: Tensor | None = None) ->
     (``abs_weight``: |weight| when the caller holds it)."""
     ao = o.abs()
     denom = ao @ (weight.abs() if abs_weight is None else abs_weight).t()  # [B, out]
-    return _safe_reciprocal(denom).t() @ ao
+    return _safe_reciprocal(denom, inplace=True).t() @ ao
 
 
 def fi_back_sum(g: Tensor) -> Tensor:
@@ -54,9 +56,10 @@ def fi_back_sum(g: Tensor) -> Tensor:
     return (ag * _safe_reciprocal(ag.sum(1, keepdim=True))).sum(0)
 
 
-def forward_impact_from_sums(weight: Tensor, front_sum: Tensor, back_sum: Tensor, n: int) -> Tensor:
-    """FI_ji = |w_ji| front_sum_ji / n * back_sum_j / n, ``[out, in]``."""
-    return weight.abs() * front_sum / n * (back_sum / n).unsqueeze(1)
+def forward_impact_from_sums(weight: Tensor, front_sum: Tensor, back_sum: Tensor, n: int,
+                             out: Tensor | None = None) -> Tensor:
+    """FI_ji = |w_ji| front_sum_ji / n * back_sum_j / n, ``[out, in]`` (written into ``out`` when given)."""
+    return torch.mul(weight.abs(), front_sum, out=out).mul_((back_sum / (n * n)).unsqueeze(1))
 
 
 def forward_impact(head: FFNHead, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,15 +105,18 @@ class FIStates:
         w_bef, w_aft = (w.detach().to(front) for w in self.head.weights())
         f_bef, f_aft = self.index.split(front)
         d_ff = self.head.d_ff
-        return self.index.join(forward_impact_from_sums(w_bef, f_bef, back[:d_ff], n),
-                               forward_impact_from_sums(w_aft, f_aft, back[d_ff:], n))
+        fi = torch.empty_like(front)  # both matrices written in place into one flat vector (no concatenation)
+        o_bef, o_aft = self.index.split(fi)
+        forward_impact_from_sums(w_bef, f_bef, back[:d_ff], n, out=o_bef)
+        forward_impact_from_sums(w_aft, f_aft, back[d_ff:], n, out=o_aft)
+        return fi
 
     def _fi_value(self, two_sided: bool) -> Tensor:
         """FI(I_neg) or FI(I_neg) / (1 + FI(I_pos)), ``[2 d d_ff]``."""
         fi = self._fi_side("neg")
         if two_sided:
             self.require("pos", why="for the two-sided FI(I_neg) / (1 + FI(I_pos))")
-            fi = fi / (1.0 + self._fi_side("pos"))
+            fi = fi.div_(self._fi_side("pos").add_(1.0))
         return fi
 
 

@@ -33,7 +33,7 @@ def grad_loss_sums(head: FFNHead, x: Tensor, label: Tensor) -> tuple[Tensor, Ten
 def grad_loss_score(sum_neg: Tensor, sum_pos: Tensor | None = None) -> Tensor:
     """|sum_neg| (one-sided) or |sum_neg| / (1 + |sum_pos|) (two-sided), elementwise."""
     gl = sum_neg.abs()
-    return gl if sum_pos is None else gl / (1.0 + sum_pos.abs())
+    return gl if sum_pos is None else gl.div_(sum_pos.abs().add_(1.0))  # in place on fresh tensors
 
 
 class GLStates:

@@ -92,7 +92,8 @@ def add_second_moment_(state: Tensor, a: Tensor, sum_into: Tensor | None = None)
         sum_into += a.shape[0] * k64 + sc.to(sum_into)
     u = sc + 0.5 * a.shape[0] * k64
     _add_gram_(state, c)  # float32 products, accumulated in float64
-    return state.addr_(u, k64).addr_(k64, u)
+    # u K^T + K u^T as one rank-2 product (one float64 pass over the state)
+    return state.addmm_(torch.stack([u, k64], 1), torch.stack([k64, u], 0))
 
 
 #: c^T c is symmetric: above this width it is formed in GRAM_BLOCKS x GRAM_BLOCKS blocks, the upper ones only

@@ -53,7 +53,7 @@ def ours_score(gl: Tensor, fi: Tensor, neuron_score_per_weight: Tensor, p: float
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must lie in [0, 1], got {p}")
     ns = neuron_score_per_weight.double()
-    return (1.0 - p) * minmax_eps(gl.double() * ns, eps) + p * minmax_eps(fi.double() * ns, eps)
+    return minmax_eps(gl.double() * ns, eps).mul_(1.0 - p).add_(minmax_eps(fi.double() * ns, eps), alpha=p)
 
 
 def check_true_label(true_label: Any) -> int | None:

@@ -99,13 +99,15 @@ class ReptranGLFI:
     def _reptran_value(self, kind: str) -> Tensor:
         def mean(side: str) -> Tensor:
             self.require(side)
-            v = getattr(self, f"r{kind}_{side}") / getattr(self, f"batches_{side}")
+            v = getattr(self, f"r{kind}_{side}") / getattr(self, f"batches_{side}")  # fresh: edited in place
             if kind == "fi":  # FI_b = W * (sums without W)
-                v = v * self.index.join(*(w.detach().to(v) for w in self.head.weights()))
+                w_bef, w_aft = self.index.split(v)
+                w_bef.mul_(self.head.fc_bef.weight.detach().to(v))
+                w_aft.mul_(self.head.fc_aft.weight.detach().to(v))
             return v
 
         v = mean("neg")
-        return v / (1.0 + mean("pos")) if self.two_sided else v
+        return v.div_(mean("pos").add_(1.0)) if self.two_sided else v
 
     def gl_fi(self) -> tuple[Tensor, Tensor]:
         return self._reptran_value("gl"), self._reptran_value("fi")
