@@ -22,7 +22,8 @@ unless asked for (``--with_ab``; timed over ``--measure_ab`` generations and ext
 The bound for (c) counts what cannot be avoided per evaluation round, measured in the same run:
 
 - MACs: P |I| (min over the two kernels of the MACs per candidate and input: explicit |J| d + d C, folded
-  (|J| + |I| + 1) C + (|J| + 1) (|J| + |I|)), at the measured float32 GEMM rate (``[15 P, d] x [d, d]``);
+  (|J| + |I| + 1) C + |J| (|I| + k + 1) with k = min(d - |I|, |J|)), at the measured float32 GEMM rate
+  (``[15 P, d] x [d, d]``);
 - memory: one read and one write pass over the ``[P, |I|, C]`` candidate logits, at the bandwidth of a
   ``torch.add`` of two tensors of that size into a third (measured; the large-array bandwidth is printed too);
 - activation (column ``act s``, reported beside the bound, and in ``ratio+act``): every candidate changes the
@@ -288,7 +289,7 @@ def main(argv=None) -> list[dict]:
             sparse = SparseFitness(hd, w, xd, yd, nd, kernel=a.kernel)
             info = sparse.info()
             nJ, nI = info["touched_neurons"], info["touched_rows"]
-            macs = min(nJ * d + d * C, (nJ + nI + 1) * C + (nJ + 1) * (nJ + nI))
+            macs = min(nJ * d + d * C, (nJ + nI + 1) * C + nJ * (nI + min(d - nI, nJ) + 1))
             rate = gemm_rate(15 * P, d, d, dev)          # re-measured beside each run: the load changes
             mem_pass = add_pass_seconds(P * N * C, dev)
             mac_s = evals * P * N * 2 * macs / rate

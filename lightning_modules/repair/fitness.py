@@ -53,19 +53,18 @@ Evaluators (all return :class:`FitnessResult` for ``values [P, K]``, the candida
 
         z std = f^T M + base,   M = [B_J^T G - colsum s^T / d;  G_I - 1 s^T / d;  b'],   base = r0 G - mean(r0) s
 
-    and var(r) d = |r_c|^2 = |r0_c + delta|^2 - sum(delta)^2 / d needs no pass over a ``[|I| + |J|, p N]``
-    intermediate: the S features are kept shifted by a per-input constant, S'' = S' + r0_c[I] (the grouped
-    product writes the shift as its bias; the logits' base absorbs it), and with ~I the rows outside I::
+    and var(r) d = |r_c|^2 = |r0_c + delta|^2 - sum(delta)^2 / d needs no [p N]-wide pass per term: split d-space
+    into the rows I and the rest ~I and take a thin QR of the rest of B_J, B_J[~I] = Q R (Q orthonormal
+    ``[d - |I|, k]``, k = min(d - |I|, |J|)); since B_J[~I]^T (1 - Q Q^T) = 0::
 
-        |r0_c + delta|^2 = |r0_c[~I]|^2 + |S''|^2 + u . t,
-        t = 2 B_J[~I]^T r0_c[~I] + B_J^T B_J u + 2 B_J[I]^T S''
-        sum(delta) = colsum . u + 1 . S'' - 1 . r0_c[I]
+        |r0_c + delta|^2 = |S' + B_J[I] u + r0_c[I]|^2 + |R u + Q^T r0_c[~I]|^2 + |(1 - Q Q^T) r0_c[~I]|^2
 
-    so t and sum(delta) are one ``[|J| + 1, p N]`` buffer (per-input constants, then two products) and |S''|^2 one
-    sum of squares. Per chunk of candidates one ``[p N, m + 1] x [m + 1, C]`` product writes the only
-    ``[p N, C]`` tensor: ~ (|J| + |I| + 1) C + (|J| + 1) (|J| + |I|) MACs per candidate and input, growing with
-    the touched neurons and rows, not with the layer. ``"auto"`` takes it whenever the head is foldable and its
-    MACs are below 1.5 x the explicit kernel's (it writes no ``[p N, d]`` tensors, so it wins at equal MACs).
+    (the last term is per input: no candidate changes it). So var(r) is one ``[|I| + k + 1, |J|] x [|J|, p N]``
+    product ([B_J[I]; R; colsum] u, the last row giving colsum . u for sum(delta)) added onto per-input constants,
+    then one sum of squares. Per chunk of candidates one ``[p N, m + 1] x [m + 1, C]`` product writes the only
+    ``[p N, C]`` tensor: ~ (|J| + |I| + 1) C + |J| (|I| + k + 1) MACs per candidate and input, growing with the
+    touched neurons and rows, not with the layer. ``"auto"`` takes it whenever the head is foldable and its MACs
+    are below 1.5 x the explicit kernel's (it writes no ``[p N, d]`` tensors, so it wins at equal MACs).
 
   The fitness pass is fused (:meth:`SparseFitness.__call__`): since std > 0, the prediction test runs on z std
   (the label's logit against the largest other logit, an exact tie resolved like ``argmax``: the first index
@@ -319,7 +318,7 @@ class _GroupedProduct:
             members[g].append(k)
         K, dev = len(group), src.device
         src_ext = torch.cat([src, src.new_zeros(1, src.shape[1])])            # row K: zeros (padding)
-        self.buckets, self._groups = [], []
+        self.buckets = []
         start = 0
         for b in sorted(set(bucket.tolist())):
             gs = [g for g in self.order.tolist() if int(bucket[g]) == b]
@@ -328,17 +327,10 @@ class _GroupedProduct:
             for i, g in enumerate(gs):
                 idx[i, :len(members[g])] = torch.tensor(members[g])
             idx = idx.to(dev)
-            self.buckets.append([start, start + len(gs), idx, src_ext[idx], None])  # H: [g_b, kmax, N]
-            self._groups.append(torch.tensor(gs, dtype=torch.long))
+            bb = None if bias is None else bias[torch.tensor(gs, dtype=torch.long, device=bias.device)][:, None, :]
+            self.buckets.append((start, start + len(gs), idx, src_ext[idx], bb))  # H: [g_b, kmax, N]
             start += len(gs)
         self.num_groups, self.N = num_groups, src.shape[1]
-        if bias is not None:
-            self.set_bias(bias)
-
-    def set_bias(self, bias: Tensor) -> None:
-        """Attach ``bias [num_groups, N]`` (rows by group id): later calls write bias + the product."""
-        for bucket, gs in zip(self.buckets, self._groups):
-            bucket[4] = bias[gs.to(bias.device)][:, None, :]
 
     def __call__(self, w: Tensor, out: Tensor | None = None) -> Tensor:
         p = w.shape[0]
@@ -437,7 +429,6 @@ class SparseFitness(PopulationFitness):
         self._ka0, self._ka1 = self._ka[~in_J], self._ka[in_J]
         self._S0 = (_GroupedProduct(inv0, len(I0), inter["a"][:, cols_a[~in_J]].T.contiguous())
                     if len(I0) else None)
-        I0_by_group = I0
         I0 = I0[self._S0.order.to(dev)] if len(I0) else I0
         rows1 = rows_a[in_J]
         extra = torch.unique(rows1[~torch.isin(rows1, I0)])
@@ -457,7 +448,6 @@ class SparseFitness(PopulationFitness):
                                           zip(rows1.tolist(), cols_a[in_J].tolist())], dtype=torch.long, device=dev)
             self._seg_a1 = None
         self._buffers: dict[Any, Tensor] = {}
-        self._S_rest: Tensor | None = None  # see _init_rest
         # CUDA: no data-dependent shapes in the fitness pass (argmax and the loss of every input), so a generation
         # runs without host synchronisation; the CPU path computes the loss of the wrong inputs only
         self.sync_free = dev.type == "cuda"
@@ -467,7 +457,7 @@ class SparseFitness(PopulationFitness):
         lam = _layer_scale_vector(h.layer_scale, d)
         fold = _foldable_post(h.post, d) if lam is not None else None
         cost_explicit = nJ * d + d * C + 10 * d
-        cost_folded = (nJ + nI + 1) * C + (nJ + 1) * (nJ + nI) + 4 * (nJ + nI)
+        cost_folded = (nJ + nI + 1) * C + nJ * (nI + min(d - nI, nJ) + 1) + 4 * (nJ + nI)
         if kernel == "folded" and fold is None:
             raise RepairInputError("kernel='folded' needs post = LayerNorm -> Linear and a linear layer scale")
         self.kernel = kernel if kernel != "auto" else (
@@ -512,32 +502,31 @@ class SparseFitness(PopulationFitness):
         # logits are never formed in d-space and only one [p N, C] tensor is written per chunk
         self._M = torch.cat([BJ.T @ G - colsum[:, None] * s[None, :] / d, G[self._I] - s[None, :] / d,
                              bprime.reshape(1, C).expand(1, C)], 0).contiguous()
-        base = r0.double() @ G.double() - r0.double().mean(1, keepdim=True) * s.double()[None, :]   # [N, C]
+        self._base = (r0 @ G - r0.mean(1, keepdim=True) * s[None, :]).contiguous()          # [N, C]
         # var(r) d = |r_c|^2 = |r0_c + delta|^2 - sum(delta)^2 / d (r0_c sums to zero), delta = E_I S' + B_J u.
-        # The S features are kept shifted by their rows of r0_c, S'' = S' + r0_c[I] (a per-input constant: the
-        # grouped product writes it as its bias), so that, with ~I the rows outside I,
-        #   |r0_c + delta|^2 = e + |S''|^2 + u . t,   e = |r0_c[~I]|^2,
-        #   t = 2 B_J[~I]^T r0_c[~I] + B_J^T B_J u + 2 B_J[I]^T S''                         [|J|, p N]
-        #   sum(delta) = colsum . u + 1 . S'' - 1 . r0_c[I]
-        # t and sum(delta) are one buffer [|J| + 1, p N]: per-input constants, then two products; the logits' base
-        # absorbs the shift (base - r0_c[I] M_S). So the passes are over [|J| + 1, p N] and one sum of squares
-        # of S'', never over a [|I| + |J|, p N] intermediate. Constants in float64.
+        # Split d-space into the rows I and the rest ~I, and take a thin QR of the rest, B_J[~I] = Q R (Q
+        # orthonormal [d - |I|, k], k = min(d - |I|, |J|)): since B_J[~I]^T (1 - Q Q^T) = 0,
+        #   |r0_c + delta|^2 = |S' + B_J[I] u + r0_c[I]|^2 + |R u + Q^T r0_c[~I]|^2 + e,
+        #   e = |(1 - Q Q^T) r0_c[~I]|^2   (per input; what no candidate changes),
+        # so the whole variance is one product [B_J[I]; R; colsum] u added onto per-input constants, then one
+        # sum of squares: (|I| + k + 1) |J| MACs, and no [p N]-wide pass per term. Computed in float64.
         notI = torch.ones(d, dtype=torch.bool, device=dev)
         notI[self._I] = False
         B64, r0c64 = BJ.double(), r0c.double()
-        c1, rest = r0c64[:, self._I], r0c64[:, notI]                          # [N, |I|], [N, d - |I|]
-        self._e = (rest * rest).sum(1).to(dt)                                 # [N]
-        self._t0 = torch.cat([2 * (rest @ B64[notI]).T, -c1.sum(1)[None, :]]).to(dt).contiguous()  # [|J|+1, N]
-        self._Tu = torch.cat([B64.T @ B64, B64.sum(0, keepdim=True)]).to(dt).contiguous() if nJ else None
-        self._TS = (torch.cat([2 * B64[self._I].T, torch.ones(1, nI, dtype=torch.float64, device=dev)])
-                    .to(dt).contiguous() if nI else None)                     # [|J| + 1, |I|]
-        self._base = (base - c1 @ self._M[nJ:nJ + nI].double()).to(dt).contiguous()
+        c1 = r0c64[:, self._I]                                               # [N, |I|]
+        rest = r0c64[:, notI]                                                # [N, d - |I|]
+        if nJ:
+            Q, R = torch.linalg.qr(B64[notI])                                # [d - |I|, k], [k, |J|]
+            c2 = rest @ Q                                                    # [N, k]
+            self._R = torch.cat([B64[self._I], R, B64.sum(0, keepdim=True)]).to(dt).contiguous()
+            rest = rest - c2 @ Q.T
+        else:
+            c2 = rest[:, :0]
+            self._R = None
+        self._nY = nI + c2.shape[1]                                          # rows of y summed in squares
+        self._cT = torch.cat([c1, c2], 1).T.to(dt).contiguous()              # [|I| + k, N]
+        self._e = (rest * rest).sum(1).to(dt)                                # [N]
         self._lamI = None if bool((lam == 1).all()) else lam[self._I][:, None]  # [|I|, 1]; None: identity
-        self._c1T = c1.T.to(dt).contiguous()                                  # [|I|, N]
-        if self._lamI is None and nI:  # S'' straight from the features: the shift as the products' bias
-            if self._S0 is not None:
-                self._S0.set_bias(r0c[:, I0_by_group].T.contiguous())
-            self._S_rest = self._c1T[self._nI0:]
         self._C = C
 
     def info(self) -> dict[str, Any]:
@@ -590,50 +579,42 @@ class SparseFitness(PopulationFitness):
             if self._S0 is not None:
                 self._S0(dW[:, self._ka0], S[:self._nI0])
             if self._a1_flat is not None:
-                self._init_rest(S, p)
+                S[self._nI0:].zero_()
                 D = dW.new_zeros(p, nI * nJ)
                 D[:, self._a1_flat] = dW[:, self._ka1]
                 # S[:, q] += D_q a_J[:, q] for every candidate q, written in place through a strided view
                 S.view(nI, p, N).transpose(0, 1).baddbmm_(D.view(p, nI, nJ), aJ.transpose(0, 1))
             elif self._seg_a1 is not None:
-                self._init_rest(S, p)
+                S[self._nI0:].zero_()
                 s1 = aJ.index_select(0, self._a1_posJ).mul_(dW[:, self._ka1].T[:, :, None])  # [Ka1, p, N]
                 S.index_add_(0, self._seg_a1, s1.view(len(self._ka1), p * N))
         return u, S
-
-    def _init_rest(self, S: Tensor, p: int) -> None:
-        """The rows of S no grouped product writes (output rows reached only through touched columns): zero, or
-        the folded kernel's per-input shift r0_c[I] of those rows."""
-        if self._S_rest is None:
-            S[self._nI0:].zero_()
-        else:
-            S[self._nI0:].view(-1, p, self.n).copy_(self._S_rest[:, None, :])
 
     def _numerator(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """Folded kernel for one chunk of candidates ``v [p, K]``: (z * std ``[p N, C]``, 1 / std ``[p N]``), with z
         the logits and std = sqrt(var(r) + eps) of the final LayerNorm."""
         p, N, d = len(v), self.n, self.head.d
-        nJ, nI, C = len(self._J), len(self._I), self._C
-        f = self._buffer("f", (self.m + 1, p * N))                                   # [u; S''; std]
+        nJ, nI, C, nY = len(self._J), len(self._I), self._C, self._nY
+        f = self._buffer("f", (self.m + 1, p * N))                                   # [u; S'; std]
         u, S = self._features(v - self.old, f[:nJ] if nJ else None, f[nJ:nJ + nI] if nI else None)
-        if S is not None and self._lamI is not None:                                 # S'' = lam_I S_I + r0_c[I]
-            S.mul_(self._lamI).view(nI, p, N).add_(self._c1T[:, None, :])
-        t = self._buffer("t", (nJ + 1, p, N))
-        t.copy_(self._t0[:, None, :])
-        t = t.view(nJ + 1, p * N)
-        if nJ:
-            t.addmm_(self._Tu, u)
+        if S is not None and self._lamI is not None:
+            S.mul_(self._lamI)                                                       # S' = lam_I S_I
+        # y = [S' + r0_c[I]; Q^T r0_c[~I]; 0] + [B_J[I]; R; colsum] u: its first nY rows' squares sum to the
+        # candidate's part of var(r) d, its last row is colsum . u (sum(delta) without S')
+        y = self._buffer("y", (nY + (nJ > 0), p, N))
         if nI:
-            t.addmm_(self._TS, S)
-        vard = torch.empty(p, N, dtype=self.dtype, device=self.device)
-        vard.copy_(self._e).view(-1)
-        vard = vard.view(p * N)
+            torch.add(S.view(nI, p, N), self._cT[:nI, None, :], out=y[:nI])
+        y[nI:nY].copy_(self._cT[nI:, None, :])
+        y = y.view(-1, p * N)
+        sum_d = S.sum(0) if nI else None
         if nJ:
-            vard += t[:nJ].mul_(u).sum(0)
-        if nI:
-            vard += torch.mul(S, S, out=self._buffer("sq", (nI, p * N))).sum(0)
-        sum_d = t[nJ]
-        vard.sub_(sum_d.square_().div_(d))
+            y[nY].zero_()
+            y.addmm_(self._R, u)
+            sum_d = y[nY] if sum_d is None else sum_d.add_(y[nY])
+        vard = y[:nY].square_().sum(0)
+        vard.view(p, N).add_(self._e)
+        if sum_d is not None:
+            vard.sub_(sum_d.square_().div_(d))
         std = f[-1]
         torch.sqrt(vard.div_(d).add_(self._eps), out=std)
         num = torch.mm(f.T, self._M, out=self._buffer("num", (p * N, C)))
