@@ -7,7 +7,6 @@ import zlib
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from evaluation import figures as figs
 from core import style

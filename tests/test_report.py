@@ -3,7 +3,6 @@ report resolves, every table states split and n, targetless runs are counted, in
 from __future__ import annotations
 
 import itertools
-import re
 
 import numpy as np
 import pandas as pd

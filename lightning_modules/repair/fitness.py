@@ -79,7 +79,6 @@ Evaluators (all return :class:`FitnessResult` for ``values [P, K]``, the candida
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 

@@ -77,7 +77,7 @@ def v_score_from_moments(n: int, act_sum: Tensor, act_outer: Tensor, vscore: str
 def add_second_moment_(state: Tensor, a: Tensor, sum_into: Tensor | None = None) -> Tensor:
     """state += sum_x a(x) a(x)^T in place (``state [d_ff, d_ff]`` float64, ``a [B, d_ff]``), centred around the
     batch mean K: sum a a^T = c^T c + u K^T + K u^T with c = a - K, u = sum c + (B / 2) K. c^T c is a matmul in
-    a's dtype (its blocks on and above the diagonal only); the rank-one terms are in-place float64 updates (no
+    a's dtype (its blocks on and above the diagonal only); u K^T + K u^T is one in-place float64 rank-2 update (no
     [d_ff, d_ff] temporaries besides the blocks of c^T c). ``sum_into`` (float64 ``[d_ff]``): sum_x a(x) = B K +
     sum c is added into it (the batch's sum of the centred rows in a's dtype, like the product)."""
     if a.dtype == torch.float64:
