@@ -52,7 +52,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_modules.repair.de import DifferentialEvolution, matrix_bounds, matrix_init_stats  # noqa: E402
-from lightning_modules.repair.fitness import FullBatchFitness, LoopFitness, SparseFitness  # noqa: E402
+from lightning_modules.repair.fitness import (FullBatchFitness, LoopFitness, SparseFitness,  # noqa: E402
+                                             kernel_macs)
 from localization.ffn import FFNHead  # noqa: E402
 
 FL_METHODS = ("ours", "arachne_w", "random")
@@ -289,7 +290,7 @@ def main(argv=None) -> list[dict]:
             sparse = SparseFitness(hd, w, xd, yd, nd, kernel=a.kernel)
             info = sparse.info()
             nJ, nI = info["touched_neurons"], info["touched_rows"]
-            macs = min(nJ * d + d * C, (nJ + nI + 1) * C + nJ * (nI + min(d - nI, nJ) + 1))
+            macs = min(kernel_macs(nJ, nI, d, C).values())
             rate = gemm_rate(15 * P, d, d, dev)          # re-measured beside each run: the load changes
             mem_pass = add_pass_seconds(P * N * C, dev)
             mac_s = evals * P * N * 2 * macs / rate

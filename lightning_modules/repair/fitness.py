@@ -90,7 +90,7 @@ from localization.ffn import FFNHead
 
 __all__ = ["FITNESS_VARIANTS", "LOSSES", "EVALUATORS", "FitnessResult", "NonFiniteFitnessError", "repair_fitness",
            "per_input_loss", "PopulationFitness", "LoopFitness", "FullBatchFitness", "SparseFitness",
-           "make_fitness"]
+           "kernel_macs", "make_fitness"]
 
 FITNESS_VARIANTS = ("arachne", "reptran")
 LOSSES = ("logits", "softmax_ce")
@@ -387,6 +387,14 @@ def _layer_scale_vector(ls: nn.Module, d: int) -> Tensor | None:
     return None
 
 
+def kernel_macs(n_neurons: int, n_rows: int, d: int, num_classes: int) -> dict[str, int]:
+    """Multiply-adds per candidate and input of the products of each :class:`SparseFitness` kernel, for
+    ``n_neurons`` touched neurons |J| and ``n_rows`` touched output rows |I|: explicit |J| d + d C; folded
+    (|J| + |I| + 1) C + |J| (|I| + k + 1), k = min(d - |I|, |J|) (see the module docstring)."""
+    nJ, nI, C = n_neurons, n_rows, num_classes
+    return {"explicit": nJ * d + d * C, "folded": (nJ + nI + 1) * C + nJ * (nI + min(d - nI, nJ) + 1)}
+
+
 class SparseFitness(PopulationFitness):
     """Changed-weights-only evaluator (see the module docstring for the algebra); ``kernel`` in
     {"auto", "explicit", "folded"}; ``chunk_size`` candidates per batched step (auto: ~2^23 elements per
@@ -455,8 +463,9 @@ class SparseFitness(PopulationFitness):
 
         lam = _layer_scale_vector(h.layer_scale, d)
         fold = _foldable_post(h.post, d) if lam is not None else None
-        cost_explicit = nJ * d + d * C + 10 * d
-        cost_folded = (nJ + nI + 1) * C + nJ * (nI + min(d - nI, nJ) + 1) + 4 * (nJ + nI)
+        macs = kernel_macs(nJ, nI, d, C)  # the products; plus the element-wise work per candidate and input
+        cost_explicit = macs["explicit"] + 10 * d
+        cost_folded = macs["folded"] + 4 * (nJ + nI)
         if kernel == "folded" and fold is None:
             raise RepairInputError("kernel='folded' needs post = LayerNorm -> Linear and a linear layer scale")
         self.kernel = kernel if kernel != "auto" else (
