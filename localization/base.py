@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 import torchmetrics
 from torch import Tensor
 
@@ -80,6 +81,27 @@ def selects_own(name: str, options: dict[str, Any] | None = None) -> bool:
     return bool(fn(dict(options or {}))) if callable(fn) else True
 
 
+#: states of at least this many elements made by :func:`lazy_zeros` are allocated at the first update (every
+#: non-scalar one, so that the small heads of the tests take the same path as ViT-B's 4.7M-entry states)
+LAZY_MIN_NUMEL = 2
+
+
+def lazy_zeros(*shape: int, dtype: torch.dtype = torch.float64, device: Any = None) -> Tensor:
+    """A zero state default of ``shape`` that costs no memory until the first update (a read-only zero-stride view
+    of one zero; :meth:`Localizer.add_state` keeps it so). Small shapes get an ordinary zero tensor."""
+    numel = 1
+    for k in shape:
+        numel *= k
+    if numel < LAZY_MIN_NUMEL:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+def is_lazy_zeros(t: Any) -> bool:
+    """Whether ``t`` is a :func:`lazy_zeros` view (a tensor of >= LAZY_MIN_NUMEL elements, every stride 0)."""
+    return isinstance(t, Tensor) and t.numel() >= LAZY_MIN_NUMEL and all(st == 0 for st in t.stride())
+
+
 class Localizer(torchmetrics.Metric):
     """Base of every FL method. ``update(x [B, d], label [B], is_neg [B] bool)`` on cached CLS states of I_neg and
     I_pos; ``compute()`` -> scores, ``[d_ff]`` for ``level == "neuron"`` or ``[2 d d_ff]`` (global weight index,
@@ -100,6 +122,40 @@ class Localizer(torchmetrics.Metric):
     @property
     def head(self) -> FFNHead:
         return self._head_ref[0]
+
+    # ------------------------------------------------------------------------------ lazily allocated zero states
+    def add_state(self, name: str, default: Any, *args: Any, **kwargs: Any) -> None:
+        """``torchmetrics.Metric.add_state``; a default made by :func:`lazy_zeros` (a zero-stride view of one zero)
+        is kept as it is: the state's memory is allocated at the first :meth:`materialize_states`, and neither
+        construction nor :meth:`reset` writes (or copies into ``_defaults``) the 38 MB of a per-weight state."""
+        if not is_lazy_zeros(default):
+            super().add_state(name, default, *args, **kwargs)
+            return
+        super().add_state(name, default.new_zeros(()), *args, **kwargs)  # registers the reduction, persistence
+        self._lazy_states = {**getattr(self, "_lazy_states", {}), name: tuple(default.shape)}
+        self._defaults[name] = default
+        setattr(self, name, default)
+
+    def materialize_states(self) -> None:
+        """Give every lazily allocated state that is still a zero view its own zero tensor (on its device); an
+        ``update`` calls this before writing into its states (:class:`~localization.methods._common.SetLocalizer`
+        does)."""
+        for name, shape in getattr(self, "_lazy_states", {}).items():
+            t = getattr(self, name)
+            if is_lazy_zeros(t):
+                setattr(self, name, torch.zeros(shape, dtype=t.dtype, device=t.device))
+
+    def reset(self) -> None:
+        """``torchmetrics.Metric.reset``; lazily allocated states go back to zero views (their memory is freed)."""
+        lazy = getattr(self, "_lazy_states", {})
+        keep = {name: (getattr(self, name).dtype, getattr(self, name).device) for name in lazy}
+        for name in lazy:  # torchmetrics' reset clones every default: give it a one-element stand-in
+            self._defaults[name] = self._defaults[name].new_zeros(())
+        super().reset()
+        for name, shape in lazy.items():
+            z = lazy_zeros(*shape, dtype=keep[name][0], device=keep[name][1])
+            self._defaults[name] = z
+            setattr(self, name, z)
 
     @property
     def index(self) -> WeightIndex:

@@ -262,7 +262,8 @@ def localize(head: FFNHead, x: Tensor | None, label: Tensor | None, is_neg: Tens
     ``update`` holds whole parts only (a part longer than ``batch_size`` gets an update of its own), with
     ``group=`` the part ids. Larger batches amortise the per-batch work on the 4.7M-entry per-weight states.
     """
-    if isinstance(method, Localizer):
+    owned = not isinstance(method, Localizer)
+    if not owned:
         loc = method
         if opts:
             raise ValueError("options are given to the Localizer's constructor, not to localize(), when a "
@@ -303,6 +304,8 @@ def localize(head: FFNHead, x: Tensor | None, label: Tensor | None, is_neg: Tens
     own = own_sel() if callable(own_sel) and budget in (None, "front") else None
     weights, neurons = select(scores, loc.level, budget, head.index, own=own, unit=unit,
                               whole_neurons=whole_neurons)
+    if owned:  # free the states now: a torchmetrics Metric refers to itself, so only the cycle collector would
+        loc.reset()  # (repeated calls would otherwise hold every earlier method's states and run slower)
     wall = time.perf_counter() - t0
     provenance = {"method": loc.name, "options": loc.options(), "seed": seed, "n_neg": n_neg, "n_pos": n_pos,
                   "batch_size": batch_size, "unit": unit, "whole_neurons": whole_neurons, "wall_time_s": wall}

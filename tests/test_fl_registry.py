@@ -1,11 +1,15 @@
 """The FL registry: unknown names, and every registered method runs on a tiny head with the right shape."""
 from __future__ import annotations
 
+import gc
+import pickle
+
 import pytest
 import torch
 from torch import nn
 
-from localization.base import Localizer, UnknownMethodError, get_localizer, registered_localizers
+from localization.base import (Localizer, UnknownMethodError, get_localizer, is_lazy_zeros, lazy_zeros,
+                               registered_localizers)
 from localization.ffn import FFNHead
 from localization.ranking import localize
 
@@ -55,3 +59,68 @@ def test_every_registered_method_runs_with_the_right_shape(name):
     again = localize(head, x, y, neg, name, 10, batch_size=16)
     assert torch.equal(again.weights, r.weights)
     torch.testing.assert_close(again.scores, r.scores, rtol=1e-5, atol=1e-7)
+
+
+def _batch(n=16, d=4, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, c, (n,), generator=g), torch.arange(n) % 2 == 0
+
+
+def _lazy_names(loc):
+    return sorted(getattr(loc, "_lazy_states", {}))
+
+
+def _all_lazy(loc):
+    return all(is_lazy_zeros(getattr(loc, k)) and getattr(loc, k).untyped_storage().nbytes() <= 8
+               for k in _lazy_names(loc))
+
+
+@pytest.mark.parametrize("name", sorted(m for m in EXPECTED if get_localizer(m).needs_inputs))
+def test_large_states_cost_no_memory_until_the_first_update_and_reset_frees_them(name):
+    head = tiny_head()
+    x, y, neg = _batch()
+    fresh = get_localizer(name)(head)
+    if name not in {"ig", "tarantula", "ochiai", "dstar", "mean_act"}:  # these keep only small sums
+        assert _lazy_names(fresh), "the per-weight / per-neuron-pair sums are lazily allocated"
+    assert _all_lazy(fresh)
+    fresh.update(x, y, neg)
+    assert not any(is_lazy_zeros(getattr(fresh, k)) for k in _lazy_names(fresh))
+    want = fresh.compute()
+    # reset: the states are zero views again (their memory is freed) and the next run is a fresh run; the
+    # defaults were never written into
+    fresh.reset()
+    assert _all_lazy(fresh)
+    assert all(not bool(fresh._defaults[k].any()) for k in _lazy_names(fresh))
+    fresh.update(x, y, neg)
+    torch.testing.assert_close(fresh.compute(), want, rtol=0, atol=0)
+    # a pickled fresh localizer (what ddp_spawn hands its workers) stays lazy and computes the same
+    clone = pickle.loads(pickle.dumps(get_localizer(name)(head)))
+    assert _all_lazy(clone)
+    clone.update(x, y, neg)
+    torch.testing.assert_close(clone.compute(), want, rtol=0, atol=0)
+
+
+def test_lazy_zeros_is_a_read_only_view_of_one_zero():
+    z = lazy_zeros(3, 4)
+    assert z.shape == (3, 4) and z.dtype == torch.float64 and is_lazy_zeros(z) and not bool(z.any())
+    with pytest.raises(RuntimeError):
+        z.add_(1.0)  # written only after materialize_states
+    assert not is_lazy_zeros(lazy_zeros(1)) and not is_lazy_zeros(torch.zeros(3, 4))
+
+
+def test_localize_frees_the_states_of_the_localizer_it_made_but_not_of_one_given():
+    head = tiny_head()
+    x, y, neg = _batch()
+    gc.collect()
+    gc.disable()  # a torchmetrics Metric refers to itself: without the reset its states would live until a collection
+    try:
+        before = {id(o) for o in gc.get_objects() if isinstance(o, Localizer)}
+        localize(head, x, y, neg, "ours", 10, batch_size=5)
+        made = [o for o in gc.get_objects() if isinstance(o, Localizer) and id(o) not in before]
+        assert made and all(_lazy_names(o) and _all_lazy(o) for o in made)
+        given = get_localizer("ours")(head)
+        localize(head, x, y, neg, given, 10, batch_size=5)
+        assert not _all_lazy(given)  # the caller's localizer keeps what it accumulated
+        torch.testing.assert_close(given.compute(), localize(head, x, y, neg, "ours", 10, batch_size=5).scores)
+    finally:
+        gc.enable()

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from localization.base import Localizer
+from localization.base import Localizer, lazy_zeros
 from localization.batching import (array_split_sizes, compat_groups, group_sizes,  # noqa: F401
                                    neg_first_order, whole_group_batches)
 from localization.ffn import FFNHead
@@ -43,8 +43,9 @@ ACC_DTYPE = torch.float64
 
 
 def acc_zeros(*shape: int) -> Tensor:
-    """A zero float64 state of ``shape``."""
-    return torch.zeros(shape, dtype=ACC_DTYPE)
+    """A zero float64 state default of ``shape``; a large one is allocated at the first update
+    (:func:`localization.base.lazy_zeros`)."""
+    return lazy_zeros(*shape, dtype=ACC_DTYPE)
 
 
 # ------------------------------------------------------------------------------------------- compat batching
@@ -199,6 +200,7 @@ class SetLocalizer(Localizer):
         """Add a batch: ``x [B, d]``, ``label [B]``, ``is_neg [B]`` bool; ``group [B]`` int: compat batch ids
         (only for methods with ``batching``; :func:`compat_groups`), else ignored."""
         x, label, is_neg = check_batch(self.head, x, label, is_neg, self.num_classes)
+        self.materialize_states()
         if self.batching is not None and group is not None:
             group = torch.as_tensor(group).reshape(-1).to(is_neg.device).long()
             if group.shape != is_neg.shape:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from localization.base import register_localizer
 from localization.ffn import FFNHead
-from localization.methods._common import FFNPass, SetLocalizer, ffn_pass
+from localization.methods._common import FFNPass, SetLocalizer, acc_zeros, ffn_pass
 from localization.ranking import minmax
 
 __all__ = ["VSCORE_VARIANTS", "check_vscore", "v_score", "v_score_from_moments", "second_moment",
@@ -158,7 +158,7 @@ class VStates:
             self.add_state(f"act_n_{s}", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"act_sum_{s}", torch.zeros(d_ff, dtype=torch.float64), dist_reduce_fx="sum")
             if outer:
-                self.add_state(f"act_outer_{s}", torch.zeros(d_ff, d_ff, dtype=torch.float64),
+                self.add_state(f"act_outer_{s}", acc_zeros(d_ff, d_ff),
                                dist_reduce_fx="sum")
 
     def _acc_v(self, side: str, p: FFNPass, label: Tensor | None = None) -> None:
