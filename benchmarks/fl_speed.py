@@ -4,7 +4,8 @@ Synthetic cached states at ViT-B/16 shapes (d = 768, d_ff = 3072, 100 classes: 4
 with ``--quick``, small shapes. For each N (``--n``, default 1000 10000) and each method it runs
 :func:`localization.ranking.localize` (data pass + compute + selection) and reports wall time, the time as a ratio
 to one forward + backward pass of the FFN head over the same inputs (cross-entropy, gradients of W_bef and W_aft,
-same batching, measured in the same run), and peak memory above the start of the method (CPU: the process's
+same batching, timed again right before every run of a method; ``x ref`` is the median over ``--repeats`` of
+each run's ratio to the reference just before it, ``x ref range`` their min-max), and peak memory above the start of the method (CPU: the process's
 peak RSS, reset through /proc/self/clear_refs; CUDA: torch's peak allocated memory).
 
 Target: every method within 3x the reference pass (IG, with m = 20 scaled copies, within 3m x), BL's Pareto front
@@ -135,32 +136,39 @@ def run(args) -> list[dict]:
         ref = statistics.median(reference_pass(head, x, label, args.batch_size, device) for _ in range(3))
         print(f"\n## N = {n} (I_neg {int(is_neg.sum())}, I_pos {int((~is_neg).sum())}); reference forward+backward "
               f"of the FFN head: {ref:.3f} s", flush=True)
-        header = f"{'method':24s} {'level':7s} {'time_s':>9s} {'x ref':>8s} {'target':>7s} {'ok':>3s} " \
-                 f"{'peak_MiB':>9s} {'selected':>9s}"
+        header = f"{'method':24s} {'level':7s} {'time_s':>9s} {'x ref':>8s} {'x ref range':>13s} {'target':>7s} " \
+                 f"{'ok':>3s} {'peak_MiB':>9s} {'selected':>9s}"
         print(header)
         print("-" * len(header))
         for m in methods:
             b = "front" if m in OWN_SELECTION else budget
-            times, peak, res = [], None, None
+            times, ratios, peak, res = [], [], None, None
             for _ in range(args.repeats):
                 res = None
                 gc.collect()
+                # the reference is timed again right before each run: a shared machine's speed drifts over a
+                # sweep, and a ratio to a reference taken minutes earlier would carry that drift
+                ref_now = reference_pass(head, x, label, args.batch_size, device)
                 with PeakMemory(device) as pm:
                     _sync(device)
                     t0 = time.perf_counter()
                     res = localize(head, x, label, is_neg, m, b, batch_size=args.batch_size)
                     _sync(device)
                     times.append(time.perf_counter() - t0)
+                ratios.append(times[-1] / ref_now)
                 peak = pm.peak_mib if peak is None or pm.peak_mib is None else max(peak, pm.peak_mib)
             t = statistics.median(times)
             target = 3.0 * (20 if m == "ig" else 1)
-            ratio = t / ref
-            row = {"n": n, "method": m, "level": res.level, "time_s": t, "ratio": ratio, "target": target,
+            ratio = statistics.median(ratios)
+            row = {"n": n, "method": m, "level": res.level, "time_s": t, "ratio": ratio, "ratio_min": min(ratios),
+                   "ratio_max": max(ratios), "repeats": len(ratios), "target": target,
                    "ok": ratio <= target, "peak_mib": peak, "selected": int(res.weights.shape[0]),
                    "ref_s": ref, "d": d, "d_ff": d_ff, "classes": c, "device": device}
             rows.append(row)
             peak_s = "n/a" if peak is None else f"{max(peak, 0.0):9.0f}"
-            print(f"{m:24s} {res.level:7s} {t:9.3f} {ratio:8.2f} {target:7.0f} {'yes' if row['ok'] else 'NO':>3s} "
+            spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+            print(f"{m:24s} {res.level:7s} {t:9.3f} {ratio:8.2f} {spread:>13s} {target:7.0f} "
+                  f"{'yes' if row['ok'] else 'NO':>3s} "
                   f"{peak_s:>9s} {row['selected']:9d}", flush=True)
             del res
     return rows
