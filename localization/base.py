@@ -20,6 +20,7 @@ Then ``scripts/localize.py --methods my_method`` and every sweep, table and plot
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -89,10 +90,7 @@ LAZY_MIN_NUMEL = 2
 def lazy_zeros(*shape: int, dtype: torch.dtype = torch.float64, device: Any = None) -> Tensor:
     """A zero state default of ``shape`` that costs no memory until the first update (a read-only zero-stride view
     of one zero; :meth:`Localizer.add_state` keeps it so). Small shapes get an ordinary zero tensor."""
-    numel = 1
-    for k in shape:
-        numel *= k
-    if numel < LAZY_MIN_NUMEL:
+    if math.prod(shape) < LAZY_MIN_NUMEL:
         return torch.zeros(shape, dtype=dtype, device=device)
     return torch.zeros((), dtype=dtype, device=device).expand(shape)
 
