@@ -5,8 +5,9 @@ with ``--quick``, small shapes. For each N (``--n``, default 1000 10000) and eac
 :func:`localization.ranking.localize` (data pass + compute + selection) and reports wall time, the time as a ratio
 to one forward + backward pass of the FFN head over the same inputs (cross-entropy, gradients of W_bef and W_aft,
 same batching, timed again right before every run of a method; ``x ref`` is the median over ``--repeats`` of
-each run's ratio to the reference just before it, ``x ref range`` their min-max), and peak memory above the start of the method (CPU: the process's
-peak RSS, reset through /proc/self/clear_refs; CUDA: torch's peak allocated memory).
+each run's ratio to the reference just before it, ``x ref range`` their min-max), and peak memory above the start
+of the method (CPU: the process's peak RSS, reset through /proc/self/clear_refs; CUDA: torch's peak allocated
+memory).
 
 Target: every method within 3x the reference pass (IG, with m = 20 scaled copies, within 3m x), BL's Pareto front
 over all weights in bounded memory. ``--quick`` is a smoke run: at its tiny shapes the reference pass takes about a
@@ -142,7 +143,7 @@ def run(args) -> list[dict]:
         print("-" * len(header))
         for m in methods:
             b = "front" if m in OWN_SELECTION else budget
-            times, ratios, peak, res = [], [], None, None
+            times, refs, ratios, peak, res = [], [], [], None, None
             for _ in range(args.repeats):
                 res = None
                 gc.collect()
@@ -155,6 +156,7 @@ def run(args) -> list[dict]:
                     res = localize(head, x, label, is_neg, m, b, batch_size=args.batch_size)
                     _sync(device)
                     times.append(time.perf_counter() - t0)
+                refs.append(ref_now)
                 ratios.append(times[-1] / ref_now)
                 peak = pm.peak_mib if peak is None or pm.peak_mib is None else max(peak, pm.peak_mib)
             t = statistics.median(times)
@@ -163,7 +165,8 @@ def run(args) -> list[dict]:
             row = {"n": n, "method": m, "level": res.level, "time_s": t, "ratio": ratio, "ratio_min": min(ratios),
                    "ratio_max": max(ratios), "repeats": len(ratios), "target": target,
                    "ok": ratio <= target, "peak_mib": peak, "selected": int(res.weights.shape[0]),
-                   "ref_s": ref, "d": d, "d_ff": d_ff, "classes": c, "device": device}
+                   "ref_s": ref, "ref_run_s": statistics.median(refs), "d": d, "d_ff": d_ff, "classes": c,
+                   "device": device}
             rows.append(row)
             peak_s = "n/a" if peak is None else f"{max(peak, 0.0):9.0f}"
             spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
