@@ -476,3 +476,58 @@ def test_single_published_sums_keep_only_their_own_states():
         loc = get_localizer(name)(head)
         have = {k.split("_")[0] for k in loc._defaults if k.startswith(("rgl_", "rfi_"))}
         assert have == want, name
+
+
+@pytest.mark.parametrize("band_bytes", [960, 1])
+@pytest.mark.parametrize("name", ["forward_impact_reptran", "ours_reptran"])
+def test_published_fi_in_row_bands_matches_upstream(monkeypatch, band_bytes, name):
+    """On the CPU the per-part FI products run in row bands of each weight sized to the cache; forced small here
+    (960 bytes: bands of 5 rows of W_bef with a last band of 2, 1-row bands of W_aft; 1: every band one row),
+    the scores must still match the upstream re-derivation."""
+    from localization.methods import _reptran
+
+    monkeypatch.setattr(_reptran, "CPU_BAND_BYTES", band_bytes)
+    head = make_head(seed=4, layer_scale=True)
+    x, y, neg, _ = make_data(seed=6)
+    assert_well_conditioned(head, x, y, neg)
+    opts = {"true_label": 2} if name == "ours_reptran" else {}
+    want = reference(name, head, x, y, neg, opts)
+    got = localize(head, x, y, neg, name, 5, batch_size=512, **opts).scores
+    assert rel(got.numpy(), want) <= TOL, rel(got.numpy(), want)
+
+
+def test_published_fi_with_other_linear_layers():
+    """The FI's o W^T is taken from the forward's product before the bias for a plain nn.Linear; a Linear
+    subclass (its forward may differ) is called as a module and o W^T formed again, and a Linear without a bias
+    has no bias to add. Each matches the upstream re-derivation (the bias-free head through a zero bias)."""
+
+    class OwnLinear(nn.Linear):
+        pass
+
+    head = make_head(seed=3)
+    x, y, neg, _ = make_data(seed=5)
+    assert_well_conditioned(head, x, y, neg)
+    want = reference("forward_impact_reptran", head, x, y, neg, {})
+    sub = make_head(seed=3)
+    for attr in ("fc_bef", "fc_aft"):
+        old = getattr(sub, attr)
+        new = OwnLinear(old.in_features, old.out_features).double()
+        new.load_state_dict(old.state_dict())
+        setattr(sub, attr, new)
+    got = localize(sub, x, y, neg, "forward_impact_reptran", 5, batch_size=512).scores
+    assert rel(got.numpy(), want) <= TOL
+
+    zero = make_head(seed=3)
+    with torch.no_grad():
+        zero.fc_bef.bias.zero_()
+        zero.fc_aft.bias.zero_()
+    want = reference("forward_impact_reptran", zero, x, y, neg, {})
+    nobias = make_head(seed=3)
+    for attr in ("fc_bef", "fc_aft"):
+        old = getattr(nobias, attr)
+        new = nn.Linear(old.in_features, old.out_features, bias=False).double()
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+        setattr(nobias, attr, new)
+    got = localize(nobias, x, y, neg, "forward_impact_reptran", 5, batch_size=512).scores
+    assert rel(got.numpy(), want) <= TOL
