@@ -100,7 +100,8 @@ def _states(setting: int):
     return x, label.to(x.device), is_neg.to(x.device)
 
 
-def run_one(task: tuple[int, int, int, str], generations: int = 50, early_stop: bool = False) -> dict:
+def run_one(task: tuple[int, int, int, str], generations: int = 50, early_stop: bool = False,
+            epilogue: str = "eager") -> dict:
     from repair_speed import _sync, de_for
     from lightning_modules.repair.fitness import SparseFitness
     from localization.ranking import localize
@@ -114,7 +115,7 @@ def run_one(task: tuple[int, int, int, str], generations: int = 50, early_stop: 
     fl_s = time.perf_counter() - t
     hd = head.to(dev)
     t, c = time.perf_counter(), time.process_time()
-    fitness = SparseFitness(hd, w, x.to(dev), label.to(dev), is_neg.to(dev))
+    fitness = SparseFitness(hd, w, x.to(dev), label.to(dev), is_neg.to(dev), epilogue=epilogue)
     de = de_for(hd, w, fitness, "deferred", generations, seed=rep, device=dev)
     if early_stop:
         de.patience = max(int(generations / 10), 10)
@@ -122,6 +123,7 @@ def run_one(task: tuple[int, int, int, str], generations: int = 50, early_stop: 
     _sync(dev)
     return {"setting": SETTINGS[s], "rep": rep, "budget": budget, "method": method, "run_s": time.perf_counter() - t,
             "cpu_s": time.process_time() - c, "fl_s": fl_s, "generations": de.generation, "kernel": fitness.kernel,
+            "epilogue": epilogue,
             "touched_neurons": fitness.info()["touched_neurons"], "touched_rows": fitness.info()["touched_rows"],
             "pid": os.getpid()}
 
@@ -138,6 +140,8 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--generations", type=int, default=50)
     p.add_argument("--early_stop", action="store_true", help="default patience (else all generations run)")
+    p.add_argument("--epilogue", default="eager", choices=["eager", "compiled"],
+                   help="the sparse fitness pass (compiled: torch.compile once per worker, inside its first run)")
     p.add_argument("--n_neg", type=int, nargs=9, default=DEFAULT_N_NEG, metavar="N",
                    help="|I_neg| of the 9 settings (src_tgt r1-3, tgt_fp r1-3, tgt_fn r1-3)")
     p.add_argument("--n_pos", type=int, default=500)
@@ -158,11 +162,12 @@ def main(argv=None) -> dict:
         ctx = mp.get_context("spawn")
         with ctx.Pool(procs, initializer=_worker_init, initargs=(path, a.device, a.threads)) as pool:
             results = []
-            for r in pool.imap_unordered(_run_star, [(t, a.generations, a.early_stop) for t in chosen]):
+            for r in pool.imap_unordered(_run_star, [(t, a.generations, a.early_stop, a.epilogue)
+                                                          for t in chosen]):
                 results.append(r)
                 print(f"[{len(results)}/{len(chosen)}] {r['setting']} rep {r['rep']} N={r['budget']} "
                       f"{r['method']}: {r['run_s']:.2f} s, CPU {r['cpu_s']:.2f} s ({r['generations']} gens, "
-                      f"{r['kernel']}, "
+                      f"{r['kernel']}/{r['epilogue']}, "
                       f"|J|={r['touched_neurons']}, |I|={r['touched_rows']}; FL {r['fl_s']:.2f} s)", flush=True)
         wall = time.perf_counter() - t0
     load1 = tuple(round(v, 2) for v in os.getloadavg())

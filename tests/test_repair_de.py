@@ -355,3 +355,16 @@ def test_early_stop_option_reaches_the_module_and_bad_value_raises():
         DERepair(h, WEIGHTS, *states(h), early_stop="sometimes")
     with pytest.raises(RepairInputError, match="early_stop"):
         DifferentialEvolution(lambda v: v.sum(1), -1, 1, 0, 1, pop_size=5, num_vars=2, early_stop="nope")
+
+
+def test_epilogue_option_reaches_the_fitness_and_gives_the_same_patch():
+    """epilogue="compiled" reaches the sparse evaluator (its info in the summary) and, in float64, finds the same
+    patch as the eager default; an unknown epilogue is refused when the module is built."""
+    h = head(dtype=torch.float64)
+    m_e, p_e = run_de(h, seed=2)
+    m_c, p_c = run_de(h, seed=2, epilogue="compiled")
+    assert m_e.summary()["fitness_evaluator"]["epilogue"] == "eager"
+    assert m_c.summary()["fitness_evaluator"]["epilogue"] == "compiled" and m_c.options()["epilogue"] == "compiled"
+    torch.testing.assert_close(p_c.new, p_e.new, rtol=0, atol=1e-12)
+    with pytest.raises(RepairInputError, match="epilogue 'fused'"):
+        DERepair(h, WEIGHTS, *states(h), epilogue="fused")

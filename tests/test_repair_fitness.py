@@ -1,6 +1,7 @@
 """Fitness and its evaluators (lightning_modules/repair/fitness.py): the batched changed-weights-only evaluator
 equals the full head for every candidate (float64, both matrices, shared rows/columns), the formula equals a
 hand-written reference, and bad input raises."""
+import itertools
 import math
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.repair.fitness import (FullBatchFitness, LoopFitness, NonFiniteFitnessError, SparseFitness,
-                                              make_fitness, repair_fitness)
+from lightning_modules.repair.fitness import (EPILOGUES, FullBatchFitness, LoopFitness, NonFiniteFitnessError,
+                                              SparseFitness, fused_scores, make_fitness, repair_fitness)
 from lightning_modules.repair.patch import RepairInputError, read_values
 from localization.ffn import FFNHead
 
@@ -268,7 +269,8 @@ PLACEMENTS = ["random", "clustered", "aft_heavy", "aft_on_touched", "aft_on_touc
 @pytest.mark.parametrize("kind", PLACEMENTS)
 @pytest.mark.parametrize("kernel", ["explicit", "folded", "auto"])
 @pytest.mark.parametrize("head_kind", ["plain", "layerscale"])
-def test_fused_fitness_equals_full_head_in_every_placement(kind, kernel, head_kind):
+@pytest.mark.parametrize("epilogue", ["eager", "compiled"])
+def test_fused_fitness_equals_full_head_in_every_placement(kind, kernel, head_kind, epilogue):
     h = head(head_kind, seed=3)
     w = placement(kind)
     x, y, neg = data(n=45, seed=4)
@@ -278,7 +280,8 @@ def test_fused_fitness_equals_full_head_in_every_placement(kind, kernel, head_ki
     correct = ref_logits.argmax(-1) == y
     assert 0 < int(correct.sum()) < correct.numel()  # both branches of the fused pass are exercised
     for variant, loss in (("arachne", "logits"), ("reptran", "logits"), ("arachne", "softmax_ce")):
-        ev = SparseFitness(h, w, x, y, neg, kernel=kernel, chunk_size=4, variant=variant, loss=loss)
+        ev = SparseFitness(h, w, x, y, neg, kernel=kernel, chunk_size=4, variant=variant, loss=loss,
+                           epilogue=epilogue)
         ref = LoopFitness(h, w, x, y, neg, variant=variant, loss=loss)(vals)
         res = ev(vals)
         torch.testing.assert_close(res.fitness, ref.fitness, rtol=0, atol=1e-10)
@@ -306,8 +309,8 @@ def test_fused_correctness_breaks_ties_like_argmax():
     assert bool((logits[..., 0] == logits[..., 1]).all())  # the tie is exact in the reference
     ref = repair_fitness(logits, y, neg)
     assert bool((ref.n_patched + ref.n_broken > 0).all())
-    for kernel in ("explicit", "folded"):
-        ev = SparseFitness(h, w, x, y, neg, kernel=kernel)
+    for kernel, epilogue in itertools.product(("explicit", "folded"), EPILOGUES):
+        ev = SparseFitness(h, w, x, y, neg, kernel=kernel, epilogue=epilogue)
         zs = ev.logits(vals)
         if not bool((zs[..., 0] == zs[..., 1]).all()):
             pytest.fail("the fused kernel broke the exact tie of identical classifier rows")
@@ -344,8 +347,8 @@ def test_de_trajectory_with_the_fused_fitness_equals_the_full_head(kind, update)
 
     ref, ref_pop = trajectory(LoopFitness(h, w, x, y, neg))
     assert float(ref[-1, 0]) > float(ref[0, 0])  # the search moved
-    for kernel in ("explicit", "folded"):
-        got, pop = trajectory(SparseFitness(h, w, x, y, neg, kernel=kernel))
+    for kernel, epilogue in itertools.product(("explicit", "folded"), EPILOGUES):
+        got, pop = trajectory(SparseFitness(h, w, x, y, neg, kernel=kernel, epilogue=epilogue))
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
         torch.testing.assert_close(pop, ref_pop, rtol=0, atol=1e-12)
 
@@ -366,3 +369,34 @@ def test_sync_free_path_equals_the_cpu_path(kind):
         res = ev(vals)
         torch.testing.assert_close(res.fitness, ref.fitness, rtol=0, atol=1e-10)
         assert torch.equal(res.n_patched, ref.n_patched) and torch.equal(res.n_broken, ref.n_broken)
+
+
+@pytest.mark.parametrize("loss", ["logits", "softmax_ce"])
+def test_fused_scores_equal_argmax_and_cross_entropy_row_by_row(loss):
+    """fused_scores (the compiled epilogue's formula, run eagerly) against a loop over inputs: argmax (ties on
+    small integer logits: the first index wins) and torch's cross-entropy, with and without base and 1 / std."""
+    g = torch.Generator().manual_seed(21)
+    p, n, c = 4, 25, 6
+    num = torch.randint(-2, 3, (p, n, c), generator=g).double()
+    base = torch.randint(-1, 2, (n, c), generator=g).double()
+    istd = torch.rand(p, n, generator=g, dtype=torch.float64) + 0.25
+    y = torch.randint(0, c, (n,), generator=g)
+    for b, s in ((None, None), (base, istd)):
+        score, correct = fused_scores(num, y, b, s, loss)
+        z = num if b is None else (num + b) * s[..., None]
+        for q in range(p):
+            for i in range(n):
+                right = int(z[q, i].argmax()) == int(y[i])
+                zi = z[q, i].softmax(-1) if loss == "softmax_ce" else z[q, i]
+                ce = float(F.cross_entropy(zi[None], y[i:i + 1]))
+                assert bool(correct[q, i]) == right
+                assert float(score[q, i]) == pytest.approx(1.0 if right else 1.0 / (ce + 1.0), rel=0, abs=1e-12)
+    ties = (num + base == (num + base).amax(-1, keepdim=True)).sum(-1) > 1
+    assert bool(ties.any())  # the tie rule was exercised
+
+
+def test_unknown_epilogue_is_a_clear_error():
+    h = head("plain")
+    x, y, neg = data()
+    with pytest.raises(RepairInputError, match="epilogue 'fast'.*eager"):
+        SparseFitness(h, WEIGHTS, x, y, neg, epilogue="fast")

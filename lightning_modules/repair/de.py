@@ -42,7 +42,7 @@ from torch import Tensor
 
 from lightning_modules.repair import register_repair
 from lightning_modules.repair.base import RepairModule
-from lightning_modules.repair.fitness import EVALUATORS, FitnessResult, NonFiniteFitnessError
+from lightning_modules.repair.fitness import EPILOGUES, EVALUATORS, FitnessResult, NonFiniteFitnessError
 from lightning_modules.repair.patch import RepairInputError
 
 __all__ = ["EARLY_STOPS", "matrix_bounds", "matrix_init_stats", "donors", "make_trials", "greedy_select",
@@ -315,15 +315,15 @@ class DERepair(RepairModule):
 
     Options: ``pop_size`` (100), ``generations`` (50; Arachne 100), ``cr`` (0.7), ``f_range`` ((0.5, 1)),
     ``update`` ("deferred" | "immediate"), ``patience`` (None: max(int(generations/10), 10)), ``init``
-    ("matrix" | "around_original"), ``evaluator`` ("sparse" | "full" | "loop"), ``kernel`` and ``chunk_size``
-    (sparse evaluator), ``early_stop`` ("default" | "published": the published searchers' stall counter, see the
-    module docstring)."""
+    ("matrix" | "around_original"), ``evaluator`` ("sparse" | "full" | "loop"), ``kernel``, ``chunk_size`` and
+    ``epilogue`` ("eager" | "compiled"; sparse evaluator), ``early_stop`` ("default" | "published": the
+    published searchers' stall counter, see the module docstring)."""
 
     def __init__(self, head, weights, x_neg, label_neg, x_pos, label_pos, seed: int = 0, alpha: float = 10.0,
                  fitness: str = "arachne", loss: str = "logits", pop_size: int = 100, generations: int = 50,
                  cr: float = 0.7, f_range: tuple[float, float] = (0.5, 1.0), update: str = "deferred",
                  patience: int | None = None, init: str = "matrix", evaluator: str = "sparse", kernel: str = "auto",
-                 chunk_size: int | None = None, early_stop: str = "default"):
+                 chunk_size: int | None = None, epilogue: str = "eager", early_stop: str = "default"):
         super().__init__(head, weights, x_neg, label_neg, x_pos, label_pos, seed, alpha, fitness, loss)
         self.automatic_optimization = False
         if update not in UPDATES:
@@ -334,11 +334,13 @@ class DERepair(RepairModule):
             raise RepairInputError(f"unknown DE early_stop {early_stop!r}; expected one of {EARLY_STOPS}")
         if evaluator not in EVALUATORS:
             raise RepairInputError(f"unknown fitness evaluator {evaluator!r}; expected one of {sorted(EVALUATORS)}")
+        if epilogue not in EPILOGUES:
+            raise RepairInputError(f"unknown fitness epilogue {epilogue!r}; expected one of {EPILOGUES}")
         self.de_options = {"pop_size": int(pop_size), "generations": int(generations), "cr": float(cr),
                            "f_range": tuple(float(f) for f in f_range), "update": update,
                            "patience": default_patience(int(generations)) if patience is None else int(patience),
                            "init": init, "evaluator": evaluator, "kernel": kernel, "chunk_size": chunk_size,
-                           "early_stop": early_stop}
+                           "epilogue": epilogue, "early_stop": early_stop}
         # per-weight bounds and initial distribution from the weight's matrix
         lo, hi, mu, sd = (torch.empty(len(self.weights), dtype=torch.float64) for _ in range(4))
         for k, W in enumerate(self.head.weights()):
@@ -363,7 +365,8 @@ class DERepair(RepairModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         o = self.de_options
-        extra = {"kernel": o["kernel"], "chunk_size": o["chunk_size"]} if o["evaluator"] == "sparse" else {}
+        extra = ({"kernel": o["kernel"], "chunk_size": o["chunk_size"], "epilogue": o["epilogue"]}
+                 if o["evaluator"] == "sparse" else {})
         t = time.perf_counter()
         fitness = self.fitness_evaluator(o["evaluator"], **extra)
         self._fitness_info = fitness.info()
