@@ -69,7 +69,9 @@ Evaluators (all return :class:`FitnessResult` for ``values [P, K]``, the candida
   The fitness pass is fused (:meth:`SparseFitness.__call__`): since std > 0, the prediction test runs on z std
   (the label's logit against the largest other logit, an exact tie resolved like ``argmax``: the first index
   wins), and the loss (logsumexp minus the label logit) is computed only for the inputs still wrong (on CUDA: for
-  all, to avoid a host synchronisation). Work tensors are reused across chunks and generations. W_aft weights on
+  all, to avoid a host synchronisation); ``epilogue="compiled"`` runs :func:`fused_scores` through
+  ``torch.compile`` instead (one read of the logits for the base, the test, logsumexp and the label logit, for
+  every input). Work tensors are reused across chunks and generations. W_aft weights on
   the columns of touched neurons (which see the new activation) are one ``bmm`` per chunk with the per-candidate
   [|I|, |J|] matrix of their changes when that is cheap, else an ``index_add_`` into their rows. The touched
   neurons' new pre-activations z0_J + dz_J come from one grouped product with z0_J as its bias, and an exact GELU
