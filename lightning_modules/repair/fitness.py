@@ -438,8 +438,9 @@ class SparseFitness(PopulationFitness):
     """Changed-weights-only evaluator (see the module docstring for the algebra); ``kernel`` in
     {"auto", "explicit", "folded"}; ``chunk_size`` candidates per batched step (auto: ~2^23 elements per
     ``[p N, width]`` tensor); ``epilogue`` the fitness pass over the logits: "eager" (PyTorch ops; the loss of the
-    wrong inputs only) or "compiled" (:func:`fused_scores` through ``torch.compile``: one read of the logits; a
-    one-time compile of seconds per process, so it pays for sweeps and long runs)."""
+    wrong inputs only) or "compiled" (:func:`fused_scores` through ``torch.compile``: one read of the logits for
+    every input; a one-time compile of seconds per process; on the CPU it is faster only while many inputs are
+    wrong, see docs/benchmarks.md)."""
 
     name = "sparse"
     KERNELS = ("auto", "explicit", "folded")
