@@ -91,8 +91,8 @@ from lightning_modules.repair.patch import RepairInputError, check_weights, read
 from localization.ffn import FFNHead
 
 __all__ = ["FITNESS_VARIANTS", "LOSSES", "EPILOGUES", "EVALUATORS", "FitnessResult", "NonFiniteFitnessError",
-           "repair_fitness", "per_input_loss", "fused_scores", "PopulationFitness", "LoopFitness", "FullBatchFitness",
-           "SparseFitness", "kernel_macs", "make_fitness"]
+           "repair_fitness", "combine_scores", "per_input_loss", "fused_scores", "PopulationFitness", "LoopFitness",
+           "FullBatchFitness", "SparseFitness", "kernel_macs", "make_fitness"]
 
 FITNESS_VARIANTS = ("arachne", "reptran")
 LOSSES = ("logits", "softmax_ce")
@@ -114,6 +114,11 @@ class FitnessResult:
 
     def __getitem__(self, idx) -> "FitnessResult":
         return FitnessResult(self.fitness[idx], self.n_patched[idx], self.n_broken[idx])
+
+    @staticmethod
+    def cat(parts: "list[FitnessResult]") -> "FitnessResult":
+        """The results of consecutive chunks of candidates, as one."""
+        return FitnessResult(*(torch.cat([getattr(r, k) for r in parts]) for k in ("fitness", "n_patched", "n_broken")))
 
 
 def per_input_loss(logits: Tensor, label: Tensor, loss: str = "logits") -> Tensor:
@@ -186,16 +191,23 @@ def repair_fitness(logits: Tensor, label: Tensor, is_neg: Tensor, alpha: float =
         p_idx, n_idx = wrong.nonzero(as_tuple=True)
         L = per_input_loss(lg[p_idx, n_idx].unsqueeze(0), label[n_idx], loss)[0]
         score[p_idx, n_idx] = 1.0 / (L.double() + 1.0)  # sums in float64: candidates are ranked by them
+    res = combine_scores(score, correct, is_neg, alpha, variant)
+    return res[0] if single else res
+
+
+def combine_scores(score: Tensor, correct: Tensor, is_neg: Tensor, alpha: float, variant: str,
+                   counts: tuple[int, int] | None = None) -> FitnessResult:
+    """The fitness (module docstring) from per-input terms: ``score [P, N]`` float64 (1 where right, else
+    1 / (L + 1)), ``correct [P, N]``, ``is_neg [N]``; ``counts`` (|I_neg|, |I_pos|) when known (no host sync)."""
     w_neg = is_neg.to(torch.float64)
     neg = score @ w_neg
     pos = score @ (1.0 - w_neg)
-    n_neg, n_pos = int(is_neg.sum()), int((~is_neg).sum())
     if variant == "arachne":
         fit = pos + alpha * neg
     else:
+        n_neg, n_pos = counts if counts is not None else (int(is_neg.sum()), int((~is_neg).sum()))
         fit = (alpha / (1.0 + alpha)) * neg / max(n_neg, 1) + (1.0 / (1.0 + alpha)) * pos / max(n_pos, 1)
-    res = FitnessResult(fit, (correct & is_neg).sum(-1), (~correct & ~is_neg).sum(-1))
-    return res[0] if single else res
+    return FitnessResult(fit, (correct & is_neg).sum(-1), (~correct & ~is_neg).sum(-1))
 
 
 class PopulationFitness:
@@ -265,7 +277,7 @@ class PopulationFitness:
         values = self._values(values)
         parts = [repair_fitness(lg, self.label, self.is_neg, self.alpha, self.variant, self.loss)
                  for lg in self.logits_chunks(values)]
-        res = FitnessResult(*(torch.cat([getattr(r, k) for r in parts]) for k in ("fitness", "n_patched", "n_broken")))
+        res = FitnessResult.cat(parts)
         return self._counted(res, len(values))
 
     def _counted(self, res: FitnessResult, n: int) -> FitnessResult:
@@ -504,7 +516,6 @@ class SparseFitness(PopulationFitness):
         # CUDA: no data-dependent shapes in the fitness pass (argmax and the loss of every input), so a generation
         # runs without host synchronisation; the CPU path computes the loss of the wrong inputs only
         self.sync_free = dev.type == "cuda"
-        self._w_neg = self.is_neg.to(torch.float64)
         self._n_neg, self._n_pos = int(self.is_neg.sum()), int((~self.is_neg).sum())
 
         lam = _layer_scale_vector(h.layer_scale, d)
@@ -702,7 +713,7 @@ class SparseFitness(PopulationFitness):
         for the inputs that are still wrong, and the logits of a chunk are never written out again."""
         values = self._values(values)
         N = self.n
-        fits, patched, broken = [], [], []
+        parts: list[FitnessResult] = []
         for v in values.split(self.chunk_size):
             p = len(v)
             if self.epilogue == "compiled":  # one fused pass: base, prediction test, loss
@@ -713,7 +724,7 @@ class SparseFitness(PopulationFitness):
                 else:
                     score, correct = _compiled_scores(next(self.logits_chunks(v)), self.label, None, None,
                                                       self.loss)
-                self._tally(score, correct, fits, patched, broken)
+                parts.append(self._combine(score, correct))
                 continue
             if self.kernel == "folded":
                 num, istd = self._numerator(v)          # z = num * istd, istd > 0: the same argmax
@@ -746,18 +757,13 @@ class SparseFitness(PopulationFitness):
                         zw.mul_(istd[wrong, None])
                     L = per_input_loss(zw[None], lab[wrong], self.loss)[0]
                     score[wrong] = 1.0 / (L.double() + 1.0)
-            self._tally(score.view(p, N), correct.view(p, N), fits, patched, broken)
-        res = FitnessResult(torch.cat(fits), torch.cat(patched), torch.cat(broken))
+            parts.append(self._combine(score.view(p, N), correct.view(p, N)))
+        res = FitnessResult.cat(parts)
         return self._counted(res, len(values))
 
-    def _tally(self, score: Tensor, correct: Tensor, fits: list, patched: list, broken: list) -> None:
-        """Fitness, patched and broken counts of a chunk from its per-input ``score`` and ``correct`` ``[p, N]``."""
-        neg, pos = score @ self._w_neg, score @ (1.0 - self._w_neg)
-        fits.append(pos + self.alpha * neg if self.variant == "arachne" else
-                    (self.alpha / (1.0 + self.alpha)) * neg / max(self._n_neg, 1)
-                    + (1.0 / (1.0 + self.alpha)) * pos / max(self._n_pos, 1))
-        patched.append((correct & self.is_neg).sum(-1))
-        broken.append((~correct & ~self.is_neg).sum(-1))
+    def _combine(self, score: Tensor, correct: Tensor) -> FitnessResult:
+        """One chunk's fitness from its per-input ``score`` and ``correct`` ``[p, N]``."""
+        return combine_scores(score, correct, self.is_neg, self.alpha, self.variant, (self._n_neg, self._n_pos))
 
 
 EVALUATORS: dict[str, type[PopulationFitness]] = {"sparse": SparseFitness, "full": FullBatchFitness,
