@@ -116,7 +116,7 @@ class FitnessResult:
         return FitnessResult(self.fitness[idx], self.n_patched[idx], self.n_broken[idx])
 
     @staticmethod
-    def cat(parts: "list[FitnessResult]") -> "FitnessResult":
+    def cat(parts: list[FitnessResult]) -> FitnessResult:
         """The results of consecutive chunks of candidates, as one."""
         return FitnessResult(*(torch.cat([getattr(r, k) for r in parts]) for k in ("fitness", "n_patched", "n_broken")))
 
