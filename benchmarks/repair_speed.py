@@ -34,6 +34,13 @@ The bound for (c) counts what cannot be avoided per evaluation round, measured i
 bound = 51 x (MAC time + memory time); ratio = (c) s/run / bound; ratio+act = (c) s/run / (bound + act s). The machine may be shared: the load average is
 printed before and after, and only ratios measured in one run should be compared.
 
+Where the time goes (``--profile_gens`` further generations of the same run under ``torch.profiler``; 0: off):
+``prod s`` is the time (c) spends inside matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``: the BLAS calls at
+the shapes the kernel really has, thin inner dimensions included) per run, extrapolated to 51 rounds, and
+``prod x bound`` its ratio to the bound. Where it is well above 1, the products alone, at the rate the BLAS reaches
+on their shapes, are slower than the bound allows the whole run, so no fusion of the element-wise work around them
+can reach the bound; the rest of the run (``(c) s/run - prod s``) is element-wise passes and bookkeeping.
+
     python benchmarks/repair_speed.py                                   # every placement and budget
     python benchmarks/repair_speed.py --quick                           # N = 944, random + clustered, 10 gens
     python benchmarks/repair_speed.py --budgets 944 --placements clustered --with_ab --measure_ab 1
@@ -179,6 +186,30 @@ def act_seconds_per_element(act, device, numel: int = 1 << 22, reps: int = 3) ->
         return _best_time(lambda: act(t), reps, device) / numel
 
 
+#: the matrix products of (c) as the profiler names them (self time: a product's BLAS call, not its callers)
+PRODUCT_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+                         "aten::addbmm", "aten::addbmm_"})
+
+
+def product_seconds(de: DifferentialEvolution, generations: int, device) -> tuple[float, float]:
+    """(seconds in matrix products, seconds in all) per generation over ``generations`` more generations of ``de``
+    under ``torch.profiler`` (CUDA: the products' kernel time on the device)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    with profile(activities=acts) as prof:
+        t = CLOCK()
+        for _ in range(generations):
+            de.step()
+        _sync(device)
+        total = CLOCK() - t
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"  # microseconds
+    prod = sum(getattr(e, attr) for e in prof.key_averages() if e.key in PRODUCT_OPS) / 1e6
+    return prod / generations, total / generations
+
+
 def de_for(head, weights, fitness, update, generations, seed=0, device="cpu"):
     lo, hi, mu, sd = (torch.empty(len(weights), dtype=torch.float64) for _ in range(4))
     for k, W in enumerate(head.weights()):
@@ -233,6 +264,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--n_pos", type=int, default=500)
     p.add_argument("--images", type=int, default=4, help="random images whose token states feed the ViT-B head")
     p.add_argument("--no_check", action="store_true", help="skip the (c)-vs-full-head fitness check")
+    p.add_argument("--profile_gens", type=int, default=5,
+                   help="generations run again under torch.profiler for the prod s column (0: off)")
     p.add_argument("--kernel", default="auto", choices=SparseFitness.KERNELS, help="(c)'s kernel")
     p.add_argument("--epilogue", default="eager", choices=EPILOGUES,
                    help="(c)'s fitness pass over the logits (compiled: torch.compile, once per process, untimed)")
@@ -274,6 +307,8 @@ def main(argv=None) -> list[dict]:
           f"{2 * big * 4 / big_pass / 1e9:.1f} GB/s); load average before: {load0}")
     cols = ["N", "placement", "|J|", "|I|", "kernel", "epilogue", "(c) s/run", "MAC s", "mem s", "bound s", "ratio",
             "act s", "ratio+act"]
+    if a.profile_gens:
+        cols += ["prod s", "prod x bound"]
     if a.with_ab:
         cols[7:7] = ["(a) s/run", "(b) s/run"]
     cols.append("max|dF|")
@@ -305,9 +340,15 @@ def main(argv=None) -> list[dict]:
             act_s = evals * P * N * nJ * act_seconds_per_element(hd.act, dev)
             row.update({"|J|": nJ, "|I|": nI, "kernel": sparse.kernel, "epilogue": a.epilogue,
                         "MAC s": f"{mac_s:.2f}", "mem s": f"{mem_s:.2f}", "bound s": f"{mac_s + mem_s:.2f}"})
-            s_c, ext = time_run(de_for(hd, w, sparse, "deferred", a.generations, device=dev), measure_c,
-                                a.generations, dev)
+            # (room for the profiled generations after the timed ones: a finished search no longer steps)
+            de_c = de_for(hd, w, sparse, "deferred", a.generations + a.profile_gens, device=dev)
+            s_c, ext = time_run(de_c, measure_c, a.generations, dev)
             row["(c) s/run"] = f"{s_c:.2f}{'*' if ext else ''}"
+            if a.profile_gens:  # the same search, a few generations further, under the profiler
+                prod_g, _ = product_seconds(de_c, a.profile_gens, dev)
+                ok = prod_g > 0  # none recorded (a profiler without this backend's events): say so, not 0
+                row["prod s"] = f"{evals * prod_g:.2f}" if ok else "n/a"
+                row["prod x bound"] = f"{evals * prod_g / (mac_s + mem_s):.2f}" if ok else "n/a"
             row["ratio"] = f"{s_c / (mac_s + mem_s):.2f}"
             row["act s"], row["ratio+act"] = f"{act_s:.2f}", f"{s_c / (mac_s + mem_s + act_s):.2f}"
             row["_c_s"], row["_bound_s"], row["_fl_s"] = s_c, mac_s + mem_s, fl_s
@@ -328,7 +369,9 @@ def main(argv=None) -> list[dict]:
     print("\n* extrapolated from the timed generations. |J| touched neurons (rows of W_bef), |I| touched output rows "
           f"of W_aft. MAC s / mem s: the two parts of the bound ({evals} rounds); act s: the touched neurons' "
           "activations (see the module docstring). max|dF|: largest fitness "
-          "difference (c) vs the full head on 10 candidates (in the head's dtype).")
+          "difference (c) vs the full head on 10 candidates (in the head's dtype). prod s: (c)'s time inside matrix "
+          f"products per run ({a.profile_gens} generations profiled, scaled to {evals} rounds); prod x bound: its ratio "
+          "to the bound.")
     return rows
 
 
