@@ -148,6 +148,30 @@ def test_nan_fitness_raises():
         de.initialize()
 
 
+@pytest.mark.parametrize("update", ["deferred", "immediate"])
+def test_nan_fitness_in_a_generation_raises_before_the_state_changes(update):
+    """A NaN among a generation's trial fitnesses is refused, and the population, fitness, counters and generation
+    are those before the step (deferred: checked in the step's one host transfer, after selection; immediate:
+    checked per trial, here on the generation's first)."""
+    calls = {"n": 0}
+
+    def fitness(v):
+        calls["n"] += 1
+        f = -(v ** 2).sum(1)
+        if calls["n"] > 1:  # every evaluation after the initial population's
+            f[len(f) // 2] = float("nan")
+        return f
+
+    de = DifferentialEvolution(fitness, -1, 1, 0, 1, pop_size=6, num_vars=3, update=update, seed=1,
+                               dtype=torch.float64)
+    de.initialize()
+    before = (de.pop.clone(), de.fit.clone(), de.generation, de.stall, de.best_fitness, dict(de.last))
+    with pytest.raises(NonFiniteFitnessError):
+        de.step()
+    assert torch.equal(de.pop, before[0]) and torch.equal(de.fit, before[1])
+    assert (de.generation, de.stall, de.best_fitness, de.last) == before[2:]
+
+
 # ----------------------------------------------------------------------------------------------- the module
 def run_de(h, seed=0, **kw):
     m = get_repair("de")(h, WEIGHTS, *states(h), seed=seed, **{"pop_size": 10, "generations": 8, **kw})

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_modules.repair.fitness import (EPILOGUES, FullBatchFitness, LoopFitness, NonFiniteFitnessError,
                                               SparseFitness, fused_scores, make_fitness, repair_fitness)
@@ -369,6 +370,83 @@ def test_sync_free_path_equals_the_cpu_path(kind):
         res = ev(vals)
         torch.testing.assert_close(res.fitness, ref.fitness, rtol=0, atol=1e-10)
         assert torch.equal(res.n_patched, ref.n_patched) and torch.equal(res.n_broken, ref.n_broken)
+
+
+#: calls that make the host wait for a CUDA device: a tensor read into Python, or a shape that depends on values
+HOST_SYNCS = frozenset({"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy", "nonzero",
+                        "argwhere", "unique", "unique_consecutive", "masked_select"})
+
+
+class SyncCounter(TorchFunctionMode):
+    """Records the torch calls made inside it that would synchronise with a CUDA device (counted on the CPU, so
+    the GPU path's contract is checked without a GPU): :data:`HOST_SYNCS`, indexing with a bool mask, and
+    ``repeat_interleave`` without ``output_size``."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        idx = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else None
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if (name in HOST_SYNCS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx)
+                or (name == "repeat_interleave" and "output_size" not in kwargs)):
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kernel", ["explicit", "folded"])
+def test_gpu_path_evaluation_syncs_once_whatever_the_chunking(kernel):
+    """The CUDA path of SparseFitness (``sync_free``) reads nothing back per candidate or per chunk: one host
+    synchronisation per evaluation (the finiteness check), for 1, 4 or 12 chunks of 12 candidates; the CPU path,
+    which computes the loss of the wrong inputs only, synchronises per chunk (the counter sees it)."""
+    h = head("layerscale", seed=11)
+    w = placement("random", seed=2)
+    x, y, neg = data(n=36, seed=12)
+    vals = read_values(h, w) + 0.7 * candidates(p=12, k=len(w), seed=13)
+    counts = {}
+    for sync_free, chunk in itertools.product((True, False), (1, 3, 12)):
+        ev = SparseFitness(h, w, x, y, neg, kernel=kernel, chunk_size=chunk)
+        ev.sync_free = sync_free
+        ev(vals[:1])  # work buffers allocated
+        with SyncCounter() as sc:
+            ev(vals)
+        counts[sync_free, chunk] = sc.calls
+    for chunk in (1, 3, 12):
+        assert counts[True, chunk] == ["__bool__"], counts[True, chunk]
+    assert len(counts[False, 1]) > len(counts[False, 12]) > 1  # the counter detects per-chunk reads
+
+
+def test_deferred_de_generation_syncs_a_fixed_number_of_times():
+    """A deferred DE generation on the GPU path reads back once for the fitness check and once for its statistics
+    (plus F, drawn on the CPU): the count does not grow with the population or the number of chunks, and the
+    statistics equal those recomputed from the population."""
+    from lightning_modules.repair.de import DifferentialEvolution
+
+    h = head("plain", seed=9)
+    w = placement("random", seed=1, n=30)
+    x, y, neg = data(n=40, seed=10)
+    per_step = {}
+    for pop_size, chunk in ((8, 2), (24, 3), (24, 24)):
+        ev = SparseFitness(h, w, x, y, neg, chunk_size=chunk)
+        ev.sync_free = True
+        old = read_values(h, w)
+        de = DifferentialEvolution(ev, old - 1, old + 1, old, 0.5, pop_size=pop_size, generations=6, seed=3,
+                                   dtype=torch.float64, num_vars=len(w))
+        de.initialize()
+        de.step()
+        with SyncCounter() as sc:
+            stats = de.step()
+        per_step[pop_size, chunk] = sorted(sc.calls)
+        assert stats["best_fitness"] == float(de.fit.max()) and stats["mean_fitness"] == float(de.fit.mean())
+        b = int(de.fit.argmax())
+        assert stats["n_patched"] == int(de.aux["n_patched"][b]) and stats["n_broken"] == int(de.aux["n_broken"][b])
+        ref = ev(de.pop)
+        assert torch.equal(ref.fitness, de.fit) and torch.equal(ref.n_patched, de.aux["n_patched"])
+    assert len(set(map(tuple, per_step.values()))) == 1, per_step
+    assert len(per_step[8, 2]) <= 3, per_step  # F (CPU), the evaluator's finiteness check, the statistics
 
 
 @pytest.mark.parametrize("loss", ["logits", "softmax_ce"])

@@ -50,6 +50,8 @@ __all__ = ["EARLY_STOPS", "matrix_bounds", "matrix_init_stats", "donors", "make_
            "DERepair", "default_patience"]
 
 UPDATES = ("deferred", "immediate")
+NONFINITE = ("the fitness returned NaN/inf for some candidates; the search cannot rank them (check the cached states "
+             "and the head's weights)")
 EARLY_STOPS = ("default", "published")
 INITS = ("matrix", "around_original")
 
@@ -142,7 +144,9 @@ class DifferentialEvolution:
         self.last: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, values: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _evaluate(self, values: Tensor, check: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fitness ``[P]`` (float64) and aux counts of ``values``; ``check=False``: the caller checks finiteness
+        itself (the deferred step folds it into its one host transfer per generation)."""
         res = self.fitness(values)
         self.evaluations += len(values)
         if isinstance(res, FitnessResult):
@@ -152,10 +156,21 @@ class DifferentialEvolution:
         fit = fit.to(self.device, torch.float64).reshape(-1)  # ranked in float64 whatever the population's dtype
         if fit.shape[0] != len(values):
             raise RepairInputError(f"fitness returned {fit.shape[0]} values for {len(values)} candidates")
-        if not bool(torch.isfinite(fit).all()):
-            raise NonFiniteFitnessError("the fitness returned NaN/inf for some candidates; the search cannot rank "
-                                        "them (check the cached states and the head's weights)")
+        if check and not bool(torch.isfinite(fit).all()):
+            raise NonFiniteFitnessError(NONFINITE)
         return fit, {k: v.to(self.device) for k, v in aux.items()}
+
+    def _host(self, fit: Tensor, aux: dict[str, Tensor], *extra: Tensor) -> tuple[dict[str, Any], list[float]]:
+        """The statistics of population fitness ``fit`` and ``aux`` (best, its index, mean, the best member's aux
+        counts) and the values of the scalar tensors ``extra``, in one device-to-host transfer."""
+        b = fit.argmax()  # the first of equal maxima
+        parts = [fit.max(), b.to(torch.float64), fit.mean(), *(aux[k][b].to(torch.float64) for k in aux),
+                 *(e.to(torch.float64) for e in extra)]
+        vals = torch.stack(parts).tolist()
+        n = 3 + len(aux)
+        stats = {"best_fitness": vals[0], "best_index": int(vals[1]), "mean_fitness": vals[2],
+                 **{k: int(v) for k, v in zip(aux, vals[3:n])}}
+        return stats, vals[n:]
 
     def initialize(self, population: Tensor | None = None) -> dict[str, float]:
         """Draw (or take) the initial population ``[P, K]`` and evaluate it."""
@@ -167,11 +182,12 @@ class DifferentialEvolution:
             raise RepairInputError(f"initial population must be [{self.pop_size}, {self.K}], got "
                                    f"{tuple(self.pop.shape)}")
         self.fit, self.aux = self._evaluate(self.pop)
-        self.best_fitness = float(self.fit.max())
+        host, _ = self._host(self.fit, self.aux)
+        self.best_fitness = host["best_fitness"]
         self.generation, self.stall = 0, 0
         self._baseline = None
-        self.first = {"best": self.best_fitness, "mean": float(self.fit.mean())}
-        self.last = self._stats(0, float("nan"))
+        self.first = {"best": self.best_fitness, "mean": host["mean_fitness"]}
+        self.last = self._stats(0, float("nan"), host)
         return self.last
 
     @property
@@ -213,12 +229,17 @@ class DifferentialEvolution:
         F, r, cross, j_rand = self._draws()
         r_d, cross_d, j_d = r.to(self.device), cross.to(self.device), j_rand.to(self.device)
         if self.update == "deferred":
+            # the whole population at once, and one device-to-host transfer for the generation (its statistics,
+            # the finiteness check and the replaced count): no host synchronisation per candidate or chunk
             trials = make_trials(self.pop, F, self.cr, self.lower, self.upper, r_d, cross_d, j_d)
-            tfit, taux = self._evaluate(trials)
-            self.pop, self.fit, replaced = greedy_select(self.pop, self.fit, trials, tfit)
-            for k in self.aux:
-                self.aux[k] = torch.where(replaced, taux[k], self.aux[k])
-            n_replaced = int(replaced.sum())
+            tfit, taux = self._evaluate(trials, check=False)
+            pop, fit, replaced = greedy_select(self.pop, self.fit, trials, tfit)
+            aux = {k: torch.where(replaced, taux[k], self.aux[k]) for k in self.aux}
+            host, (finite, n_rep) = self._host(fit, aux, torch.isfinite(tfit).all(), replaced.sum())
+            if not finite:  # refused before the state changes
+                raise NonFiniteFitnessError(NONFINITE)
+            self.pop, self.fit, self.aux = pop, fit, aux
+            n_replaced = int(n_rep)
         else:
             n_replaced = 0
             for i in range(self.pop_size):
@@ -229,8 +250,9 @@ class DifferentialEvolution:
                     for k in self.aux:
                         self.aux[k][i] = taux[k][0]
                     n_replaced += 1
+            host, _ = self._host(self.fit, self.aux)
         self.generation += 1
-        best = float(self.fit.max())
+        best = host["best_fitness"]
         if self.early_stop == "published":
             self._published_stall(best)
             self.best_fitness = max(self.best_fitness, best)
@@ -238,7 +260,7 @@ class DifferentialEvolution:
             self.best_fitness, self.stall = best, 0
         else:
             self.stall += 1
-        self.last = self._stats(n_replaced, F)
+        self.last = self._stats(n_replaced, F, host)
         return self.last
 
     def _published_stall(self, best: float) -> None:
@@ -259,11 +281,10 @@ class DifferentialEvolution:
         mask[j_rand] = True
         return torch.where(mask, v, self.pop[i])
 
-    def _stats(self, n_replaced: int, F: float) -> dict[str, Any]:
-        b = self.best_index
-        out = {"generation": self.generation, "best_fitness": float(self.fit[b]),
-               "mean_fitness": float(self.fit.mean()), "replaced": n_replaced, "F": F, "stall": self.stall}
-        out.update({k: int(v[b]) for k, v in self.aux.items()})
+    def _stats(self, n_replaced: int, F: float, host: dict[str, Any]) -> dict[str, Any]:
+        out = {"generation": self.generation, "best_fitness": host["best_fitness"],
+               "mean_fitness": host["mean_fitness"], "replaced": n_replaced, "F": F, "stall": self.stall}
+        out.update({k: host[k] for k in self.aux})
         return out
 
     def run(self) -> Tensor:
