@@ -123,3 +123,20 @@ def test_gram_blocks_are_used_at_vit_width():
     import localization.methods.neuron_scores as ns
 
     assert 3072 >= ns.GRAM_MIN_WIDTH and ns.GRAM_BLOCKS > 1
+
+
+@pytest.mark.parametrize("vscore", ["abs_sum", "abs_mean", "signed_mean", "signed_sum"])
+def test_v_score_from_moments_in_several_bands_matches_numpy(vscore):
+    """d_ff = 2.5 bands of V_BAND_ROWS rows (the last one partial): every variant against np.cov, written out."""
+    from localization.methods import neuron_scores as ns
+
+    d_ff = 2 * ns.V_BAND_ROWS + ns.V_BAND_ROWS // 2
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(40, d_ff)) * rng.uniform(0.1, 3, size=d_ff) + rng.normal(size=d_ff)
+    cov = np.cov(a, rowvar=False, ddof=1)
+    var = np.diag(cov).copy()
+    off = (np.abs(cov) if vscore.startswith("abs") else cov).sum(1) - (np.abs(var) if vscore.startswith("abs") else var)
+    ref = var + (off / (d_ff - 1) if vscore.endswith("mean") else off)
+    t = torch.from_numpy(a)
+    got = ns.v_score_from_moments(len(a), t.sum(0), t.T @ t, vscore)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-12)

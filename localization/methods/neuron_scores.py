@@ -51,6 +51,11 @@ def check_vscore(vscore: str) -> str:
     return vscore
 
 
+#: rows of the centred second moment formed at a time by :func:`v_score_from_moments` (3 MB float64 bands at
+#: d_ff = 3072)
+V_BAND_ROWS = 128
+
+
 def v_score_from_moments(n: int, act_sum: Tensor, act_outer: Tensor, vscore: str = "abs_sum") -> Tensor:
     """V_j from n, sum a ``[d_ff]`` and sum a a^T ``[d_ff, d_ff]`` (float64), ``[d_ff]``; ``vscore`` picks the
     variant (:data:`VSCORE_VARIANTS`; default V_j = sum_k |Cov(a_j, a_k)|)."""
@@ -58,16 +63,23 @@ def v_score_from_moments(n: int, act_sum: Tensor, act_outer: Tensor, vscore: str
     if n < 2:
         raise ValueError(f"the V-score needs a sample covariance (ddof=1), so at least 2 inputs; got {n}")
     s1 = act_sum.double()
-    centred = torch.addr(act_outer.double(), s1, s1, alpha=-1.0 / n)  # (n - 1) Cov, one pass over [d_ff, d_ff]
+    outer = act_outer.double()
+    d_ff = outer.shape[0]
+    # (n - 1) Cov = sum a a^T - s s^T / n, formed in bands of V_BAND_ROWS rows (each band's row sums and diagonal
+    # taken at once), so no second [d_ff, d_ff] float64 tensor is allocated (75 MB at d_ff = 3072); the same
+    # element-wise arithmetic and whole-row sums as one full pass, so the same values
+    rows = torch.empty(d_ff, dtype=torch.float64, device=outer.device)
+    var = torch.empty(d_ff, dtype=torch.float64, device=outer.device)
+    absolute = vscore.startswith("abs")
+    for i in range(0, d_ff, V_BAND_ROWS):
+        j = min(d_ff, i + V_BAND_ROWS)
+        band = torch.addr(outer[i:j], s1[i:j], s1, alpha=-1.0 / n)
+        var[i:j] = torch.diagonal(band[:, i:j])
+        rows[i:j] = (band.abs_() if absolute else band).sum(1)
     if vscore == "abs_sum":
-        return centred.abs_().sum(1) / (n - 1)
-    var = torch.diagonal(centred).clone()
-    d_ff = centred.shape[0]
-    if vscore.startswith("abs"):
-        rows = centred.abs_().sum(1)
+        return rows / (n - 1)
+    if absolute:
         var = var.abs()  # a variance is >= 0; its rounding may not be
-    else:
-        rows = centred.sum(1)
     others = rows - var
     if vscore.endswith("mean"):
         others = others / (d_ff - 1) if d_ff > 1 else torch.zeros_like(others)
