@@ -161,15 +161,14 @@ class DifferentialEvolution:
         return fit, {k: v.to(self.device) for k, v in aux.items()}
 
     def _host(self, fit: Tensor, aux: dict[str, Tensor], *extra: Tensor) -> tuple[dict[str, Any], list[float]]:
-        """The statistics of population fitness ``fit`` and ``aux`` (best, its index, mean, the best member's aux
-        counts) and the values of the scalar tensors ``extra``, in one device-to-host transfer."""
-        b = fit.argmax()  # the first of equal maxima
-        parts = [fit.max(), b.to(torch.float64), fit.mean(), *(aux[k][b].to(torch.float64) for k in aux),
+        """The statistics of population fitness ``fit`` and ``aux`` (best, mean, the best member's aux counts) and
+        the values of the scalar tensors ``extra``, in one device-to-host transfer."""
+        b = fit.argmax()  # the first of equal maxima (indexed on the device)
+        parts = [fit.max(), fit.mean(), *(aux[k][b].to(torch.float64) for k in aux),
                  *(e.to(torch.float64) for e in extra)]
         vals = torch.stack(parts).tolist()
-        n = 3 + len(aux)
-        stats = {"best_fitness": vals[0], "best_index": int(vals[1]), "mean_fitness": vals[2],
-                 **{k: int(v) for k, v in zip(aux, vals[3:n])}}
+        n = 2 + len(aux)
+        stats = {"best_fitness": vals[0], "mean_fitness": vals[1], **{k: int(v) for k, v in zip(aux, vals[2:n])}}
         return stats, vals[n:]
 
     def initialize(self, population: Tensor | None = None) -> dict[str, float]:
