@@ -132,6 +132,18 @@ def _run_star(args):
     return run_one(*args)
 
 
+def machine_gemm_rate(device: str, threads: int) -> float:
+    """float32 GEMM GFLOP/s at ``[1500, 768] x [768, 768]`` with a worker's thread count (as repair_speed.py
+    measures it): printed before and after the grid, so a slow sitting can be told apart from a slow change."""
+    from repair_speed import gemm_rate
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return gemm_rate(1500, 768, 768, device) / 1e9
+    finally:
+        torch.set_num_threads(old)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=None, help="run only this many runs, spread over the grid")
@@ -153,6 +165,7 @@ def main(argv=None) -> dict:
     tasks = grid()
     chosen = spread(tasks, a.limit) if a.limit else tasks
     load0 = tuple(round(v, 2) for v in os.getloadavg())
+    gemm0 = machine_gemm_rate(a.device, a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "grid_state.pt")
         t0 = time.perf_counter()
@@ -171,13 +184,15 @@ def main(argv=None) -> dict:
                       f"|J|={r['touched_neurons']}, |I|={r['touched_rows']}; FL {r['fl_s']:.2f} s)", flush=True)
         wall = time.perf_counter() - t0
     load1 = tuple(round(v, 2) for v in os.getloadavg())
+    gemm1 = machine_gemm_rate(a.device, a.threads)
     cells, cpu_cells = {}, {}
     for r in results:
         cells.setdefault((r["method"], r["budget"]), []).append(r["run_s"])
         cpu_cells.setdefault((r["method"], r["budget"]), []).append(r["cpu_s"])
     per_cell = len(tasks) // (len(METHODS) * len(BUDGETS))
     print(f"\n{len(results)} of {len(tasks)} runs on {procs} {a.device} worker(s) x {a.threads} thread(s); "
-          f"set-up {prep_s:.1f} s; load average before {load0}, after {load1}\n")
+          f"set-up {prep_s:.1f} s; load average before {load0}, after {load1}; float32 GEMM at [1500, 768] x "
+          f"[768, 768] with {a.threads} thread(s): {gemm0:.0f} GFLOP/s before, {gemm1:.0f} after\n")
     print("| method | N | runs | mean s/run (wall) | max s/run (wall) | mean CPU s/run |")
     print("|---|---|---|---|---|---|")
     for m, b in itertools.product(METHODS, BUDGETS):
@@ -188,7 +203,7 @@ def main(argv=None) -> dict:
         else:
             print(f"| {m} | {b} | 0 | not sampled | not sampled | not sampled |")
     busy = sum(r["run_s"] + r["fl_s"] for r in results)
-    out = {"runs": len(results), "wall_s": wall, "procs": procs, "busy_s": busy}
+    out = {"runs": len(results), "wall_s": wall, "procs": procs, "busy_s": busy, "gemm_gflops": (gemm0, gemm1)}
     if len(results) == len(tasks):
         out["total_s"], out["kind"] = wall, "measured"
     elif len(cells) == len(METHODS) * len(BUDGETS):

@@ -164,7 +164,7 @@ class DifferentialEvolution:
         """The statistics of population fitness ``fit`` and ``aux`` (best, mean, the best member's aux counts) and
         the values of the scalar tensors ``extra``, in one device-to-host transfer."""
         b = fit.argmax()  # the first of equal maxima (indexed on the device)
-        parts = [fit.max(), fit.mean(), *(aux[k][b].to(torch.float64) for k in aux),
+        parts = [fit[b], fit.mean(), *(aux[k][b].to(torch.float64) for k in aux),
                  *(e.to(torch.float64) for e in extra)]
         vals = torch.stack(parts).tolist()
         n = 2 + len(aux)
