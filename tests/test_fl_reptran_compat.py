@@ -481,9 +481,10 @@ def test_single_published_sums_keep_only_their_own_states():
 @pytest.mark.parametrize("band_bytes", [960, 1])
 @pytest.mark.parametrize("name", ["forward_impact_reptran", "ours_reptran"])
 def test_published_fi_in_row_bands_matches_upstream(monkeypatch, band_bytes, name):
-    """On the CPU the per-part FI products run in row bands of each weight sized to the cache; forced small here
-    (960 bytes: bands of 5 rows of W_bef with a last band of 2, 1-row bands of W_aft; 1: every band one row),
-    the scores must still match the upstream re-derivation."""
+    """On the CPU the per-part FI products run in row bands of each sum sized to the cache, the longer side of the
+    weight as the rows (W_aft's sum formed transposed); forced small here (960 bytes: bands of 5 rows with a last
+    band of 2 of both [32, 8] sums; 1: every band one row), the scores must still match the upstream
+    re-derivation."""
     from localization.methods import _reptran
 
     monkeypatch.setattr(_reptran, "CPU_BAND_BYTES", band_bytes)
@@ -494,6 +495,33 @@ def test_published_fi_in_row_bands_matches_upstream(monkeypatch, band_bytes, nam
     want = reference(name, head, x, y, neg, opts)
     got = localize(head, x, y, neg, name, 5, batch_size=512, **opts).scores
     assert rel(got.numpy(), want) <= TOL, rel(got.numpy(), want)
+
+
+@pytest.mark.parametrize("shape", [(7, 19), (19, 7), (9, 9)])
+@pytest.mark.parametrize("band_bytes", [1, 200, 32 << 20])
+def test_part_products_match_a_loop_over_the_parts(monkeypatch, shape, band_bytes):
+    """acc += sum_b (r_b^T o_b) * (g_b^T o_b) / B_b, formed with either side of the weight as the rows and in any
+    band size, equals a float64 loop over the parts written from the formula (random inputs, uneven parts)."""
+    from localization.methods import _reptran
+
+    monkeypatch.setattr(_reptran, "CPU_BAND_BYTES", band_bytes)
+    out, inn = shape
+    g = torch.Generator().manual_seed(out * 100 + inn)
+    n = 23
+    r, gr, o = (torch.randn(n, k, generator=g, dtype=torch.float64) for k in (out, out, inn))
+    sizes = [5, 1, 8, 9]
+    start = torch.randn(out, inn, generator=g, dtype=torch.float64)
+    want = start.clone()
+    s = 0
+    for b in sizes:
+        for i in range(out):
+            for j in range(inn):
+                want[i, j] += sum(r[s + k, i] * o[s + k, j] for k in range(b)) * \
+                    sum(gr[s + k, i] * o[s + k, j] for k in range(b)) / b
+        s += b
+    got = start.clone()
+    _reptran._part_products(got, r, gr, o, sizes)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), float((got - want).abs().max())
 
 
 def test_published_fi_with_other_linear_layers():

@@ -79,32 +79,51 @@ def reptran_sums(head: FFNHead, x: Tensor, label: Tensor, sizes: Sequence[int], 
     return ReptranSums(gl_bef, gl_aft, fi_bef, fi_aft, len(sizes), h, a)
 
 
-#: on the CPU the per-part products are formed for a band of the weight's rows at a time, so that the band of the
-#: sum and its two products (3 x band) stay in the last-level cache across the parts: at ViT-B shapes 0.77-0.81x
-#: the time of whole-weight products (whose 3 x 9.4 MB per weight spill to memory on every part)
-CPU_BAND_BYTES = 8 << 20
+#: on the CPU the per-part products are formed for a band of the sum's rows at a time, so that the band of the sum
+#: and its two products (3 x band) stay in the last-level cache across the parts. 32 MB: whole weights at ViT-B
+#: shapes (3 x 9.4 MB), measured 0.63-0.66x the time of 8 MB bands on 2026-12-03 (fewer, larger products); larger
+#: weights are banded
+CPU_BAND_BYTES = 32 << 20
 
 
 def _part_products(acc: Tensor, r: Tensor, g: Tensor, o: Tensor, sizes: Sequence[int]) -> None:
     """acc += sum_b (r_b^T o_b) * (g_b^T o_b) / B_b over the consecutive parts b of the rows (``acc [out, in]``,
-    ``r, g [N, out]``, ``o [N, in]``), in row bands of ``acc`` on the CPU."""
+    ``r, g [N, out]``, ``o [N, in]``). On the CPU the sum is formed with the weight's longer side as its rows
+    (where in > out: acc^T = sum_b (o_b^T r_b) * (o_b^T g_b) / B_b, added in transposed at the end; MKL ran the
+    per-part ``[768, 32] x [32, 3072]`` products of W_aft 2.8x slower than ``[3072, 32] x [32, 768]``, measured
+    2026-12-03), in row bands of at most ``CPU_BAND_BYTES`` for the band of the sum and its two products."""
     out, inn = acc.shape
-    band = out
-    if acc.device.type == "cpu":
-        band = max(1, min(out, CPU_BAND_BYTES // (3 * inn * acc.element_size())))
+    if acc.device.type != "cpu":
+        _banded(acc, (r, o), (g, o), sizes, out)
+        return
+    if inn > out:
+        acc_t = acc.new_zeros(inn, out)
+        _banded(acc_t, (o, r), (o, g), sizes, max(1, CPU_BAND_BYTES // (3 * out * acc.element_size())))
+        acc.add_(acc_t.t())
+    else:
+        _banded(acc, (r, o), (g, o), sizes, max(1, CPU_BAND_BYTES // (3 * inn * acc.element_size())))
+
+
+def _banded(acc: Tensor, first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor], sizes: Sequence[int],
+            band: int) -> None:
+    """acc ``[m, n]`` += sum_b (L_b^T R_b) * (L'_b^T R'_b) / B_b for ``first = (L [N, m], R [N, n])`` and ``second
+    = (L', R')``, over the consecutive parts b of the N rows, ``band`` rows of acc at a time."""
+    (l1, r1), (l2, r2) = first, second
+    m, n = acc.shape
+    band = max(1, min(m, band))
     # the two products go into reused buffers (a fresh weight-sized tensor per part costs more in page faults than
     # the product itself: 5x slower at ViT-B shapes)
-    p_r, p_g = acc.new_empty(band, inn), acc.new_empty(band, inn)
-    for t0 in range(0, out, band):
-        t1 = min(out, t0 + band)
-        acc_t, r_t, g_t = acc[t0:t1], r[:, t0:t1], g[:, t0:t1]
-        q_r, q_g = p_r[: t1 - t0], p_g[: t1 - t0]
+    p1, p2 = acc.new_empty(band, n), acc.new_empty(band, n)
+    for t0 in range(0, m, band):
+        t1 = min(m, t0 + band)
+        acc_t, l1_t, l2_t = acc[t0:t1], l1[:, t0:t1], l2[:, t0:t1]
+        q1, q2 = p1[: t1 - t0], p2[: t1 - t0]
         s = 0
         for b in sizes:
             rows = slice(s, s + b)
-            torch.mm(r_t[rows].t(), o[rows], out=q_r)
-            torch.mm(g_t[rows].t(), o[rows], out=q_g)
-            acc_t.addcmul_(q_r, q_g, value=1.0 / b)
+            torch.mm(l1_t[rows].t(), r1[rows], out=q1)
+            torch.mm(l2_t[rows].t(), r2[rows], out=q2)
+            acc_t.addcmul_(q1, q2, value=1.0 / b)
             s += b
 
 
