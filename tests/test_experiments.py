@@ -211,7 +211,7 @@ def test_shrunk_digits_exp_repair_4_end_to_end_and_rerun_skips(tmp_path):
                                "settings": ["src_tgt_r1", "tgt_fp_r1"], "budgets": [33], "reps": 1, "seed": 0,
                                "repair_options": {"alpha": 10.0, "generations": 3, "pop_size": 10,
                                                   "fitness": "reptran", "loss": "softmax_ce", "update": "immediate",
-                                                  "early_stop": "published"}}],
+                                                  "early_stop": "published", "best": "first"}}],
                    "accelerator": "cpu"},
     }))
     cmd = [sys.executable, str(REPO / "scripts" / "run_experiment.py"), "--config",

@@ -392,3 +392,61 @@ def test_epilogue_option_reaches_the_fitness_and_gives_the_same_patch():
     torch.testing.assert_close(p_c.new, p_e.new, rtol=0, atol=1e-12)
     with pytest.raises(RepairInputError, match="epilogue 'fused'"):
         DERepair(h, WEIGHTS, *states(h), epilogue="fused")
+
+
+# ------------------------------------------------------------------------------------ best="first" (HallOfFame)
+def hall_of_fame(populations):
+    """deap's ``HallOfFame(1).update(pop)`` re-derived (``tools.support``): an empty hall takes ``pop[0]``; then any
+    member whose fitness is strictly greater than the kept one replaces it; updated with every population."""
+    kept, kept_fit = None, None
+    for pop, fit in populations:
+        for i in range(len(pop)):
+            if kept is None:
+                kept, kept_fit = pop[0].clone(), float(fit[0])
+                continue
+            if float(fit[i]) > kept_fit:
+                kept, kept_fit = pop[i].clone(), float(fit[i])
+    return kept, kept_fit
+
+
+def plateau(v):
+    # a capped, coarsely quantised fitness: many individuals tie at the best value
+    return torch.clamp(torch.floor(v.double().sum(-1) * 2), max=3.0)
+
+
+@pytest.mark.parametrize("update", ["deferred", "immediate"])
+def test_best_first_returns_the_first_individual_that_reached_the_best_fitness(update):
+    runs = {}
+    for best in ("population", "first"):
+        de = DifferentialEvolution(plateau, -2, 2, 0, 1, pop_size=8, generations=12, seed=3, num_vars=3,
+                                   update=update, best=best)
+        de.initialize()
+        pops = [(de.pop.clone(), de.fit.clone())]
+        while not de.done:
+            de.step()
+            pops.append((de.pop.clone(), de.fit.clone()))
+        runs[best] = (de.best.clone(), float(plateau(de.best[None])[0]), pops, de.summary())
+    (first, f_first, pops, summ), (popbest, f_pop, pops2, _) = runs["first"], runs["population"]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(pops, pops2))  # the rule does not change the search
+    ref, ref_fit = hall_of_fame(pops)
+    assert torch.equal(first, ref)
+    assert f_first == f_pop == ref_fit == 3.0  # same fitness ...
+    assert not torch.equal(first, popbest)  # ... another patch (so this test can tell the two rules apart)
+    assert summ["best"] == "first" and summ["fitness_returned"] == ref_fit
+
+
+def test_best_option_reaches_the_module_survives_resume_and_bad_value_raises(tmp_path):
+    h = head()
+    m = DERepair(h, WEIGHTS, *states(h), pop_size=6, generations=3, best="first")
+    assert m.options()["best"] == "first"
+    fit_repair(m, enable_progress_bar=False)
+    assert m.search.best_rule == "first" and m.summary()["best"] == "first"
+    state = m.search.state_dict()
+    other = DifferentialEvolution(plateau, -1, 1, 0, 1, pop_size=6, num_vars=len(WEIGHTS), best="population")
+    with pytest.raises(RepairInputError, match="best"):
+        other.load_state_dict(state)
+    same = DifferentialEvolution(plateau, -1, 1, 0, 1, pop_size=6, num_vars=len(WEIGHTS), best="first")
+    same.load_state_dict(state)
+    assert torch.equal(same.best, m.search.best)
+    with pytest.raises(RepairInputError, match="best"):
+        DERepair(h, WEIGHTS, *states(h), best="last")

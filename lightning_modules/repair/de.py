@@ -22,6 +22,17 @@ The located weights are the K variables. DE/rand/1/bin, maximising the repair fi
   baseline moves only when the float32 values differ and the best is higher. On a flat fitness it stops after
   generation 12, one more than the default; improvements below float32 resolution count as stalls.
 
+``best`` says which individual the search returns (its fitness is the same either way; only the patch differs when
+several individuals share the best fitness):
+
+- ``"population"`` (default): the best member of the final population (the first of equal maxima). Greedy
+  replacement keeps ties, so a later individual with the same fitness may have replaced the first one.
+- ``"first"`` (the published searchers, for exact replays): the *first* individual that reached the best fitness, as
+  deap's ``HallOfFame(1)`` keeps it (it replaces its member only on a strictly greater fitness): after the initial
+  population and after each generation, the first member in population order whose fitness is strictly above the
+  kept one replaces it. In ``update="immediate"`` this equals RepTran's in-loop updates (a trial enters the hall of
+  fame only when strictly better than every earlier individual, and each index changes once per generation).
+
 ``update="deferred"`` (default): all P trials of a generation are built from the same population and evaluated
 in one batched call, then selected. ``update="immediate"`` (the published codes): trial i is built from the
 population as updated by trials 0..i-1 and evaluated alone. Random draws are the same in both modes (drawn at the
@@ -45,7 +56,7 @@ from lightning_modules.repair.base import RepairModule
 from lightning_modules.repair.fitness import EPILOGUES, EVALUATORS, FitnessResult, NonFiniteFitnessError
 from lightning_modules.repair.patch import RepairInputError
 
-__all__ = ["EARLY_STOPS", "matrix_bounds", "matrix_init_stats", "donors", "make_trials", "greedy_select",
+__all__ = ["EARLY_STOPS", "BESTS", "matrix_bounds", "matrix_init_stats", "donors", "make_trials", "greedy_select",
            "DifferentialEvolution",
            "DERepair", "default_patience"]
 
@@ -53,6 +64,7 @@ UPDATES = ("deferred", "immediate")
 NONFINITE = ("the fitness returned NaN/inf for some candidates; the search cannot rank them (check the cached states "
              "and the head's weights)")
 EARLY_STOPS = ("default", "published")
+BESTS = ("population", "first")
 INITS = ("matrix", "around_original")
 
 
@@ -107,12 +119,18 @@ class DifferentialEvolution:
                  init_std: Any, pop_size: int = 100, generations: int = 50, cr: float = 0.7,
                  f_range: tuple[float, float] = (0.5, 1.0), update: str = "deferred", patience: int | None = None,
                  seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 num_vars: int | None = None, early_stop: str = "default"):
+                 num_vars: int | None = None, early_stop: str = "default", best: str = "population"):
         if update not in UPDATES:
             raise RepairInputError(f"unknown DE update {update!r}; expected one of {UPDATES}")
         if early_stop not in EARLY_STOPS:
             raise RepairInputError(f"unknown DE early_stop {early_stop!r}; expected one of {EARLY_STOPS}")
+        if best not in BESTS:
+            raise RepairInputError(f"unknown DE best {best!r}; expected one of {BESTS}")
         self.early_stop = early_stop
+        self.best_rule = best
+        #: best="first": the hall of fame (the first individual that reached the best fitness) and its fitness
+        self._hof: Tensor | None = None
+        self._hof_fitness = float("-inf")
         self._baseline: float | None = None  # early_stop="published": the reference best, set after generation 1
         if pop_size < 4:
             raise RepairInputError(f"DE/rand/1 needs a population of at least 4, got {pop_size}")
@@ -186,6 +204,8 @@ class DifferentialEvolution:
         self.generation, self.stall = 0, 0
         self._baseline = None
         self.first = {"best": self.best_fitness, "mean": host["mean_fitness"]}
+        self._hof, self._hof_fitness = None, float("-inf")
+        self._update_hof(host["best_fitness"])
         self.last = self._stats(0, float("nan"), host)
         return self.last
 
@@ -207,8 +227,19 @@ class DifferentialEvolution:
 
     @property
     def best(self) -> Tensor:
-        """``[K]`` values of the best member of the population."""
+        """``[K]`` values the search returns: the best member of the population (``best="population"``) or the first
+        individual that reached the best fitness (``best="first"``)."""
+        if self.best_rule == "first" and self._hof is not None:
+            return self._hof
         return self.pop[self.best_index]
+
+    def _update_hof(self, best_fitness: float) -> None:
+        """deap's ``HallOfFame(1).update(population)``: the first member (population order) whose fitness is strictly
+        above the kept one replaces it (``best_fitness`` = the population's maximum, already on the host)."""
+        if self.best_rule != "first" or not best_fitness > self._hof_fitness:
+            return
+        self._hof = self.pop[self.best_index].clone()  # argmax: the first of equal maxima
+        self._hof_fitness = best_fitness
 
     # ------------------------------------------------------------------------------------------- one generation
     def _draws(self) -> tuple[float, Tensor, Tensor, Tensor]:
@@ -252,6 +283,7 @@ class DifferentialEvolution:
             host, _ = self._host(self.fit, self.aux)
         self.generation += 1
         best = host["best_fitness"]
+        self._update_hof(best)
         if self.early_stop == "published":
             self._published_stall(best)
             self.best_fitness = max(self.best_fitness, best)
@@ -300,7 +332,9 @@ class DifferentialEvolution:
                 "fitness_best": self.best_fitness, "generations_run": self.generation,
                 "max_generations": self.generations, "early_stopped": self.early_stopped, "patience": self.patience,
                 "evaluations": self.evaluations, "update": self.update, "pop_size": self.pop_size, "cr": self.cr,
-                "f_range": list(self.f_range), "early_stop": self.early_stop}
+                "f_range": list(self.f_range), "early_stop": self.early_stop, "best": self.best_rule,
+                "fitness_returned": (self._hof_fitness if self.best_rule == "first" and self._hof is not None
+                                     else float(self.fit.max()))}
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -308,7 +342,8 @@ class DifferentialEvolution:
                 "generation": self.generation, "stall": self.stall, "best_fitness": self.best_fitness,
                 "evaluations": self.evaluations, "first": dict(self.first), "last": dict(self.last),
                 "rng": self.gen.get_state(), "K": self.K, "pop_size": self.pop_size, "update": self.update,
-                "early_stop": self.early_stop, "baseline": self._baseline}
+                "early_stop": self.early_stop, "baseline": self._baseline, "best": self.best_rule,
+                "hof": None if self._hof is None else self._hof.cpu(), "hof_fitness": self._hof_fitness}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["K"] != self.K or state["pop_size"] != self.pop_size:
@@ -324,6 +359,12 @@ class DifferentialEvolution:
             raise RepairInputError(f"checkpoint's DE used early_stop={state.get('early_stop', 'default')!r}, this one "
                                    f"{self.early_stop!r}")
         self._baseline = state.get("baseline")
+        if state.get("best", "population") != self.best_rule:
+            raise RepairInputError(f"checkpoint's DE used best={state.get('best', 'population')!r}, this one "
+                                   f"{self.best_rule!r}")
+        hof = state.get("hof")
+        self._hof = None if hof is None else hof.to(self.device, self.dtype)
+        self._hof_fitness = state.get("hof_fitness", float("-inf"))
         self.gen.set_state(state["rng"])
 
 
@@ -343,7 +384,8 @@ class DERepair(RepairModule):
                  fitness: str = "arachne", loss: str = "logits", pop_size: int = 100, generations: int = 50,
                  cr: float = 0.7, f_range: tuple[float, float] = (0.5, 1.0), update: str = "deferred",
                  patience: int | None = None, init: str = "matrix", evaluator: str = "sparse", kernel: str = "auto",
-                 chunk_size: int | None = None, epilogue: str = "eager", early_stop: str = "default"):
+                 chunk_size: int | None = None, epilogue: str = "eager", early_stop: str = "default",
+                 best: str = "population"):
         super().__init__(head, weights, x_neg, label_neg, x_pos, label_pos, seed, alpha, fitness, loss)
         self.automatic_optimization = False
         if update not in UPDATES:
@@ -352,6 +394,8 @@ class DERepair(RepairModule):
             raise RepairInputError(f"unknown DE init {init!r}; expected one of {INITS}")
         if early_stop not in EARLY_STOPS:
             raise RepairInputError(f"unknown DE early_stop {early_stop!r}; expected one of {EARLY_STOPS}")
+        if best not in BESTS:
+            raise RepairInputError(f"unknown DE best {best!r}; expected one of {BESTS}")
         if evaluator not in EVALUATORS:
             raise RepairInputError(f"unknown fitness evaluator {evaluator!r}; expected one of {sorted(EVALUATORS)}")
         if epilogue not in EPILOGUES:
@@ -360,7 +404,7 @@ class DERepair(RepairModule):
                            "f_range": tuple(float(f) for f in f_range), "update": update,
                            "patience": default_patience(int(generations)) if patience is None else int(patience),
                            "init": init, "evaluator": evaluator, "kernel": kernel, "chunk_size": chunk_size,
-                           "epilogue": epilogue, "early_stop": early_stop}
+                           "epilogue": epilogue, "early_stop": early_stop, "best": best}
         # per-weight bounds and initial distribution from the weight's matrix
         lo, hi, mu, sd = (torch.empty(len(self.weights), dtype=torch.float64) for _ in range(4))
         for k, W in enumerate(self.head.weights()):
@@ -395,7 +439,7 @@ class DERepair(RepairModule):
             fitness, *self._bounds, *self._init, pop_size=o["pop_size"], generations=o["generations"], cr=o["cr"],
             f_range=o["f_range"], update=o["update"], patience=o["patience"], seed=self.seed,
             dtype=self.head.fc_bef.weight.dtype, device=self.head.fc_bef.weight.device, num_vars=len(self.weights),
-            early_stop=o["early_stop"])
+            early_stop=o["early_stop"], best=o["best"])
         if self._restored is not None:
             self.search.load_state_dict(self._restored)
             self._restored = None
