@@ -17,6 +17,15 @@ onto their neurons' weights) is then compared with the ground truth: P@K, R@K, F
 Every row records which inputs the FL used (split, setting, |I_neg|, |I_pos|, the states' model hash) and a
 ``circular`` flag: True when the FL inputs come from the split the model was trained on (the ground truth is
 the training update on those very inputs, so a gradient method would partly re-derive it).
+
+**Which ground truth, which comparison.** A :class:`GroundTruth` names the optimizer whose epoch made it
+(``optimizer``: ``"recorded"``-run's own, e.g. AdamW, or a replayed ``"sgd_momentum"`` epoch from the same W(e-1),
+see :mod:`evaluation.optimizer_replay`) and how its positive count was rounded (``k_rounding``). One FL score vector is
+compared with every ground truth and under every comparison (:func:`ranking_row`: ``"corrected"``, the weights
+themselves, or ``"published_positional"``, exp-fl-5-7's position-by-position comparison of sorted rank arrays,
+:func:`evaluation.ranking_metrics.positional_metrics`), so the FL runs once per (setting, method).
+:func:`worst_possible_scores` is the control ranking (the least-changed weights first): it scores 0 under the
+corrected comparison and about as much as the best ranking under the positional one.
 """
 from __future__ import annotations
 
@@ -29,11 +38,16 @@ import torch
 from torch import Tensor
 
 from evaluation.injected_faults import weight_level_scores
-from evaluation.ranking_metrics import DEFAULT_FRACTIONS, evaluate_ranking, top_fraction_positives
+from evaluation.ranking_metrics import (COMPARISONS, DEFAULT_FRACTIONS, evaluate_ranking, positional_metrics,
+                                        top_fraction_positives)
 from localization.ffn import FFNHead
 
 __all__ = ["WEIGHT_KEYS", "CheckpointMismatchError", "GroundTruth", "load_ffn_weights", "weight_change",
-           "weight_change_ground_truth", "head_at_epoch", "is_circular", "evaluate_method_on_checkpoint"]
+           "weight_change_ground_truth", "head_at_epoch", "is_circular", "evaluate_method_on_checkpoint",
+           "localize_on_checkpoint", "ranking_row", "worst_possible_scores", "WORST_POSSIBLE"]
+
+#: the control row's method name: the worst possible ranking (least-changed weights first)
+WORST_POSSIBLE = "worst_possible"
 
 WEIGHT_KEYS = ("W_bef", "b_bef", "W_aft", "b_aft")
 #: split names the model was trained on (FL inputs from these make the benchmark circular)
@@ -73,18 +87,48 @@ class GroundTruth:
     prev_epoch: int      #: e - 1
     pos_fraction: float
     info: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "recorded"   #: the optimizer whose epoch e made W(e): the run's own, or a replayed one
+    k_rounding: str = "round"     #: how the positive count was made from pos_fraction
+    n_first: int | None = None    #: |W_bef| (the first matrix of the global index), for the positional comparison
 
 
 def weight_change_ground_truth(prev: Mapping[str, Tensor], nxt: Mapping[str, Tensor], epoch: int,
-                               pos_fraction: float = 0.01) -> GroundTruth:
+                               pos_fraction: float = 0.01, optimizer: str = "recorded",
+                               k_rounding: str = "round") -> GroundTruth:
+    """|W(e) - W(e-1)| over W_bef then W_aft; positives = its top ``pos_fraction`` (K rounded as ``k_rounding``).
+    ``optimizer`` names what made W(e) (recorded in every row)."""
     s = weight_change(prev, nxt)
-    pos = top_fraction_positives(s, pos_fraction)
+    pos = top_fraction_positives(s, pos_fraction, rounding=k_rounding)
     n_unchanged = int((s == 0).sum())
     return GroundTruth(s, pos, epoch, epoch - 1, pos_fraction,
                        {"n_pos": int(pos.sum()), "total": s.numel(), "n_unchanged": n_unchanged,
                         "max_change": float(s.max()), "mean_change": float(s.mean()),
-                        "threshold": float(s[pos].min()),
-                        "ties": "equal |dW| ranked by ascending global index"})
+                        "threshold": float(s[pos].min()), "optimizer": optimizer, "k_rounding": k_rounding,
+                        "n_pos_in_W_bef": int(pos[:prev["W_bef"].numel()].sum()),
+                        "ties": "equal |dW| ranked by ascending global index"},
+                       optimizer, k_rounding, int(prev["W_bef"].numel()))
+
+
+def worst_possible_scores(gt: GroundTruth) -> Tensor:
+    """The control ranking: the least-changed weights first (scores = -|dW|)."""
+    return -gt.scores
+
+
+def ranking_row(scores: Tensor, gt: GroundTruth, comparison: str = "corrected",
+                fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict[str, Any]:
+    """The metrics of one score vector ``[total]`` against ``gt`` under ``comparison`` ("corrected" |
+    "published_positional"), with the ground truth's optimizer, comparison and K rounding as columns."""
+    if comparison not in COMPARISONS:
+        raise ValueError(f"comparison must be one of {COMPARISONS}, got {comparison!r}")
+    if comparison == "corrected":
+        row = evaluate_ranking(scores, gt.positives, gt_scores=gt.scores, fractions=fractions,
+                               k_rounding=gt.k_rounding)
+    else:
+        if gt.n_first is None:
+            raise ValueError("the positional comparison needs the ground truth's W_bef size (n_first)")
+        row = positional_metrics(scores, gt.scores, gt.n_first, int(gt.positives.sum()), fractions,
+                                 k_rounding=gt.k_rounding)
+    return {"optimizer": gt.optimizer, "comparison": comparison, "k_rounding": gt.k_rounding, **row}
 
 
 @torch.no_grad()
@@ -126,32 +170,46 @@ def _default_localize(head, x, label, is_neg, method, budget, batch_size, seed, 
     return localize(head, x, label, is_neg, method, budget, batch_size=batch_size, seed=seed, **opts)
 
 
+def localize_on_checkpoint(head_prev: FFNHead, x: Tensor, label: Tensor, is_neg: Tensor, method: str, budget: int,
+                           seed: int = 0, batch_size: int = 256, method_opts: Mapping[str, Any] | None = None,
+                           localize_fn: Callable | None = None) -> tuple[Tensor, str, float]:
+    """One FL method on the epoch e-1 head: (its scores over every weight ``[total]``, its level, wall seconds)."""
+    localize_fn = localize_fn or _default_localize
+    if not bool(is_neg.any()):
+        raise ValueError("the setting has no I_neg inputs on the epoch e-1 model")
+    t0 = time.perf_counter()
+    res = localize_fn(head_prev, x, label, is_neg, method, int(budget), batch_size, seed, **dict(method_opts or {}))
+    return weight_level_scores(res, head_prev.index), res.level, time.perf_counter() - t0
+
+
+def fl_facts(method: str, level: str, gt: GroundTruth, fl_inputs: Mapping[str, Any], is_neg: Tensor, wall: float,
+             seed: int, training_splits: Sequence[str] = TRAINING_SPLITS) -> dict[str, Any]:
+    """The facts of one FL run on the checkpoint benchmark (what it ran on), for a result row."""
+    split = str(fl_inputs.get("split", "?"))
+    return {"method": method, "level": level, "epoch_prev": gt.prev_epoch, "epoch": gt.epoch,
+            "pos_fraction": gt.pos_fraction, **{f"fl_{k}": v for k, v in fl_inputs.items()},
+            "n_neg": int(is_neg.sum()), "n_pos_inputs": int((~is_neg).sum()),
+            "circular": is_circular(split, training_splits),
+            "circularity_note": (f"FL inputs from the training split {split!r}: the ground truth is the "
+                                 "update on these inputs" if is_circular(split, training_splits) else
+                                 f"FL inputs from {split!r}, disjoint from training {list(training_splits)}"),
+            "fl_s": wall, "seed": seed}
+
+
 def evaluate_method_on_checkpoint(head_prev: FFNHead, x: Tensor, label: Tensor, is_neg: Tensor, method: str,
                                   gt: GroundTruth, fl_inputs: Mapping[str, Any],
                                   fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
                                   batch_size: int = 256, method_opts: Mapping[str, Any] | None = None,
                                   localize_fn: Callable | None = None,
-                                  training_splits: Sequence[str] = TRAINING_SPLITS) -> dict[str, Any]:
+                                  training_splits: Sequence[str] = TRAINING_SPLITS,
+                                  comparison: str = "corrected") -> dict[str, Any]:
     """One method on the epoch e-1 head: a flat row of facts and metrics. ``x [N, d]``, ``label [N]`` and
     ``is_neg [N]`` are the setting's I_neg and I_pos rows; ``fl_inputs`` describes them (split, setting,
     states model hash, ...) and is copied into the row."""
-    localize_fn = localize_fn or _default_localize
     if not bool(is_neg.any()):
         raise ValueError(f"setting {fl_inputs.get('setting')!r} has no I_neg inputs on the epoch {gt.prev_epoch} "
                          "model")
-    split = str(fl_inputs.get("split", "?"))
-    t0 = time.perf_counter()
-    res = localize_fn(head_prev, x, label, is_neg, method, int(gt.positives.sum()), batch_size, seed,
-                      **dict(method_opts or {}))
-    wall = time.perf_counter() - t0
-    scores = weight_level_scores(res, head_prev.index)
-    row = {"method": method, "level": res.level, "epoch_prev": gt.prev_epoch, "epoch": gt.epoch,
-           "pos_fraction": gt.pos_fraction, **{f"fl_{k}": v for k, v in fl_inputs.items()},
-           "n_neg": int(is_neg.sum()), "n_pos_inputs": int((~is_neg).sum()),
-           "circular": is_circular(split, training_splits),
-           "circularity_note": (f"FL inputs from the training split {split!r}: the ground truth is the "
-                                "update on these inputs" if is_circular(split, training_splits) else
-                                f"FL inputs from {split!r}, disjoint from training {list(training_splits)}"),
-           "fl_s": wall, "seed": seed}
-    row.update(evaluate_ranking(scores, gt.positives, gt_scores=gt.scores, fractions=fractions))
-    return row
+    scores, level, wall = localize_on_checkpoint(head_prev, x, label, is_neg, method, int(gt.positives.sum()), seed,
+                                                 batch_size, method_opts, localize_fn)
+    return {**fl_facts(method, level, gt, fl_inputs, is_neg, wall, seed, training_splits),
+            **ranking_row(scores, gt, comparison, fractions)}

@@ -30,12 +30,32 @@ E[rel_j rel_k] of a random permutation)::
 which is exact (H_N computed as digamma(N + 1) + Euler's gamma). ``p_random@K`` = P(hits >= observed) under a
 random ranking (the hypergeometric survival function): how surprising the method's hits are.
 
+**K and the positive count** are ``round(f * total)`` (at least 1) by default (``k_rounding="round"``); the published
+exp-fl-5-7 floored both (``int(f * total)``: ``k_rounding="floor"``, e.g. 65 / 327 / 655 / 1310 / 3276 instead of
+66 / 328 / 655 / 1311 / 3277 at total = 65,536).
+
+**The published positional comparison** (``comparison="published_positional"``, :func:`positional_metrics`).
+exp-fl-5-1 saved, per matrix, the ground truth's global ranks *sorted ascending* (its weights' locations in a separate
+file), exp-fl-5-5 / 5-6 saved the FL method's ranks the same way, and exp-fl-5-7 concatenated the two halves (W_bef then
+W_aft) and compared the rank arrays *position by position*: item j is a positive if ``gt_rank[j] <= n_pos`` and
+predicted if ``fl_rank[j] <= K``, never looking at which weight sits at position j. Since each half is sorted, the
+first ``g_m`` positions of matrix m's half are positives (g_m = how many of the ground truth's top n_pos lie in matrix
+m) and the first ``f_m(K)`` are predicted (f_m(K) = how many of the method's top K lie in m), so::
+
+    hits@K (positional) = min(f_bef(K), g_bef) + min(f_aft(K), g_aft)
+    overlap@K (positional) = (min(f_bef(K), g_bef(K)) + min(f_aft(K), g_aft(K))) / K
+
+It measures only how the top K splits between W_bef and W_aft: any ranking whose top K splits like the ground
+truth's scores ~1, even the *worst possible* one (least-changed weights first). Its random expectation is exact too
+(f_bef(K) ~ Hypergeom(total, |W_bef|, K)). AP, R-precision and Spearman are not defined for it (NaN). The corrected
+comparison (``"corrected"``, the default) compares the weights themselves, as everything above.
+
 Everything is vectorised (one sort and one cumulative sum over the weights): 4.7M weights take about a second.
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +65,8 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_FRACTIONS",
+    "COMPARISONS",
+    "K_ROUNDINGS",
     "fraction_label",
     "k_of_fraction",
     "rank_order",
@@ -57,6 +79,8 @@ __all__ = [
     "spearman",
     "topk_overlap",
     "evaluate_ranking",
+    "positional_metrics",
+    "positional_random_expectation",
     "neuron_to_weight_scores",
 ]
 
@@ -69,11 +93,21 @@ def fraction_label(f: float) -> str:
     return f"{f * 100:g}%"
 
 
-def k_of_fraction(f: float, total: int) -> int:
-    """K = round(f * total), at least 1 and at most total."""
+#: how the checkpoint benchmark compares a ranking with the ground truth (module docstring)
+COMPARISONS = ("corrected", "published_positional")
+#: how K and the positive count are made from a fraction: round (default) or floor (the published int(f N))
+K_ROUNDINGS = ("round", "floor")
+
+
+def k_of_fraction(f: float, total: int, rounding: str = "round") -> int:
+    """K = round(f * total) (``rounding="floor"``: int(f * total), as the published code), at least 1 and at most
+    total."""
     if not 0 < f <= 1:
         raise ValueError(f"K fraction must lie in (0, 1], got {f}")
-    return int(min(total, max(1, round(f * total))))
+    if rounding not in K_ROUNDINGS:
+        raise ValueError(f"k_rounding must be one of {K_ROUNDINGS}, got {rounding!r}")
+    k = round(f * total) if rounding == "round" else int(f * total)
+    return int(min(total, max(1, k)))
 
 
 def _check_scores(scores: Tensor, name: str = "scores") -> Tensor:
@@ -121,10 +155,11 @@ def positives_mask(positives: Tensor, total: int) -> Tensor:
     return mask
 
 
-def top_fraction_positives(gt_scores: Tensor, fraction: float = 0.01, ties: str = "index", seed: int = 0) -> Tensor:
-    """The mask of the top ``k_of_fraction(fraction)`` entries of ``gt_scores``."""
+def top_fraction_positives(gt_scores: Tensor, fraction: float = 0.01, ties: str = "index", seed: int = 0,
+                           rounding: str = "round") -> Tensor:
+    """The mask of the top ``k_of_fraction(fraction, rounding=rounding)`` entries of ``gt_scores``."""
     gt_scores = _check_scores(gt_scores, "gt_scores")
-    k = k_of_fraction(fraction, gt_scores.numel())
+    k = k_of_fraction(fraction, gt_scores.numel(), rounding)
     mask = torch.zeros(gt_scores.numel(), dtype=torch.bool)
     mask[rank_order(gt_scores, ties, seed)[:k]] = True
     return mask
@@ -198,11 +233,12 @@ def topk_overlap(order: Tensor, gt_order: Tensor, k: int) -> float:
 
 def evaluate_ranking(scores: Tensor, positives: Tensor, gt_scores: Tensor | None = None,
                      fractions: Sequence[float] = DEFAULT_FRACTIONS, ties: str = "index", seed: int = 0,
-                     with_spearman: bool = True) -> dict[str, float]:
+                     with_spearman: bool = True, k_rounding: str = "round") -> dict[str, float]:
     """All metrics in one flat dict (one table row): ``total``, ``n_pos``, per K label L (e.g. ``'1%'``):
     ``K@L``, ``hits@L``, ``P@L``, ``R@L``, ``F1@L``, ``overlap@L`` (NaN without gt_scores), ``p_random@L``,
     ``rand_P@L``, ``rand_R@L``, ``rand_F1@L``, ``rand_overlap@L``; then ``AP``, ``rand_AP``, ``R_precision``,
-    ``rand_R_precision``, ``spearman`` (NaN without gt_scores), ``rand_spearman`` (0)."""
+    ``rand_R_precision``, ``spearman`` (NaN without gt_scores), ``rand_spearman`` (0). ``k_rounding``: how K is
+    made from each fraction (:func:`k_of_fraction`)."""
     scores = _check_scores(scores)
     total = scores.numel()
     pos = positives_mask(positives, total)
@@ -214,7 +250,7 @@ def evaluate_ranking(scores: Tensor, positives: Tensor, gt_scores: Tensor | None
         if gt_scores.shape != scores.shape:
             raise ValueError(f"gt_scores {tuple(gt_scores.shape)} and scores {tuple(scores.shape)} differ in shape")
         gt_order = rank_order(gt_scores, ties, seed)
-    ks = [k_of_fraction(f, total) for f in fractions]
+    ks = [k_of_fraction(f, total, k_rounding) for f in fractions]
     hits = hits_at(order, pos, ks + [n_pos]).tolist()
     row: dict[str, float] = {"total": total, "n_pos": n_pos}
     for f, k, h in zip(fractions, ks, hits):
@@ -233,6 +269,63 @@ def evaluate_ranking(scores: Tensor, positives: Tensor, gt_scores: Tensor | None
     row["rand_R_precision"] = n_pos / total
     row["spearman"] = spearman(scores, gt_scores) if (gt_scores is not None and with_spearman) else float("nan")
     row["rand_spearman"] = 0.0
+    return row
+
+
+def _first_counts(order: Tensor, n_first: int, ks: Sequence[int]) -> list[int]:
+    """For each K: how many of the top K of ``order`` have a global index below ``n_first`` (lie in W_bef)."""
+    cum = torch.cumsum((order < n_first).long(), 0)
+    return cum[torch.as_tensor(ks, dtype=torch.long) - 1].tolist()
+
+
+def positional_random_expectation(total: int, n_first: int, k: int, g_first: int, g_second: int
+                                  ) -> tuple[float, Any]:
+    """E[hits] and the distribution of the positional hits@K of a uniformly random ranking: f = how many of its top K
+    lie in the first matrix ~ Hypergeom(total, n_first, K); hits = min(f, g_first) + min(K - f, g_second).
+    Returns (E[hits], (support of hits, pmf))."""
+    f = np.arange(max(0, k - (total - n_first)), min(k, n_first) + 1)
+    pmf = sps.hypergeom(total, n_first, k).pmf(f)
+    h = np.minimum(f, g_first) + np.minimum(k - f, g_second)
+    return float((pmf * h).sum()), (h, pmf)
+
+
+def positional_metrics(scores: Tensor, gt_scores: Tensor, n_first: int, n_pos: int,
+                       fractions: Sequence[float] = DEFAULT_FRACTIONS, ties: str = "index", seed: int = 0,
+                       k_rounding: str = "round") -> dict[str, float]:
+    """The published exp-fl-5-7 comparison of sorted per-matrix rank arrays, position by position (module
+    docstring): the same keys as :func:`evaluate_ranking` (P/R/F1/overlap@K with random's exact expectation and
+    ``p_random``), AP / R-precision / Spearman NaN. ``n_first`` = the size of the first matrix (W_bef) in the global
+    index, ``n_pos`` = the ground truth's positive count (the top ``n_pos`` of ``gt_scores``)."""
+    scores = _check_scores(scores)
+    gt_scores = _check_scores(gt_scores, "gt_scores")
+    total = scores.numel()
+    if gt_scores.shape != scores.shape:
+        raise ValueError(f"gt_scores {tuple(gt_scores.shape)} and scores {tuple(scores.shape)} differ in shape")
+    if not 0 < n_first < total:
+        raise ValueError(f"the first matrix must hold 1..{total - 1} of the {total} weights, got {n_first}")
+    if not 1 <= n_pos <= total:
+        raise ValueError(f"need 1 <= n_pos <= total, got n_pos={n_pos}, total={total}")
+    order, gt_order = rank_order(scores, ties, seed), rank_order(gt_scores, ties, seed)
+    ks = [k_of_fraction(f, total, k_rounding) for f in fractions]
+    fl_first = _first_counts(order, n_first, ks)
+    gt_first_k = _first_counts(gt_order, n_first, ks)
+    g1 = _first_counts(gt_order, n_first, [n_pos])[0]
+    g2 = n_pos - g1
+    row: dict[str, float] = {"total": total, "n_pos": n_pos}
+    for f, k, f1, gk in zip(fractions, ks, fl_first, gt_first_k):
+        lab = fraction_label(f)
+        h = min(f1, g1) + min(k - f1, g2)
+        ov = (min(f1, gk) + min(k - f1, k - gk)) / k
+        e_h, (support, pmf) = positional_random_expectation(total, n_first, k, g1, g2)
+        e_ov, _ = positional_random_expectation(total, n_first, k, gk, k - gk)
+        row.update({f"K@{lab}": k, f"hits@{lab}": h, f"P@{lab}": h / k, f"R@{lab}": h / n_pos,
+                    f"F1@{lab}": 2 * h / (k + n_pos), f"overlap@{lab}": ov,
+                    f"p_random@{lab}": float(pmf[support >= h].sum()),
+                    f"rand_P@{lab}": e_h / k, f"rand_R@{lab}": e_h / n_pos, f"rand_F1@{lab}": 2 * e_h / (k + n_pos),
+                    f"rand_overlap@{lab}": e_ov / k})
+    nan = float("nan")
+    row.update({"AP": nan, "rand_AP": nan, "R_precision": nan, "rand_R_precision": nan, "spearman": nan,
+                "rand_spearman": nan, "gt_in_first": g1, "gt_in_second": g2})
     return row
 
 

@@ -158,3 +158,95 @@ def test_precision_at_k_and_ap_match_torchmetrics_retrieval():
             assert row[f"R@{lab}"] == pytest.approx(float(retrieval_recall(s, pos, top_k=k)))
         assert row["AP"] == pytest.approx(float(retrieval_average_precision(s, pos)))
         assert row["AP"] == pytest.approx(average_precision_score(pos.numpy(), s.numpy()))
+
+
+# ------------------------------------------------------------------- the published positional comparison (exp-fl-5-7)
+def _published_sorted_ranks(diff: np.ndarray, n_first: int) -> np.ndarray:
+    """exp-fl-5-1's rank arrays, re-derived: global ranks 1..N by descending value, split into the two matrices,
+    each half sorted ascending, concatenated (locations discarded)."""
+    order = np.argsort(-diff, kind="stable")
+    ranks = np.zeros(len(diff), dtype=np.int64)
+    ranks[order] = np.arange(1, len(diff) + 1)
+    return np.concatenate([np.sort(ranks[:n_first]), np.sort(ranks[n_first:])])
+
+
+def _published_topk_metrics(fl_rank, gt_rank, ks, top_gt):
+    """exp-fl-5-7's compute_topk_metrics / compute_topk_overlap, re-derived from their formulas (sets of positions)."""
+    pos = set(np.where(gt_rank <= top_gt)[0])
+    out = []
+    for k in ks:
+        pred = set(np.where(fl_rank <= k)[0])
+        tp = len(pred & pos)
+        p, r = tp / len(pred), tp / len(pos)
+        gt_k = set(np.where(gt_rank <= k)[0])
+        out.append((p, r, 0.0 if p + r == 0 else 2 * p * r / (p + r), len(pred & gt_k) / k))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_positional_comparison_reproduces_exp_fl_5_7_on_sorted_rank_arrays(seed):
+    from evaluation.ranking_metrics import positional_metrics
+
+    rng = np.random.default_rng(seed)
+    n_first, n_second = (int(v) for v in rng.integers(500, 3000, size=2))
+    total = n_first + n_second
+    gt = rng.random(total)
+    fl = gt + rng.normal(scale=rng.uniform(0.05, 2.0), size=total)  # correlated with the ground truth, not equal
+    fr = (0.001, 0.005, 0.01, 0.02, 0.05)
+    ks = [int(f * total) for f in fr]  # the published floor
+    top_gt = int(0.01 * total)
+    ref = _published_topk_metrics(_published_sorted_ranks(fl, n_first), _published_sorted_ranks(gt, n_first), ks,
+                                  top_gt)
+    row = positional_metrics(torch.from_numpy(fl), torch.from_numpy(gt), n_first, top_gt, fr, k_rounding="floor")
+    for f, k, (p, r, f1, ov) in zip(fr, ks, ref):
+        lab = f"{f * 100:g}%"
+        assert row[f"K@{lab}"] == k
+        assert row[f"P@{lab}"] == pytest.approx(p, abs=1e-12) and row[f"R@{lab}"] == pytest.approx(r, abs=1e-12)
+        assert row[f"F1@{lab}"] == pytest.approx(f1, abs=1e-12)
+        assert row[f"overlap@{lab}"] == pytest.approx(ov, abs=1e-12)
+
+
+def test_positional_random_expectation_vs_monte_carlo():
+    from evaluation.ranking_metrics import positional_metrics
+
+    rng = np.random.default_rng(0)
+    total, n_first = 900, 300
+    gt = torch.from_numpy(rng.random(total))
+    exact = positional_metrics(torch.rand(total, dtype=torch.float64), gt, n_first, 45, (0.05, 0.2))
+    draws = [positional_metrics(torch.from_numpy(rng.random(total)), gt, n_first, 45, (0.05, 0.2))
+             for _ in range(1500)]
+    for key in ("P@5%", "P@20%", "overlap@5%"):
+        mc = np.array([d[key] for d in draws])
+        assert abs(mc.mean() - exact[f"rand_{key}"]) < 4 * mc.std() / np.sqrt(len(mc)) + 1e-9, key
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_worst_ranking_scores_high_positionally_and_not_above_random_corrected(seed):
+    from evaluation.checkpoint_benchmark import ranking_row, weight_change_ground_truth, worst_possible_scores
+
+    g = torch.Generator().manual_seed(seed)
+    d, d_ff = 32, 128
+    prev = {"W_bef": torch.randn(d_ff, d, generator=g), "b_bef": torch.zeros(d_ff),
+            "W_aft": torch.randn(d, d_ff, generator=g), "b_aft": torch.zeros(d)}
+    nxt = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in prev.items()}
+    gt = weight_change_ground_truth(prev, nxt, epoch=2)
+    worst = worst_possible_scores(gt)
+    pos = ranking_row(worst, gt, "published_positional")
+    cor = ranking_row(worst, gt, "corrected")
+    assert pos["P@1%"] >= 0.9 and pos["comparison"] == "published_positional"
+    assert cor["P@1%"] <= cor["rand_P@1%"] and cor["P@1%"] == 0.0
+    # the best ranking scores 1 under both; a random one ~E[random] under the corrected comparison
+    assert ranking_row(gt.scores, gt, "corrected")["P@1%"] == 1.0
+    assert ranking_row(gt.scores, gt, "published_positional")["P@1%"] == 1.0
+
+
+def test_k_rounding_floor_gives_the_published_counts():
+    n = 65_536
+    fr = (0.001, 0.005, 0.01, 0.02, 0.05)
+    assert [k_of_fraction(f, n, "floor") for f in fr] == [65, 327, 655, 1310, 3276]
+    assert [k_of_fraction(f, n) for f in fr] == [66, 328, 655, 1311, 3277]
+    gt = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert int(top_fraction_positives(gt, 0.01, rounding="floor").sum()) == 655
+    assert int(top_fraction_positives(gt, 0.005, rounding="floor").sum()) == 327
+    with pytest.raises(ValueError, match="k_rounding"):
+        k_of_fraction(0.01, n, "ceil")
