@@ -277,6 +277,21 @@ class RunStore:
             atomic_savefig(fig, path, **kw)
         return path
 
+    def write_tensors(self, path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+                      ) -> Path:
+        """Tensors as safetensors (no pickle), atomically."""
+        if self.writes():
+            atomic_save_tensors(path, tensors, metadata)
+        return path
+
+    @staticmethod
+    def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+        """(tensors, metadata) of a safetensors artifact; an unreadable file is a :class:`ResultError` naming it."""
+        try:
+            return load_tensors(path)
+        except FileFormatError as e:
+            raise ResultError(f"{e}; delete it and rerun") from None
+
     def append_row(self, path: Path, row: Mapping[str, Any]) -> None:
         if self.writes():
             append_csv_row(path, row)

@@ -12,6 +12,14 @@ Injection (:func:`inject_faults`), per seed:
    (``min_changed_frac = 0.001``: Arachne's 0.1 %; ``min_changed = 2`` so that variance-based methods get a
    set of >= 2 inputs; set it to 1 for Arachne's criterion alone).
 
+**Strength.** How many predictions must change is the fault's *strength* (:func:`strength_requirement`):
+``"published"`` = Arachne's 0.1 % of the split with a floor of 2 (on a split of 1,600 inputs: 2 changed predictions,
+too few to localize from), an integer n = at least n changed predictions (the toolkit's default strength is
+:data:`DEFAULT_STRENGTH` = 30, so I_neg holds enough inputs), a float f in (0, 1) = at least ceil(f N). A stronger
+fault needs more perturbed weights (on the testbed ~10-45 weights change 2 predictions, ~1,000-2,000 change 30);
+every row records the strength, the changed count and the perturbed count. A strength that perturbing every
+candidate cannot reach is an :class:`InjectionError` naming it.
+
 Each step updates the head's intermediates incrementally (a W_bef change touches one column of z and a; a W_aft
 change one column of the FFN output), in float64, so a step costs O(N d), not a full forward; the final head is
 re-checked with a full forward pass and the changed set taken from it.
@@ -36,12 +44,49 @@ from torch import Tensor
 from evaluation.ranking_metrics import DEFAULT_FRACTIONS, evaluate_ranking, neuron_to_weight_scores
 from localization.ffn import FFNHead
 
-__all__ = ["loss_gradient", "InjectedFault", "InjectionError", "inject_faults", "fault_facts",
+__all__ = ["loss_gradient", "InjectedFault", "InjectionError", "inject_faults", "fault_facts", "STRENGTHS",
+           "DEFAULT_STRENGTH", "strength_requirement", "strength_label", "inject_with_strength",
            "evaluate_method_on_fault", "run_injected_benchmark", "weight_level_scores"]
 
 
 class InjectionError(RuntimeError):
     """No perturbation among the candidates changed enough predictions."""
+
+
+#: the named strengths; any positive int (a count) or float in (0, 1) (a share of the split) is a strength too
+STRENGTHS = ("published",)
+#: the toolkit's default: at least 30 changed predictions (enough I_neg inputs to localize from)
+DEFAULT_STRENGTH = 30
+
+
+def strength_requirement(strength: str | int | float) -> tuple[float, int]:
+    """(min_changed_frac, min_changed) of a strength: ``"published"`` -> (0.001, 2) (Arachne's 0.1 %, at least 2);
+    an int n >= 1 -> (0, n); a float f in (0, 1) -> (f, 1). Anything else is a ValueError naming it."""
+    if strength == "published":
+        return 0.001, 2
+    if isinstance(strength, bool):
+        raise ValueError(f"injected-fault strength must be 'published', a count >= 1 or a share in (0, 1), got "
+                         f"{strength!r}")
+    if isinstance(strength, str):
+        try:
+            strength = float(strength) if "." in strength else int(strength)
+        except ValueError:
+            raise ValueError(f"unknown injected-fault strength {strength!r}: 'published', a count >= 1 (e.g. 30) or "
+                             "a share of the split in (0, 1) (e.g. 0.02)") from None
+    if isinstance(strength, int) and strength >= 1:
+        return 0.0, int(strength)
+    if isinstance(strength, float) and 0 < strength < 1:
+        return float(strength), 1
+    raise ValueError(f"injected-fault strength must be 'published', a count >= 1 or a share in (0, 1), got "
+                     f"{strength!r}")
+
+
+def strength_label(strength: str | int | float) -> str:
+    """A file- and table-safe name of a strength: 'published', '30', '0.02'."""
+    frac, n = strength_requirement(strength)
+    if strength == "published":
+        return "published"
+    return str(n) if frac == 0 else f"{frac:g}"
 
 
 def loss_gradient(head: FFNHead, x: Tensor, label: Tensor, batch_size: int = 1024) -> Tensor:
@@ -93,9 +138,9 @@ def inject_faults(head: FFNHead, x: Tensor, label: Tensor, seed: int = 0, min_ch
     n = x.shape[0]
     if n == 0:
         raise ValueError("no inputs to inject faults against")
-    if not 0 < min_changed_frac <= 1:
-        raise ValueError(f"min_changed_frac must lie in (0, 1], got {min_changed_frac}")
-    need = max(math.ceil(min_changed_frac * n), int(min_changed))
+    if not 0 <= min_changed_frac <= 1:
+        raise ValueError(f"min_changed_frac must lie in [0, 1], got {min_changed_frac}")
+    need = max(math.ceil(min_changed_frac * n), int(min_changed), 1)
     if need > n:
         raise ValueError(f"need {need} changed predictions but the split has only {n} inputs")
     idx = head.index
@@ -149,12 +194,26 @@ def inject_faults(head: FFNHead, x: Tensor, label: Tensor, seed: int = 0, min_ch
     else:
         raise InjectionError(
             f"perturbing all {len(chosen)} candidate weights changed only {int(changed.sum())} of {n} "
-            f"predictions (need {need}); lower min_changed_frac / min_changed or raise max_weights")
+            f"predictions (need {need}); choose a weaker strength (fewer changed predictions) or raise max_weights")
     return InjectedFault(faulty, torch.tensor(chosen, dtype=torch.long), torch.tensor(orig), torch.tensor(vals),
                          changed, seed, int(cand.numel()),
                          {"need": need, "n": n, "min_changed_frac": min_changed_frac, "min_changed": min_changed,
                           "value_range": "uniform in mean +- 3 std of the weight's matrix",
                           "candidates": "above its matrix's mean |dL/dw| (L summed over the split)"})
+
+
+def inject_with_strength(head: FFNHead, x: Tensor, label: Tensor, seed: int, strength: str | int | float,
+                         grad: Tensor | None = None, max_weights: int | None = None) -> InjectedFault:
+    """:func:`inject_faults` until ``strength`` (:func:`strength_requirement`) predictions changed; the fault's info
+    and every error name the strength."""
+    frac, n_min = strength_requirement(strength)
+    try:
+        fault = inject_faults(head, x, label, seed, frac, n_min, max_weights=max_weights, grad=grad)
+    except (InjectionError, ValueError) as e:
+        raise InjectionError(f"injected-fault strength {strength_label(strength)!r} (at least "
+                             f"{max(math.ceil(frac * len(x)), n_min, 1)} changed predictions of {len(x)}): {e}") from None
+    fault.info["strength"] = strength_label(strength)
+    return fault
 
 
 def weight_level_scores(result, index) -> Tensor:
@@ -175,7 +234,8 @@ def _default_localize(head, x, label, is_neg, method, budget, batch_size, seed, 
 
 def fault_facts(fault: InjectedFault, head: FFNHead) -> dict[str, Any]:
     """The injection's facts for a result row."""
-    return {"seed": fault.seed, "n_perturbed": len(fault.weights), "n_changed": fault.n_changed,
+    return {"strength": fault.info.get("strength", "custom"), "seed": fault.seed, "n_perturbed": len(fault.weights),
+            "n_changed": fault.n_changed,
             "n_inputs": int(fault.changed.numel()), "n_candidates": fault.n_candidates,
             "perturbed_in_W_bef": int((fault.weights < head.index.sizes[0]).sum()),
             "perturbed": " ".join(map(str, fault.weights.tolist()))}

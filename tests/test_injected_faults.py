@@ -137,3 +137,49 @@ def test_grad_loss_beats_random_on_injected_faults():
     assert gl["R@10%"].mean() > rnd["R@10%"].mean()
     assert gl["AP"].mean() > 3 * gl["rand_AP"].mean()
     assert gl["AP"].mean() > 3 * rnd["AP"].mean()
+
+
+# ------------------------------------------------------------------------------------------------- strength
+def _setup():
+    head = make_head()
+    x, label = make_data(head, n=400)
+    return head, x, label
+
+
+def test_strength_requirement_and_labels():
+    from evaluation.injected_faults import strength_label, strength_requirement
+
+    assert strength_requirement("published") == (0.001, 2)
+    assert strength_requirement(30) == (0.0, 30) and strength_requirement("30") == (0.0, 30)
+    assert strength_requirement(0.02) == (0.02, 1) and strength_label(0.02) == "0.02"
+    assert strength_label(30) == "30" and strength_label("published") == "published"
+    for bad in (0, -3, 1.5, "strong", True, None):
+        with pytest.raises(ValueError, match="strength"):
+            strength_requirement(bad)
+
+
+@pytest.mark.parametrize("strength", ["published", 8, 0.05])
+def test_a_strength_yields_at_least_its_changed_count(strength):
+    import math
+
+    from evaluation.injected_faults import inject_with_strength, strength_requirement
+
+    head, x, label = _setup()
+    fault = inject_with_strength(head, x, label, seed=1, strength=strength)
+    frac, n_min = strength_requirement(strength)
+    need = max(math.ceil(frac * len(x)), n_min)
+    # the full faulty head changes at least that many predictions (recomputed here, not taken from the fault)
+    with torch.no_grad():
+        changed = (fault.head(x).argmax(1) != head(x).argmax(1))
+    assert int(changed.sum()) >= need and torch.equal(changed, fault.changed)
+    assert fault.info["strength"] == str(strength)
+
+
+def test_an_unreachable_strength_is_an_error_naming_it():
+    from evaluation.injected_faults import inject_with_strength
+
+    head, x, label = _setup()
+    with pytest.raises(InjectionError, match="strength '90'"):
+        inject_with_strength(head, x, label, seed=0, strength=90, max_weights=3)
+    with pytest.raises(InjectionError, match="strength '5000'.*only"):
+        inject_with_strength(head, x, label, seed=0, strength=5000)

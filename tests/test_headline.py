@@ -1,0 +1,113 @@
+"""The FL headline (evaluation/headline.py): the exact pooled test against random rankings, the verdicts, the
+sentence, and the repairability block."""
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as sps
+
+from evaluation.headline import benchmark_block, blocks_markdown, pooled_hits_test, repairability_block
+from evaluation.ranking_metrics import evaluate_ranking, positional_metrics
+
+
+def _row(total, n_pos, k, hits):
+    return {"total": total, "n_pos": n_pos, "K@1%": k, "hits@1%": hits}
+
+
+def test_pooled_test_equals_brute_force_enumeration():
+    rows = [_row(60, 5, 7, 2), _row(40, 3, 6, 1), _row(90, 9, 4, 2)]
+    df = pd.DataFrame(rows)
+    supports = [np.arange(0, min(r["K@1%"], r["n_pos"]) + 1) for r in rows]
+    pmfs = [sps.hypergeom(r["total"], r["n_pos"], r["K@1%"]).pmf(s) for r, s in zip(rows, supports)]
+    above = below = 0.0
+    h_obs = sum(r["hits@1%"] for r in rows)
+    for combo in itertools.product(*[range(len(s)) for s in supports]):  # every joint outcome
+        p = np.prod([pmf[i] for pmf, i in zip(pmfs, combo)])
+        h = sum(s[i] for s, i in zip(supports, combo))
+        above += p * (h >= h_obs)
+        below += p * (h <= h_obs)
+    pa, pb = pooled_hits_test(df)
+    assert pa == pytest.approx(above, rel=1e-10) and pb == pytest.approx(below, rel=1e-10)
+
+
+def test_pooled_test_on_large_rows_uses_fft_and_agrees_with_the_normal_approximation():
+    rows = [_row(4_718_592, 47_186, 47_186, 600) for _ in range(3)]
+    pa, pb = pooled_hits_test(pd.DataFrame(rows))
+    d = [sps.hypergeom(4_718_592, 47_186, 47_186) for _ in rows]
+    mean, sd = sum(x.mean() for x in d), np.sqrt(sum(x.var() for x in d))
+    z = (1800 - 0.5 - mean) / sd
+    assert pa == pytest.approx(sps.norm.sf(z), rel=0.05) and pb > 0.99
+
+
+def test_positional_null_matches_simulation():
+    rng = np.random.default_rng(0)
+    total, n_first = 600, 200
+    gt = torch.from_numpy(rng.random(total))
+    rows = [positional_metrics(torch.from_numpy(rng.random(total)), gt, n_first, 30, (0.01, 0.05)) for _ in range(2)]
+    df = pd.DataFrame(rows)
+    pa, pb = pooled_hits_test(df, "5%", "published_positional")
+    sims = np.array([sum(positional_metrics(torch.from_numpy(rng.random(total)), gt, n_first, 30, (0.05,))[
+        "hits@5%"] for _ in range(2)) for _ in range(3000)])
+    h = df["hits@5%"].sum()
+    assert pa == pytest.approx((sims >= h).mean(), abs=0.03) and pb == pytest.approx((sims <= h).mean(), abs=0.03)
+
+
+def _bench(seed=0, n_settings=8, total=3000, n_pos=150):
+    """Rows of three methods: an oracle-ish one, random, and an anti-oracle (positives ranked last)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for s in range(n_settings):
+        gt = torch.rand(total, generator=g, dtype=torch.float64)
+        pos = torch.zeros(total, dtype=torch.bool)
+        pos[torch.argsort(-gt)[:n_pos]] = True
+        for method, scores in (("good", gt + 0.3 * torch.rand(total, generator=g, dtype=torch.float64)),
+                               ("random", torch.rand(total, generator=g, dtype=torch.float64)),
+                               ("anti", -gt), ("worst_possible", -gt)):
+            rows.append({"method": method, "setting": s, **evaluate_ranking(scores, pos, fractions=(0.01, 0.05))})
+    return pd.DataFrame(rows)
+
+
+def test_benchmark_block_sorts_tests_and_says_which_methods_it_separates():
+    b = benchmark_block(_bench(), "Checkpoint benchmark", "synthetic", "P@1%", "settings", extra=("R@1%",))
+    t = b.table
+    tested = t[~t["verdict"].str.startswith("control")]
+    assert list(tested["method"]) == ["good", "random", "anti"]  # sorted by the mean
+    v = dict(zip(t["method"], t["verdict"]))
+    assert v == {"good": "above random", "random": "not separated", "anti": "below random",
+                 "worst_possible": "control (never tested)"}
+    assert t["method"].iloc[-1] == "worst_possible"  # controls last
+    assert "**1** above random: good" in b.sentence and "**1** below random: anti" in b.sentence
+    assert "Control: worst_possible" in b.sentence
+    md = blocks_markdown([b])
+    assert md.startswith("**Checkpoint benchmark**") and "| good |" in md and "above random" in md
+    # a benchmark where nothing differs from random says so
+    only_random = _bench()
+    only_random = only_random[only_random["method"] == "random"]
+    assert "separates **no** method" in benchmark_block(only_random, "B", "w").sentence
+
+
+def _pooled(rows):
+    cols = ["repair", "fl_method", "budget", "runs", "test_targets", "test_fixed", "test_correct", "test_broken",
+            "repair_targets", "repair_fixed", "rr_in_sample"]
+    return pd.DataFrame([dict(zip(cols, r)) for r in rows])
+
+
+def test_repairability_block_compares_with_random_at_the_same_budget():
+    p = _pooled([("lp", "ours", 33, 10, 200, 120, 1000, 10, 400, 300, 0.75),
+                 ("lp", "random", 33, 10, 200, 40, 1000, 30, 400, 90, 0.225),
+                 ("lp", "arachne_w", 33, 10, 200, 45, 1000, 12, 400, 100, 0.25),
+                 ("de", "ours", 33, 10, 200, 60, 1000, 20, 400, 150, 0.375)])
+    b = repairability_block(p, what="synthetic")
+    t = b.table.set_index("fl_method")
+    assert t.loc["ours", "verdict"] == "above random" and t.loc["arachne_w", "verdict"] == "not separated"
+    assert t.loc["random", "verdict"] == "baseline"
+    ref = sps.fisher_exact([[120, 80], [40, 160]]).pvalue
+    assert t.loc["ours", "Fisher p vs random"] == pytest.approx(ref)
+    assert t.loc["ours", "held out (Wilson 95%)"].startswith("0.600 [") and "(120/200)" in t.loc["ours",
+                                                                                                  "held out (Wilson 95%)"]
+    assert t.loc["ours", "de held out"] == "0.300 (60/200)"
+    assert "1 of 2 differ from `random`" in b.sentence and "ours at N = 33 (above random" in b.sentence
+    # no lp runs: said, not an empty table
+    assert "no `lp` repair runs" in repairability_block(p[p["repair"] == "de"]).sentence
