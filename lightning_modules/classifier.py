@@ -1,7 +1,8 @@
 """The image-classifier LightningModule (fit / validate / test / predict) for every backbone in the registry.
 
 Top-1 and top-5 accuracy via torchmetrics, logged to TensorBoard; AdamW with linear warm-up then cosine decay
-(per optimizer step). ``predict_step`` returns per sample the logits, label and split index and, for ViTs, the
+(per optimizer step; :meth:`ImageClassifier.build_optimizer` and :func:`lr_multiplier`, which
+``evaluation/optimizer_replay.py`` reuses to replay a run's steps). ``predict_step`` returns per sample the logits, label and split index and, for ViTs, the
 CLS token's residual stream entering the last FFN (``x [B, d]``) and the post-GELU activation (``a [B, 4d]``):
 the state cache is one predict pass (see ``callbacks/state_cache.py``).
 """
@@ -46,8 +47,7 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch, stage: str) -> torch.Tensor:
         images, labels = batch[0], batch[1]
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing if stage == "train"
-                               else 0.0)
+        loss = self.loss(logits, labels, train=stage == "train")
         acc, acc5 = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_acc_top5")
         acc(logits, labels)
         acc5(logits, labels)
@@ -83,22 +83,53 @@ class ImageClassifier(L.LightningModule):
         return {"logits": logits.float(), "label": labels, "index": index, **{k: v.float() for k, v in states.items()}}
 
     def configure_optimizers(self):
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        opt, sched = self.build_optimizer(total, epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ the optimizer, shared with the replay
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, train: bool = True) -> torch.Tensor:
+        """The mean cross-entropy of a batch; training uses the hparams' label smoothing, evaluation none."""
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing if train else 0.0)
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: ``decay`` (weight matrices, ``weight_decay`` from the hparams) then
+        ``no_decay`` (biases, norms, every parameter with fewer than 2 dimensions; weight decay 0), each in
+        ``named_parameters()`` order; frozen parameters are left out."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() or "bias" in name else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def schedule_args(self, total_steps: int, epochs: int) -> tuple[int, int, float]:
+        """``(total, warmup, floor)`` of :func:`lr_multiplier` for a fit of ``total_steps`` optimizer steps over
+        ``epochs`` epochs (warm-up = ``warmup_epochs`` epochs' worth of steps, at most ``total - 1``)."""
+        total = max(1, int(total_steps))
+        epochs = max(1, int(epochs))
         warmup = min(total - 1, int(round(self.hparams.warmup_epochs * total / epochs)))
-        floor = self.hparams.min_lr_ratio
+        return total, warmup, self.hparams.min_lr_ratio
 
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(1, total - warmup)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    def build_optimizer(self, total_steps: int, epochs: int):
+        """(AdamW over :meth:`param_groups` at ``lr``, a ``LambdaLR`` of :func:`lr_multiplier` to be stepped once per
+        optimizer step): what ``configure_optimizers`` returns for a fit of ``total_steps`` steps over ``epochs``
+        epochs (and what ``evaluation.optimizer_replay`` replays)."""
+        opt = torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr)
+        total, warmup, floor = self.schedule_args(total_steps, epochs)
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        def schedule(step: int) -> float:  # a plain function: LambdaLR's state_dict then stores nothing for it
+            return lr_multiplier(step, total, warmup, floor)
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def lr_multiplier(step: int, total: int, warmup: int, floor: float) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based) of a fit of ``total`` steps: linear
+    warm-up ``(step + 1) / (warmup + 1)`` for the first ``warmup`` steps, then a cosine from 1 down to ``floor``
+    (reached at step ``total``; ``floor`` = ``min_lr_ratio``)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
