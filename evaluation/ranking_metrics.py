@@ -325,7 +325,7 @@ def positional_metrics(scores: Tensor, gt_scores: Tensor, n_first: int, n_pos: i
                     f"rand_overlap@{lab}": e_ov / k})
     nan = float("nan")
     row.update({"AP": nan, "rand_AP": nan, "R_precision": nan, "rand_R_precision": nan, "spearman": nan,
-                "rand_spearman": nan, "gt_in_first": g1, "gt_in_second": g2})
+                "rand_spearman": nan, "n_first": n_first, "gt_in_first": g1, "gt_in_second": g2})
     return row
 
 

@@ -34,14 +34,16 @@ import pandas as pd
 import torch
 
 from evaluation import figures as figs
-from evaluation.checkpoint_benchmark import (evaluate_method_on_checkpoint, head_at_epoch, is_circular,
-                                             load_ffn_weights, weight_change_ground_truth)
-from evaluation.injected_faults import (InjectionError, evaluate_method_on_fault, fault_facts, inject_faults,
-                                        loss_gradient)
+from evaluation.checkpoint_benchmark import (WORST_POSSIBLE, GroundTruth, fl_facts, head_at_epoch, is_circular,
+                                             load_ffn_weights, localize_on_checkpoint, ranking_row,
+                                             weight_change_ground_truth, worst_possible_scores)
+from evaluation.injected_faults import (DEFAULT_STRENGTH, InjectionError, evaluate_method_on_fault, fault_facts,
+                                        inject_with_strength, loss_gradient, strength_label, strength_requirement)
 from evaluation.interventions import (MODES, compare_to_random, records_to_wide, run_interventions,
                                       summarize_interventions, wide_to_records)
-from evaluation.ranking_metrics import DEFAULT_FRACTIONS, fraction_label
-from evaluation.stats import holm, to_markdown, wilcoxon_holm, write_stats_table
+from evaluation.ranking_metrics import COMPARISONS, DEFAULT_FRACTIONS, K_ROUNDINGS, fraction_label
+from evaluation.headline import HeadlineBlock, benchmark_block, blocks_markdown
+from evaluation.stats import holm, wilcoxon_holm, write_stats_table
 from core.io import provenance, read_json
 from core.runstore import RunStore
 from core.runstore import identity_key
@@ -49,9 +51,12 @@ from lightning_modules.fl_runner import localize_with_trainer, setting_rows
 from pipeline.context import load_misclf
 from pipeline.localize import fl_results, load_fl_result
 
-__all__ = ["PARTS", "QUICK_METHODS", "run_evaluation", "headline_table"]
+__all__ = ["PARTS", "OPTIMIZERS", "QUICK_METHODS", "run_evaluation", "headline_blocks"]
 
 PARTS = ("interventions", "checkpoint", "injected")
+#: the checkpoint benchmark's ground truths: the run's own optimizer ("recorded") and an SGD + momentum replay of the
+#: same epoch ("sgd", :mod:`evaluation.optimizer_replay`)
+OPTIMIZERS = ("recorded", "sgd")
 #: the methods the main job's quick mode localizes with
 QUICK_METHODS = ("random", "grad_loss", "arachne_w", "ours", "bl")
 #: settings whose intervention figures are drawn by default (the rest are in the CSVs and statistics)
@@ -256,13 +261,81 @@ def _vs_expectation(df: pd.DataFrame, metrics: Sequence[str], pair_key: str, que
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
+def _recorded_optimizer(model) -> str:
+    """The name of the optimizer the run trained with (what made the recorded W(e)), e.g. "adamw"."""
+    try:
+        return type(model.build_optimizer(1, 1)[0]).__name__.lower()
+    except Exception:  # noqa: BLE001 - a model without the classifier's optimizer builder
+        return "recorded"
+
+
+def _replayed_ground_truths(ctx: _Ctx, e: int, pos_fraction: float, k_rounding: str, replay: dict[str, Any],
+                            fl_grad, log) -> tuple[list[GroundTruth], dict[str, Any]]:
+    """The replayed ground truths of epoch e (SGD + momentum from the recorded W(e-1), the same batches and schedule
+    shape; :mod:`evaluation.optimizer_replay`) and the diagnostics of what |dW| follows under each optimizer. The
+    SGD weights and the diagnostics are stored under ``fl_eval/checkpoint/epoch=NNN/`` (keyed by the replay's
+    options and the input files' hashes), so a rerun replays nothing."""
+    from evaluation.optimizer_replay import optimizer_ground_truths, sgd_name
+    from lightning_modules.runs import datamodule_from_run, run_config
+
+    layout = ctx.layout
+    opts = {"sgd_lr": float(replay.get("sgd_lr", 0.02)), "momentum": float(replay.get("momentum", 0.9)),
+            "nesterov": bool(replay.get("nesterov", False)), "verify": bool(replay.get("verify", True))}
+    if not layout.run_config.is_file():
+        raise FileNotFoundError(f"no {layout.run_config}: the replay rebuilds the training data and schedule from it")
+    ident = {"epoch": e, **opts, "ffn_prev": layout.file_hash(layout.ffn_weights(e - 1)),
+             "ffn": layout.file_hash(layout.ffn_weights(e)), "ckpt_prev": layout.file_hash(layout.checkpoint(e - 1)),
+             "run_config": layout.file_hash(layout.run_config)}
+    key = identity_key(ident)
+    d = ctx.out / "checkpoint" / f"epoch={e:03d}"
+    info_path, w_path = d / f"replay-{key}.json", d / f"replay-{key}.sgd_weights.safetensors"
+    if info_path.is_file() and w_path.is_file() and not ctx.overwrite:
+        info = read_json(info_path)
+        weights, _ = layout.read_tensors(w_path)
+    else:
+        log(f"checkpoint benchmark: replaying epoch {e} ({'verifying the recorded optimizer from W(0), ' if opts['verify'] else ''}"
+            f"then {sgd_name(opts['momentum'], opts['nesterov'])} from W({e - 1}))")
+        out = optimizer_ground_truths(run_config(layout), datamodule_from_run(layout), e,
+                                      checkpoint_path=layout.checkpoint, ffn_weights_path=layout.ffn_weights,
+                                      sgd_lr=opts["sgd_lr"], momentum=opts["momentum"], nesterov=opts["nesterov"],
+                                      replay_recorded=opts["verify"], verify=opts["verify"], fl_grad=fl_grad,
+                                      pos_fraction=pos_fraction, k_rounding=k_rounding)
+        weights = out["sgd"]["weights"]
+        info = {"identity": ident, "key": key, "optimizer": out["optimizer"], "sgd_name": out["sgd"]["name"],
+                "replay": out["replay"], "sgd": {k: v for k, v in out["sgd"].items() if k != "weights"},
+                "accuracy": out["accuracy"], "eval_split": out["eval_split"], "diagnostics": out["diagnostics"],
+                "timing": out["timing"], "summary": out["summary"], "provenance": provenance()}
+        layout.write_tensors(w_path, weights, {"key": key})
+        ctx.write_json(info_path, info)
+    log(info["summary"])
+    w_prev = load_ffn_weights(layout.ffn_weights(e - 1))
+    gt = weight_change_ground_truth(w_prev, weights, e, pos_fraction, optimizer=info["sgd_name"],
+                                    k_rounding=k_rounding)
+    gt.info.update({"source": f"{info['sgd_name']} replay of epoch {e} from W({e - 1})", "replay_key": key,
+                    "sgd_lr": opts["sgd_lr"], "momentum": opts["momentum"], "nesterov": opts["nesterov"]})
+    return [gt], {**info, "path": layout.rel(info_path)}
+
+
 def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, batch_size, seed,
-                training_splits, method_opts, ckpt_epoch: int | None = None) -> dict[str, pd.DataFrame]:
+                training_splits, method_opts, ckpt_epoch: int | None = None,
+                comparisons: Sequence[str] = COMPARISONS, k_rounding: str = "round",
+                optimizers: Sequence[str] = OPTIMIZERS, replay: dict[str, Any] | None = None
+                ) -> dict[str, pd.DataFrame]:
+    """The checkpoint benchmark: every method on every setting of the epoch e-1 model, localized once and compared
+    with every ground truth (the recorded optimizer's |W(e) - W(e-1)|, and with ``"sgd"`` in ``optimizers`` the SGD
+    replay's) under every comparison; plus the worst-possible ranking as a control row per ground truth and
+    comparison."""
     from lightning_modules.runs import load_classifier
     from localization.ffn import last_ffn_head, model_fingerprint
     from localization.misclf import analyze
 
     layout = ctx.layout
+    bad = [c for c in comparisons if c not in COMPARISONS]
+    if bad or not comparisons:
+        raise ValueError(f"unknown checkpoint comparison(s) {bad or comparisons}; choose from {COMPARISONS}")
+    bad = [o for o in optimizers if o not in OPTIMIZERS]
+    if bad or "recorded" not in optimizers:
+        raise ValueError(f"optimizers must include 'recorded' and come from {OPTIMIZERS}, got {list(optimizers)}")
     if ckpt_epoch is not None:  # the epoch pair is a config value: ground truth |W(e) - W(e-1)|
         have = layout.ffn_weight_epochs()
         e = int(ckpt_epoch)
@@ -276,54 +349,86 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
                 "skipped")
         return {}
     w_prev, w_next = load_ffn_weights(layout.ffn_weights(e - 1)), load_ffn_weights(layout.ffn_weights(e))
-    gt = weight_change_ground_truth(w_prev, w_next, e, pos_fraction)
     model_prev = load_classifier(layout.checkpoint(e - 1))
+    recorded = _recorded_optimizer(model_prev)
+    gts = [weight_change_ground_truth(w_prev, w_next, e, pos_fraction, optimizer=recorded, k_rounding=k_rounding)]
+    gts[0].info["source"] = f"the run's own epoch {e} ({recorded}, recorded)"
     head_prev = head_at_epoch(last_ffn_head(model_prev), w_prev, check_tol=1e-5).eval()
     tag = f"epoch={e - 1:03d}"
     states, spath = _states_for(layout, model_prev, split, tag, ctx.log)
     spath_hash = layout.file_hash(spath)
+    replay_info = None
+    if "sgd" in optimizers:
+        from evaluation.optimizer_replay import ReplayError
+        from lightning_modules.runs import RunError
+
+        fl_grad = loss_gradient(head_prev, states.x, states.label, batch_size=max(1024, batch_size))
+        try:
+            extra, replay_info = _replayed_ground_truths(ctx, e, pos_fraction, k_rounding, dict(replay or {}),
+                                                         fl_grad, ctx.log)
+            gts += extra
+        except (ReplayError, RunError, FileNotFoundError) as ex:  # the run cannot be replayed: said, not fatal
+            replay_info = {"error": f"{type(ex).__name__}: {ex}"}
+            ctx.log(f"checkpoint benchmark: no SGD ground truth for this run ({replay_info['error']}); the recorded "
+                    "optimizer's ground truth only")
     info = analyze(states.label, states.pred, states.index, num_classes=states.logits.shape[1], split=split)
     names = [s for s in info["settings"] if settings is None or s in settings]
-    ctx.log(f"checkpoint benchmark: ground truth |W({e}) - W({e - 1})|, top {fraction_label(pos_fraction)} = "
-            f"{gt.info['n_pos']} of {gt.info['total']} weights; FL on the epoch {e - 1} model "
-            f"({split}: {len(states)} inputs, accuracy {info['accuracy']:.3f}); settings {names}")
+    gt = gts[0]
+    ctx.log(f"checkpoint benchmark: ground truths |W({e}) - W({e - 1})| under {[g.optimizer for g in gts]}, top "
+            f"{fraction_label(pos_fraction)} = {gt.info['n_pos']} of {gt.info['total']} weights (K {k_rounding}ed); "
+            f"comparisons {list(comparisons)}; FL on the epoch {e - 1} model ({split}: {len(states)} inputs, "
+            f"accuracy {info['accuracy']:.3f}); settings {names}")
+    variants = [(g, c) for g in gts for c in comparisons]
     rows, errors = [], []
     d = ctx.out / "checkpoint" / f"epoch={e:03d}"
     t0 = time.perf_counter()
     todo = [(s, m) for s in names for m in methods]
     for i, (setting, method) in enumerate(todo):
         opts = dict((method_opts or {}).get(method) or {})
-        p = d / setting / f"{method}-{_bench_key(method, opts, seed, spath_hash, gt.info)}.json"
-        if ctx.done(p):
-            rows.append(read_json(p))
+        paths = {(g.optimizer, c): d / setting / f"{method}-{_bench_key(method, opts, seed, spath_hash, {**g.info, 'comparison': c})}.json"
+                 for g, c in variants}
+        missing = [(g, c) for g, c in variants if not ctx.done(paths[(g.optimizer, c)])]
+        have = set(paths) - {(g.optimizer, c) for g, c in missing}
+        rows.extend(read_json(paths[v]) for v in paths if v in have)
+        if not missing:
             continue
-        x, y, is_neg, extra, desc = setting_rows(states, info["settings"][setting], method, seed)
+        x, y, is_neg, extra_opts, desc = setting_rows(states, info["settings"][setting], method, seed)
         fl_inputs = {"split": split, "setting": setting, "states": layout.rel(spath),
                      "model_hash": model_fingerprint(model_prev), "i_neg": desc["i_neg"], "i_pos": desc["i_pos"]}
         try:
-            row = evaluate_method_on_checkpoint(head_prev, x, y, is_neg, method, gt, fl_inputs, fractions, seed,
-                                                batch_size, {**opts, **extra}, localize_with_trainer,
-                                                training_splits)
+            scores, level, wall = localize_on_checkpoint(head_prev, x, y, is_neg, method, int(gt.positives.sum()),
+                                                         seed, batch_size, {**opts, **extra_opts},
+                                                         localize_with_trainer)
         except Exception as ex:  # recorded, not written: retried on the next run
             errors.append({"setting": setting, "method": method, "error": f"{type(ex).__name__}: {ex}"})
             ctx.log(f"checkpoint benchmark: {method} on {setting} failed: {errors[-1]['error']}")
             continue
-        row["setting"] = setting
-        ctx.write_json(p, row)
-        rows.append(row)
+        for g, c in missing:
+            row = {**fl_facts(method, level, g, fl_inputs, is_neg, wall, seed, training_splits),
+                   **ranking_row(scores, g, c, fractions), "setting": setting}
+            ctx.write_json(paths[(g.optimizer, c)], row)
+            rows.append(row)
         if (i + 1) % 20 == 0:
             ctx.log(f"checkpoint benchmark: {i + 1}/{len(todo)} ({time.perf_counter() - t0:.1f} s)")
+    for g, c in variants:  # the control: the worst possible ranking (least-changed weights first)
+        rows.append({"method": WORST_POSSIBLE, "level": "weight", "setting": "-", "control": True,
+                     "epoch_prev": g.prev_epoch, "epoch": g.epoch, "pos_fraction": g.pos_fraction,
+                     **ranking_row(worst_possible_scores(g), g, c, fractions)})
     df = pd.DataFrame(rows)
     if errors:
         df = pd.concat([df, pd.DataFrame(errors)], ignore_index=True)
-    if "error" not in df.columns:
-        df["error"] = ""
-    df["error"] = df["error"].fillna("")
+    for col, default in (("error", ""), ("control", False)):
+        if col not in df.columns:
+            df[col] = default
+        df[col] = df[col].fillna(default)
+    df["control"] = df["control"].astype(bool)
     ctx.write_text(ctx.out / "checkpoint_benchmark.csv", df.to_csv(index=False))
-    meta = {"epoch": e, "epoch_prev": e - 1, "ground_truth": {**gt.info, "pos_fraction": pos_fraction,
-                                                              "source": [str(layout.ffn_weights(e - 1)),
-                                                                         str(layout.ffn_weights(e))]},
-            "fl_inputs": {"split": split, "states": str(spath), "n": len(states), "settings": names,
+    meta = {"epoch": e, "epoch_prev": e - 1,
+            "ground_truth": {**gt.info, "pos_fraction": pos_fraction,
+                             "source": [layout.rel(layout.ffn_weights(e - 1)), layout.rel(layout.ffn_weights(e))]},
+            "ground_truths": [{**g.info, "optimizer": g.optimizer} for g in gts], "recorded_optimizer": recorded,
+            "comparisons": list(comparisons), "k_rounding": k_rounding, "replay": replay_info,
+            "fl_inputs": {"split": split, "states": layout.rel(spath), "n": len(states), "settings": names,
                           "i_neg": "the setting's misclassified inputs of the epoch e-1 model",
                           "i_pos": "all correctly classified inputs of the split"},
             "circular": is_circular(split, training_splits), "training_splits": list(training_splits),
@@ -334,98 +439,156 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
             "provenance": provenance(model_hash_prev=model_fingerprint(model_prev))}
     ctx.write_json(ctx.out / "checkpoint_benchmark_meta.json", meta)
     lab = fraction_label(pos_fraction)
-    st = _vs_expectation(df, ["AP", f"P@{lab}", f"overlap@{lab}", "spearman"], "setting", "checkpoint")
+    ok = df[(df["error"] == "") & ~df["control"]]
+    tables = []
+    for (opt, comp), sub in ok.groupby(["optimizer", "comparison"], sort=False):
+        metrics = ["AP", f"P@{lab}", f"overlap@{lab}", "spearman"] if comp == "corrected" else [f"P@{lab}",
+                                                                                                 f"overlap@{lab}"]
+        st = _vs_expectation(sub, metrics, "setting", f"checkpoint ({opt}, {comp})")
+        if len(st):
+            st.insert(0, "comparison", comp)
+            st.insert(0, "optimizer", opt)
+            tables.append(st)
+    st = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     if len(st):
         write_stats_table(st, ctx.out / "stats" / "checkpoint_vs_random",
                           caption=f"Checkpoint benchmark (epoch {e - 1} -> {e}): each method vs random's exact "
-                                  "expectation, paired by setting")
-    ok = df[df["error"] == ""]
-    ctx.scalars(ok, fractions, "checkpoint", ("P", "R", "overlap"))
+                                  "expectation, paired by setting, per ground truth (optimizer) and comparison")
+    for (opt, comp), sub in ok.groupby(["optimizer", "comparison"], sort=False):
+        ctx.scalars(sub, fractions, f"checkpoint/{opt}/{comp}", ("P", "R", "overlap"))
     if ctx.figures and len(ok):
-        for metric in ("P", "R", "overlap"):
-            ctx.figure(figs.ranking_curves(ok, fractions, metric, f"checkpoint benchmark {e - 1}->{e}: {metric}@K "
-                                                                  "(mean over settings)"),
-                       f"checkpoint_{metric}_at_k")
+        for opt, sub in ok[ok["comparison"] == "corrected"].groupby("optimizer", sort=False):
+            suffix = "" if opt == recorded else f"_{opt}"
+            for metric in ("P", "R", "overlap"):
+                ctx.figure(figs.ranking_curves(sub, fractions, metric, f"checkpoint benchmark {e - 1}->{e}, "
+                                                                       f"{opt} ground truth: {metric}@K (mean over "
+                                                                       "settings)"),
+                           f"checkpoint_{metric}_at_k{suffix}")
     return {"checkpoint": df, "checkpoint_stats": st}
 
 
 # ---------------------------------------------------------------------------------------------- injected faults
-def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, min_changed_frac, min_changed,
+def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, strengths,
               method_opts) -> dict[str, pd.DataFrame]:
+    """The injected-fault benchmark at every strength (how many predictions the fault must change) and seed."""
     states_hash = ctx.layout.file_hash(ctx.layout.states("repair"))
     x, label = states.x, states.label
     grad = None
     rows = []
     t0 = time.perf_counter()
-    for si, seed in enumerate(seeds):
-        d = ctx.out / "injected" / f"seed={seed}"
-        name = {m: f"{m}-{_bench_key(m, (method_opts or {}).get(m) or {}, seed, states_hash, {'injected': 1})}.json"
-                for m in methods}
-        todo = [m for m in methods if not ctx.done(d / name[m])]
-        rows.extend(read_json(d / name[m]) for m in methods if m not in todo)
-        if not todo:
-            continue
-        if grad is None:
-            grad = loss_gradient(head, x, label, batch_size=max(1024, batch_size))
-        try:
-            fault = inject_faults(head, x, label, seed, min_changed_frac, min_changed, grad=grad)
-        except InjectionError as ex:
-            ctx.log(f"injected faults: seed {seed}: {ex}")
-            rows.append({"seed": seed, "method": "", "error": f"InjectionError: {ex}"})
-            continue
-        ctx.write_json(d / "fault.json", {**fault_facts(fault, head), **fault.info,
-                                             "original": fault.original.tolist(), "values": fault.values.tolist(),
-                                             "changed": torch.nonzero(fault.changed).view(-1).tolist()})
-        ctx.log(f"injected faults: seed {seed}: {len(fault.weights)} weights perturbed, {fault.n_changed} of "
-                f"{len(x)} predictions changed")
-        for method in todo:
-            try:
-                row = evaluate_method_on_fault(fault, head, x, label, method, fractions, batch_size,
-                                               (method_opts or {}).get(method), localize_with_trainer)
-            except Exception as ex:
-                ctx.log(f"injected faults: {method} on seed {seed} failed: {type(ex).__name__}: {ex}")
-                rows.append({**fault_facts(fault, head), "method": method, "error": f"{type(ex).__name__}: {ex}"})
+    for strength in strengths:
+        sl = strength_label(strength)
+        for si, seed in enumerate(seeds):
+            d = ctx.out / "injected" / f"strength={sl}" / f"seed={seed}"
+            name = {m: f"{m}-{_bench_key(m, (method_opts or {}).get(m) or {}, seed, states_hash, {'injected': 1, 'strength': sl})}.json"
+                    for m in methods}
+            todo = [m for m in methods if not ctx.done(d / name[m])]
+            rows.extend(read_json(d / name[m]) for m in methods if m not in todo)
+            if not todo:
                 continue
-            ctx.write_json(d / name[method], row)
-            rows.append(row)
-        ctx.log(f"injected faults: seed {seed} done ({si + 1}/{len(seeds)}, {time.perf_counter() - t0:.1f} s)")
+            if grad is None:
+                grad = loss_gradient(head, x, label, batch_size=max(1024, batch_size))
+            try:
+                fault = inject_with_strength(head, x, label, seed, strength, grad=grad)
+            except InjectionError as ex:
+                ctx.log(f"injected faults: {ex}")
+                rows.append({"strength": sl, "seed": seed, "method": "", "error": f"InjectionError: {ex}"})
+                continue
+            ctx.write_json(d / "fault.json", {**fault_facts(fault, head), **fault.info,
+                                                 "original": fault.original.tolist(), "values": fault.values.tolist(),
+                                                 "changed": torch.nonzero(fault.changed).view(-1).tolist()})
+            ctx.log(f"injected faults: strength {sl}, seed {seed}: {len(fault.weights)} weights perturbed, "
+                    f"{fault.n_changed} of {len(x)} predictions changed")
+            for method in todo:
+                try:
+                    row = evaluate_method_on_fault(fault, head, x, label, method, fractions, batch_size,
+                                                   (method_opts or {}).get(method), localize_with_trainer)
+                except Exception as ex:
+                    ctx.log(f"injected faults: {method} on strength {sl}, seed {seed} failed: "
+                            f"{type(ex).__name__}: {ex}")
+                    rows.append({**fault_facts(fault, head), "method": method,
+                                 "error": f"{type(ex).__name__}: {ex}"})
+                    continue
+                ctx.write_json(d / name[method], row)
+                rows.append(row)
+            ctx.log(f"injected faults: strength {sl}, seed {seed} done ({si + 1}/{len(seeds)}, "
+                    f"{time.perf_counter() - t0:.1f} s)")
     df = pd.DataFrame(rows)
     if "error" not in df.columns:
         df["error"] = ""
     df["error"] = df["error"].fillna("")
+    if "strength" in df.columns:
+        df["strength"] = df["strength"].astype(str)
     ctx.write_text(ctx.out / "injected_benchmark.csv", df.to_csv(index=False))
-    st = _vs_expectation(df, ["AP", "R_precision", "R@1%", "R@5%"], "seed", "injected faults")
+    ok = df[df["error"] == ""]
+    tables = []
+    for sl, sub in ok.groupby("strength", sort=False) if len(ok) else []:
+        st = _vs_expectation(sub, ["AP", "R_precision", "P@1%", "R@1%", "R@5%"], "seed", f"injected faults ({sl})")
+        if len(st):
+            st.insert(0, "strength", sl)
+            tables.append(st)
+    st = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     if len(st):
         write_stats_table(st, ctx.out / "stats" / "injected_vs_random",
                           caption="Injected-fault benchmark: each method vs random's exact expectation, paired by "
-                                  "seed")
-    ok = df[df["error"] == ""]
-    ctx.scalars(ok, fractions, "injected", ("P", "R"))
-    if ctx.figures and len(ok):
-        ctx.figure(figs.ranking_curves(ok, fractions, "R", "injected faults: R@K (mean over seeds)"),
-                   "injected_R_at_k")
+                                  "seed, per strength")
+    for sl, sub in ok.groupby("strength", sort=False) if len(ok) else []:
+        ctx.scalars(sub, fractions, f"injected/strength={sl}", ("P", "R"))
+        if ctx.figures:
+            ctx.figure(figs.ranking_curves(sub, fractions, "R", f"injected faults, strength {sl}: R@K (mean over "
+                                                                "seeds)"),
+                       "injected_R_at_k" + ("" if sl == strength_label(strengths[0]) else f"_strength{sl}"))
     return {"injected": df, "injected_stats": st}
 
 
 # ----------------------------------------------------------------------------------------------------- headline
-def headline_table(results: dict[str, pd.DataFrame], pos_fraction: float = 0.01) -> pd.DataFrame:
-    """Per method: P@1% (and AP) on the checkpoint benchmark (mean over settings) and on the injected-fault
-    benchmark (mean over seeds, with R@1%), each beside random's exact expectation."""
+def headline_blocks(results: dict[str, pd.DataFrame], pos_fraction: float = 0.01,
+                    meta: dict[str, Any] | None = None) -> list[HeadlineBlock]:
+    """The FL evaluation's headline (:mod:`evaluation.headline`): one block per checkpoint ground truth (optimizer) x
+    comparison (corrected first) and per injected-fault strength, methods sorted by P@1% with their interval and the
+    exact test against random."""
     lab = fraction_label(pos_fraction)
+    metric = f"P@{lab}"
+    blocks = []
+    ck = results.get("checkpoint")
+    if ck is not None and len(ck) and "optimizer" in ck.columns:
+        ok = ck[ck["error"].fillna("") == ""]
+        meta = meta or {}
+        e = meta.get("epoch")
+        recorded = meta.get("recorded_optimizer")
+        order = {c: i for i, c in enumerate(COMPARISONS)}
+        groups = sorted(ok.groupby(["optimizer", "comparison"], sort=False),
+                        key=lambda kv: (order.get(kv[0][1], 9), kv[0][0] != recorded))
+        for (opt, comp), sub in groups:
+            how = "the run's own epoch" if opt == recorded else f"epoch replayed from W({e - 1 if e else 'e-1'})"
+            k_r = sub["k_rounding"].iloc[0] if "k_rounding" in sub else "round"
+            what = (f"ground truth: top {lab} of |W({e}) - W({e - 1 if e else 'e-1'})| under **{opt}** ({how}); "
+                    f"comparison **{comp}**; K {k_r}ed")
+            title = ("Checkpoint benchmark" if comp == "corrected" else
+                     "Checkpoint benchmark, published positional comparison (measures only the W_bef / W_aft split)")
+            split = (f"FL inputs: the {sub['fl_split'].iloc[0] if 'fl_split' in sub else 'repair'} split's settings "
+                     f"on the epoch {e - 1 if e else 'e-1'} model")
+            blocks.append(benchmark_block(sub, title, what, metric, "settings", comp, extra=(f"R@{lab}",),
+                                          split=split))
+    inj = results.get("injected")
+    if inj is not None and len(inj) and "strength" in inj.columns:
+        ok = inj[inj["error"].fillna("") == ""]
+        for sl, sub in ok.groupby("strength", sort=False):
+            what = (f"strength {sl}: {sub['n_changed'].mean():.0f} changed predictions and "
+                    f"{sub['n_perturbed'].mean():.0f} perturbed weights per fault on average, "
+                    f"{sub['seed'].nunique()} seeds")
+            blocks.append(benchmark_block(sub, "Injected faults", what, metric, "seeds", "corrected",
+                                          extra=(f"R@{lab}",), split="the repair split (I_neg = the changed "
+                                                                     "predictions)"))
+    return blocks
+
+
+def _headline_csv(blocks: Sequence[HeadlineBlock]) -> pd.DataFrame:
     parts = []
-    for key, name, extra in (("checkpoint", "ckpt", []), ("injected", "inj", [f"R@{lab}"])):
-        df = results.get(key)
-        if df is None or not len(df) or f"P@{lab}" not in df.columns:
-            continue
-        ok = df[df["error"].fillna("") == ""]
-        cols = [f"P@{lab}", f"rand_P@{lab}", *extra, *[f"rand_{c}" for c in extra], "AP", "rand_AP"]
-        g = ok.groupby("method", sort=False)[cols].mean()
-        g.columns = [f"{name}_{c}" for c in cols]
-        g[f"{name}_n"] = ok.groupby("method", sort=False).size()
-        parts.append(g)
-    if not parts:
-        return pd.DataFrame()
-    return pd.concat(parts, axis=1).reset_index().rename(columns={"index": "method"})
+    for i, b in enumerate(blocks):
+        if len(b.table):
+            parts.append(b.table.assign(block=i, benchmark=b.title, variant=b.what, sentence=b.sentence))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -435,8 +598,11 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
                    n_random: int | None = None, inject_seeds: Iterable[int] | None = None,
                    ckpt_settings: Iterable[str] | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                    pos_fraction: float = 0.01, split: str = "repair", batch_size: int = 512, seed: int = 0,
-                   training_splits: Sequence[str] = ("train",), min_changed_frac: float = 0.001,
-                   min_changed: int = 2, method_opts: dict[str, dict] | None = None,
+                   training_splits: Sequence[str] = ("train",),
+                   strengths: Sequence[str | int | float] = (DEFAULT_STRENGTH, "published"),
+                   comparisons: Sequence[str] = COMPARISONS, k_rounding: str = "round",
+                   optimizers: Sequence[str] = OPTIMIZERS, replay: dict[str, Any] | None = None,
+                   method_opts: dict[str, dict] | None = None,
                    figure_settings: Iterable[str] = FIGURE_SETTINGS, figures: bool = True,
                    tensorboard: bool = True, overwrite: bool = False, num_threads: int | str | None = "auto",
                    log: Callable[[str], None] | None = None, ckpt_epoch: int | None = None
@@ -448,6 +614,10 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
     for the benchmarks, which methods to run (default every registered method; quick: :data:`QUICK_METHODS`).
     ``quick``: a smoke run (1 random draw, 1 injection seed, only the ``all`` setting in the checkpoint
     benchmark, interventions only on the ``all`` setting).
+    ``strengths``: the injected faults' strengths (``evaluation.injected_faults.strength_requirement``: 30 changed
+    predictions, and the published 0.1 %). ``comparisons``, ``k_rounding``: how the checkpoint benchmark compares
+    rankings (``evaluation.ranking_metrics``); ``optimizers``: its ground truths ("recorded", and "sgd": an SGD +
+    momentum replay of the same epoch, options in ``replay``: ``sgd_lr``, ``momentum``, ``nesterov``, ``verify``).
     ``num_threads``: torch's intra-op threads while this runs (restored after): ``"auto"`` uses 1 thread when the
     cached activations are small (N x d_ff < 4M, e.g. the digits ViT: thousands of tiny ops, where thread
     start-up dominates and a loaded machine makes it 10-40x slower), else leaves the setting alone; ``None``:
@@ -467,6 +637,17 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
     missing = [m for m in bench_methods if m not in registered]
     if missing:
         raise ValueError(f"unknown FL methods {missing}; registered: {registered}")
+    if k_rounding not in K_ROUNDINGS:
+        raise ValueError(f"k_rounding must be one of {K_ROUNDINGS}, got {k_rounding!r}")
+    bad = [c for c in comparisons if c not in COMPARISONS]
+    if bad or not list(comparisons):
+        raise ValueError(f"unknown comparison(s) {bad or list(comparisons)}; choose from {COMPARISONS}")
+    bad = [o for o in optimizers if o not in OPTIMIZERS]
+    if bad or "recorded" not in optimizers:
+        raise ValueError(f"optimizers must include 'recorded' and come from {OPTIMIZERS}, got {list(optimizers)}")
+    strengths = list(strengths)
+    for st in strengths:
+        strength_requirement(st)  # a bad strength is an error before any work
     n_random = n_random if n_random is not None else (1 if quick else 2)
     inject_seeds = list(inject_seeds) if inject_seeds is not None else ([0] if quick else [0, 1, 2])
     ckpt_settings = list(ckpt_settings) if ckpt_settings is not None else (["all"] if quick else None)
@@ -494,19 +675,22 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
                                           list(modes), where, n_random, seed, batch_size, set(figure_settings)))
         if "checkpoint" in parts:
             results.update(_checkpoint(ctx, bench_methods, ckpt_settings, fractions, pos_fraction, split,
-                                       batch_size, seed, training_splits, method_opts, ckpt_epoch))
+                                       batch_size, seed, training_splits, method_opts, ckpt_epoch, comparisons,
+                                       k_rounding, optimizers, replay))
         if "injected" in parts:
             results.update(_injected(ctx, head, states, bench_methods, inject_seeds, fractions, batch_size,
-                                     min_changed_frac, min_changed, method_opts))
-        head_df = headline_table(results, pos_fraction)
+                                     strengths, method_opts))
+        meta_path = out / "checkpoint_benchmark_meta.json"
+        blocks = headline_blocks(results, pos_fraction, read_json(meta_path) if meta_path.is_file() else None)
+        head_df = _headline_csv(blocks)
         if len(head_df):
             results["headline"] = head_df
             ctx.write_text(out / "headline.csv", head_df.to_csv(index=False))
-            md = to_markdown(head_df)
+            md = blocks_markdown(blocks)
             ctx.write_text(out / "headline.md", md)
             if writer is not None:
                 writer.add_text("fl_eval/headline", md)
-            log(f"FL benchmarks, P@{fraction_label(pos_fraction)} against random's exact expectation:\n{md}")
+            log("FL benchmarks against random (headline):\n" + "\n".join(b.sentence for b in blocks))
         log(f"FL evaluation done in {time.perf_counter() - t0:.1f} s; outputs in {out}")
     finally:
         torch.set_num_threads(threads_before)

@@ -51,7 +51,7 @@ STEP_KEYS = {
     "localize": {"methods", "settings", "budgets", "seed", "batch_size", "method_options", "accelerator", "devices"},
     "evaluate_fl": {"parts", "methods", "settings", "budgets", "modes", "where", "n_random", "inject_seeds",
                     "ckpt_settings", "ckpt_epoch", "pos_fraction", "split", "batch_size", "seed", "method_opts",
-                    "figures", "tensorboard", "min_changed_frac", "min_changed"},
+                    "figures", "tensorboard", "strengths", "comparisons", "k_rounding", "optimizers", "replay"},
     "repair": {"sweeps", "fl_batch_size", "accelerator", "tensorboard", "on_error"},
     "sweep": {"name", "repair", "methods", "settings", "budgets", "reps", "seed", "repair_options", "fl_options"},
     "adequacy": {"rqs", "configs", "overrides", "use_run_checkpoint"},

@@ -5,10 +5,13 @@ data URIs, tables inline, links relative to the run: no network) through the run
 For every table and figure it states the split, n and the experiment config; a figure with nothing to plot is
 listed as "nothing to plot" (with the reason), never drawn empty. Sections (each only when the run has it):
 
+0. the headline: what the checkpoint benchmark's ground truth follows under each optimizer, each FL benchmark's
+   methods sorted by score with intervals, exact tests against random and a sentence saying whether it separates
+   any method from random (``fl_eval/headline.md``, :mod:`evaluation.headline`), and repairability@N
+   (``repair/summary/repairability.md``);
 1. the experiment config (the ``config`` passed in, else the run's ``run_config.yaml``), the model, the splits;
-2. FL: the benchmark headline (P@1 % and AP against random's exact expectation; headers with split and n), the
-   FL evaluation figures, cost vs quality (FL time per method from ``fl/timing.csv`` vs P@1 % of the checkpoint
-   benchmark);
+2. FL: links to the statistics, the FL evaluation figures, cost vs quality (FL time per method from
+   ``fl/timing.csv`` vs P@1 % of the checkpoint benchmark);
 3. repair: the headline table of ``repair/summary`` (pooled RR / BR with Wilson 95 % intervals, Δ acc with
    bootstrap intervals, the count of runs without a test target), the per-kind table, the statistics and every
    repair figure;
@@ -17,7 +20,7 @@ listed as "nothing to plot" (with the reason), never drawn empty. Sections (each
 5. test adequacy: the coverage table and the RQ tables / figures;
 6. the cases recorded as not applicable.
 
-Made here (under ``report/``): ``fl_headline.md``, ``fl_cost_vs_quality.png|pdf``, ``confusion_test.png|pdf``.
+Made here (under ``report/``): ``fl_cost_vs_quality.png|pdf``, ``confusion_test.png|pdf``.
 """
 from __future__ import annotations
 
@@ -101,50 +104,54 @@ def _config_block(store: RunStore, config: Mapping[str, Any] | None) -> list[str
 
 
 # ------------------------------------------------------------------------------------------------------- FL
-_HEAD_NAMES = {"P@": "P", "rand_P@": "E[random] P", "R@": "R", "rand_R@": "E[random] R", "AP": "AP",
-               "rand_AP": "E[random] AP"}
+def _embed_markdown(page: _Page, path: Path) -> bool:
+    """Copy a Markdown file's body (everything after its first heading) into the page; False if absent."""
+    if not path.is_file():
+        return False
+    page.links.append(path)
+    lines = path.read_text().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    page.add(*lines, f"(from [{path.name}]({page.rel(path)}))", "")
+    return True
+
+
+def _headline(page: _Page) -> None:
+    """What the run says, first: each FL benchmark's verdict against random (methods sorted, intervals, exact tests)
+    and the repairability of each FL method's weights."""
+    store = page.store
+    fl = store.fl_eval("headline.md")
+    rep = store.repair_summary_dir / "repairability.md"
+    if not fl.is_file() and not rep.is_file():
+        return
+    page.add("## Headline", "")
+    meta = _read_json(store.fl_eval("checkpoint_benchmark_meta.json")) or {}
+    replay = meta.get("replay") or {}
+    if replay.get("summary"):
+        page.add("What the checkpoint benchmark's ground truth follows (Spearman of |dW| with each quantity over "
+                 "every last-FFN weight):", "", "```", *replay["summary"].splitlines(), "```", "")
+    elif replay.get("error"):
+        page.add(f"No SGD ground truth: {replay['error']}", "")
+    if _embed_markdown(page, fl):
+        rows = [p for p in (store.fl_eval("checkpoint_benchmark.csv"), store.fl_eval("injected_benchmark.csv"))
+                if p.is_file()]
+        page.links.extend(rows)
+        page.add("Per-setting / per-seed rows: " + ", ".join(f"[{p.name}]({page.rel(p)})" for p in rows) + ". The "
+                 "published positional comparison scores only how the top K splits between W_bef and W_aft, so its "
+                 "numbers cannot be reached by a correct comparison (the worst possible ranking is its control "
+                 "row).", "")
+    _embed_markdown(page, rep)
 
 
 def _fl_headline(page: _Page) -> None:
+    """The FL section's links: the per-benchmark statistics (the headline itself opens the report)."""
     store = page.store
-    head = store.fl_eval("headline.csv")
-    if not head.is_file():
-        return
-    df = pd.read_csv(head)
-    meta = _read_json(store.fl_eval("checkpoint_benchmark_meta.json")) or {}
-    ck = meta.get("fl_inputs", {})
-    ck_desc = (f"checkpoint benchmark (epoch {meta.get('epoch_prev')} -> {meta.get('epoch')}; FL on the "
-               f"{ck.get('split', '?')} split, n = {ck.get('n', '?')} inputs)") if meta else "checkpoint benchmark"
-    inj = store.fl_eval("injected_benchmark.csv")
-    n_seeds = None
-    if inj.is_file():
-        d = pd.read_csv(inj)
-        n_seeds = int(d["seed"].nunique()) if "seed" in d.columns else None
-    ren = {"method": "FL method"}
-    short = {"ckpt_": f"ckpt, {ck.get('split', 'repair')} split", "inj_": "injected, repair split"}
-    for c in df.columns:
-        for prefix, n_col in (("ckpt_", "ckpt_n"), ("inj_", "inj_n")):
-            unit = "settings" if prefix == "ckpt_" else "seeds"
-            if c == n_col:
-                ren[c] = f"n ({short[prefix]}: {unit})"
-            elif c.startswith(prefix):
-                metric = c[len(prefix):].replace("rand_", "E[random] ")
-                n_rows = int(df[n_col].max()) if n_col in df.columns and df[n_col].notna().any() else "?"
-                ren[c] = f"{metric} ({short[prefix]}, n = {n_rows} {unit})"
-    from evaluation.stats import to_markdown
-
     page.add("## Fault localization", "")
-    for prefix, what in (("ckpt_", ck_desc),
-                         ("inj_", f"injected faults on the repair split ({n_seeds} seeds)")):
-        cols = ["method"] + [c for c in df.columns if c.startswith(prefix)]
-        if len(cols) == 1:
-            continue
-        part = df[cols].rename(columns=ren)
-        name = "fl_headline.md" if prefix == "ckpt_" else "fl_headline_injected.md"
-        out = store.path("report", name=name)
-        store.write_text(out, f"# FL benchmark against random's exact expectation: {what}\n\n" + to_markdown(part))
-        page.table_file(out, "FL benchmark headline" + (" (checkpoint benchmark)" if prefix == "ckpt_" else
-                                                        " (injected faults)"), what, f"{len(df)} methods")
+    stats = _files(store.fl_eval("stats"), ".md")
+    if stats:
+        page.add("Statistics against random (Wilcoxon signed-rank, Holm): "
+                 + ", ".join(f"[{p.stem}]({page.rel(p)})" for p in stats), "")
+        page.links.extend(stats)
 
 
 def _fl_cost_vs_quality(page: _Page) -> None:
@@ -158,6 +165,11 @@ def _fl_cost_vs_quality(page: _Page) -> None:
     b = pd.read_csv(bench)
     if "error" in b.columns:
         b = b[b["error"].fillna("") == ""]
+    if "control" in b.columns:
+        b = b[~b["control"].fillna(False).astype(bool)]
+    meta = _read_json(store.fl_eval("checkpoint_benchmark_meta.json")) or {}
+    if "comparison" in b.columns:  # the recorded optimizer's ground truth, corrected comparison
+        b = b[(b["comparison"] == "corrected") & (b["optimizer"] == meta.get("recorded_optimizer", b["optimizer"].iloc[0]))]
     col = "P@1%"
     if col not in b.columns or "wall_s" not in t.columns:
         return
@@ -401,13 +413,13 @@ def write_report(store: RunStore | str | os.PathLike, config: Mapping[str, Any] 
         raise FileNotFoundError(f"no run directory at {store.root}")
     page = _Page(store)
     page.add(f"# Run report: {store.root.name}", "")
+    _headline(page)
+    page.add("## The run", "")
     page.add(*_config_block(store, config))
     if store.run_config.is_file():
         page.links.append(store.run_config)
     n_before = len(page.lines)
     _fl_headline(page)
-    if len(page.lines) == n_before:
-        page.add("## Fault localization", "")
     _fl_cost_vs_quality(page)
     _fl_figures(page)
     if len(page.lines) == n_before + 2:

@@ -33,6 +33,18 @@ def build_parser():
     p.add_argument("--seeds", type=Optional[List[int]], default=None,
                    help="injected-fault seeds (null: [0, 1, 2]; quick [0])")
     p.add_argument("--pos_fraction", type=float, default=0.01, help="checkpoint ground truth: top fraction")
+    p.add_argument("--comparisons", type=str, nargs="+", default=["corrected", "published_positional"],
+                   help="checkpoint benchmark comparisons: corrected (the weights themselves) and/or "
+                        "published_positional (exp-fl-5-7's sorted rank arrays, shown beside it)")
+    p.add_argument("--k_rounding", type=str, default="round",
+                   help="K and the positive count from a fraction: round, or floor (the published int(f N))")
+    p.add_argument("--optimizers", type=str, nargs="+", default=["recorded", "sgd"],
+                   help="checkpoint ground truths: the run's own epoch (recorded) and an SGD + momentum replay of it "
+                        "from W(e-1) (sgd)")
+    p.add_argument("--sgd_lr", type=float, default=0.02, help="the SGD replay's base learning rate")
+    p.add_argument("--strengths", type=str, nargs="+", default=["30", "published"],
+                   help="injected-fault strengths: a count of changed predictions (30), a share of the split (0.02), "
+                        "or published (0.1 %%, at least 2)")
     p.add_argument("--method_options", type=Dict[str, Dict[str, Any]], default={},
                    help="FL method -> its options for the benchmarks (scripts/localize.py --list --verbose)")
     p.add_argument("--split", type=str, default="repair", help="split the FL inputs come from")
@@ -70,6 +82,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--n_random must be >= 1, got {a.n_random}")
         if not 0 < a.pos_fraction <= 1:
             raise ValueError(f"--pos_fraction must be in (0, 1], got {a.pos_fraction}")
+        from evaluation.injected_faults import strength_requirement
+        from evaluation.ranking_metrics import COMPARISONS, K_ROUNDINGS
+        from pipeline.evaluate_fl import OPTIMIZERS
+
+        for name, given, allowed in (("comparisons", a.comparisons, COMPARISONS), ("optimizers", a.optimizers,
+                                                                                   OPTIMIZERS),
+                                     ("k_rounding", [a.k_rounding], K_ROUNDINGS)):
+            bad = [v for v in given if v not in allowed]
+            if bad:
+                raise ValueError(f"--{name}: unknown {bad}; expected some of {list(allowed)}")
+        for st in a.strengths:
+            strength_requirement(st)
+        if not a.sgd_lr > 0:
+            raise ValueError(f"--sgd_lr must be > 0, got {a.sgd_lr}")
     except (KeyError, ValueError) as e:
         p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
     try:
@@ -77,7 +103,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                        budgets=a.budgets, modes=a.modes, where=a.where, n_random=a.n_random, inject_seeds=a.seeds,
                        ckpt_settings=a.ckpt_settings, pos_fraction=a.pos_fraction, split=a.split,
                        batch_size=a.batch_size, method_opts=a.method_options or None, figures=not a.no_figures,
-                       overwrite=a.overwrite)
+                       overwrite=a.overwrite, comparisons=a.comparisons, k_rounding=a.k_rounding,
+                       optimizers=a.optimizers, replay={"sgd_lr": a.sgd_lr},
+                       strengths=[s if s == "published" else (float(s) if "." in s else int(s))
+                                  for s in a.strengths])
     except _cli.RUN_ERRORS as e:
         _cli.fail("evaluate_fl", e)
     return 0

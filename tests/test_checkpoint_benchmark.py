@@ -159,6 +159,8 @@ def test_run_evaluation_end_to_end_and_resumes(tiny_run, capsys):
                          ckpt_settings=["all"], batch_size=64)
     printed = capsys.readouterr().out
     assert "P@1%" in printed
+    # a run without a training config cannot be replayed: said once, the recorded ground truth stands alone
+    assert "no SGD ground truth for this run" in printed and "run_config.yaml" in printed
     ev = layout.fl_eval_dir
     for name in ("interventions_summary.csv", "checkpoint_benchmark.csv", "checkpoint_benchmark_meta.json",
                  "injected_benchmark.csv", "headline.csv", "headline.md", "stats/interventions_vs_random.md",
@@ -169,26 +171,42 @@ def test_run_evaluation_end_to_end_and_resumes(tiny_run, capsys):
     assert len(per_input) == 1
     assert any((layout.tensorboard / "fl_eval").iterdir())
     ck = out["checkpoint"]
-    assert set(ck["method"]) == {"random", "grad_loss", "vdiff"} and (ck["error"] == "").all()
-    assert (ck["epoch"] == 1).all() and (ck["fl_split"] == "repair").all() and not ck["circular"].any()
+    assert (ck["error"] == "").all()
+    fl = ck[~ck["control"]]
+    assert set(fl["method"]) == {"random", "grad_loss", "vdiff"}
+    # every method is compared under both comparisons (one FL run each), the control row under each as well
+    assert sorted(fl.groupby("method")["comparison"].apply(sorted).iloc[0]) == ["corrected", "published_positional"]
+    assert set(ck.loc[ck["control"], "method"]) == {"worst_possible"} and ck["control"].sum() == 2
+    worst = ck[ck["control"]].set_index("comparison")["P@1%"]
+    assert worst["corrected"] == 0.0 and worst["published_positional"] > 0.2  # the split alone earns hits
+    assert (ck["optimizer"] == "adamw").all() and (ck["k_rounding"] == "round").all()
+    assert (fl["epoch"] == 1).all() and (fl["fl_split"] == "repair").all() and not fl["circular"].any()
     meta = json.loads((ev / "checkpoint_benchmark_meta.json").read_text())
     assert meta["epoch_prev"] == 0 and meta["fl_inputs"]["states"].endswith("repair.epoch=000.safetensors")
+    assert "run_config.yaml" in meta["replay"]["error"]
     inj = out["injected"]
-    assert len(inj) == 6 and (inj["error"] == "").all() and (inj["n_changed"] >= 2).all()
+    assert len(inj) == 12 and (inj["error"] == "").all() and (inj["n_changed"] >= 2).all()
+    assert (inj.loc[inj["strength"] == "30", "n_changed"] >= 30).all()
+    assert set(inj["strength"]) == {"30", "published"}
     summ = out["interventions_summary"]
     assert {r.split("-")[0] for r in summ["result"]} == {"grad_loss_n20", "random_n20", "vdiff_n40"}
     assert any(m.startswith("random@grad_loss_n20-") for m in summ["method"])
     head = out["headline"]
-    assert {"ckpt_P@1%", "ckpt_rand_P@1%", "inj_P@1%", "inj_rand_P@1%"} <= set(head.columns)
+    # one block per ground truth x comparison and per strength, each with a verdict per method
+    assert head["block"].nunique() == 4 and {"P@1%", "E[random]", "p_holm", "verdict"} <= set(head.columns)
+    md = (ev / "headline.md").read_text()
+    assert md.count("**Checkpoint benchmark") == 2 and md.count("**Injected faults**") == 2
+    assert "comparison **published_positional**" in md and "strength 30" in md
     # resumable: a second call recomputes nothing (files keep their mtimes)
     probe = [*per_input,
-             *(ev / "checkpoint/epoch=001/all").glob("grad_loss-*.json"), *(ev / "injected/seed=1").glob("vdiff-*.json")]
-    assert len(probe) == 3
+             *(ev / "checkpoint/epoch=001/all").glob("grad_loss-*.json"),
+             *(ev / "injected/strength=30/seed=1").glob("vdiff-*.json")]
+    assert len(probe) == 4
     before = [p.stat().st_mtime_ns for p in probe]
     out2 = run_evaluation(tiny_run, methods=["random", "grad_loss", "vdiff"], inject_seeds=[0, 1], n_random=2,
                           ckpt_settings=["all"], batch_size=64, figures=False)
     assert [p.stat().st_mtime_ns for p in probe] == before
-    np.testing.assert_allclose(out2["checkpoint"].sort_values("method")["AP"],
-                               out["checkpoint"].sort_values("method")["AP"])
+    key = ["method", "comparison"]
+    np.testing.assert_allclose(out2["checkpoint"].sort_values(key)["P@1%"], out["checkpoint"].sort_values(key)["P@1%"])
     with pytest.raises(ValueError, match="unknown FL methods"):
         run_evaluation(tiny_run, methods=["nope"])

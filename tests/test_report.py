@@ -64,17 +64,23 @@ def fake_run(root, seed: int = 0, reps: int = 3, targetless_every: int = 3, tb: 
         for s in SETTINGS:
             store.append_row(store.fl_timing, {"method": m, "setting": s, "wall_s": float(rng.uniform(0.01, 2)),
                                                "peak_mb": 1.0})
-    rows = [{"method": m, "setting": s, "P@1%": float(rng.uniform(0, 0.3)), "rand_P@1%": 0.01, "AP": 0.1,
-             "rand_AP": 0.01, "error": ""} for m in ("ours", "arachne_w", "random") for s in SETTINGS]
+    from evaluation.headline import benchmark_block, blocks_markdown
+
+    rows = []
+    for m in ("ours", "arachne_w", "random"):
+        for s in SETTINGS:
+            hits = int(rng.integers(0, 4))
+            rows.append({"method": m, "setting": s, "optimizer": "adamw", "comparison": "corrected", "total": 1000,
+                         "n_pos": 10, "K@1%": 10, "hits@1%": hits, "P@1%": hits / 10, "rand_P@1%": 0.01,
+                         "R@1%": hits / 10, "AP": 0.1, "rand_AP": 0.01, "error": "", "control": False})
     bench = pd.DataFrame(rows)
     store.write_text(store.fl_eval("checkpoint_benchmark.csv"), bench.to_csv(index=False))
     store.write_json(store.fl_eval("checkpoint_benchmark_meta.json"),
-                     {"epoch": 2, "epoch_prev": 1, "fl_inputs": {"split": "repair", "n": 108,
-                                                                "settings": list(SETTINGS)}})
-    head = bench.groupby("method")[["P@1%", "rand_P@1%", "AP", "rand_AP"]].mean()
-    head.columns = [f"ckpt_{c}" for c in head.columns]
-    head["ckpt_n"] = len(SETTINGS)
-    store.write_text(store.fl_eval("headline.csv"), head.reset_index().to_csv(index=False))
+                     {"epoch": 2, "epoch_prev": 1, "recorded_optimizer": "adamw",
+                      "fl_inputs": {"split": "repair", "n": 108, "settings": list(SETTINGS)}})
+    block = benchmark_block(bench, "Checkpoint benchmark", "synthetic ground truth", "P@1%", "settings",
+                            split="FL inputs: the repair split's settings")
+    store.write_text(store.fl_eval("headline.md"), blocks_markdown([block]))
     from localization.cache import save_states
 
     n = 60
@@ -150,8 +156,11 @@ def test_report_links_resolve_and_tables_state_split_and_n(run):
     text = md_path.read_text()
     for must in ("summary.md", "bar_digits_de.png", "fitness_digits_de.png", "rr_in_vs_held_digits_de.png",
                  "by_kind_digits_de.png", "time_vs_rr_digits_de.png", "fl_cost_vs_quality.png",
-                 "confusion_test.png", "fl_headline.md"):
+                 "confusion_test.png", "headline.md"):
         assert any(l.endswith(must) for l in links), must
+    # the report opens with the headline (before the config), and its sentence says what the benchmark separates
+    assert text.index("## Headline") < text.index("## The run") < text.index('"experiment": "synthetic"')
+    assert "**Checkpoint benchmark** (synthetic ground truth" in text
     assert "runs had no target in the test fold" in text and '"experiment": "synthetic"' in text
     assert "test fold (held out)" in text
     html = store.path("report", name="report.html").read_text()
