@@ -39,6 +39,7 @@ from scipy import signal
 from scipy import stats as sps
 
 from evaluation.intervals import bootstrap_mean, wilson_interval
+from evaluation.ranking_metrics import hypergeom_pmf
 from evaluation.stats import holm, wilcoxon_paired
 
 __all__ = ["HeadlineBlock", "pooled_hits_test", "benchmark_block", "repairability_block", "blocks_markdown",
@@ -67,12 +68,12 @@ def _row_null(row: dict[str, Any], lab: str, comparison: str) -> np.ndarray:
     if comparison == "published_positional":
         n_first, g1, g2 = int(row["n_first"]), int(row["gt_in_first"]), int(row["gt_in_second"])
         f = np.arange(max(0, k - (total - n_first)), min(k, n_first) + 1)
-        pmf = sps.hypergeom(total, n_first, k).pmf(f)
+        pmf = hypergeom_pmf(total, n_first, k, f)
         h = np.minimum(f, g1) + np.minimum(k - f, g2)
         return np.bincount(h, weights=pmf)
     n_pos = int(row["n_pos"])
     h = np.arange(0, min(k, n_pos) + 1)
-    return sps.hypergeom(total, n_pos, k).pmf(h)
+    return hypergeom_pmf(total, n_pos, k, h)
 
 
 def pooled_hits_test(rows: pd.DataFrame, lab: str = "1%", comparison: str = "corrected") -> tuple[float, float]:

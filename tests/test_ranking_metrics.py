@@ -250,3 +250,12 @@ def test_k_rounding_floor_gives_the_published_counts():
     assert int(top_fraction_positives(gt, 0.005, rounding="floor").sum()) == 327
     with pytest.raises(ValueError, match="k_rounding"):
         k_of_fraction(0.01, n, "ceil")
+
+
+def test_hypergeom_pmf_equals_scipy():
+    from evaluation.ranking_metrics import hypergeom_pmf
+
+    for total, n, k in ((50, 7, 12), (65_536, 32_768, 3_277), (4_718_592, 47_186, 47_186), (10, 10, 3)):
+        support = np.arange(0, min(n, k) + 3)
+        np.testing.assert_allclose(hypergeom_pmf(total, n, k, support), sps.hypergeom(total, n, k).pmf(support),
+                                   rtol=1e-6, atol=1e-14)
