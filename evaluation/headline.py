@@ -11,12 +11,15 @@ faults), per method:
 * ``mean`` of the metric (P@1 % by default) over the rows (settings or seeds) with a bootstrap 95 % interval
   (:func:`evaluation.intervals.bootstrap_mean`; with few rows the interval is wide, and ``n`` says how many);
 * ``E[random]``: random's exact expectation, averaged over the same rows;
-* the exact test against a random ranking: under the null that the method ranks the weights at random,
-  independently per row, hits@K of row r follows its own hypergeometric law (the positional comparison: the law of
-  min(f, g_bef) + min(K - f, g_aft), f hypergeometric), so the pooled hits H = sum_r hits_r has the convolution of
-  those laws; ``p_above`` = P(H >= observed), ``p_below`` = P(H <= observed), exact (FFT convolution of the
-  per-row probability mass functions), and ``p`` = min(1, 2 min(p_above, p_below)) two-sided, Holm-adjusted across
-  the methods of the block (``p_holm``);
+* the test against a random ranking: under the null that the method's ranking is unrelated to the ground truth,
+  hits@K of row r follows its own hypergeometric law (the positional comparison: the law of
+  min(f, g_bef) + min(K - f, g_aft), f hypergeometric). The pooled hits H = sum_r hits_r are tested against the law
+  of their sum: for independent rows (injected faults: a new fault per seed) the convolution of the rows' laws
+  (exact, FFT); for rows that share the ground truth and the model (the checkpoint benchmark's settings, whose
+  rankings are close to each other) the comonotone coupling, i.e. every row at the same quantile of its law: exact
+  when the rows rank alike, conservative otherwise (a method that ranks identically in every setting gets the p of
+  one setting, not ten). ``p_above`` = P(H >= observed), ``p_below`` = P(H <= observed), ``p`` =
+  min(1, 2 min(p_above, p_below)) two-sided, Holm-adjusted across the methods of the block (``p_holm``);
 * the Wilcoxon signed-rank test of the per-row metric against the per-row expectation (two-sided, Holm across the
   block): it cannot be small with fewer than 6 rows, which is said;
 * ``verdict``: "above random" / "below random" when ``p_holm`` < alpha on that side, else "not separated".
@@ -76,17 +79,43 @@ def _row_null(row: dict[str, Any], lab: str, comparison: str) -> np.ndarray:
     return hypergeom_pmf(total, n_pos, k, h)
 
 
-def pooled_hits_test(rows: pd.DataFrame, lab: str = "1%", comparison: str = "corrected") -> tuple[float, float]:
-    """(p_above, p_below) of the pooled hits@K of ``rows`` against independent random rankings (module docstring)."""
+def _comonotone_tails(pmfs: list[np.ndarray], h: int) -> tuple[float, float]:
+    """P(S >= h), P(S <= h) for S = sum_r Q_r(U), U ~ U(0, 1) shared (the rows' null laws coupled comonotonically:
+    every row at the same quantile), exactly: S is a nondecreasing step function of u, so each tail is the length
+    of the u-interval where it holds."""
+    cdfs = [np.minimum(np.cumsum(p), 1.0) for p in pmfs]
+    cuts = np.unique(np.concatenate([[0.0, 1.0], *[c[:-1] for c in cdfs]]))
+    mids = (cuts[:-1] + cuts[1:]) / 2
+    total = np.zeros(len(mids))
+    for c in cdfs:  # Q_r(u) = the smallest k with F_r(k) >= u
+        total += np.minimum(np.searchsorted(c, mids, side="left"), len(c) - 1)
+    width = np.diff(cuts)
+    return float(width[total >= h].sum()), float(width[total <= h].sum())
+
+
+def pooled_hits_test(rows: pd.DataFrame, lab: str = "1%", comparison: str = "corrected",
+                     dependence: str = "independent") -> tuple[float, float]:
+    """(p_above, p_below) of the pooled hits@K of ``rows`` against random rankings (module docstring).
+
+    ``dependence="independent"``: the rows' hits are independent under the null (e.g. one injected fault per seed):
+    the exact law of their sum (convolution). ``"comonotone"``: the rows share the ground truth and the model (the
+    checkpoint benchmark's settings), so their hits may be strongly dependent; the test then takes the worst case
+    of full positive dependence (all rows at the same quantile of their null law), which is exact for identical
+    rankings and conservative otherwise."""
     if not len(rows):
         return float("nan"), float("nan")
+    if dependence not in ("independent", "comonotone"):
+        raise ValueError(f"dependence must be 'independent' or 'comonotone', got {dependence!r}")
+    pmfs = [_row_null(row, lab, comparison) for row in rows.to_dict("records")]
+    h = int(round(float(rows[f"hits@{lab}"].sum())))
+    if dependence == "comonotone":
+        pa, pb = _comonotone_tails(pmfs, h)
+        return min(1.0, pa), min(1.0, pb)
     dist = np.array([1.0])
-    for row in rows.to_dict("records"):
-        pmf = _row_null(row, lab, comparison)
+    for pmf in pmfs:
         dist = signal.fftconvolve(dist, pmf) if len(dist) * len(pmf) > 1_000_000 else np.convolve(dist, pmf)
         dist = np.clip(dist, 0.0, None)
         dist /= dist.sum()
-    h = int(round(float(rows[f"hits@{lab}"].sum())))
     p_above = float(dist[min(h, len(dist) - 1):].sum()) if h < len(dist) else 0.0
     p_below = float(dist[:h + 1].sum())
     return min(1.0, p_above), min(1.0, p_below)
@@ -109,7 +138,8 @@ def _fmt_ci(m) -> str:
 # ----------------------------------------------------------------------------------------------- benchmark blocks
 def benchmark_block(df: pd.DataFrame, title: str, what: str, metric: str = "P@1%", unit: str = "settings",
                     comparison: str = "corrected", controls: Sequence[str] = ("worst_possible",),
-                    extra: Sequence[str] = (), alpha: float = ALPHA, split: str = "") -> HeadlineBlock:
+                    extra: Sequence[str] = (), alpha: float = ALPHA, split: str = "",
+                    dependence: str = "independent") -> HeadlineBlock:
     """The headline of one benchmark variant: ``df`` = its rows (one per method and setting / seed, error-free),
     ``metric`` e.g. ``"P@1%"`` (its K label is the part after '@'), ``unit`` what a row is (for the sentence)."""
     lab = metric.split("@", 1)[1]
@@ -129,7 +159,7 @@ def benchmark_block(df: pd.DataFrame, title: str, what: str, metric: str = "P@1%
                           "wilcoxon_p": float("nan"), "verdict": "control (never tested)"})
             ctl.append(entry)
             continue
-        pa, pb = pooled_hits_test(g, lab, comparison)
+        pa, pb = pooled_hits_test(g, lab, comparison, dependence)
         w = wilcoxon_paired(g[metric].to_numpy(dtype=float), g[f"rand_{metric}"].to_numpy(dtype=float))
         entry.update({"p_above": pa, "p_below": pb, "p": min(1.0, 2 * min(pa, pb)), "wilcoxon_p": w.p,
                       "wilcoxon_note": w.note})
@@ -143,11 +173,12 @@ def benchmark_block(df: pd.DataFrame, title: str, what: str, metric: str = "P@1%
         t = t.sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)
     if ctl:
         t = pd.concat([t, pd.DataFrame(ctl)], ignore_index=True)
-    return HeadlineBlock(title, what, t, _sentence(t, title, what, metric, unit, alpha), metric, split,
+    return HeadlineBlock(title, what, t, _sentence(t, title, what, metric, unit, alpha, dependence), metric, split,
                          f"{unit} per method (column n)")
 
 
-def _sentence(t: pd.DataFrame, title: str, what: str, metric: str, unit: str, alpha: float) -> str:
+def _sentence(t: pd.DataFrame, title: str, what: str, metric: str, unit: str, alpha: float,
+              dependence: str = "independent") -> str:
     if not len(t) or "verdict" not in t:
         return f"{title} ({what}): no method could be evaluated."
     tested = t[~t["verdict"].str.startswith("control")]
@@ -159,8 +190,10 @@ def _sentence(t: pd.DataFrame, title: str, what: str, metric: str, unit: str, al
         return ", ".join(f"{r['method']} ({metric} {r['mean']:.4f} vs E[random] {r['E[random]']:.4f})"
                          for _, r in d.iterrows())
 
-    head = (f"**{title}** ({what}; {len(tested)} methods, up to {n_rows} {unit} each; exact pooled test against "
-            f"random rankings, Holm-adjusted, alpha = {alpha}): ")
+    how = ("exact pooled test against random rankings" if dependence == "independent" else
+           f"pooled test against random rankings, conservative for {unit} that share the ground truth")
+    head = (f"**{title}** ({what}; {len(tested)} methods, up to {n_rows} {unit} each; {how}, Holm-adjusted, "
+            f"alpha = {alpha}): ")
     if not len(above) and not len(below):
         body = "it separates **no** method from random on this run."
     else:

@@ -569,7 +569,7 @@ def headline_blocks(results: dict[str, pd.DataFrame], pos_fraction: float = 0.01
             split = (f"FL inputs: the {sub['fl_split'].iloc[0] if 'fl_split' in sub else 'repair'} split's settings "
                      f"on the epoch {e - 1 if e else 'e-1'} model")
             blocks.append(benchmark_block(sub, title, what, metric, "settings", comp, extra=(f"R@{lab}",),
-                                          split=split))
+                                          split=split, dependence="comonotone"))
     inj = results.get("injected")
     if inj is not None and len(inj) and "strength" in inj.columns:
         ok = inj[inj["error"].fillna("") == ""]

@@ -111,3 +111,21 @@ def test_repairability_block_compares_with_random_at_the_same_budget():
     assert "1 of 2 differ from `random`" in b.sentence and "ours at N = 33 (above random" in b.sentence
     # no lp runs: said, not an empty table
     assert "no `lp` repair runs" in repairability_block(p[p["repair"] == "de"]).sentence
+
+
+def test_comonotone_test_is_exact_for_identical_rows_and_conservative_for_independent_ones():
+    one = _row(500, 20, 25, 4)
+    # identical rankings in every setting: H = 5 h, so the pooled p is the one-row hypergeometric tail
+    rows = pd.DataFrame([one] * 5).assign(**{"hits@1%": 4})
+    pa, pb = pooled_hits_test(rows, dependence="comonotone")
+    ref = sps.hypergeom(500, 20, 25)
+    assert pa == pytest.approx(ref.sf(3), rel=1e-9) and pb == pytest.approx(ref.cdf(4), rel=1e-9)
+    # the independent law of the same rows is narrower: its upper tail is smaller (a smaller p)
+    pa_ind, _ = pooled_hits_test(rows, dependence="independent")
+    assert pa_ind < pa
+    # a brute-force comonotone sum over a fine grid of quantiles, for rows with different laws
+    rows = pd.DataFrame([_row(300, 12, 20, 2), _row(400, 30, 15, 3), _row(250, 5, 40, 1)])
+    u = (np.arange(200_000) + 0.5) / 200_000
+    s = sum(sps.hypergeom(r["total"], r["n_pos"], r["K@1%"]).ppf(u) for r in rows.to_dict("records"))
+    pa, pb = pooled_hits_test(rows, dependence="comonotone")
+    assert pa == pytest.approx((s >= 6).mean(), abs=1e-4) and pb == pytest.approx((s <= 6).mean(), abs=1e-4)
