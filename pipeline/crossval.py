@@ -137,7 +137,7 @@ def pooled_table(df, by: Sequence[str] = ("repair", "fl_method", "budget")):
                      "runs_without_test_target": int((g["n_targets"] == 0).sum()),
                      "test_targets": t, "test_fixed": f, "rr": rr, "rr_lo": rr_lo, "rr_hi": rr_hi,
                      "test_correct": c, "test_broken": b, "br": br, "br_lo": br_lo, "br_hi": br_hi,
-                     "repair_targets": tr, "rr_in_sample": fr / tr if tr else float("nan")})
+                     "repair_targets": tr, "repair_fixed": fr, "rr_in_sample": fr / tr if tr else float("nan")})
     return pd.DataFrame(rows)
 
 
@@ -172,4 +172,13 @@ def aggregate_crossval(store: RunStore | str) -> dict[str, Any]:
                      f"# Cross-validated repair ({n_eval} folds; each evaluation input tested once)\n\n"
                      "Counts pooled over folds, settings and repetitions; RR = fixed / targets of the held-out "
                      "fold, BR = broken / correct, 95% Wilson intervals.\n\n" + md)
-    return {"n_runs": len(df), "table": table, "markdown": md, "runs": df}
+    out = {"n_runs": len(df), "table": table, "markdown": md, "runs": df}
+    if "lp" in set(table["repair"]):  # repairability@N: the LP optimiser's RR on each FL method's weights
+        from evaluation.headline import blocks_markdown, repairability_block
+
+        block = repairability_block(table, what=f"{n_eval} folds, {df['setting'].nunique()} settings")
+        store.write_text(store.repair_summary_dir / "repairability.csv", block.table.to_csv(index=False))
+        store.write_text(store.repair_summary_dir / "repairability.md",
+                         "# Repairability@N: where (FL) apart from what (the search)\n\n" + blocks_markdown([block]))
+        out["repairability"] = block
+    return out

@@ -317,19 +317,25 @@ def crossval(layout, budgets, quick: bool = False, workers: int | str = 1) -> di
     opts = {"generations": 5, "pop_size": 20} if quick else {}
     rows = run_crossval(layout, ["ours", "arachne_w", "random"], settings, budget, 1, repair_options=opts,
                         trainer_kwargs={"enable_progress_bar": False}, workers=workers)
+    # repairability@N: the LP optimiser of the located weights' values on the same FL results (where, not what)
+    rows += run_crossval(layout, ["ours", "arachne_w", "random"], settings, budget, 1, repair="lp",
+                         repair_options={"steps": 3} if quick else {}, trainer_kwargs={"enable_progress_bar": False},
+                         workers=workers)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"].split(":")[0]] = counts.get(r["status"].split(":")[0], 0) + 1
     agg = aggregate_crossval(layout)
     df = agg.get("runs")
     if df is not None and len(df):
-        one = df[df["fl_method"] == df["fl_method"].iloc[0]]  # target counts do not depend on the FL method
+        one = df[(df["fl_method"] == df["fl_method"].iloc[0]) & (df["repair"] == "de")]  # targets: per FL run
         n_all = int(one.loc[one["setting"] == "all", "n_targets"].sum())
         n_bench = int(one.loc[one["setting"] != "all", "n_targets"].sum())
         print(f"cross-validated repair: {len(df)} runs over {df['fold'].nunique()} folds ("
               + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"); held-out targets: 'all' {n_all}, "
               f"the 9 settings together {n_bench} (per FL method and repetition)")
         print(agg["markdown"])
+        if agg.get("repairability") is not None:
+            print(agg["repairability"].sentence)
     return {"rows": rows, "n_runs": agg["n_runs"]}
 
 

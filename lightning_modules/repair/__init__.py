@@ -11,7 +11,8 @@ advertised under the ``vitfl.repair_methods`` entry point, that registers itself
 
 and the sweep (``scripts/repair_sweep.py --repair my_repair``), tables and plots pick it up by name.
 
-Registered here: ``de`` (Arachne/RepTran differential evolution, :mod:`.de`), ``finetune`` (masked gradient
+Registered here: ``de`` (Arachne/RepTran differential evolution, :mod:`.de`), ``lp`` (sequential linear programs on the
+exact FFN head, a repairability oracle, :mod:`.lp`), ``finetune`` (masked gradient
 descent, :mod:`.finetune`), ``prune`` and ``reinit`` (:mod:`.prune`).
 """
 from __future__ import annotations
