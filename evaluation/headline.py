@@ -139,9 +139,11 @@ def _fmt_ci(m) -> str:
 def benchmark_block(df: pd.DataFrame, title: str, what: str, metric: str = "P@1%", unit: str = "settings",
                     comparison: str = "corrected", controls: Sequence[str] = ("worst_possible",),
                     extra: Sequence[str] = (), alpha: float = ALPHA, split: str = "",
-                    dependence: str = "independent") -> HeadlineBlock:
+                    dependence: str = "independent",
+                    wilcoxon: dict[str, tuple[float, float, str]] | None = None) -> HeadlineBlock:
     """The headline of one benchmark variant: ``df`` = its rows (one per method and setting / seed, error-free),
-    ``metric`` e.g. ``"P@1%"`` (its K label is the part after '@'), ``unit`` what a row is (for the sentence)."""
+    ``metric`` e.g. ``"P@1%"`` (its K label is the part after '@'), ``unit`` what a row is (for the sentence).
+    ``wilcoxon``: method -> (p, p_holm, note) already computed for this block (else computed here)."""
     lab = metric.split("@", 1)[1]
     rows, ctl = [], []
     for method, g in df.groupby("method", sort=False):
@@ -160,14 +162,19 @@ def benchmark_block(df: pd.DataFrame, title: str, what: str, metric: str = "P@1%
             ctl.append(entry)
             continue
         pa, pb = pooled_hits_test(g, lab, comparison, dependence)
-        w = wilcoxon_paired(g[metric].to_numpy(dtype=float), g[f"rand_{metric}"].to_numpy(dtype=float))
-        entry.update({"p_above": pa, "p_below": pb, "p": min(1.0, 2 * min(pa, pb)), "wilcoxon_p": w.p,
-                      "wilcoxon_note": w.note})
+        if wilcoxon is not None and method in wilcoxon:
+            wp, wph, note = wilcoxon[method]
+        else:
+            w = wilcoxon_paired(g[metric].to_numpy(dtype=float), g[f"rand_{metric}"].to_numpy(dtype=float))
+            wp, wph, note = w.p, None, w.note
+        entry.update({"p_above": pa, "p_below": pb, "p": min(1.0, 2 * min(pa, pb)), "wilcoxon_p": wp,
+                      "wilcoxon_p_holm": wph, "wilcoxon_note": note})
         rows.append(entry)
     t = pd.DataFrame(rows)
     if len(t):
         t["p_holm"] = holm(t["p"].to_numpy())
-        t["wilcoxon_p_holm"] = holm(t["wilcoxon_p"].to_numpy())
+        if t["wilcoxon_p_holm"].isna().all() or wilcoxon is None:
+            t["wilcoxon_p_holm"] = holm(t["wilcoxon_p"].to_numpy(dtype=float))
         t["verdict"] = [("above random" if r.p_holm < alpha and r.p_above <= r.p_below else
                          "below random" if r.p_holm < alpha else "not separated") for r in t.itertuples()]
         t = t.sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)

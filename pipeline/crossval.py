@@ -77,10 +77,10 @@ def run_crossval(store: RunStore | str, methods: Sequence[str], settings: Sequen
                  budgets: Sequence[int | str], reps: int, repair: str = "de",
                  repair_options: dict[str, Any] | None = None, progress: bool = False,
                  trainer_kwargs: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1),
-                 workers: int | str | None = 1) -> list[dict[str, Any]]:
+                 workers: int | str | None = 1, logger: bool = False) -> list[dict[str, Any]]:
     """The repair sweep on every fold run (settings each fold has; those it lacks are reported by the sweep):
     this ``shard`` of each fold's grid, on ``workers`` processes (``pipeline/parallel.py``; the fold runs are
-    made first, here)."""
+    made first, here). ``logger``: TensorBoard runs under each fold run's ``tb/repair``."""
     from pipeline.context import load_misclf
     from pipeline.parallel import resolve_workers, run_sharded
     from pipeline.repair import run_sweep
@@ -93,7 +93,7 @@ def run_crossval(store: RunStore | str, methods: Sequence[str], settings: Sequen
                                               settings=None if settings is None else list(settings),
                                               budgets=list(budgets), reps=reps, repair=repair,
                                               repair_options=repair_options, progress=progress,
-                                              trainer_kwargs=trainer_kwargs), n_workers, shard)
+                                              trainer_kwargs=trainer_kwargs, logger=logger), n_workers, shard)
     rows = []
     for fs in folds:
         avail = load_misclf(fs)["settings"]
@@ -101,7 +101,7 @@ def run_crossval(store: RunStore | str, methods: Sequence[str], settings: Sequen
         if not sets:
             continue
         rows += run_sweep({fs.root.name: fs.root}, methods, sets, budgets, reps, shard=shard, repair=repair,
-                          repair_options=repair_options, progress=progress)
+                          repair_options=repair_options, progress=progress, logger=logger)
     return rows
 
 

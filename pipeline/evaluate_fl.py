@@ -442,8 +442,7 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
     ok = df[(df["error"] == "") & ~df["control"]]
     tables = []
     for (opt, comp), sub in ok.groupby(["optimizer", "comparison"], sort=False):
-        metrics = ["AP", f"P@{lab}", f"overlap@{lab}", "spearman"] if comp == "corrected" else [f"P@{lab}",
-                                                                                                 f"overlap@{lab}"]
+        metrics = [f"P@{lab}", "AP"] if comp == "corrected" else [f"P@{lab}"]
         st = _vs_expectation(sub, metrics, "setting", f"checkpoint ({opt}, {comp})")
         if len(st):
             st.insert(0, "comparison", comp)
@@ -523,7 +522,7 @@ def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, st
     ok = df[df["error"] == ""]
     tables = []
     for sl, sub in ok.groupby("strength", sort=False) if len(ok) else []:
-        st = _vs_expectation(sub, ["AP", "R_precision", "P@1%", "R@1%", "R@5%"], "seed", f"injected faults ({sl})")
+        st = _vs_expectation(sub, ["P@1%", "R@1%", "AP"], "seed", f"injected faults ({sl})")
         if len(st):
             st.insert(0, "strength", sl)
             tables.append(st)
@@ -542,11 +541,28 @@ def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, st
 
 
 # ----------------------------------------------------------------------------------------------------- headline
+def _wilcoxon_of(stats: pd.DataFrame | None, metric: str, **where: str) -> dict[str, tuple[float, float, str]] | None:
+    """method -> (p, p_holm, note) of the Wilcoxon test of ``metric`` against random's expectation, from the
+    statistics table the benchmark wrote (None when it has no such rows: the headline then tests itself)."""
+    if stats is None or not len(stats) or "metric" not in stats.columns:
+        return None
+    sel = stats["metric"] == metric
+    for k, v in where.items():
+        if k not in stats.columns:
+            return None
+        sel &= stats[k].astype(str) == str(v)
+    sub = stats[sel]
+    if not len(sub):
+        return None
+    return {r["method_a"]: (float(r["p"]), float(r["p_holm"]), str(r.get("note") or ""))
+            for r in sub.to_dict("records")}
+
+
 def headline_blocks(results: dict[str, pd.DataFrame], pos_fraction: float = 0.01,
                     meta: dict[str, Any] | None = None) -> list[HeadlineBlock]:
     """The FL evaluation's headline (:mod:`evaluation.headline`): one block per checkpoint ground truth (optimizer) x
     comparison (corrected first) and per injected-fault strength, methods sorted by P@1% with their interval and the
-    exact test against random."""
+    test against random (the Wilcoxon results of the benchmark's statistics tables are reused)."""
     lab = fraction_label(pos_fraction)
     metric = f"P@{lab}"
     blocks = []
@@ -569,7 +585,9 @@ def headline_blocks(results: dict[str, pd.DataFrame], pos_fraction: float = 0.01
             split = (f"FL inputs: the {sub['fl_split'].iloc[0] if 'fl_split' in sub else 'repair'} split's settings "
                      f"on the epoch {e - 1 if e else 'e-1'} model")
             blocks.append(benchmark_block(sub, title, what, metric, "settings", comp, extra=(f"R@{lab}",),
-                                          split=split, dependence="comonotone"))
+                                          split=split, dependence="comonotone",
+                                          wilcoxon=_wilcoxon_of(results.get("checkpoint_stats"), metric,
+                                                                optimizer=opt, comparison=comp)))
     inj = results.get("injected")
     if inj is not None and len(inj) and "strength" in inj.columns:
         ok = inj[inj["error"].fillna("") == ""]
@@ -579,7 +597,9 @@ def headline_blocks(results: dict[str, pd.DataFrame], pos_fraction: float = 0.01
                     f"{sub['seed'].nunique()} seeds")
             blocks.append(benchmark_block(sub, "Injected faults", what, metric, "seeds", "corrected",
                                           extra=(f"R@{lab}",), split="the repair split (I_neg = the changed "
-                                                                     "predictions)"))
+                                                                     "predictions)",
+                                          wilcoxon=_wilcoxon_of(results.get("injected_stats"), metric,
+                                                                strength=sl)))
     return blocks
 
 

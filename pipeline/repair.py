@@ -705,14 +705,14 @@ MAIN_JOB_SETTINGS = ("src_tgt_r1", "tgt_fp_r1", "tgt_fn_r1", "all")
 def main_job_runs(runs: Mapping[str, Path], methods: Sequence[str], settings: Sequence[str],
                   budgets: Sequence[int | str], reps: int, de_opts: Mapping[str, Any], quick: bool, progress: bool,
                   shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
-    """The main job's repair runs of one shard: DE, then the LP optimiser (repairability), the prune and masked
-    fine-tuning baselines."""
+    """The main job's repair runs of one shard: DE, then the prune and masked fine-tuning baselines (the LP
+    optimiser runs in the cross-validated repair, where it measures repairability)."""
     rows = run_sweep(runs, methods, settings, budgets, reps, shard=shard, repair="de", repair_options=dict(de_opts),
                      logger=True, progress=progress)
-    for repair in ("lp", "prune", "finetune"):
-        opts = {"epochs": 3} if repair == "finetune" and quick else {"steps": 3} if repair == "lp" and quick else {}
+    for repair in ("prune", "finetune"):
+        opts = {"epochs": 3} if repair == "finetune" and quick else {}
         rows += run_sweep(runs, methods, settings, budgets[:1] if quick else budgets, 1, shard=shard, repair=repair,
-                          repair_options=opts, progress=progress, logger=repair == "lp")
+                          repair_options=opts, progress=progress)
     return rows
 
 
@@ -720,8 +720,7 @@ def main_job_sweep(store: RunStore | str, budgets: Sequence[int] = (33, 164, 328
                    quick: bool = False, progress: bool = False, workers: int | str | None = 1) -> dict[str, Any]:
     """The main job's small sweep on one run: Ours / ArachneW / random at the given budgets plus N_avg on the
     rank-1 setting of each kind and ``all``, DE with the published constants (quick: 5 generations of 20, one
-    setting, one budget, one repetition), then the LP optimiser, the prune and masked fine-tuning baselines on the same
-    weights, on
+    setting, one budget, one repetition), then the prune and masked fine-tuning baselines on the same weights, on
     ``workers`` processes (``pipeline/parallel.py``); aggregated into ``repair/summary``."""
     from pipeline.parallel import resolve_workers, run_sharded
 

@@ -320,7 +320,7 @@ def crossval(layout, budgets, quick: bool = False, workers: int | str = 1) -> di
     # repairability@N: the LP optimiser of the located weights' values on the same FL results (where, not what)
     rows += run_crossval(layout, ["ours", "arachne_w", "random"], settings, budget, 1, repair="lp",
                          repair_options={"steps": 3} if quick else {}, trainer_kwargs={"enable_progress_bar": False},
-                         workers=workers)
+                         workers=workers, logger=True)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"].split(":")[0]] = counts.get(r["status"].split(":")[0], 0) + 1

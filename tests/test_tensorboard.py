@@ -89,7 +89,9 @@ def test_fl_evaluation_scalars_and_no_new_event_file_on_rerun(tmp_path, make_cla
     events = _events(store.tensorboard / "fl_eval")
     assert len(events) == 1
     tags = _acc(events[0]).Tags()["scalars"]
-    assert {"fl_eval/injected/R@K/grad_loss", "fl_eval/injected/P@K/random"} <= set(tags), tags
-    assert len(_acc(events[0]).Scalars("fl_eval/injected/R@K/grad_loss")) >= 3  # one point per K
+    # one series per strength (the default 30 changed predictions, the published 0.1 %)
+    assert {"fl_eval/injected/strength=30/R@K/grad_loss", "fl_eval/injected/strength=published/P@K/random"} <= set(
+        tags), tags
+    assert len(_acc(events[0]).Scalars("fl_eval/injected/strength=30/R@K/grad_loss")) >= 3  # one point per K
     run_evaluation(store.root, **kw)
     assert _events(store.tensorboard / "fl_eval") == events
