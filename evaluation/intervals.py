@@ -1,5 +1,6 @@
-"""95 % intervals for the repair tables: Wilson score intervals for rates from pooled counts, and bootstrap
-intervals (``scipy.stats.bootstrap``) for means over runs.
+"""95 % intervals for the repair tables: Wilson score intervals for rates from pooled counts
+(``statsmodels.stats.proportion.proportion_confint(method="wilson")``), and bootstrap intervals
+(``scipy.stats.bootstrap``) for means over runs.
 
 Rates (RR = fixed / targets, BR = broken / correct-before) are pooled: the counts of every run of a table cell
 are summed, and the rate is ``k / n`` with the Wilson score interval
@@ -16,7 +17,6 @@ itself only if every run agrees, else None.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,12 +41,11 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
         raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
     if n == 0:
         return None
-    z = float(sps.norm.ppf(0.5 + confidence / 2))
-    z2 = z * z
-    centre = (k + z2 / 2) / (n + z2)
-    half = z / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4)
-    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact bounds at the ends (no float residue)
-    hi = 1.0 if k == n else min(1.0, centre + half)
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = proportion_confint(k, n, alpha=1 - confidence, method="wilson")
+    lo = 0.0 if k == 0 else max(0.0, float(lo))  # exact bounds at the ends (no float residue)
+    hi = 1.0 if k == n else min(1.0, float(hi))
     return lo, hi
 
 

@@ -1,18 +1,19 @@
-"""Statistics for comparing methods (docs/methods.md, section 7), on ``scipy.stats``.
+"""Statistics for comparing methods (docs/methods.md, section 7), on ``scipy.stats`` and ``statsmodels``.
 
 Paired comparisons (the same repetitions / ranks / inputs under two methods):
 
 * Wilcoxon signed-rank test, ``zero_method="wilcox"`` (zero differences are dropped), two-sided by default;
 * paired Cliff's delta  ``delta = (#{d_i > 0} - #{d_i < 0}) / n``  of the differences ``d = x - y``
   (``n`` counts every pair, zeros included);
-* Holm's step-down correction across the method pairs of one question (one table row group).
+* Holm's step-down correction across the method pairs of one question (one table row group;
+  ``statsmodels.stats.multitest.multipletests(method="holm")``).
 
 Unpaired comparisons:
 
 * Mann-Whitney U with the Vargha-Delaney effect size  ``A12 = U1 / (n1 n2)`` where ``U1`` is the U statistic of
   the first sample, ``U1 = W1 - n1 (n1 + 1) / 2`` with ``W1`` its rank sum (``W1 / (n1 n2)`` is *not* A12);
   ``A12 = P(X > Y) + P(X = Y) / 2``;
-* unpaired Cliff's delta ``(#{x_i > y_j} - #{x_i < y_j}) / (n1 n2) = 2 A12 - 1``.
+* unpaired Cliff's delta ``(#{x_i > y_j} - #{x_i < y_j}) / (n1 n2) = 2 A12 - 1`` (from scipy's U).
 
 Degenerate input (fewer than 2 pairs, every difference zero, an empty sample) gives ``NaN`` p-values and a
 ``note`` column saying why, never an exception; Holm ignores ``NaN`` p-values (they do not count towards m).
@@ -65,17 +66,15 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
     Sorted ascending ``p_(1) <= ... <= p_(m)``: ``adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``.
     ``NaN`` entries stay ``NaN`` and are not counted in ``m``.
     """
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(pvalues, dtype=float).reshape(-1)
     if ((p < 0) | (p > 1)).any():
         raise ValueError(f"p-values must lie in [0, 1], got {p[(p < 0) | (p > 1)]}")
     out = np.full_like(p, np.nan)
     ok = np.flatnonzero(~np.isnan(p))
-    m = len(ok)
-    if m == 0:
-        return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
-    out[order] = np.maximum.accumulate(scaled)
+    if len(ok):
+        out[ok] = multipletests(p[ok], method="holm")[1]
     return out
 
 
@@ -92,15 +91,15 @@ def cliffs_delta_paired(x, y) -> float:
 
 
 def cliffs_delta(x, y) -> float:
-    """Unpaired Cliff's delta ``(#{x_i > y_j} - #{x_i < y_j}) / (n1 n2)`` (= 2 A12 - 1); NaN if a sample is
-    empty. Counted with sorting, O((n1 + n2) log n2)."""
+    """Unpaired Cliff's delta ``(#{x_i > y_j} - #{x_i < y_j}) / (n1 n2) = 2 U1 / (n1 n2) - 1`` with U1 scipy's
+    Mann-Whitney U of x (ties count 1/2); NaN if a sample is empty."""
     x, y = _as_1d(x, "x"), _as_1d(y, "y")
     if len(x) == 0 or len(y) == 0:
         return float("nan")
-    ys = np.sort(y)
-    less = np.searchsorted(ys, x, side="left")          # #{y_j < x_i}
-    greater = len(ys) - np.searchsorted(ys, x, side="right")  # #{y_j > x_i}
-    return float((less.sum() - greater.sum()) / (len(x) * len(y)))
+    if np.all(np.concatenate([x, y]) == x[0]):
+        return 0.0
+    u1 = float(sps.mannwhitneyu(x, y, alternative="two-sided").statistic)
+    return 2 * u1 / (len(x) * len(y)) - 1
 
 
 def cliffs_magnitude(delta: float) -> str:
