@@ -10,6 +10,18 @@ is drawn and saved through this module.
   Every registered FL method has its own entry in :data:`METHOD_COLORS`; ``random`` is always grey; a method not in
   the table gets the first colour of :data:`PALETTE` not used by the table or by the other methods of the same
   call, so no two methods of one figure share a colour.
+* **Colour + marker + line style**: :func:`method_styles` adds to the colour a marker per method family (the name
+  without a variant suffix: ``bl`` for ``bl_reptran``) and a line style, marker fill and bar hatch per variant
+  (:data:`VARIANTS`: ``_reptran`` dashed / hollow / ``////``, ``_fl5`` dotted / ``....``, ``_2s`` dash-dot /
+  hollow / ``xxxx``), so a family shares a hue and its published variants differ in more than a lighter shade.
+  The same method gets the same combination in every figure.
+* **Layout**: figures use matplotlib's constrained layout (``layout="constrained"``: the default of
+  :func:`facet_grid`, asked of :func:`figure` by every figure of :mod:`evaluation.figures`), which keeps the
+  suptitle, panel titles, tick labels and legends apart (:func:`suptitle` wraps a long title to the figure's
+  width). Legends go outside the data area: one figure legend under the panels (:func:`legend_outside`, which
+  grows the figure so the panels keep their size and is never taller than them) or one legend above a panel
+  (:func:`legend_above`). Every panel of a :func:`facet_grid` shows its own x tick labels, even where the panels
+  share the x axis. Budgets are ordered numerically, ``avg`` / ``front`` last (:func:`sort_budgets`).
 * Importing this module applies :data:`RC` globally (:func:`apply`), so a figure drawn with it and saved by
   code that does not go through :func:`save` still gets TrueType fonts.
 * **No empty figure**: :func:`nothing_to_plot` makes a figure that says why there is nothing to plot and marks it;
@@ -29,7 +41,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["RC", "COLUMN_WIDTH", "DOUBLE_WIDTH", "PALETTE", "METHOD_COLORS", "RANDOM_COLOR", "apply", "rc",
            "method_color", "method_colors", "figure", "facet_grid", "nothing_to_plot", "is_nothing_to_plot",
-           "save", "NOTHING_SUFFIX"]
+           "save", "NOTHING_SUFFIX", "MethodStyle", "method_style", "method_styles", "method_family", "VARIANTS",
+           "FAMILY_MARKERS", "legend_outside", "legend_above", "suptitle", "legend_below", "colors_for", "budget_key",
+           "sort_budgets"]
 
 COLUMN_WIDTH = 3.4   #: inches, one column of a two-column paper
 DOUBLE_WIDTH = 7.0   #: inches, the full text width
@@ -105,16 +119,22 @@ def method_color(method: str) -> str:
     return method_colors([method])[method]
 
 
-def figure(width: float = COLUMN_WIDTH, height: float | None = None, nrows: int = 1, ncols: int = 1, **kw):
-    """``plt.subplots`` in the house style; height default: 0.75 x width per row."""
+def figure(width: float = COLUMN_WIDTH, height: float | None = None, nrows: int = 1, ncols: int = 1,
+           layout: str | None = None, **kw):
+    """``plt.subplots`` in the house style; height default: 0.75 x width per row. ``layout="constrained"`` (what
+    :mod:`evaluation.figures` uses, and what :func:`legend_outside` needs) keeps titles, labels and legends apart;
+    the default (None) leaves the layout to the caller (e.g. ``fig.tight_layout()``, which a constrained figure with
+    a colorbar refuses)."""
     with rc():
-        return plt.subplots(nrows, ncols, figsize=(width, height or 0.75 * width * nrows), squeeze=False, **kw)
+        return plt.subplots(nrows, ncols, figsize=(width, height or 0.75 * width * nrows), squeeze=False,
+                            layout=layout, **kw)
 
 
 def facet_grid(n: int, ncols: int | None = None, panel_width: float = 1.7, panel_height: float = 1.45,
-               sharex: bool = True, sharey: bool = True):
+               sharex: bool = True, sharey: bool = True, layout: str | None = "constrained"):
     """A grid of ``n`` small panels (at most :data:`DOUBLE_WIDTH` wide), unused cells switched off. Returns
-    (fig, list of n axes)."""
+    (fig, list of n axes). Every panel keeps its own x tick labels (sharing the x axis only shares the limits),
+    so a panel of a middle row can be read on its own."""
     if n < 1:
         raise ValueError(f"facet_grid needs at least one panel, got n={n}")
     ncols = ncols or max(1, min(n, int(DOUBLE_WIDTH // panel_width)))
@@ -122,8 +142,10 @@ def facet_grid(n: int, ncols: int | None = None, panel_width: float = 1.7, panel
     with rc():
         fig, axes = plt.subplots(nrows, ncols, figsize=(min(DOUBLE_WIDTH, panel_width * ncols + 0.4),
                                                         panel_height * nrows + 0.5),
-                                 squeeze=False, sharex=sharex, sharey=sharey)
+                                 squeeze=False, sharex=sharex, sharey=sharey, layout=layout)
     flat = list(axes.flat)
+    for ax in flat[:n]:
+        ax.tick_params(axis="x", which="both", labelbottom=True)
     for ax in flat[n:]:
         ax.axis("off")
     return fig, flat[:n]
@@ -176,11 +198,227 @@ def save(fig, paths: Sequence[str | Path], writer=None, close: bool = True, **kw
             plt.close(fig)
 
 
+def _legend_columns(labels: Sequence[str], width_in: float, fontsize: float) -> int:
+    """How many legend columns of ``labels`` fit ``width_in`` inches (an estimate: 0.6 em per character plus the
+    handle); at least 1, at most one row."""
+    longest = max((len(str(t)) for t in labels), default=1)
+    entry = (0.6 * fontsize * longest + 3.2 * fontsize) / 72.0  # label + handle + spacing, inches
+    return max(1, min(len(labels), int(width_in // max(entry, 1e-6))))
+
+
+def _row_major(handles: list, labels: list, ncol: int) -> tuple[list, list]:
+    """``handles`` / ``labels`` reordered so that matplotlib, which fills a legend's columns top to bottom, shows
+    them in reading order (left to right, then the next row); empty cells stay at the end of the last row."""
+    n = len(handles)
+    if ncol <= 1 or n <= ncol:
+        return handles, labels
+    nrows = math.ceil(n / ncol)
+    order = []
+    for c in range(ncol):
+        for r in range(nrows):
+            i = r * ncol + c
+            if i < n:
+                order.append(i)
+    return [handles[i] for i in order], [labels[i] for i in order]
+
+
+def legend_outside(fig, handles, labels, where: str = "lower", ncol: int | None = None, title: str | None = None,
+                   grow: bool = True, fontsize: float | None = None):
+    """One legend for the whole figure outside the panels (``where``: "lower" = under them, "right" = beside
+    them), in as many columns as fit the figure's width. Needs the constrained layout (the default of
+    :func:`facet_grid`; ``style.figure(..., layout="constrained")``). With ``grow`` the figure is made taller
+    (lower) or wider (right) by the legend's size, so the panels keep theirs; a "lower" legend taller than the
+    panels first widens a narrow figure to :data:`DOUBLE_WIDTH` (more columns), then makes the panels taller, so
+    it is never larger than the plot.
+    Returns the legend (None without handles)."""
+    if not handles:
+        return None
+    if where not in ("lower", "right"):
+        raise ValueError(f"where must be 'lower' or 'right', got {where!r}")
+    fontsize = fontsize or float(RC["legend.fontsize"])
+    loc = "outside lower center" if where == "lower" else "outside right upper"
+
+    def make(width):
+        n = ncol or (_legend_columns(labels, width - 0.2, fontsize) if where == "lower" else 1)
+        h_, l_ = _row_major(list(handles), list(labels), n)
+        with rc():
+            leg = fig.legend(h_, l_, loc=loc, ncol=n, title=title, fontsize=fontsize,
+                             title_fontsize=fontsize, frameon=False, borderaxespad=0.2, columnspacing=1.0,
+                             handlelength=2.2)
+        # the legend's own size (no layout needed), inches
+        bb = leg.get_window_extent(fig.canvas.get_renderer())
+        return leg, bb.width / fig.dpi, bb.height / fig.dpi
+
+    w, h = fig.get_size_inches()
+    leg, lw, lh = make(w)
+    if not grow:
+        return leg
+    if where == "right":
+        fig.set_size_inches(min(w + lw + 0.05, max(w, DOUBLE_WIDTH)), h)
+        return leg
+    panels = [ax.get_position() for ax in fig.axes if ax.get_visible() and ax.axison]
+    plot_h = ((max(p.y1 for p in panels) - min(p.y0 for p in panels)) * h) if panels else h
+    if lh > 0.9 * plot_h and w < DOUBLE_WIDTH and ncol is None:  # more columns on a wider figure
+        leg.remove()
+        w = DOUBLE_WIDTH
+        fig.set_size_inches(w, h)
+        leg, lw, lh = make(w)
+    extra = max(0.0, lh - 0.9 * plot_h)  # still taller than the panels: make them taller
+    fig.set_size_inches(w, h + lh + 0.05 + extra)
+    return leg
+
+
+def legend_above(ax, handles=None, labels=None, ncol: int | None = None, fontsize: float = 6, **kw):
+    """The legend of one panel above its data area (where a panel title would be), so it covers no data; the
+    constrained layout makes room for it. Returns the legend (None when the panel has nothing labelled)."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    if ncol is None:
+        width = ax.get_position().width * ax.figure.get_size_inches()[0]
+        ncol = min(2, _legend_columns(labels, width, fontsize))
+    with rc():
+        return ax.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=ncol,
+                         fontsize=fontsize, frameon=False, borderaxespad=0.2, columnspacing=1.0,
+                         handlelength=2.2, **kw)
+
+
+def suptitle(fig, text: str, **kw):
+    """``fig.suptitle(text)`` wrapped to the figure's width (so a long title never runs past the figure's edge);
+    the constrained layout keeps it clear of the panels' titles."""
+    import textwrap
+
+    size = float(kw.pop("fontsize", RC["figure.titlesize"]))
+    per_line = max(20, int(fig.get_size_inches()[0] * 72 / (0.55 * size)))
+    with rc():
+        lines = textwrap.wrap(str(text), per_line, break_on_hyphens=False) if text else []
+        return fig.suptitle("\n".join(lines), fontsize=size, **kw)
+
+
 def legend_below(fig, handles, labels, ncol: int | None = None) -> None:
-    """One legend for the whole figure, under the panels."""
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=ncol or min(4, len(labels)),
-                   bbox_to_anchor=(0.5, -0.02), frameon=False)
+    """One legend for the whole figure, under the panels (:func:`legend_outside`)."""
+    legend_outside(fig, handles, labels, where="lower", ncol=ncol)
+
+
+# ------------------------------------------------------------------------------------------ method styles
+#: (suffix, line style, hollow marker, bar hatch) of the published variants of a method; the family (the name
+#: without the suffix) keeps its hue and marker
+VARIANTS: tuple[tuple[str, object, bool, str], ...] = (
+    ("_reptran", (0, (4.0, 1.6)), True, "////"),
+    ("_fl5", (0, (1.0, 1.3)), False, "...."),
+    ("_2s", (0, (5.0, 1.5, 1.0, 1.5)), True, "xxxx"),
+)
+
+#: marker of each registered method family (methods without a suffix that share a hue get different markers)
+FAMILY_MARKERS: dict[str, str] = {
+    "ours": "o", "arachne_w": "s", "bl": "^", "grad_loss": "v", "forward_impact": "D", "ig": "P",
+    "gradient_only": "X", "vdiff": "*", "mean_act": "h", "vdiff_x_mean_act": "p", "magnitude": "<",
+    "dstar": ">", "ochiai": "d", "tarantula": "H", "random": "o", "random_neuron": "8",
+    "de": "o", "finetune": "s", "prune": "^", "reinit": "D",
+}
+
+#: markers for families not in :data:`FAMILY_MARKERS` (picked by a hash of the name: the same in every figure)
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "p", "<", ">", "d", "H", "8")
+
+
+def method_family(method: str) -> tuple[str, str]:
+    """(family, variant suffix) of a method name: ``bl_reptran`` -> (``bl``, ``_reptran``); ``ours`` ->
+    (``ours``, ``""``)."""
+    m = str(method)
+    for suffix, *_ in VARIANTS:
+        if m.endswith(suffix) and len(m) > len(suffix):
+            return m[: -len(suffix)], suffix
+    return m, ""
+
+
+class MethodStyle:
+    """The look of one method: ``color``, ``marker``, ``linestyle``, ``hollow`` (marker face white) and bar
+    ``hatch``; :meth:`line`, :meth:`point` and :meth:`bar` give the keyword arguments of ``ax.plot`` /
+    ``ax.errorbar`` / ``ax.bar``."""
+
+    __slots__ = ("method", "color", "marker", "linestyle", "hollow", "hatch")
+
+    def __init__(self, method: str, color: str, marker: str, linestyle, hollow: bool, hatch: str):
+        self.method, self.color, self.marker = method, color, marker
+        self.linestyle, self.hollow, self.hatch = linestyle, hollow, hatch
+
+    def key(self) -> tuple:
+        return (self.color, self.marker, str(self.linestyle), self.hollow)
+
+    def line(self, **kw) -> dict:
+        out = {"color": self.color, "marker": self.marker, "linestyle": self.linestyle,
+               "markerfacecolor": "white" if self.hollow else self.color, "markeredgecolor": self.color}
+        out.update(kw)
+        return out
+
+    def point(self, **kw) -> dict:
+        out = {"color": self.color, "marker": self.marker, "linestyle": "none",
+               "markerfacecolor": "white" if self.hollow else self.color, "markeredgecolor": self.color}
+        out.update(kw)
+        return out
+
+    def bar(self, **kw) -> dict:
+        out = {"facecolor": self.color, "hatch": self.hatch or None,
+               "edgecolor": "#333333" if self.hatch else self.color, "linewidth": 0.3}
+        out.update(kw)
+        return out
+
+    def handle(self, kind: str = "line", label: str | None = None):
+        """A legend handle of this style (``kind``: "line", "point" or "bar")."""
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+
+        label = self.method if label is None else label
+        if kind == "bar":
+            return Patch(label=label, **self.bar())
+        return Line2D([], [], label=label, **(self.line() if kind == "line" else self.point()))
+
+    def __repr__(self) -> str:
+        return (f"MethodStyle({self.method!r}, color={self.color!r}, marker={self.marker!r}, "
+                f"linestyle={self.linestyle!r}, hollow={self.hollow}, hatch={self.hatch!r})")
+
+
+def method_styles(methods: Iterable[str]) -> dict[str, MethodStyle]:
+    """Method -> :class:`MethodStyle` for the methods of one figure: the colour of :func:`method_colors` (unique in
+    the figure), the marker of the method's family (:data:`FAMILY_MARKERS`, else one picked by a hash of the
+    family name) and the line style / marker fill / hatch of its variant (:data:`VARIANTS`; solid, filled, no
+    hatch for the family's base method). Stable: a method looks the same in every figure."""
+    import zlib
+
+    methods = list(dict.fromkeys(str(m) for m in methods))
+    colors = method_colors(methods)
+    out = {}
+    for m in methods:
+        fam, suffix = method_family(m)
+        marker = FAMILY_MARKERS.get(fam) or _MARKERS[zlib.crc32(fam.encode()) % len(_MARKERS)]
+        ls, hollow, hatch = "-", False, ""
+        for sfx, v_ls, v_hollow, v_hatch in VARIANTS:
+            if sfx == suffix:
+                ls, hollow, hatch = v_ls, v_hollow, v_hatch
+        out[m] = MethodStyle(m, colors[m], marker, ls, hollow, hatch)
+    return out
+
+
+def method_style(method: str) -> MethodStyle:
+    """The :class:`MethodStyle` of one method."""
+    return method_styles([method])[str(method)]
+
+
+def budget_key(b) -> tuple:
+    """Sort key of a budget: numbers in numeric order first (66 before 328), then the rest (``avg``, ``front``) in
+    text order."""
+    s = str(b).strip()
+    try:
+        v = float(s)
+    except ValueError:
+        return (1, math.inf, s)
+    return (0, v, "") if math.isfinite(v) else (1, math.inf, s)
+
+
+def sort_budgets(budgets: Iterable) -> list:
+    """The distinct budgets in :func:`budget_key` order."""
+    return sorted(dict.fromkeys(budgets), key=budget_key)
 
 
 def colors_for(names: Iterable[str], fixed: Mapping[str, str] | None = None) -> dict[str, str]:

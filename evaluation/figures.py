@@ -3,8 +3,13 @@ fonts, single-column sizes, one fixed colour per method). Each function returns 
 to draw it returns :func:`core.style.nothing_to_plot` (never an empty figure). :func:`save_figure` writes
 PNG and PDF atomically and closes the figure; a nothing-to-plot figure becomes a ``.nothing_to_plot.txt`` note.
 
-Many methods are faceted (one small panel per method, or per group of at most :data:`PER_PANEL` methods) instead of
-24 lines or 48 boxes in one panel.
+Many methods are faceted (one small panel per method, or per group of at most :data:`PER_PANEL` methods, a method
+family kept in one panel where it fits) instead of 24 lines or 48 boxes in one panel. Each method has one colour +
+marker + line style (:func:`core.style.method_styles`: a family shares a hue and a marker, its variants differ in
+line style, marker fill and bar hatch). Legends never cover data: one figure legend under the panels
+(:func:`core.style.legend_outside`) or one legend above a panel (:func:`core.style.legend_above`), with the
+constrained layout keeping titles, tick labels and legends apart; every panel shows its own x tick labels; budgets
+are in numeric order, ``avg`` / ``front`` last (:func:`core.style.sort_budgets`).
 """
 from __future__ import annotations
 
@@ -56,6 +61,45 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
 
 
+def _family_chunks(items: list, size: int) -> list[list]:
+    """``items`` in panels of at most ``size``, in order, a method family (``bl``, ``bl_reptran``, ``bl_fl5``) kept
+    in one panel where it fits (a family larger than ``size`` is split)."""
+    fams: dict[str, list] = {}
+    for m in items:
+        fams.setdefault(style.method_family(m)[0], []).append(m)
+    out: list[list] = []
+    for members in fams.values():
+        for part in _chunks(members, size):
+            if out and len(out[-1]) + len(part) <= size:
+                out[-1].extend(part)
+            else:
+                out.append(list(part))
+    return out or [[]]
+
+
+def _panel_titles(labels: list[str]) -> dict[str, tuple[str, str]]:
+    """label -> (FL method, panel title); the budget is left out of the titles when every panel has the same one
+    (the suptitle states it)."""
+    parsed = {m: _method_of(m) for m in labels}
+    budgets = {t.rsplit("(n=", 1)[-1] for _, t in parsed.values() if "(n=" in t}
+    if len(budgets) <= 1:
+        return {m: (b, b) for m, (b, _) in parsed.items()}
+    return parsed
+
+
+def _last_in_column(i: int, n: int, ncols: int) -> bool:
+    """Whether panel ``i`` of ``n`` (row-major, ``ncols`` columns) has no panel under it."""
+    return i + ncols >= n
+
+
+def _ncols(axes) -> int:
+    return axes[0].get_subplotspec().get_gridspec().ncols if axes else 1
+
+
+#: hatch of each intervention mode's bars (the first mode plain)
+_MODE_HATCH = ("", "//", "\\\\", "xx", "++")
+
+
 # ------------------------------------------------------------------------------------------------ interventions
 def intervention_distributions(records: pd.DataFrame, title: str = "", group: str = "I_neg",
                                kind: str = "box", value: str = "abs_delta_p"):
@@ -70,11 +114,12 @@ def intervention_distributions(records: pd.DataFrame, title: str = "", group: st
     if not methods or sub[value].notna().sum() == 0:
         return style.nothing_to_plot(f"no |Δp| values for {group}" + (f" ({title})" if title else ""))
     modes = list(dict.fromkeys(sub["mode"]))
-    base = {m: _method_of(m) for m in methods}
+    base = _panel_titles(methods)
     by_method = style.method_colors(dict.fromkeys(b for b, _ in base.values()))
     colors = {m: by_method[base[m][0]] for m in methods}
     fig, axes = style.facet_grid(len(methods), panel_width=max(1.4, 0.55 * len(modes) + 0.6))
-    for ax, m in zip(axes, methods):
+    ncols = _ncols(axes)
+    for i, (ax, m) in enumerate(zip(axes, methods)):
         data, cols, pos = [], [], []
         for j, mode in enumerate(modes):
             own = sub[(sub["mode"] == mode) & (sub["method"] == m)][value].dropna().to_numpy()
@@ -105,19 +150,27 @@ def intervention_distributions(records: pd.DataFrame, title: str = "", group: st
                     body.set_facecolor(c)
                     body.set_alpha(0.8)
         ax.set_xticks(range(len(modes)), modes)
+        ax.set_xlim(-0.6, len(modes) - 0.4)
         ax.set_title(base[m][1])
+        if _last_in_column(i, len(axes), ncols):
+            ax.set_xlabel("mode")
     for ax in (a for a in axes if a.get_subplotspec().is_first_col()):
         ax.set_ylabel(f"|Δp| ({group})" if value == "abs_delta_p" else value)
-    fig.suptitle(f"{title}: per method (colour) vs random at the same count (hatched)" if title else
-                 "per method (colour) vs random at the same count (hatched)")
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    style.legend_outside(fig, [Patch(facecolor="#9e9e9e", edgecolor="#9e9e9e"),
+                               Patch(facecolor=_BASELINE, edgecolor="k", hatch="////", linewidth=0.5)],
+                         ["FL method (the panel's; its colour)", "random at the same count (all draws pooled)"])
+    what = f"|Δp| on {group} per FL method vs random at the same count"
+    style.suptitle(fig, f"{title}: {what}" if title else what)
     return fig
 
 
 def flip_counts(summary: pd.DataFrame, title: str = "", groups: Sequence[str] = ("I_neg", "I_pos", "rest")):
-    """One small panel per FL method: prediction flips per input group and mode, the method (solid) beside random
-    (mean over draws, faded). ``summary``: :func:`evaluation.interventions.summarize_interventions`. Nothing to
-    plot when no method and no random draw flipped any prediction."""
+    """One small panel per FL method: prediction flips per input group and mode, the method (its colour) beside
+    random at the same count (mean over draws, grey, dotted); the mode is the hatch. ``summary``:
+    :func:`evaluation.interventions.summarize_interventions`. Nothing to plot when no method and no random draw
+    flipped any prediction."""
     if not len(summary):
         return style.nothing_to_plot(f"no intervention summary{' (' + title + ')' if title else ''}")
     groups = [g for g in groups if g in set(summary["group"])]
@@ -126,29 +179,39 @@ def flip_counts(summary: pd.DataFrame, title: str = "", groups: Sequence[str] = 
         return style.nothing_to_plot("no prediction flipped under any intervention"
                                      + (f" ({title})" if title else ""))
     modes = list(dict.fromkeys(summary["mode"]))
-    base = {m: _method_of(m) for m in methods}
+    base = _panel_titles(methods)
     by_method = style.method_colors(dict.fromkeys(b for b, _ in base.values()))
     colors = {m: by_method[base[m][0]] for m in methods}
-    fig, axes = style.facet_grid(len(methods), panel_width=max(1.4, 0.45 * len(groups) * len(modes) + 0.6))
+    hatch = {mode: _MODE_HATCH[j % len(_MODE_HATCH)] for j, mode in enumerate(modes)}
+    fig, axes = style.facet_grid(len(methods), panel_width=max(1.4, 0.3 * len(groups) * len(modes) + 0.5))
+    ncols = _ncols(axes)
     bw = 0.8 / (2 * len(modes))
-    for ax, m in zip(axes, methods):
+    for i, (ax, m) in enumerate(zip(axes, methods)):
         for j, mode in enumerate(modes):
             s = summary[summary["mode"] == mode]
             own = [float(s[(s["method"] == m) & (s["group"] == g)]["flips"].sum()) for g in groups]
             rnd = [float(s[(s["baseline_of"] == m) & (s["group"] == g)]["flips"].sum()) for g in groups]
             x = np.arange(len(groups)) + (2 * j - len(modes)) * bw + bw / 2
-            ax.bar(x, own, bw, color=colors[m], hatch="" if j == 0 else "//", edgecolor="k", linewidth=0.3,
-                   label=f"{mode}")
-            ax.bar(x + bw, rnd, bw, color=_BASELINE, hatch="...." if j == 0 else "//..",
-                   edgecolor="k", linewidth=0.3)
+            ax.bar(x, own, bw, color=colors[m], hatch=hatch[mode] or None, edgecolor="k", linewidth=0.3)
+            ax.bar(x + bw, rnd, bw, color=_BASELINE, hatch=hatch[mode] + "....", edgecolor="k", linewidth=0.3)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_title(base[m][1])
-    axes[0].set_ylabel("flips")
+        if _last_in_column(i, len(axes), ncols):
+            ax.set_xlabel("input group")
+    for ax in (a for a in axes if a.get_subplotspec().is_first_col()):
+        ax.set_ylabel("flips")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor="#9e9e9e", edgecolor="k", linewidth=0.3),
+               Patch(facecolor=_BASELINE, edgecolor="k", hatch="....", linewidth=0.3)]
+    labels = ["FL method (the panel's; its colour)", "random at the same count (mean over draws; dotted)"]
     if len(modes) > 1:
-        axes[0].legend(title="mode (hatch)", loc="upper left")
-    fig.suptitle(f"{title}: prediction flips, method (colour) vs random (dotted)" if title else
-                 "prediction flips, method (colour) vs random (dotted)")
-    fig.tight_layout()
+        handles += [Patch(facecolor="white", edgecolor="k", hatch=hatch[mode] or None, linewidth=0.5)
+                    for mode in modes]
+        labels += [f"mode {mode}" + (" (plain)" if not hatch[mode] else f" (hatch {hatch[mode]})") for mode in modes]
+    style.legend_outside(fig, handles, labels)
+    what = "prediction flips per input group, FL method vs random at the same count"
+    style.suptitle(fig, f"{title}: {what}" if title else what)
     return fig
 
 
@@ -156,8 +219,9 @@ def flip_counts(summary: pd.DataFrame, title: str = "", groups: Sequence[str] = 
 def ranking_curves(df: pd.DataFrame, fractions: Sequence[float], metric: str = "P", title: str = "",
                    group_col: str = "method", band: str = "iqr"):
     """``metric``@K against K (log x), one line per method: the mean over its rows (settings or seeds) with a band
-    over them (``band``: "range" = min-max, "iqr" = 25-75 %, "none"), random's exact expectation dashed; at most
-    :data:`PER_PANEL` methods per panel (panels share both axes). ``df``: rows of
+    over them (``band``: "range" = min-max, "iqr" = 25-75 %, "none"), random's exact expectation dashed black; at
+    most :data:`PER_PANEL` methods per panel (a method family kept together where it fits; panels share both
+    axes; each panel has its legend above it). ``df``: rows of
     :func:`evaluation.ranking_metrics.evaluate_ranking`."""
     if band not in ("range", "iqr", "none"):
         raise ValueError(f"band must be 'range', 'iqr' or 'none', got {band!r}")
@@ -168,32 +232,34 @@ def ranking_curves(df: pd.DataFrame, fractions: Sequence[float], metric: str = "
     if not have or not len(d):
         return style.nothing_to_plot(f"no {metric}@K values" + (f" ({title})" if title else ""))
     methods = list(dict.fromkeys(d[group_col].astype(str)))
-    colors = style.method_colors(methods)
-    groups = _chunks(methods, PER_PANEL)
+    styles = style.method_styles(methods)
+    groups = _family_chunks(methods, PER_PANEL)
     xs = np.array([100 * f for f in fractions])
     fig, axes = style.facet_grid(len(groups), ncols=min(2, len(groups)),
                                  panel_width=style.COLUMN_WIDTH if len(groups) > 1 else style.COLUMN_WIDTH + 1.0,
-                                 panel_height=2.3)
+                                 panel_height=2.6)
+    ncols = _ncols(axes)
     rand = [d[c].mean() for c in rcols] if all(c in d.columns for c in rcols) else None
-    for ax, ms in zip(axes, groups):
+    for i, (ax, ms) in enumerate(zip(axes, groups)):
         for m in ms:
             sub = d[d[group_col].astype(str) == m][cols].to_numpy(dtype=float)
             mean = sub.mean(axis=0)
-            ax.plot(xs, mean, color=colors[m], marker="o", markersize=2.5, label=f"{m} (n={len(sub)})")
+            ax.plot(xs, mean, label=f"{m} (n={len(sub)})", **styles[m].line(markersize=3))
             if band != "none" and len(sub) > 1:
                 lo, hi = (sub.min(0), sub.max(0)) if band == "range" else np.percentile(sub, [25, 75], axis=0)
-                ax.fill_between(xs, lo, hi, color=colors[m], alpha=0.15, linewidth=0)
+                ax.fill_between(xs, lo, hi, color=styles[m].color, alpha=0.15, linewidth=0)
         if rand is not None:
-            ax.plot(xs, rand, "k--", linewidth=0.9, label="random (exact E)")
+            ax.plot(xs, rand, color="k", ls="--", linewidth=0.9, label="random (exact E)")
         ax.set_xscale("log")
         ax.set_xticks(xs, [fraction_label(f) for f in fractions])
         ax.minorticks_off()
-        ax.set_xlabel("K (% of the weights)")
-        ax.set_ylabel(f"{metric}@K")
-        ax.legend(loc="best", fontsize=6)
+        if _last_in_column(i, len(axes), ncols):
+            ax.set_xlabel("K (% of the weights)")
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(f"{metric}@K")
+        style.legend_above(ax)
     what = {"range": "band: min-max over rows", "iqr": "band: IQR over rows", "none": ""}[band]
-    fig.suptitle(f"{title} ({what})" if title and what else title or what)
-    fig.tight_layout()
+    style.suptitle(fig, f"{title} ({what})" if title and what else title or what)
     return fig
 
 
@@ -206,18 +272,49 @@ def _err(mid, lo, hi):
 _REPAIR_METRICS = (("rr", "RR (test fold)"), ("br", "BR (test fold)"), ("delta_acc", "Δ acc (test fold)"))
 
 
+def _runs_per_bar(table: pd.DataFrame) -> str:
+    """"8 runs per bar" (or "6-8 runs per bar") from the summary table's ``n_runs``; "" without the column."""
+    if "n_runs" not in table.columns or not table["n_runs"].notna().any():
+        return ""
+    n = table["n_runs"].dropna().astype(int)
+    lo, hi = int(n.min()), int(n.max())
+    return f"{lo} runs per bar" if lo == hi else f"{lo}-{hi} runs per bar"
+
+
+def _log_axis(axis, span: float) -> None:
+    """A log scale labelled with plain numbers (0.02, 0.1, 0.5) at 1, 2 and 5 x each decade where it spans at most
+    three decades, at the decades only beyond: no crowded 2x10^-2 / 3x10^-2 minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.axes.set_xscale("log") if axis is axis.axes.xaxis else axis.axes.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_locator(LogLocator(base=10))
+    axis.set_major_formatter(plain)
+    axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    axis.set_minor_formatter(plain if span <= 1e3 else NullFormatter())
+    # labelled minor ticks as long as the major ones, so every label sits on one line
+    axis.axes.tick_params(axis="x" if axis is axis.axes.xaxis else "y", which="minor",
+                          length=matplotlib.rcParams["xtick.major.size"])
+
+
+def _bar_handles(methods, styles):
+    return [styles[m].handle("bar") for m in methods], list(methods)
+
+
 def repair_bars(table: pd.DataFrame, title: str = "", methods: Sequence[str] | None = None,
                 budgets: Sequence[str] | None = None):
     """Pooled RR and BR (Wilson 95 % intervals, inside [0, 1]) and mean delta accuracy (bootstrap 95 %) per
     budget and FL method, from :func:`pipeline.repair.summary_table` rows of one (dataset, repair). A cell with no
-    denominator (RR without targets) has no bar and is marked "n/a"."""
+    denominator (RR without targets) has no bar and is marked "n/a". The title adds how many runs each bar pools
+    (the table's ``n_runs``: the settings x repetitions of one FL method and budget) to the caller's ``title``."""
     if not len(table):
         return style.nothing_to_plot(f"no repair results{' (' + title + ')' if title else ''}")
     methods = list(methods or dict.fromkeys(table["fl_method"]))
-    budgets = list(budgets or dict.fromkeys(table["budget"]))
-    colors = style.method_colors(methods)
-    fig, axes = style.figure(style.DOUBLE_WIDTH, 2.2, ncols=3)
+    budgets = list(budgets or style.sort_budgets(table["budget"]))
+    styles = style.method_styles(methods)
+    fig, axes = style.figure(style.DOUBLE_WIDTH, 2.2, ncols=3, layout="constrained")
     width = 0.8 / max(1, len(methods))
+    shown = table[table["fl_method"].isin(methods) & table["budget"].isin(budgets)]
     for ax, (metric, name) in zip(axes[0], _REPAIR_METRICS):
         mid_col, lo_col, hi_col = ((f"{metric}_pooled", f"{metric}_lo", f"{metric}_hi") if metric != "delta_acc"
                                    else ("delta_acc_mean", "delta_acc_lo", "delta_acc_hi"))
@@ -227,8 +324,8 @@ def repair_bars(table: pd.DataFrame, title: str = "", methods: Sequence[str] | N
             lo = np.array([sub[lo_col].get(b, np.nan) for b in budgets], dtype=float)
             hi = np.array([sub[hi_col].get(b, np.nan) for b in budgets], dtype=float)
             x = np.arange(len(budgets)) + (i - (len(methods) - 1) / 2) * width
-            ax.bar(x, np.nan_to_num(mid), width, color=colors[m], label=m, yerr=_err(mid, lo, hi),
-                   error_kw={"elinewidth": 0.7, "capsize": 1.5})
+            ax.bar(x, np.nan_to_num(mid), width, label=m, yerr=_err(mid, lo, hi),
+                   error_kw={"elinewidth": 0.7, "capsize": 1.5 if len(methods) <= 8 else 0}, **styles[m].bar())
             for xi, v in zip(x, mid):
                 if np.isnan(v):
                     ax.text(xi, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=5)
@@ -238,10 +335,11 @@ def repair_bars(table: pd.DataFrame, title: str = "", methods: Sequence[str] | N
         if metric != "delta_acc":
             ax.set_ylim(0, 1)
         ax.axhline(0, color="k", lw=0.5)
-    axes[0, 0].legend(loc="upper left")
-    fig.suptitle(f"{title}: pooled rates with Wilson 95 % CI; Δ acc mean with bootstrap 95 % CI" if title else
-                 "pooled rates with Wilson 95 % CI; Δ acc mean with bootstrap 95 % CI")
-    fig.tight_layout()
+    style.legend_outside(fig, *_bar_handles(methods, styles))
+    per_bar = _runs_per_bar(shown)
+    what = "pooled rates with Wilson 95 % CI; Δ acc mean with bootstrap 95 % CI"
+    head = f"{title} ({per_bar})" if title and per_bar else title or per_bar
+    style.suptitle(fig, f"{head}: {what}" if head else what)
     return fig
 
 
@@ -252,27 +350,27 @@ def in_sample_vs_held_out(table: pd.DataFrame, title: str = ""):
     if not len(t):
         return style.nothing_to_plot("no cell has both an in-sample and a held-out RR")
     methods = list(dict.fromkeys(t["fl_method"]))
-    colors = style.method_colors(methods)
-    markers = dict(zip(dict.fromkeys(t["budget"]), "osD^v<>PX*"))
-    fig, ax = style.figure(style.COLUMN_WIDTH, style.COLUMN_WIDTH)
+    styles = style.method_styles(methods)
+    markers = dict(zip(style.sort_budgets(t["budget"]), "osD^v<>PX*"))
+    fig, ax = style.figure(style.COLUMN_WIDTH, style.COLUMN_WIDTH, layout="constrained")
     ax = ax[0, 0]
     ax.plot([0, 1], [0, 1], color="k", lw=0.5, ls=":")
     for r in t.itertuples(index=False):
+        st = styles[r.fl_method]
         ax.errorbar(r.rr_repair_pooled, r.rr_pooled,
                     xerr=_err([r.rr_repair_pooled], [r.rr_repair_lo], [r.rr_repair_hi]),
-                    yerr=_err([r.rr_pooled], [r.rr_lo], [r.rr_hi]), fmt=markers.get(r.budget, "o"),
-                    color=colors[r.fl_method], elinewidth=0.6, markersize=3.5)
+                    yerr=_err([r.rr_pooled], [r.rr_lo], [r.rr_hi]), elinewidth=0.6, markersize=3.5,
+                    **st.point(marker=markers.get(r.budget, "o")))
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in methods]
-    handles += [Line2D([], [], color="k", marker=mk, ls="", label=f"n={b}") for b, mk in markers.items()]
-    ax.legend(handles=handles, loc="upper left", fontsize=6)
+    handles = [Line2D([], [], **styles[m].point(marker="o")) for m in methods]
+    handles += [Line2D([], [], color="k", marker=mk, ls="") for mk in markers.values()]
+    style.legend_outside(fig, handles, methods + [f"n={b}" for b in markers])
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("RR, repair split (in-sample)")
     ax.set_ylabel("RR, test fold (held out)")
-    ax.set_title(title or "in-sample vs held-out RR")
-    fig.tight_layout()
+    style.suptitle(fig, title or "in-sample vs held-out RR")
     return fig
 
 
@@ -283,10 +381,10 @@ def rates_by_kind(table: pd.DataFrame, title: str = ""):
         return style.nothing_to_plot("no per-kind repair table")
     kinds = list(dict.fromkeys(table["kind"]))
     methods = list(dict.fromkeys(table["fl_method"]))
-    budgets = list(dict.fromkeys(table["budget"]))
-    colors = style.method_colors(methods)
+    budgets = style.sort_budgets(table["budget"])
+    styles = style.method_styles(methods)
     fig, axes = style.figure(min(style.DOUBLE_WIDTH, 1.9 * len(kinds) + 0.5), 3.6, nrows=2, ncols=len(kinds),
-                             sharey="row")
+                             sharey="row", layout="constrained")
     width = 0.8 / max(1, len(methods))
     for j, kind in enumerate(kinds):
         for i_row, metric in enumerate(("rr", "br")):
@@ -297,8 +395,8 @@ def rates_by_kind(table: pd.DataFrame, title: str = ""):
                 lo = np.array([sub[f"{metric}_lo"].get(b, np.nan) for b in budgets], dtype=float)
                 hi = np.array([sub[f"{metric}_hi"].get(b, np.nan) for b in budgets], dtype=float)
                 x = np.arange(len(budgets)) + (i - (len(methods) - 1) / 2) * width
-                ax.bar(x, np.nan_to_num(mid), width, color=colors[m], label=m, yerr=_err(mid, lo, hi),
-                       error_kw={"elinewidth": 0.6, "capsize": 1})
+                ax.bar(x, np.nan_to_num(mid), width, label=m, yerr=_err(mid, lo, hi),
+                       error_kw={"elinewidth": 0.6, "capsize": 1 if len(methods) <= 8 else 0}, **styles[m].bar())
                 for xi, v in zip(x, mid):
                     if np.isnan(v):
                         ax.text(xi, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=5)
@@ -310,9 +408,8 @@ def rates_by_kind(table: pd.DataFrame, title: str = ""):
                 ax.set_xlabel("budget")
             if j == 0:
                 ax.set_ylabel(f"{metric.upper()} (test fold)")
-    axes[0, 0].legend(loc="upper left", fontsize=6)
-    fig.suptitle(title or "RR / BR per setting kind (pooled, Wilson 95 % CI)")
-    fig.tight_layout()
+    style.legend_outside(fig, *_bar_handles(methods, styles))
+    style.suptitle(fig, title or "RR / BR per setting kind (pooled, Wilson 95 % CI)")
     return fig
 
 
@@ -320,64 +417,81 @@ def cost_vs_quality(df: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, 
                     label_col: str = "method", y_lo: str | None = None, y_hi: str | None = None,
                     logx: bool = True, marker_col: str | None = None):
     """A scatter of cost (``x``, e.g. FL or repair seconds) against quality (``y``, e.g. P@1% or RR), one point per
-    row, coloured by ``label_col`` (a method), optional y intervals and marker per ``marker_col`` (e.g. budget)."""
+    row, in the style of its ``label_col`` (a method: colour, marker, fill), optional y intervals; with
+    ``marker_col`` (e.g. budget) the marker shows that column instead (its values in numeric order, ``avg`` /
+    ``front`` last). The legend is under the plot."""
     d = df.dropna(subset=[x, y]) if len(df) else df
     d = d[d[x] > 0] if logx and len(d) else d
     if not len(d):
         return style.nothing_to_plot(f"no rows with both {x} and {y}")
     methods = list(dict.fromkeys(d[label_col].astype(str)))
-    colors = style.method_colors(methods)
-    mk = dict(zip(dict.fromkeys(d[marker_col]), "osD^v<>PX*")) if marker_col else {}
-    fig, ax = style.figure(style.COLUMN_WIDTH + 0.9, style.COLUMN_WIDTH * 0.8)
+    styles = style.method_styles(methods)
+    mk = dict(zip(style.sort_budgets(d[marker_col]), "osD^v<>PX*")) if marker_col else {}
+    fig, ax = style.figure(style.COLUMN_WIDTH + 0.9, style.COLUMN_WIDTH * 0.8, layout="constrained")
     ax = ax[0, 0]
     for r in d.itertuples(index=False):
         r = r._asdict()
         yerr = _err([r[y]], [r[y_lo]], [r[y_hi]]) if y_lo and y_hi else None
-        ax.errorbar(r[x], r[y], yerr=yerr, fmt=mk.get(r[marker_col], "o") if marker_col else "o",
-                    color=colors[str(r[label_col])], elinewidth=0.6, markersize=3.5)
+        st = styles[str(r[label_col])]
+        kw = st.point(marker=mk.get(r[marker_col], "o")) if marker_col else st.point()
+        ax.errorbar(r[x], r[y], yerr=yerr, elinewidth=0.6, markersize=4, **kw)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in methods]
-    handles += [Line2D([], [], color="k", marker=v, ls="", label=f"{marker_col}={k}") for k, v in mk.items()]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6)
+    handles = [Line2D([], [], **(styles[m].point(marker="o") if marker_col else styles[m].point())) for m in methods]
+    labels = list(methods)
+    handles += [Line2D([], [], color="k", marker=v, ls="") for v in mk.values()]
+    labels += [f"{marker_col}={k}" for k in mk]
     if logx and d[x].max() / d[x].min() > 20:  # log only where the costs span decades
-        ax.set_xscale("log")
+        _log_axis(ax.xaxis, d[x].max() / d[x].min())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    fig.tight_layout()
+    style.legend_outside(fig, handles, labels)
+    style.suptitle(fig, title)
     return fig
 
 
 def fitness_curves(curves: pd.DataFrame, title: str = ""):
-    """DE fitness over generations aggregated across runs: per FL method (colour) the median over runs of the best
-    and of the mean population fitness (dashed), each relative to the run's unpatched fitness (1 = no better
-    than the original weights), with the 25-75 % band of the best. ``curves``: columns fl_method, run, step,
-    best, mean (relative values); one panel per budget."""
+    """DE fitness over generations aggregated across runs: per FL method (its colour, marker and line style) the
+    median over runs of the best (thick, with the 25-75 % band) and of the mean population fitness (thin), each
+    relative to the run's unpatched fitness (1 = no better than the original weights). ``curves``: columns
+    fl_method, run, step, best, mean (relative values); one panel per budget (numeric order, then avg / front),
+    its title saying how many runs each curve pools; one legend under the panels."""
     if not len(curves):
         return style.nothing_to_plot("no per-generation fitness values (TensorBoard logging was off)")
-    budgets = (sorted(dict.fromkeys(curves["budget"]), key=lambda b: (0, int(b)) if str(b).isdigit() else (1, str(b)))
-               if "budget" in curves.columns else [None])  # numeric budgets in order, then avg / front
+    budgets = style.sort_budgets(curves["budget"]) if "budget" in curves.columns else [None]
     methods = list(dict.fromkeys(curves["fl_method"]))
-    colors = style.method_colors(methods)
-    fig, axes = style.facet_grid(len(budgets), ncols=min(3, len(budgets)), panel_width=2.3, panel_height=1.9,
-                                 sharey=False)
-    for ax, b in zip(axes, budgets):
+    styles = style.method_styles(methods)
+    fig, axes = style.facet_grid(len(budgets), ncols=2 if len(budgets) == 4 else min(3, len(budgets)),
+                                 panel_width=2.3, panel_height=1.9, sharey=False)
+    ncols = _ncols(axes)
+    for i, (ax, b) in enumerate(zip(axes, budgets)):
         cb = curves if b is None else curves[curves["budget"] == b]
+        runs = []
         for m in methods:
             cm = cb[cb["fl_method"] == m]
             if not len(cm):
                 continue
             best = cm.pivot_table(index="step", columns="run", values="best").sort_index().ffill()
             mean = cm.pivot_table(index="step", columns="run", values="mean").sort_index().ffill()
+            runs.append(best.shape[1])
             q = best.quantile([0.25, 0.5, 0.75], axis=1).T
-            ax.plot(best.index, q[0.5], color=colors[m], label=f"{m} (runs={best.shape[1]})")
-            ax.fill_between(best.index, q[0.25], q[0.75], color=colors[m], alpha=0.18, linewidth=0)
-            ax.plot(mean.index, mean.median(axis=1), color=colors[m], ls="--", lw=0.8)
-        ax.set_title(f"budget {b}" if b is not None else "")
-        ax.set_xlabel("generation")
-        ax.set_ylabel("fitness / unpatched fitness")
-        ax.legend(fontsize=6, loc="lower right")
-    fig.suptitle(title or "DE fitness: median best (solid, IQR band) and mean (dashed) over runs")
-    fig.tight_layout()
+            ax.plot(best.index, q[0.5], **styles[m].line(lw=1.4, markersize=3,
+                                                         markevery=max(1, len(best.index) // 6)))
+            ax.fill_between(best.index, q[0.25], q[0.75], color=styles[m].color, alpha=0.15, linewidth=0)
+            ax.plot(mean.index, mean.median(axis=1), color=styles[m].color, ls=styles[m].linestyle, lw=0.7,
+                    alpha=0.8)
+        n_runs = "" if not runs else (f"{runs[0]} runs per curve" if min(runs) == max(runs)
+                                      else f"{min(runs)}-{max(runs)} runs per curve")
+        ax.set_title(", ".join(t for t in (f"budget {b}" if b is not None else "", n_runs) if t))
+        if _last_in_column(i, len(axes), ncols):
+            ax.set_xlabel("generation")
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("fitness / unpatched")
+    from matplotlib.lines import Line2D
+
+    handles = [styles[m].handle("line") for m in methods]
+    handles += [Line2D([], [], color="k", lw=1.4), Line2D([], [], color="k", lw=0.7, alpha=0.8)]
+    style.legend_outside(fig, handles, methods + ["median best (band: IQR over runs)",
+                                                  "median population mean"])
+    style.suptitle(fig, title or "DE fitness: median best (thick, IQR band) and mean (thin) over runs")
     return fig
