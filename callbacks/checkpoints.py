@@ -10,11 +10,16 @@
   weights as an uninterrupted run.
 
 Every checkpoint file is written atomically (a temporary file in the same folder, then ``os.replace``): a kill
-during a save leaves the previous file intact, never a truncated one. The run directory is the Trainer's
-``default_root_dir`` unless ``dirpath`` is given.
+during a save leaves the previous file intact, never a truncated one. Its sha256 is recorded in a sidecar
+``<name>.ckpt.sha256`` (``sha256sum`` format; :func:`core.io.write_sidecar`): the old sidecar is removed just before
+the rename and the new one written after it, so a file never stands beside another file's hash (a kill in between
+leaves it unverified, as a checkpoint of an older run). torch does not check its zip CRC, so this hash is what
+catches flipped bytes: :mod:`lightning_modules.runs` verifies it before loading. The run directory is the
+Trainer's ``default_root_dir`` unless ``dirpath`` is given.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from core.io import sha256_file, sidecar_path, write_sidecar
 from core.runstore import RunStore
 
 #: the full-state checkpoint's file name (``RunStore(root).checkpoints / LAST_CHECKPOINT``)
@@ -40,7 +46,11 @@ def atomic_save_checkpoint(trainer: L.Trainer, filepath: str | Path, weights_onl
     tmp = filepath.with_name(f".{filepath.name}.tmp")
     trainer.save_checkpoint(str(tmp), weights_only=weights_only)
     if trainer.is_global_zero:
+        digest = sha256_file(tmp)  # hashed once, here; verified by its readers
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sidecar_path(filepath))
         os.replace(tmp, filepath)
+        write_sidecar(filepath, digest)
     trainer.strategy.barrier("atomic_checkpoint_renamed")
 
 

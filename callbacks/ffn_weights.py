@@ -1,15 +1,16 @@
 """Writes each epoch's last-FFN weights alone (safetensors, a few MB for ViT-B) so the checkpoint benchmark
 never reloads whole checkpoints: ``<run>/ffn_weights/epoch=NNN.safetensors`` with tensors ``W_bef [4d, d]``,
 ``b_bef [4d]``, ``W_aft [d, 4d]``, ``b_aft [d]`` (and ``ls_gamma [d]`` when the block has LayerScale); NNN counts
-completed epochs, 000 = the start of training (as :class:`callbacks.checkpoints.PerEpochCheckpoint`)."""
+completed epochs, 000 = the start of training (as :class:`callbacks.checkpoints.PerEpochCheckpoint`). Each file
+records its content hash (``core.io``), which :func:`load_ffn_weights` verifies, and holds finite values only."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
 import torch
-from safetensors.torch import load_file
 
+from core.io import CorruptFileError, FileFormatError, ResultError, load_tensors
 from core.runstore import RunStore
 from localization.cache import atomic_save_safetensors
 from localization.ffn import FFNHead, last_ffn_head, model_fingerprint
@@ -25,10 +26,24 @@ def ffn_state(head: FFNHead) -> dict[str, torch.Tensor]:
 
 
 def load_ffn_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a last-FFN weight file, its content hash verified (:class:`~core.io.CorruptFileError`) and
+    every value finite (:class:`~core.io.ResultError` naming the file and tensor otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no last-FFN weights at {path}: train with callbacks.ffn_weights.LastFFNWeightsWriter")
-    return load_file(str(path))
+    advice = ("restore it from a backup, or retrain the run (the training callback writes it with each epoch's "
+              "checkpoint)")
+    try:
+        tensors, _ = load_tensors(path, advice=advice)
+    except CorruptFileError:
+        raise
+    except FileFormatError as e:
+        raise ResultError(f"{e}; {advice}") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ResultError(f"last-FFN weight file {path}: tensor {name!r} holds NaN or inf values (a weight file "
+                              f"written by training never does); {advice}")
+    return tensors
 
 
 class LastFFNWeightsWriter(L.Callback):

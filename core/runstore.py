@@ -19,6 +19,19 @@ Two kinds of artifacts:
   naming it). An FL score vector (large for ViT-B) is stored once per identity as safetensors and shared by the
   per-budget selections that name it.
 
+**Names are data, never paths.** Every value that fills a ``{field}`` of a :data:`LAYOUT` template (setting, FL
+method, label, budget, key, split, ...) must match :data:`NAME_PATTERN` (letters, digits and ``_ - . = +``, not
+starting with ``.``, no ``..``, no separator; a ``{name}`` field may be a relative path of such names), and every
+path the store builds or resolves from a stored value (:meth:`RunStore.path`, :meth:`RunStore.abs`, fold runs and
+their parent pointer) must resolve inside the run root: anything else is :class:`UnsafeNameError` /
+:class:`UnsafePathError` (both :class:`ResultError`), raised before anything is read or written.
+
+**Content checksums** (:mod:`core.io`): every JSON object the store writes carries its content hash, every tensor
+file the hash in its metadata, every text file a ``<name>.sha256`` sidecar; readers verify them and a mismatch is
+:class:`~core.io.CorruptFileError` (a :class:`ResultError`) naming the file. **Logs** (``fl/timing.csv``) are
+append-only: :meth:`RunStore.append_row` appends one whole line under a lock and never fails a step;
+:meth:`RunStore.read_log` skips and reports damaged lines.
+
 ``docs/run_store.md`` is generated from :data:`LAYOUT` (:func:`layout_markdown`).
 """
 from __future__ import annotations
@@ -27,26 +40,32 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
+import string
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from core.io import (FileFormatError, append_csv_row, atomic_save_tensors, atomic_savefig, atomic_write_json,
-                     atomic_write_text, is_rank_zero, load_tensors, read_json, sha256_file, to_jsonable)
+from core.io import (CorruptFileError, FileFormatError, ResultError, append_csv_row, atomic_save_tensors,
+                     atomic_savefig, atomic_write_json, atomic_write_text, is_rank_zero, load_tensors, read_csv_log,
+                     read_json, sha256_file, to_jsonable, verify_file)
 
-__all__ = ["RunStore", "LAYOUT", "identity_key", "layout_markdown", "ResultError", "RESULT_KINDS"]
+__all__ = ["RunStore", "LAYOUT", "identity_key", "layout_markdown", "ResultError", "CorruptFileError",
+           "UnsafeNameError", "UnsafePathError", "NAME_PATTERN", "check_name", "RESULT_KINDS"]
 
 #: every artifact of a run: name -> (path template relative to the run root, what it holds)
 LAYOUT: dict[str, tuple[str, str]] = {
     "checkpoint": ("checkpoints/epoch={epoch:03d}.ckpt", "per-epoch weights-only Lightning checkpoint (epoch 0 = the "
-                   "start: untrained or pretrained)"),
+                   "start: untrained or pretrained), its sha256 beside it in `epoch={epoch:03d}.ckpt.sha256`"),
     "last_checkpoint": ("checkpoints/last.ckpt", "full checkpoint of the last finished epoch (optimizer, scheduler, "
-                        "loops): `fit --ckpt_path last` resumes from it"),
+                        "loops; sha256 in `last.ckpt.sha256`): `fit --ckpt_path last` resumes from it"),
     "ffn_weights": ("ffn_weights/epoch={epoch:03d}.safetensors", "that epoch's last-FFN weights alone (W_bef, b_bef, "
                     "W_aft, b_aft)"),
     "test_metrics": ("test/epoch={epoch:03d}.json", "the held-out test fold's accuracy of that epoch's model "
                      "(the main job's test step; TensorBoard: tb/test, hp_metric)"),
-    "run_config": ("run_config.yaml", "the fit config (data + model + trainer) every later step rebuilds from"),
+    "run_config": ("run_config.yaml", "the fit config (data + model + trainer) every later step rebuilds from; "
+                   "its paths relative to the run root, outside inputs as `external_inputs` (name: content hash)"),
     "folds": ("folds.json", "the repair / test k-fold indices of the evaluation split"),
     "states": ("states/{split}{tag}.safetensors", "CLS state cache of a split (x, a, logits, label, index) of one "
                "checkpoint; `tag` = `.epoch=NNN` for a checkpoint other than the last"),
@@ -58,7 +77,8 @@ LAYOUT: dict[str, tuple[str, str]] = {
                   "one budget, its identity and provenance"),
     "n_avg": ("fl/n_avg-{key}.json", "N_avg = mean size of BL's Pareto front over the N_avg settings, resolved once "
               "per (run, FL inputs)"),
-    "fl_timing": ("fl/timing.csv", "one row per FL run: method, setting, inputs, wall time, peak memory"),
+    "fl_timing": ("fl/timing.csv", "one row per FL run: method, setting, inputs, wall time, peak memory "
+                  "(append-only: one line per row, written under a lock)"),
     "not_applicable": ("not_applicable.json", "cases that cannot run (e.g. a V-score method on |I_neg| = 1), "
                        "recorded once so reruns do not retry them"),
     "fl_eval": ("fl_eval/{name}", "FL evaluation: interventions, checkpoint and injected-fault benchmarks, "
@@ -79,9 +99,48 @@ LAYOUT: dict[str, tuple[str, str]] = {
 
 RESULT_KINDS = ("fl_result", "repair_result", "n_avg")
 
+#: the one pattern of a name that becomes part of a path in a run: letters, digits and ``_ - . = +``, not starting
+#: with ``.`` (no hidden files, no ``.``/``..``), no ``..`` anywhere, no separator, 1 to 200 characters
+NAME_PATTERN = re.compile(r"(?!\.)(?!.*\.\.)[A-Za-z0-9_.=+-]{1,200}")
+#: LAYOUT fields that may be a relative path of names (``fl_eval/{name}``: ``stats/x.md``)
+_SUBPATH_FIELDS = ("name",)
 
-class ResultError(RuntimeError):
-    """A result file exists but is unusable (unreadable, a folder, or made from other inputs)."""
+
+class UnsafeNameError(ResultError, ValueError):
+    """A name read from a file or given by a caller is not a valid name (it could address a path)."""
+
+
+class UnsafePathError(ResultError, ValueError):
+    """A path the store would build or resolve lies outside the run root."""
+
+
+def check_name(value: Any, what: str = "name", source: str | Path | None = None) -> str:
+    """``value`` as a name that may become part of a path (:data:`NAME_PATTERN`); anything else is
+    :class:`UnsafeNameError` naming ``source`` (the file it was read from) and the value."""
+    text = value if isinstance(value, str) else (str(value) if isinstance(value, int) else None)
+    if text is None or not NAME_PATTERN.fullmatch(text):
+        where = f"{source}: " if source is not None else ""
+        raise UnsafeNameError(
+            f"{where}{what} {value!r} is not a valid name: a name from a file is data, never a path (expected letters, "
+            "digits and _ - . = + only, not starting with '.', no '..', no '/', 1-200 characters); refusing to use "
+            "it" + (f". Fix or regenerate {source}" if source is not None else ""))
+    return text
+
+
+def _check_field(kind: str, field: str, value: Any) -> None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return
+    what = f"{kind} {{{field}}}"
+    if field == "tag":  # states/{split}{tag}: "" or ".epoch=NNN"
+        if value != "" and not (isinstance(value, str) and value.startswith(".")
+                                and NAME_PATTERN.fullmatch(value[1:])):
+            raise UnsafeNameError(f"{what} {value!r} is not '' or '.<name>'; refusing to use it")
+        return
+    if field in _SUBPATH_FIELDS and isinstance(value, str):
+        for part in value.split("/"):
+            check_name(part, what)
+        return
+    check_name(value, what)
 
 
 def identity_key(identity: Mapping[str, Any]) -> str:
@@ -113,9 +172,26 @@ class RunStore:
 
     # --------------------------------------------------------------------------------------------- naming
     def path(self, kind: str, **fields: Any) -> Path:
+        """The path of an artifact: ``LAYOUT[kind]`` filled with ``fields``, each checked as a name
+        (:func:`check_name`; :class:`UnsafeNameError`), the result checked to lie inside the run root."""
         if kind not in LAYOUT:
             raise KeyError(f"unknown artifact kind {kind!r}; known: {sorted(LAYOUT)}")
-        return self.root / LAYOUT[kind][0].format(**fields)
+        template = LAYOUT[kind][0]
+        for _, field, _, _ in string.Formatter().parse(template):
+            if field and field in fields:
+                _check_field(kind, field, fields[field])
+        return self.inside(self.root / template.format(**fields), kind)
+
+    def inside(self, path: str | Path, what: str = "path") -> Path:
+        """``path`` itself if it resolves (symbolic links followed) inside the run root, else
+        :class:`UnsafePathError`: the one check every path the store builds or resolves goes through."""
+        path = Path(path)
+        root = self.root.resolve()
+        real = (path if path.is_absolute() else Path.cwd() / path).resolve()
+        if real != root and root not in real.parents:
+            raise UnsafePathError(f"{what} {path} resolves to {real}, outside the run directory {root}; refusing to "
+                                  "read or write it (a name or path stored in a file of the run must stay inside it)")
+        return path
 
     def rel(self, path: str | Path) -> str:
         """``path`` relative to the run root (for what artifacts store)."""
@@ -126,9 +202,10 @@ class RunStore:
             return p.as_posix()
 
     def abs(self, rel: str | Path) -> Path:
-        """A path an artifact stored (relative to the run root) as a path here."""
+        """A path an artifact stored (relative to the run root) as a path here; one that resolves outside the run
+        is :class:`UnsafePathError`."""
         p = Path(rel)
-        return p if p.is_absolute() else self.root / p
+        return self.inside(p if p.is_absolute() else self.root / p, "a stored path")
 
     # fixed artifacts
     @property
@@ -229,7 +306,7 @@ class RunStore:
         """Fold run ``k`` of the cross-validated repair (created, with its parent pointer, on first use)."""
         fs = RunStore(self.path("fold", k=int(k)))
         if not fs.path("parent").is_file() and self.writes():
-            atomic_write_json(fs.path("parent"), {"parent": os.path.relpath(self.root, fs.root)})
+            atomic_write_json(fs.path("parent"), {"parent": os.path.relpath(self.root, fs.root)}, checksum=True)
         return fs
 
     def fold_indices(self) -> list[int]:
@@ -243,9 +320,20 @@ class RunStore:
     def model_store(self) -> "RunStore":
         """Where this run's model lives: the parent run for a fold run, else the run itself."""
         p = self.path("parent")
-        if p.is_file():
-            return RunStore((self.root / read_json(p)["parent"]).resolve())
-        return self
+        if not p.is_file():
+            return self
+        try:
+            rel = read_json(p).get("parent")
+        except CorruptFileError:
+            raise
+        except (FileFormatError, AttributeError) as e:
+            raise ResultError(f"{p} is not a parent pointer ({e}): delete the fold run and rerun the cross-validated "
+                              "repair") from None
+        expected = self.root.resolve().parent.parent  # <run>/cv/fold=k
+        if not isinstance(rel, str) or (self.root / rel).resolve() != expected:
+            raise UnsafePathError(f"{p}: the parent pointer {rel!r} does not name the run this fold run lies in "
+                                  f"({expected}); refusing to read a model from elsewhere")
+        return RunStore(expected)
 
     # --------------------------------------------------------------------------------------------- input hashes
     def file_hash(self, path: str | Path) -> str:
@@ -263,38 +351,81 @@ class RunStore:
         return is_rank_zero()
 
     def write_json(self, path: Path, obj: Any) -> Path:
+        """A JSON artifact, atomically, with its content hash inside (verified by every ``read_json``)."""
         if self.writes():
-            atomic_write_json(path, obj)
+            atomic_write_json(self.inside(path), obj, checksum=True)
         return path
 
     def write_text(self, path: Path, text: str) -> Path:
+        """A text artifact (CSV, Markdown, YAML), atomically, with a ``.sha256`` sidecar (:meth:`verify`)."""
         if self.writes():
-            atomic_write_text(path, text)
+            atomic_write_text(self.inside(path), text, sidecar=True)
         return path
 
     def save_figure(self, fig, path: Path, **kw) -> Path:
+        """A figure, atomically (figures are outputs for people; nothing reads them back, no checksum)."""
         if self.writes():
-            atomic_savefig(fig, path, **kw)
+            atomic_savefig(fig, self.inside(path), **kw)
         return path
 
     def write_tensors(self, path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
                       ) -> Path:
-        """Tensors as safetensors (no pickle), atomically."""
+        """Tensors as safetensors (no pickle), atomically, with their content hash in the metadata."""
         if self.writes():
-            atomic_save_tensors(path, tensors, metadata)
+            atomic_save_tensors(self.inside(path), tensors, metadata)
         return path
 
     @staticmethod
     def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-        """(tensors, metadata) of a safetensors artifact; an unreadable file is a :class:`ResultError` naming it."""
+        """(tensors, metadata) of a safetensors artifact, its content hash verified; an unreadable file is a
+        :class:`ResultError` naming it, a corrupt one :class:`CorruptFileError`."""
         try:
             return load_tensors(path)
+        except CorruptFileError:
+            raise
         except FileFormatError as e:
             raise ResultError(f"{e}; delete it and rerun") from None
 
+    def verify(self, path: Path) -> bool:
+        """Check a text artifact against its ``.sha256`` sidecar: True if it matches, False if it has none (written
+        before checksums, or its writer was killed before recording it: unverified); :class:`CorruptFileError`
+        naming the file when it differs."""
+        return verify_file(self.inside(path))
+
+    def read_text(self, path: Path) -> str:
+        """A text artifact's content, verified against its sidecar (:meth:`verify`)."""
+        self.verify(path)
+        return Path(path).read_text()
+
     def append_row(self, path: Path, row: Mapping[str, Any]) -> None:
-        if self.writes():
-            append_csv_row(path, row)
+        """Append one row to a CSV log (:func:`core.io.append_csv_row`: one whole line under a lock; a damaged log
+        is set aside with a warning). Never raises: a lost timing row must not fail the step that made it."""
+        if not self.writes():
+            return
+        try:
+            append_csv_row(self.inside(path), row)
+        except (OSError, ValueError) as e:
+            warnings.warn(f"could not append a row to the log {path} ({type(e).__name__}: {e}); that row is lost, "
+                          "nothing else is affected", RuntimeWarning, stacklevel=2)
+
+    def read_log(self, path: Path):
+        """``(DataFrame, problems)`` of a CSV log: the good rows (types as ``pandas.read_csv`` infers them) and one
+        line per line left out (cut, unreadable, another number of fields), each naming the file and line. A
+        missing log is an empty frame."""
+        import csv
+        import io
+
+        import pandas as pd
+
+        header, rows, problems = read_csv_log(self.inside(path))
+        if not header:
+            return pd.DataFrame(), problems
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+        buf.seek(0)
+        return pd.read_csv(buf), problems
 
     # --------------------------------------------------------------------------------------------- results
     def _result_path(self, kind: str, identity: Mapping[str, Any], **fields: Any) -> tuple[Path, str]:
@@ -310,6 +441,8 @@ class RunStore:
             raise ResultError(f"{path} is a directory, but a result file belongs there: remove it")
         try:
             rec = read_json(path)
+        except CorruptFileError:
+            raise
         except FileFormatError as e:
             raise ResultError(str(e)) from None
         if not isinstance(rec, dict) or "identity" not in rec:
@@ -342,12 +475,18 @@ class RunStore:
         if not path.exists():
             return None
         try:
-            tensors, md = load_tensors(path)
+            tensors, md = load_tensors(path, advice="delete it and rerun the FL step (it recomputes the scores)")
+        except CorruptFileError:
+            raise
         except FileFormatError as e:
             raise ResultError(f"{e}; delete it and rerun the FL step") from None
-        if json.loads(md.get("identity", "null")) != to_jsonable(identity) or "scores" not in tensors:
+        try:
+            stored, meta = json.loads(md.get("identity", "null")), json.loads(md.get("meta", "{}"))
+        except ValueError:
+            raise ResultError(f"{path} has unreadable metadata: delete it and rerun the FL step") from None
+        if stored != to_jsonable(identity) or "scores" not in tensors:
             raise ResultError(f"{path} holds scores of another identity: delete it and rerun")
-        return tensors["scores"], json.loads(md.get("meta", "{}"))
+        return tensors["scores"], meta
 
     def fl_result_path(self, identity: Mapping[str, Any]) -> Path:
         return self._result_path("fl_result", identity, setting=identity["scores"]["setting"],
@@ -403,6 +542,8 @@ class RunStore:
             return {}
         try:
             return dict(read_json(p))
+        except CorruptFileError:
+            raise
         except FileFormatError:
             return {}
 
@@ -417,7 +558,7 @@ class RunStore:
     def claim(self, key: str) -> Iterator[bool]:
         """Claim a task for this process: yields True if claimed (and releases it after), False if another live
         worker holds it. A lock left by a dead process (same host) is taken over."""
-        path = self.path("lock", key=key)
+        path = self.path("lock", key=check_name(key, "lock key"))
         path.parent.mkdir(parents=True, exist_ok=True)
         me = f"{socket.gethostname()}:{os.getpid()}"
         for _ in range(2):
@@ -465,7 +606,18 @@ def layout_markdown() -> str:
              "identity (everything that changes them: methods and all their options, setting, budget, repetition,",
              "seed, and the hashes of their inputs); `{key}` is the identity's hash, so results with different",
              "identities sit side by side and a rerun with the same identity is skipped. Paths stored inside",
-             "artifacts are relative to the run root: a run directory can be moved or archived.", "",
+             "artifacts (and `run_config.yaml`) are relative to the run root: a run directory can be moved or",
+             "archived.", "",
+             "Every `{field}` below is a name: letters, digits and `_ - . = +`, not starting with `.`, no `..`, no",
+             "`/` (a `{name}` may be a relative path of such names); a name read from a file (e.g. a setting of",
+             "`misclf_info.json`) that is not is refused, and no path the store builds or resolves may lie outside",
+             "the run root.", "",
+             "Content checksums: a JSON artifact holds its content hash under `content_sha256`, a safetensors",
+             "artifact in its metadata, a text artifact (CSV, Markdown) and a checkpoint in a `<name>.sha256`",
+             "sidecar (`sha256sum -c` checks it). Readers verify them; a mismatch is an error naming the file",
+             "(delete and recompute it; a checkpoint: restore it or retrain). A file without a checksum (older",
+             "runs) is read unverified. Logs (`fl/timing.csv`) are append-only: one line per row under a lock; a",
+             "damaged log is set aside as `<name>.damaged-<timestamp>` and a new one started.", "",
              "| artifact | path | what it holds |", "|:---|:---|:---|"]
     for kind, (template, what) in LAYOUT.items():
         lines.append(f"| `{kind}` | `{template}` | {what} |")

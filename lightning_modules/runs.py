@@ -9,12 +9,23 @@ toolkit's own data modules (checked as text before anything is imported, :func:`
 checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain Python types only; a checkpoint that
 holds anything else is refused with :class:`UnsafeCheckpointError`). A checkpoint whose architecture differs from
 the run's config is :class:`ArchitectureMismatchError`, naming the differing settings and tensor shapes.
+
+Integrity: torch does not check a checkpoint's zip CRC, so flipped bytes would load silently. Every checkpoint the
+training callbacks write has its sha256 in ``<name>.ckpt.sha256`` (:mod:`callbacks.checkpoints`), verified here
+before the file is unpickled (once per process and file version); a mismatch is :class:`CorruptCheckpointError`
+("restore it from a backup or retrain"). A checkpoint without a recorded hash (an older run) still loads, with one
+:class:`UnverifiedCheckpointWarning` per file and process; nothing is recorded for it, so a corrupt file is never
+adopted.
+
+Paths in ``run_config.yaml`` are relative to the run root (:mod:`lightning_modules.cli`); :func:`run_path` resolves
+one against the run root, so a moved run reads only its own files.
 """
 from __future__ import annotations
 
 import importlib
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +35,7 @@ import yaml
 
 from callbacks.state_cache import StateCacheWriter
 from lightning_modules.classifier import ImageClassifier
+from core.io import CorruptFileError, verify_file
 from core.runstore import RunStore
 
 
@@ -41,6 +53,67 @@ class UnsafeCheckpointError(RunError):
 
 class ArchitectureMismatchError(RunError):
     """A checkpoint is of another architecture than the run's config (or than the data's images / classes)."""
+
+
+class CorruptCheckpointError(RunError):
+    """A checkpoint's content differs from the sha256 recorded when it was written."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint has no recorded content hash (an older run): it loads, but cannot be checked for corruption."""
+
+
+_warned_unverified: set[str] = set()
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """Check a checkpoint against the sha256 recorded when it was written (``<name>.ckpt.sha256``): True if it
+    matches; False, with one :class:`UnverifiedCheckpointWarning` per file and process, if none was recorded;
+    :class:`CorruptCheckpointError` naming the file if it differs."""
+    path = Path(path)
+    advice = ("restore it from a backup or retrain; do not regenerate the run's caches or settings from it, they "
+              "would describe a damaged model")
+    try:
+        ok = verify_file(path, advice=advice)
+    except CorruptFileError as e:
+        raise CorruptCheckpointError(f"checkpoint {e}") from None
+    if not ok and str(path) not in _warned_unverified:
+        _warned_unverified.add(str(path))
+        warnings.warn(f"checkpoint {path} has no recorded content hash ({path.name}.sha256; written before hashes "
+                      "were recorded, or its writer was killed before recording it): it is loaded unverified",
+                      UnverifiedCheckpointWarning, stacklevel=2)
+    return ok
+
+
+def _check_integrity(path: Path) -> None:
+    """:func:`verify_checkpoint`; a file that fails it and holds a pickled payload is named as unsafe (the more
+    specific error; the probe is ``torch.load(weights_only=True)``, which never runs code)."""
+    try:
+        verify_checkpoint(path)
+    except CorruptCheckpointError:
+        try:
+            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise _unsafe_checkpoint(path, e) from None
+        except Exception:  # noqa: BLE001 - unreadable as well: the corruption error says it
+            pass
+        raise
+
+
+def run_path(layout: RunStore, value: Any) -> Path | None:
+    """A path stored in ``run_config.yaml`` as a path here: relative ones against the run root (a moved run reads
+    its own files), ``toolkit:<path>`` against the toolkit's folder, an old absolute one as it is; ``None`` for no
+    value or an ``external:<name>`` input (recorded by name and hash only)."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    if text.startswith("external:"):
+        return None
+    if text.startswith("toolkit:"):
+        return Path(__file__).resolve().parents[1] / text[len("toolkit:"):]
+    p = Path(text)
+    return p if p.is_absolute() else layout.root / p
 
 
 #: globals our Lightning checkpoints need beyond ``torch.load(weights_only=True)``'s default allow-list. Empty: the
@@ -173,6 +246,7 @@ def safe_torch_load(path: str | Path, map_location: str = "cpu", mmap: bool = Fa
     path = Path(path)
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}")
+    _check_integrity(path)
     try:
         with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -189,6 +263,7 @@ def load_classifier(path: str | Path, map_location: str = "cpu") -> ImageClassif
     path = Path(path)
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}")
+    _check_integrity(path)
     try:
         with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
             model = ImageClassifier.load_from_checkpoint(str(path), map_location=map_location, weights_only=True)

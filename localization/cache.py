@@ -13,6 +13,9 @@ model that produced it), ``split``, ``backbone``, ``d``, ``d_ff``, ``num_classes
 A multi-process ``predict`` writes one shard per rank (``{split}.rank{r}.safetensors``);
 :func:`merge_shards` joins them in sample order, dropping the duplicates a DistributedSampler pads with.
 Writes are atomic (temp file, then rename): an existing cache is replaced only once its successor is complete.
+The file records its content hash (``core.io``: the metadata key ``content_sha256``, hashed once when written);
+:func:`load_states` verifies it once per process and file version, and a cache whose bytes changed is
+:class:`CorruptCacheError` naming the file (the cache step rebuilds it).
 A cache belongs to one checkpoint: the last epoch's is ``states/{split}.safetensors``, another epoch's
 ``states/{split}.epoch=NNN.safetensors`` (``RunStore.states(split, tag)``, tag from
 ``lightning_modules.runs.cache_tag``).
@@ -24,11 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
 from torch import Tensor
 
-from core.io import atomic_save_tensors
+from core.io import CorruptFileError, FileFormatError, atomic_save_tensors, load_tensors, read_tensor_metadata
 
 FORMAT = "vitfl-state-cache/1"
 KEYS = ("x", "a", "logits", "label", "index")
@@ -40,6 +41,16 @@ class CacheError(RuntimeError):
 
 class StaleCacheError(CacheError):
     """The cache was made by a model whose fingerprint differs from the one in use."""
+
+
+class CorruptCacheError(CacheError):
+    """The cache's content differs from the content hash recorded when it was written (a :class:`CacheError`, so
+    the cache step rebuilds it and every other step stops at once, naming it)."""
+
+
+#: what a corrupt cache's error tells the user to do
+REBUILD = ("delete it and rerun the cache step (`python scripts/cache_states.py --run_dir RUN`; the main job does), "
+           "which rebuilds it from the checkpoint")
 
 
 @dataclass
@@ -101,9 +112,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise CacheError(f"no state cache at {path}: run `python scripts/cache_states.py` (the main job does) first")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
+        return read_tensor_metadata(path)
+    except (FileFormatError, OSError) as e:
         raise CacheError(f"{path} is not a readable safetensors state cache ({e})") from None
 
 
@@ -118,7 +128,12 @@ def load_states(path: str | Path, expected_hash: str | None = None) -> StateCach
             f"state cache {path} was made by model {meta.get('model_hash')!r} but the model in use is "
             f"{expected_hash!r}: re-run the cache step for this checkpoint (`python scripts/cache_states.py "
             f"--run_dir RUN`); it keeps this file until the new cache is complete and then replaces it")
-    t = load_file(str(path))
+    try:
+        t, _ = load_tensors(path, advice=REBUILD)
+    except CorruptFileError as e:
+        raise CorruptCacheError(f"state cache {e}") from None
+    except (FileFormatError, OSError) as e:
+        raise CacheError(f"{path} is not a readable safetensors state cache ({e})") from None
     missing = [k for k in KEYS if k not in t]
     if missing:
         raise CacheError(f"{path} lacks tensors {missing}")

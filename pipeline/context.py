@@ -1,28 +1,46 @@
 """What every step after training shares: the run's model and FFN head, its state caches, its misclassification
-settings, and the input hashes that go into result identities (:mod:`core.runstore`)."""
+settings, and the input hashes that go into result identities (:mod:`core.runstore`).
+
+Setting names become parts of paths (``fl/{setting}/...``, ``repair/{setting}/...``), so :func:`load_misclf`
+checks every one against :data:`core.runstore.NAME_PATTERN` where it is read (a run's and a fold run's
+``misclf/misclf_info.json``): a name that is not one is an error naming the file and the name, never skipped."""
 from __future__ import annotations
 
 from functools import cached_property
 from typing import Any
 
 from core.io import read_json
-from core.runstore import RunStore, identity_key
+from core.runstore import ResultError, RunStore, check_name, identity_key
 
-__all__ = ["RunContext", "load_misclf", "SETTING_KEYS"]
+__all__ = ["RunContext", "load_misclf", "SETTING_KEYS", "SettingsFileError", "SettingsModelMismatchError"]
 
 #: the parts of a setting that decide a result (its input sets)
 SETTING_KEYS = ("kind", "rank", "true", "pred", "label", "i_neg", "i_neg_published", "i_pos", "i_pos_label",
                 "i_pos_repair")
 
 
+class SettingsFileError(ResultError, ValueError):
+    """The settings file (``misclf/misclf_info.json``) is malformed."""
+
+
+class SettingsModelMismatchError(ResultError, ValueError):
+    """The settings file was made by another model than the run's checkpoint."""
+
+
 def load_misclf(store: RunStore) -> dict[str, Any]:
-    """The run's settings JSON, with a clear error when it is missing or malformed."""
+    """The run's settings JSON, with a clear error when it is missing or malformed; every setting name is checked
+    (:func:`core.runstore.check_name`: :class:`core.runstore.UnsafeNameError` naming the file and the name)."""
     if not store.misclf_info.is_file():
         raise FileNotFoundError(f"no {store.misclf_info}: run `python scripts/analyze_misclf.py --run_dir "
                                 f"{store.root}` first")
     info = read_json(store.misclf_info)
     if not isinstance(info, dict) or not isinstance(info.get("settings"), dict):
-        raise ValueError(f"{store.misclf_info} has no 'settings' mapping: rerun scripts/analyze_misclf.py")
+        raise SettingsFileError(f"{store.misclf_info} has no 'settings' mapping: rerun scripts/analyze_misclf.py")
+    for name, setting in info["settings"].items():
+        check_name(name, "setting name", source=store.misclf_info)
+        if not isinstance(setting, dict):
+            raise SettingsFileError(f"{store.misclf_info}: setting {name!r} is not a mapping "
+                                    f"({type(setting).__name__}): rerun scripts/analyze_misclf.py")
     return info
 
 
@@ -54,8 +72,12 @@ class RunContext:
         info = load_misclf(self.store)
         made_by = info.get("model_hash")
         if made_by not in (None, self.model_hash):
-            raise ValueError(f"{self.store.misclf_info} was made by model {made_by}, the run's model is "
-                             f"{self.model_hash}: rerun scripts/analyze_misclf.py")
+            ckpt = self.store.model_store().checkpoint(self.epoch)
+            raise SettingsModelMismatchError(
+                f"{self.store.misclf_info} was made by model {made_by}, but the run's checkpoint {ckpt} is model "
+                f"{self.model_hash}. If you replaced or retrained that checkpoint on purpose, rerun "
+                "scripts/cache_states.py and scripts/analyze_misclf.py for it; if not, the checkpoint may be damaged: "
+                "restore it from a backup (do not regenerate the settings from it)")
         return info
 
     @property

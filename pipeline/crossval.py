@@ -10,7 +10,9 @@ addressed, resumed and skipped like any other. Each evaluation input is tested e
 Pooling (:func:`pooled_table`): per (repair method, FL method, budget, setting kind) the counts are summed over
 folds, settings and repetitions: RR = sum fixed / sum targets (so the pooled RR is the target-count-weighted mean
 of the per-run RRs), BR = sum broken / sum correct, each with its Wilson 95% interval and its n; runs whose test fold
-holds no target are counted and shown, never dropped in silence.
+holds no target are counted and shown, never dropped in silence. Only results made from each fold run's current
+inputs are pooled (:func:`pipeline.repair.collect_results`): stale ones are left out and counted (the note of
+``crossval.md`` and the ``provenance`` of the return value), or with ``include_stale`` kept and labelled.
 """
 from __future__ import annotations
 
@@ -105,19 +107,33 @@ def run_crossval(store: RunStore | str, methods: Sequence[str], settings: Sequen
     return rows
 
 
-def collect_crossval(store: RunStore | str):
-    """One row per repair run of every fold run (``fold`` = k), as :func:`pipeline.repair.collect_results`."""
+def collect_crossval(store: RunStore | str, include_stale: bool = False):
+    """One row per current repair run of every fold run (``fold`` = k), as :func:`pipeline.repair.collect_results`
+    (``include_stale``: stale ones too, labelled in ``stale``); ``df.attrs["provenance"]``: the stale counts summed
+    over the folds."""
     import pandas as pd
 
+    from pipeline.localize import count_stale
     from pipeline.repair import collect_results
 
     store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
     parts = []
+    prov = {**count_stale([]), "included": bool(include_stale)}
     for k in store.fold_indices():
-        df = collect_results({f"fold={k}": store.fold(k).root})
+        df = collect_results({f"fold={k}": store.fold(k).root}, include_stale=include_stale)
+        p = df.attrs.get("provenance") or {}
+        prov["checked"] += p.get("checked", 0)
+        prov["stale"] += p.get("stale", 0)
+        for why, n in (p.get("why") or {}).items():
+            prov["why"][why] = prov["why"].get(why, 0) + n
+        prov["unverified"] = prov.get("unverified", 0) + p.get("unverified", 0)
+        for why, n in (p.get("unverified_why") or {}).items():
+            prov.setdefault("unverified_why", {})[why] = prov.get("unverified_why", {}).get(why, 0) + n
         if len(df):
             parts.append(df.assign(fold=k))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    out.attrs["provenance"] = prov
+    return out
 
 
 def pooled_table(df, by: Sequence[str] = ("repair", "fl_method", "budget")):
@@ -157,12 +173,18 @@ def pooled_markdown(table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def aggregate_crossval(store: RunStore | str) -> dict[str, Any]:
-    """Write ``repair/summary/crossval.csv|md`` (pooled over folds) and return the table and its Markdown."""
+def aggregate_crossval(store: RunStore | str, include_stale: bool = False) -> dict[str, Any]:
+    """Write ``repair/summary/crossval.csv|md`` (pooled over folds) and return the table and its Markdown, with
+    ``provenance`` (stale results left out, or kept with ``include_stale``) and ``stale_note`` (one sentence, "" if
+    none)."""
+    from pipeline.localize import stale_note
+
     store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
-    df = collect_crossval(store)
+    df = collect_crossval(store, include_stale=include_stale)
+    prov = dict(df.attrs.get("provenance") or {})
+    note = stale_note(prov, "cross-validated repair results", include_stale)
     if df.empty:
-        return {"n_runs": 0, "table": None, "markdown": ""}
+        return {"n_runs": 0, "table": None, "markdown": "", "provenance": prov, "stale_note": note}
     table = pooled_table(df)
     md = pooled_markdown(table)
     n_eval = sum(1 for _ in store.fold_indices())
@@ -171,8 +193,10 @@ def aggregate_crossval(store: RunStore | str) -> dict[str, Any]:
     store.write_text(store.repair_summary_dir / "crossval.md",
                      f"# Cross-validated repair ({n_eval} folds; each evaluation input tested once)\n\n"
                      "Counts pooled over folds, settings and repetitions; RR = fixed / targets of the held-out "
-                     "fold, BR = broken / correct, 95% Wilson intervals.\n\n" + md)
-    out = {"n_runs": len(df), "table": table, "markdown": md, "runs": df}
+                     "fold, BR = broken / correct, 95% Wilson intervals." + (f" Provenance: {note}." if note else "")
+                     + "\n\n" + md)
+    out = {"n_runs": len(df), "table": table, "markdown": (f"Provenance: {note}.\n\n" if note else "") + md,
+           "runs": df, "provenance": prov, "stale_note": note}
     if "lp" in set(table["repair"]):  # repairability@N: the LP optimiser's RR on each FL method's weights
         from evaluation.headline import blocks_markdown, repairability_block
 

@@ -11,6 +11,7 @@ here (the benchmarks run the methods on other models) comes from the one FL runn
     interventions/{setting}/{result}.summary.csv   per (method, mode, group): |delta p|, flips, fixed, broken
     interventions/{setting}/{result}.stats.csv     |delta p| vs random: Wilcoxon, Cliff's delta (raw p)
     interventions_summary.csv
+    interventions_meta.json                        FL results checked / evaluated / left out as stale (and why)
     checkpoint/epoch=NNN/{setting}/{method}.json   one checkpoint-benchmark row
     checkpoint_benchmark.csv, checkpoint_benchmark_meta.json
     injected/seed=S/fault.json, injected/seed=S/{method}.json
@@ -49,7 +50,7 @@ from core.runstore import RunStore
 from core.runstore import identity_key
 from lightning_modules.fl_runner import localize_with_trainer, setting_rows
 from pipeline.context import load_misclf
-from pipeline.localize import fl_results, load_fl_result
+from pipeline.localize import current_fl_results, load_fl_result, stale_note
 
 __all__ = ["PARTS", "OPTIMIZERS", "QUICK_METHODS", "run_evaluation", "headline_blocks"]
 
@@ -123,24 +124,34 @@ def _misclf(layout: RunStore) -> dict[str, Any]:
     return load_misclf(layout)
 
 
-def _fl_results(layout: RunStore, methods, settings, budgets) -> list[tuple[str, str, dict]]:
-    """(setting, result name, record) of every FL result in the store that passes the filters."""
-    out = []
-    for rec in fl_results(layout, methods, settings, budgets):
-        out.append((rec["setting"], f"{rec['method']}_n{rec['budget']}-{rec['key']}", rec))
-    return out
+def _fl_results(layout: RunStore, methods, settings, budgets, include_stale: bool = False
+                ) -> tuple[list[tuple[str, str, dict]], dict[str, Any]]:
+    """(setting, result name, record) of every FL result in the store that passes the filters and was made from the
+    run's current model, repair-split cache and settings (``include_stale``: the others too, each record's
+    ``stale`` saying why it is not current), and the counts of the stale ones (``pipeline.localize.count_stale``)."""
+    from pipeline.context import RunContext
+
+    recs, counts = current_fl_results(RunContext(layout), methods, settings, budgets, include_stale)
+    return [(rec["setting"], f"{rec['method']}_n{rec['budget']}-{rec['key']}", rec) for rec in recs], counts
 
 
 # ------------------------------------------------------------------------------------------------ interventions
 def _interventions(ctx: _Ctx, head, states, misclf, methods, settings, budgets, modes, where, n_random, seed,
-                   batch_size, figure_settings) -> dict[str, pd.DataFrame]:
-    found = _fl_results(ctx.layout, methods, settings, budgets)
+                   batch_size, figure_settings, include_stale: bool = False) -> dict[str, pd.DataFrame]:
+    found, counts = _fl_results(ctx.layout, methods, settings, budgets, include_stale)
+    note = stale_note(counts, "FL results", include_stale)
+    if note:
+        ctx.log(f"interventions: {note}")
+    ctx.write_json(ctx.out / "interventions_meta.json",
+                   {"fl_results_checked": counts["checked"], "evaluated": len(found), "stale": counts["stale"],
+                    "stale_why": counts["why"], "stale_included": bool(include_stale), "note": note})
     if not found:
-        ctx.log("interventions: no FL results found under fl/ (run scripts/localize.py first); skipped")
+        ctx.log("interventions: no current FL results found under fl/ (run scripts/localize.py first); skipped")
         return {}
     summaries, stats, neg_records = [], [], []
     t0 = time.perf_counter()
     for i, (setting, stem, rec) in enumerate(found):
+        rec_meta_stale = rec.get("stale", "")
         info = misclf["settings"].get(setting)
         if info is None:
             ctx.log(f"interventions: {setting} is not in misclf_info.json; skipped")
@@ -167,6 +178,8 @@ def _interventions(ctx: _Ctx, head, states, misclf, methods, settings, budgets, 
             ctx.write_text(p_rec, records_to_wide(rec).to_csv(index=False, float_format="%.9g"))
             ctx.write_text(p_sum, summ.to_csv(index=False))
             ctx.write_text(p_st, st.to_csv(index=False))
+        if include_stale:  # why the result is not current ("" if it is): decided now, not when the files were made
+            summ, st = summ.assign(stale=rec_meta_stale), st.assign(stale=rec_meta_stale)
         summaries.append(summ)
         stats.append(st)
         if want_fig:
@@ -186,7 +199,7 @@ def _interventions(ctx: _Ctx, head, states, misclf, methods, settings, budgets, 
         st.loc[idx, "p_holm"] = holm(st.loc[idx, "p"].to_numpy())
     ctx.write_text(ctx.out / "interventions_summary.csv", summary.to_csv(index=False))
     cols = ["setting", "mode", "group", "result", "method_a", "method_b", "n", "n_nonzero", "median_a", "median_b",
-            "median_diff", "statistic", "p", "p_holm", "cliffs_delta", "magnitude", "note"]
+            "median_diff", "statistic", "p", "p_holm", "cliffs_delta", "magnitude", "note", "stale"]
     st = st[[c for c in cols if c in st.columns]]
     write_stats_table(st, ctx.out / "stats" / "interventions_vs_random",
                       caption="Per-input |delta p| of each FL result vs random at the same count (Wilcoxon "
@@ -625,8 +638,8 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
                    method_opts: dict[str, dict] | None = None,
                    figure_settings: Iterable[str] = FIGURE_SETTINGS, figures: bool = True,
                    tensorboard: bool = True, overwrite: bool = False, num_threads: int | str | None = "auto",
-                   log: Callable[[str], None] | None = None, ckpt_epoch: int | None = None
-                   ) -> dict[str, pd.DataFrame]:
+                   log: Callable[[str], None] | None = None, ckpt_epoch: int | None = None,
+                   include_stale: bool = False) -> dict[str, pd.DataFrame]:
     """Run the FL evaluation of a run directory and return its tables (DataFrames by name: interventions_summary,
     interventions_stats, checkpoint, checkpoint_stats, injected, injected_stats, headline).
 
@@ -642,6 +655,9 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
     cached activations are small (N x d_ff < 4M, e.g. the digits ViT: thousands of tiny ops, where thread
     start-up dominates and a loaded machine makes it 10-40x slower), else leaves the setting alone; ``None``:
     leave it alone.
+    ``include_stale``: the interventions also evaluate FL results made from other inputs than the run's current
+    model, repair-split cache and settings (by default they are left out, counted in the log and in
+    ``interventions_meta.json``), labelled in a ``stale`` column.
     """
     from localization.base import registered_localizers
 
@@ -692,7 +708,8 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
             torch.set_num_threads(int(num_threads))
         if "interventions" in parts:
             results.update(_interventions(ctx, head, states, _misclf(layout), methods, settings, budgets,
-                                          list(modes), where, n_random, seed, batch_size, set(figure_settings)))
+                                          list(modes), where, n_random, seed, batch_size, set(figure_settings),
+                                          include_stale))
         if "checkpoint" in parts:
             results.update(_checkpoint(ctx, bench_methods, ckpt_settings, fractions, pos_fraction, split,
                                        batch_size, seed, training_splits, method_opts, ckpt_epoch, comparisons,

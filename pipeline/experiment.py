@@ -51,7 +51,8 @@ STEP_KEYS = {
     "localize": {"methods", "settings", "budgets", "seed", "batch_size", "method_options", "accelerator", "devices"},
     "evaluate_fl": {"parts", "methods", "settings", "budgets", "modes", "where", "n_random", "inject_seeds",
                     "ckpt_settings", "ckpt_epoch", "pos_fraction", "split", "batch_size", "seed", "method_opts",
-                    "figures", "tensorboard", "strengths", "comparisons", "k_rounding", "optimizers", "replay"},
+                    "figures", "tensorboard", "strengths", "comparisons", "k_rounding", "optimizers", "replay",
+                    "include_stale"},
     "repair": {"sweeps", "fl_batch_size", "accelerator", "tensorboard", "on_error"},
     "sweep": {"name", "repair", "methods", "settings", "budgets", "reps", "seed", "repair_options", "fl_options"},
     "adequacy": {"rqs", "configs", "overrides", "use_run_checkpoint"},
@@ -62,6 +63,87 @@ STEP_KEYS = {
 
 class ExperimentConfigError(ValueError):
     """An experiment config names an unknown step, option, method or value."""
+
+
+#: the shape of every value of an experiment config (null is always allowed: the step function's default), checked
+#: before anything else so that ``budgets: 9`` or ``methods: random`` is an error naming the key and the type, not a
+#: TypeError from deep inside a step
+_STR, _INT, _NUM, _BOOL, _MAP = "a string", "an int", "a number", "true or false", "a mapping"
+_LSTR, _LINT, _LBUDGET, _LANY = "a list of strings", "a list of ints", "a list of budgets (ints, avg, front)", "a list"
+_DEVICES = "an int, 'auto' or a list of device ids"
+SHAPES: dict[str, dict[str, str]] = {
+    "": {"name": _STR, "description": _STR, "variant": _STR, "compat": _LSTR, "datasets": _MAP, "steps": _LSTR},
+    "dataset": {"run_dir": _STR, "train": _MAP, "adequacy": _MAP},
+    "train": {"configs": _LSTR, "args": _LANY, "epochs": _INT},
+    "cache": {"splits": _LSTR, "accelerator": _STR, "devices": _DEVICES},
+    "misclf": {"split": _STR, "ranks": _INT, "seed": _INT, "pos_fraction": _NUM, "tie_order": _STR,
+               "no_true_input": _STR, "kinds": _LSTR},
+    "localize": {"methods": _LSTR, "settings": _LSTR, "budgets": _LBUDGET, "seed": _INT, "batch_size": _INT,
+                 "method_options": "a mapping of FL method -> its options", "accelerator": _STR, "devices": _DEVICES},
+    "evaluate_fl": {"parts": _LSTR, "methods": _LSTR, "settings": _LSTR, "budgets": _LBUDGET, "modes": _LSTR,
+                    "where": _STR, "n_random": _INT, "inject_seeds": _LINT, "ckpt_settings": _LSTR, "ckpt_epoch": _INT,
+                    "pos_fraction": _NUM, "split": _STR, "batch_size": _INT, "seed": _INT,
+                    "method_opts": "a mapping of FL method -> its options", "figures": _BOOL, "tensorboard": _BOOL,
+                    "strengths": "a list of strengths (ints, numbers or 'published')", "comparisons": _LSTR,
+                    "k_rounding": _STR, "optimizers": _LSTR, "replay": _MAP, "include_stale": _BOOL},
+    "repair": {"sweeps": "a list of sweep mappings", "fl_batch_size": _INT, "accelerator": _STR,
+               "tensorboard": _BOOL, "on_error": _STR},
+    "sweep": {"name": _STR, "repair": _STR, "methods": _LSTR, "settings": _LSTR, "budgets": _LBUDGET,
+              "reps": "an int or a list of ints", "seed": _INT, "repair_options": _MAP,
+              "fl_options": "a mapping of FL method -> its options"},
+    "adequacy": {"rqs": _LSTR, "configs": _LSTR, "overrides": _MAP, "use_run_checkpoint": _BOOL},
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _fits(value: Any, shape: str) -> bool:
+    from collections.abc import Mapping as _M
+
+    if shape == _STR:
+        return isinstance(value, str)
+    if shape == _INT:
+        return _is_int(value)
+    if shape == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if shape == _BOOL:
+        return isinstance(value, bool)
+    if shape == _LSTR:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if shape == _LINT:
+        return isinstance(value, list) and all(_is_int(v) for v in value)
+    if shape == _LBUDGET:
+        return isinstance(value, list) and all(_is_int(v) or isinstance(v, str) for v in value)
+    if shape.startswith("a list"):
+        return isinstance(value, list) and (shape != "a list of sweep mappings"
+                                            or all(isinstance(v, _M) for v in value))
+    if shape == _DEVICES:
+        return _is_int(value) or isinstance(value, (str, list))
+    if shape == "an int or a list of ints":
+        return _is_int(value) or (isinstance(value, list) and all(_is_int(v) for v in value))
+    if shape == "a mapping of FL method -> its options":
+        return isinstance(value, _M) and all(isinstance(o, _M) or o is None for o in value.values())
+    return isinstance(value, _M)  # _MAP
+
+
+def check_shapes(block: Any, kind: str, where: str) -> None:
+    """Every value of ``block`` (a step's options, a data set, a sweep) of its expected shape (:data:`SHAPES`);
+    :class:`ExperimentConfigError` naming the key, the expected type and the value otherwise."""
+    from collections.abc import Mapping as _M
+
+    if block is None:
+        return
+    if not isinstance(block, _M):
+        raise ExperimentConfigError(f"{where or 'the config'} must be a mapping, got {type(block).__name__} "
+                                    f"{block!r}")
+    for key, shape in SHAPES[kind].items():
+        value = block.get(key)
+        if value is not None and not _fits(value, shape):
+            hint = f" (e.g. {key}: [{value}])" if shape.startswith("a list") and not isinstance(value, list) else ""
+            raise ExperimentConfigError(f"{(where + '.') if where else ''}{key} must be {shape}, got "
+                                        f"{type(value).__name__} {value!r}{hint}")
 
 
 # ------------------------------------------------------------------------------------------------ a quiet console
@@ -133,16 +215,15 @@ def _check_budgets(budgets, where: str) -> None:
         raise ExperimentConfigError(f"{where}: {e}") from None
 
 
-def check_fl_options(method: str, options: Mapping[str, Any] | None) -> None:
-    """Unknown option names of an FL method are an error (its constructor may take ``**kwargs``; the names it
-    documents are its registry options)."""
+def check_fl_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An FL method's options checked by the one options rule (:meth:`core.registry.Registry.check_options`, as
+    the API's ``pipeline.localize.resolved_options``): its constructor's own keyword options (not what it passes on
+    with ``**kwargs``), of their types and declared ranges; returns them normalised. Raises
+    :class:`core.registry.OptionError` (a ValueError) naming the method and the option."""
     from localization.base import FL_METHODS
 
     FL_METHODS.check([method])
-    known = FL_METHODS.options(method)
-    bad = sorted(set(options or {}) - set(known))
-    if bad:
-        raise ValueError(f"FL method {method!r} has no option(s) {bad}; its options: {sorted(known)}")
+    return FL_METHODS.check_options(method, options)
 
 
 def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
@@ -155,6 +236,7 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
     from pipeline.localize import resolved_options
     from pipeline.repair import resolved_repair_options
 
+    check_shapes(cfg, "", "")
     if not cfg.get("name"):
         raise ExperimentConfigError("the experiment has no name")
     if cfg.get("variant") not in ("published", "corrected"):
@@ -176,6 +258,8 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
     if not datasets:
         raise ExperimentConfigError("no datasets: give datasets.<name>.run_dir")
     for name, d in datasets.items():
+        check_shapes(d, "dataset", f"datasets.{name}")
+        check_shapes((d or {}).get("train"), "train", f"datasets.{name}.train")
         _unknown(d, STEP_KEYS["dataset"], f"datasets.{name}")
         if not (d or {}).get("run_dir"):
             raise ExperimentConfigError(f"datasets.{name}: no run_dir")
@@ -202,7 +286,10 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
                 raise ExperimentConfigError(f"{where}: {e}") from None
 
     for step in ("cache", "misclf", "localize", "evaluate_fl", "repair", "adequacy"):
+        check_shapes(cfg.get(step), step, step)
         _unknown(cfg.get(step), STEP_KEYS[step], step)
+    for i, sw in enumerate((cfg.get("repair") or {}).get("sweeps") or []):
+        check_shapes(sw, "sweep", f"repair.sweeps[{i}]")
     m = step_options(cfg, "misclf")
     for key, choices in (("tie_order", TIE_ORDERS), ("no_true_input", NO_TRUE_INPUT_RULES)):
         if key in m and m[key] not in choices:
@@ -515,6 +602,8 @@ def _aggregate(cfg: Mapping[str, Any], stores: Mapping[str, RunStore], log: _Log
                 "configurations; this version of the aggregation tabulates them too (by FL method, repair, budget)")
     agg = aggregate({name: s.root for name, s in stores.items()}, summary_dir, **kw)
     log.step("aggregate", ", ".join(stores), {"done": 1}, time.perf_counter() - t0, {})
+    if agg.get("stale_note"):
+        log.log(f"  {agg['stale_note']}")
     log.log(f"  {sum(len(v) for v in mine.values())} repair results of this experiment"
             + (f" ({agg.get('n_runs', 0)} tabulated)" if agg.get("n_runs") is not None else "")
             + f" -> {agg.get('summary_dir', summary_dir)}")

@@ -11,10 +11,17 @@ Budgets: ints (weights), ``"front"`` (the method's own selection; the only budge
 ``own_selection``, e.g. BL) and ``"avg"`` = N_avg, the mean size of BL's Pareto front over the N_avg settings (the
 9 benchmark settings the run has, else every setting), resolved once per (run, FL inputs) by :func:`resolve_n_avg`,
 saved, and used by every reader.
+
+Readers that list results (FL evaluation, the repair aggregation) keep only those made from the run's *current*
+inputs (:func:`stale_reasons`: the recorded model, state-cache and setting hashes against the run's own now), and
+say how many they left out and why (:func:`stale_note`); ``include_stale`` keeps them, labelled.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+import contextlib
+import errno
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +33,8 @@ from localization.ranking import BudgetError, select
 from pipeline.context import RunContext
 
 __all__ = ["BENCHMARK_SETTINGS", "N_AVG_METHOD", "fl_identity", "run_method", "resolve_n_avg", "resolve_budgets",
-           "run_localization", "load_fl_result", "fl_results", "check_budgets"]
+           "run_localization", "load_fl_result", "fl_results", "current_fl_results", "check_budgets",
+           "stale_reasons", "stale_note", "DiskFullError", "is_disk_full", "disk_full_names"]
 
 BENCHMARK_SETTINGS = tuple(f"{k}_r{r}" for k in ("src_tgt", "tgt_fp", "tgt_fn") for r in (1, 2, 3))
 #: the method whose own selection defines N_avg
@@ -34,38 +42,13 @@ N_AVG_METHOD = "bl"
 NOT_APPLICABLE_MARKERS = ("needs at least", "needs >= ", "at least 2 inputs", "no I_neg")
 
 
-#: the keyword arguments torchmetrics' Metric itself takes (every Localizer passes them on)
-_METRIC_KWARGS = {"compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn", "distributed_available_fn",
-                  "sync_on_compute", "compute_with_cache"}
-
-
-def _accepted_options(cls) -> set[str]:
-    """Every keyword a Localizer class accepts: the named parameters of each ``__init__`` along its MRO (they pass
-    the rest on with ``**kwargs``) and torchmetrics' own."""
-    import inspect
-
-    names = set(_METRIC_KWARGS)
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None or klass.__module__.startswith(("torch", "torchmetrics")):
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in ("self", "head"):
-                names.add(p.name)
-    return names
-
-
 def resolved_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The method's constructor defaults merged with ``options`` (unknown options: a clear error)."""
+    """The method's constructor defaults merged with ``options`` checked by the one options rule
+    (:meth:`core.registry.Registry.check_options`: names, types, declared ranges; the same check as the command
+    lines' and the experiment configs')."""
     defaults = FL_METHODS.options(method)
     defaults.pop("seed", None)
-    options = dict(options or {})
-    accepted = _accepted_options(FL_METHODS.get(method))
-    unknown = [k for k in options if k not in accepted]
-    if unknown:
-        raise ValueError(f"FL method {method!r} has no option(s) {unknown}; its options: "
-                         f"{sorted(accepted - _METRIC_KWARGS - {'seed'})}")
-    return {**defaults, **options}
+    return {**defaults, **FL_METHODS.check_options(method, options)}
 
 
 def fl_identity(ctx: RunContext, method: str, setting: str, options: Mapping[str, Any] | None = None,
@@ -123,6 +106,7 @@ def run_method(ctx: RunContext, method: str, setting: str, budgets: Sequence[int
 
     store = ctx.store
     meta = method_meta(method)
+    options = FL_METHODS.check_options(method, options)  # the values the identity records are the ones used
     sid = fl_identity(ctx, method, setting, options, seed)
     skey = identity_key(sid)
     row: dict[str, Any] = {"method": method, "setting": setting, "scores_key": skey, "budgets": " ".join(map(str, budgets))}
@@ -159,7 +143,8 @@ def run_method(ctx: RunContext, method: str, setting: str, budgets: Sequence[int
             raise
         scores, own, opts, wall, status = run.scores, run.own, run.options, run.wall_s, "done"
         if save:
-            store.save_fl_scores(sid, scores, {"options": opts, "own": own, "wall_s": wall, "inputs": desc})
+            with disk_full_names(store.fl_scores_path(sid)):
+                store.save_fl_scores(sid, scores, {"options": opts, "own": own, "wall_s": wall, "inputs": desc})
         store.append_row(store.fl_timing, {"method": method, "setting": setting, "scores_key": skey,
                                            "n_neg": desc["n_neg"], "n_pos": desc["n_pos"], "wall_s": round(wall, 4),
                                            "peak_mb": round(run.peak_mb, 1),
@@ -177,7 +162,8 @@ def run_method(ctx: RunContext, method: str, setting: str, budgets: Sequence[int
         rec = _record(res, rid, scores_rel, setting, prov)
         if save:
             path = store.fl_result_path(rid)
-            rec = store.write_result(path, rid, rec)
+            with disk_full_names(path):
+                rec = store.write_result(path, rid, rec)
             res.provenance = {**prov, "identity": rid, "key": rec["key"], "path": store.rel(path)}
         else:
             res.provenance = {**prov, "identity": rid}
@@ -211,8 +197,9 @@ def resolve_n_avg(ctx: RunContext, *, options: Mapping[str, Any] | None = None, 
     if not sizes:
         raise ValueError(f"N_avg needs BL's Pareto front on at least one of {settings}; none could be computed")
     value = max(1, round(sum(sizes.values()) / len(sizes)))
-    return store.write_result(path, nid, {"kind": "n_avg", "n_avg": value, "settings": settings, "sizes": sizes,
-                                          "provenance": provenance(model_hash=ctx.model_hash)})
+    with disk_full_names(path):
+        return store.write_result(path, nid, {"kind": "n_avg", "n_avg": value, "settings": settings,
+                                              "sizes": sizes, "provenance": provenance(model_hash=ctx.model_hash)})
 
 
 def resolve_budgets(ctx: RunContext, method: str, budgets: Sequence[int | str], *,
@@ -245,7 +232,7 @@ def run_localization(store: RunStore | str, methods: Sequence[str] | None = None
     method_options = dict(method_options or {})
     for m, o in method_options.items():
         FL_METHODS.check([m])
-        resolved_options(m, o)
+        method_options[m] = FL_METHODS.check_options(m, o)
     budgets = check_budgets(budgets, ctx.head.index.total)
     available = ctx.settings
     settings = list(settings or available)
@@ -293,3 +280,112 @@ def fl_results(store: RunStore, methods: Iterable[str] | None = None, settings: 
             continue
         out.append(rec)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+#: why a stored result is not one of the run's current ones (the recorded input hash that differs)
+STALE_WHY = {"model": "made by another model", "states": "made from another repair-split state cache",
+             "setting": "made from other input sets of its setting",
+             "no_setting": "its setting is no longer one of the run's settings",
+             "no_settings": "its setting cannot be checked (the run's misclf_info.json is missing, unreadable or made "
+                            "by another model)",
+             "test_states": "evaluated on another test-split state cache"}
+
+
+def _current(fn, *args) -> str | None:
+    try:
+        return fn(*args)
+    except (OSError, ValueError, RuntimeError):  # no current cache to compare with: nothing recorded matches it
+        return None
+
+
+def stale_reasons(ctx: RunContext, scores_identity: Mapping[str, Any]) -> list[str]:
+    """Why an FL score identity (``fl_identity``) is not made from the run's current inputs: each recorded hash
+    (model, repair-split state cache, the setting's input sets) that differs from the run's own now; [] if none."""
+    setting = scores_identity.get("setting")
+    recorded = scores_identity.get("inputs") or {}
+    current = {"model": ctx.model_hash, "states": _current(ctx.states_hash, "repair")}
+    why = [STALE_WHY[k] for k in ("model", "states") if current[k] is None or recorded.get(k) != current[k]]
+    try:
+        settings = ctx.settings
+    except (OSError, ValueError, KeyError, RuntimeError):  # no settings of the current model to compare with
+        return why + [STALE_WHY["no_settings"]]
+    if setting not in settings:
+        return why + [STALE_WHY["no_setting"]]
+    if recorded.get("setting") != _current(ctx.setting_hash, setting):
+        why.append(STALE_WHY["setting"])
+    return why
+
+
+def stale_note(counts: Mapping[str, Any], what: str, included: bool = False) -> str:
+    """One sentence: how many stale results of ``what`` were left out (or kept, labelled) and why, and how many
+    could not be checked; "" if none. ``counts``: ``{"stale": n, "why": {reason: n}, "unverified": n,
+    "unverified_why": {reason: n}}``."""
+    n, u = int(counts.get("stale", 0)), int(counts.get("unverified", 0))
+    out = []
+    if n:
+        why = "; ".join(f"{k}: {v}" for k, v in sorted(counts.get("why", {}).items(), key=lambda kv: -kv[1]))
+        if included:
+            out.append(f"{n} stale {what} (not made from the run's current model / state caches / settings: {why}) "
+                       "are included, labelled in the 'stale' column (--include_stale)")
+        else:
+            out.append(f"left out {n} stale {what} (not made from the run's current model / state caches / "
+                       f"settings: {why}); rerun the step to replace them, or pass --include_stale to keep them, "
+                       "labelled")
+    if u:
+        why = "; ".join(sorted(counts.get("unverified_why", {})))
+        out.append(f"{u} {what} could not be checked against the run's current inputs and are kept, unverified "
+                   f"({why})")
+    return "; ".join(out)
+
+
+def count_stale(reasons: Iterable[Sequence[str]]) -> dict[str, Any]:
+    """``{"checked", "stale", "why": {reason: n}}`` of the reasons lists of several results."""
+    out: dict[str, Any] = {"checked": 0, "stale": 0, "why": {}}
+    for why in reasons:
+        out["checked"] += 1
+        if why:
+            out["stale"] += 1
+            for w in why:
+                out["why"][w] = out["why"].get(w, 0) + 1
+    return out
+
+
+def current_fl_results(ctx: RunContext, methods: Iterable[str] | None = None, settings: Iterable[str] | None = None,
+                       budgets: Iterable[int | str] | None = None, include_stale: bool = False
+                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`fl_results` of the run made from its current inputs (each record with ``stale``: "" or why not),
+    and the counts of the stale ones (:func:`count_stale`); ``include_stale`` keeps the stale ones too."""
+    recs = fl_results(ctx.store, methods, settings, budgets)
+    reasons = [stale_reasons(ctx, (r.get("identity") or {}).get("scores") or {}) for r in recs]
+    counts = count_stale(reasons)
+    out = [{**r, "stale": "; ".join(why)} for r, why in zip(recs, reasons) if include_stale or not why]
+    return out, counts
+
+
+# ------------------------------------------------------------------------------------------------ disk full
+class DiskFullError(OSError):
+    """The disk (or quota) filled up while a step wrote ``filename``; nothing half-written was left (every
+    artifact is written to a temporary file and renamed only once complete)."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """An OSError ENOSPC / EDQUOT, or a library's wrapped form of it (safetensors: ``os error 28``)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+@contextlib.contextmanager
+def disk_full_names(path: str | Path) -> Iterator[None]:
+    """Re-raise a disk-full error of the writes inside as :class:`DiskFullError` naming ``path`` (the artifact,
+    not a temporary file or a library's message without it)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only disk-full errors are translated
+        if is_disk_full(e):
+            raise DiskFullError(errno.ENOSPC, "No space left on device", str(path)) from e
+        raise

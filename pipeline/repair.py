@@ -35,7 +35,8 @@ from core.runstore import RunStore, identity_key
 from lightning_modules.repair import REPAIRS
 from localization.base import FL_METHODS, method_meta, selects_own
 from pipeline.context import RunContext
-from pipeline.localize import check_budgets, fl_identity, resolve_budgets, run_method
+from pipeline.localize import (STALE_WHY, check_budgets, count_stale, disk_full_names, fl_identity, resolve_budgets,
+                               run_method, stale_note, stale_reasons)
 
 __all__ = ["RepairTask", "DEFAULT_METHODS", "DEFAULT_BUDGETS", "parse_shard", "dataset_dirs", "build_grid",
            "shard_tasks", "run_sweep", "collect_results", "aggregate", "summary_table", "statistics", "METRICS"]
@@ -80,14 +81,16 @@ def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
 
 
 def dataset_dirs(run_dirs: Mapping[str, str | Path] | Sequence[str | Path]) -> dict[str, Path]:
-    """Dataset name -> run directory, from a mapping, ``"name=path"`` strings, or paths (name = folder name)."""
+    """Dataset name -> run directory, from a mapping, ``"name=path"`` strings, or paths (name = folder name; a path
+    whose folders hold "=", e.g. a fold run ``cv/fold=0``, is a path)."""
     if isinstance(run_dirs, Mapping):
         out = {str(k): Path(v) for k, v in run_dirs.items()}
     else:
         out = {}
         for item in run_dirs:
             item = str(item)
-            name, _, path = item.partition("=") if "=" in item else (Path(item).name, "", item)
+            named = "=" in item and "/" not in item.partition("=")[0] and os.sep not in item.partition("=")[0]
+            name, _, path = item.partition("=") if named else (Path(item).name, "", item)  # (a path may hold "=")
             if name in out:
                 raise ValueError(f"two run directories named {name!r}: give them names ('name=path')")
             out[name] = Path(path)
@@ -153,13 +156,12 @@ def shard_tasks(tasks: Sequence[RepairTask], shard: str | tuple[int, int] | None
 
 # ------------------------------------------------------------------------------------------------- one run
 def resolved_repair_options(repair: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The repair method's constructor defaults merged with ``options``; unknown options are an error."""
+    """The repair method's constructor defaults merged with ``options`` checked by the one options rule
+    (:meth:`core.registry.Registry.check_options`: unknown names, wrong types and values outside the method's
+    declared ranges are errors, naming the option; ints stay ints, an int for a float option becomes a float)."""
     defaults = REPAIRS.options(repair)
     defaults.pop("seed", None)
-    options = dict(options or {})
-    unknown = [k for k in options if k not in defaults]
-    if unknown:
-        raise ValueError(f"repair method {repair!r} has no option(s) {unknown}; its options: {sorted(defaults)}")
+    options = REPAIRS.check_options(repair, options)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**defaults, **options}.items()}
 
 
@@ -240,7 +242,8 @@ def run_task(task: RepairTask, ctx: RunContext, identity: Mapping[str, Any], pat
                      "seed": _fl_seed(task), "status": fl_row["status"]},
               "metrics": metrics, "fitness": summary, "timings": timings, "patch": patch.to_dict(),
               "provenance": provenance(model_hash=ctx.model_hash, epoch=ctx.epoch, config=dict(config or {}))}
-    return store.write_result(path, identity, record)
+    with disk_full_names(path):
+        return store.write_result(path, identity, record)
 
 
 # ---------------------------------------------------------------------------------------------------- the sweep
@@ -265,6 +268,13 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
         raise ValueError(f"on_error must be 'continue' or 'raise', got {on_error!r}")
     from pipeline.parallel import resolve_workers, run_sharded
 
+    # every option checked once, before any work (and the checked values are the ones every run uses and records)
+    REPAIRS.check([repair])
+    repair_options = REPAIRS.check_options(repair, repair_options)
+    if fl_options is not None and not isinstance(fl_options, Mapping):
+        raise ValueError(f"fl_options must map an FL method to its options, got {fl_options!r}")
+    FL_METHODS.check(list(fl_options or {}))
+    fl_options = {m: FL_METHODS.check_options(m, o) for m, o in (fl_options or {}).items()}
     n_workers = resolve_workers(workers)
     if n_workers > 1:
         if on_result is not None:
@@ -279,7 +289,6 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
     if isinstance(fl_batch_size, bool) or not isinstance(fl_batch_size, int) or fl_batch_size < 1:
         raise ValueError(f"fl_batch_size must be a positive int, got {fl_batch_size!r}")
     fl_options = {m: dict(o) for m, o in (fl_options or {}).items()}
-    resolved_repair_options(repair, repair_options)  # unknown options: an error before any work
     grid = build_grid(run_dirs, methods, settings, budgets, reps, repair, fl_options)
     tasks = shard_tasks(grid, shard)
     config = {"methods": list(methods), "settings": None if settings is None else list(settings),
@@ -354,15 +363,44 @@ def _nan(v):
     return float("nan") if v is None else v
 
 
-def collect_results(run_dirs) -> "pd.DataFrame":  # noqa: F821
-    """One row per repair result in each run directory's store (counts of the test fold and of the repair split,
-    fitness summary, timings)."""
+def repair_stale_reasons(ctx: RunContext, rec: Mapping[str, Any]) -> list[str]:
+    """Why a stored repair result was not made from the run's current inputs (its FL result's model, repair-split
+    cache and setting, and the test-split cache it was evaluated on); [] if it was."""
+    ident = rec.get("identity") or {}
+    why = stale_reasons(ctx, (ident.get("fl") or {}).get("scores") or {})
+    test = (ident.get("inputs") or {}).get("test_states")
+    try:
+        current = ctx.states_hash("test")
+    except (OSError, ValueError, RuntimeError):
+        current = None
+    if current is None or test != current:
+        why.append(STALE_WHY["test_states"])
+    return why
+
+
+def _stale_checker(root: Path) -> tuple[Callable[[Mapping[str, Any]], list[str]], str]:
+    """(why a record is stale, "") for a run whose current model loads; else (no reason, why nothing can be
+    checked): a run without a model to compare with (e.g. a copied store of results only) keeps its results, counted
+    as unverified, never silently."""
+    try:
+        ctx = RunContext(root)
+    except Exception as e:  # noqa: BLE001 - whatever keeps the check from running: said, not guessed
+        first = (str(e).strip().splitlines() or [""])[0]
+        return (lambda rec: []), f"the run's model cannot be loaded to compare with ({type(e).__name__}: {first})"
+    return (lambda rec: repair_stale_reasons(ctx, rec)), ""
+
+
+def _collect(run_dirs) -> "pd.DataFrame":  # noqa: F821
+    """Every repair result of the run dirs, with ``stale``: "" for a result made from its run's current inputs,
+    else why not."""
     import pandas as pd
 
     rows = []
     for name, root in dataset_dirs(run_dirs).items():
         store = RunStore(root)
-        for r in store.list_results("repair_result"):
+        recs = store.list_results("repair_result")
+        check, unverified = _stale_checker(root) if recs else (None, "")
+        for r in recs:
             t, rp, f = r["metrics"]["test"], r["metrics"]["repair"], r["fitness"]
             rows.append({"dataset": name, "setting": r["setting"], "kind": r["setting_info"]["kind"],
                          "rank": r["setting_info"]["rank"], "fl_method": r["method"], "repair": r["repair"],
@@ -382,8 +420,34 @@ def collect_results(run_dirs) -> "pd.DataFrame":  # noqa: F821
                          "fitness_original": f.get("fitness_original"), "fitness_patched": f.get("fitness_patched"),
                          "generations_run": f.get("generations_run"), "early_stopped": f.get("early_stopped"),
                          "fl_s": r["timings"].get("fl_s"), "repair_s": r["timings"].get("repair_s"),
-                         "total_s": r["timings"].get("total_s"), "path": r["path"]})
+                         "total_s": r["timings"].get("total_s"), "path": r["path"],
+                         "stale": "; ".join(check(r)), "_unverified": unverified})
     return pd.DataFrame(rows)
+
+
+def _split_stale(df, include_stale: bool):
+    """(the rows to tabulate, ``count_stale`` counts); without ``include_stale`` the stale rows are left out and
+    the column dropped."""
+    if df.empty:
+        return df, count_stale([])
+    counts = count_stale([s.split("; ") if s else [] for s in df["stale"]])
+    unverified = df.loc[df["_unverified"] != "", "_unverified"]
+    counts.update(unverified=len(unverified), unverified_why=unverified.value_counts().to_dict())
+    df = df.drop(columns="_unverified")
+    if not include_stale:
+        df = df[df["stale"] == ""].drop(columns="stale").reset_index(drop=True)
+    return df, counts
+
+
+def collect_results(run_dirs, include_stale: bool = False) -> "pd.DataFrame":  # noqa: F821
+    """One row per repair result in each run directory's store (counts of the test fold and of the repair split,
+    fitness summary, timings) made from the run's current inputs: a result whose recorded model, state-cache or
+    setting hashes differ from the run's own now is left out (``include_stale``: kept, with its reason in the
+    ``stale`` column). ``df.attrs["provenance"]``: ``{"checked", "stale", "why", "unverified", "unverified_why",
+    "included"}`` (unverified: results of a run whose model cannot be loaded to compare with; kept and counted)."""
+    df, counts = _split_stale(_collect(run_dirs), include_stale)
+    df.attrs["provenance"] = {**counts, "included": bool(include_stale)}
+    return df
 
 
 def _method_order(methods: Iterable[str]) -> list[str]:
@@ -569,7 +633,7 @@ def _plots(store: RunStore, df, table, by_kind, curves, out_dir: Path) -> tuple[
         budgets = _budget_order(t["budget"])
         sub = df[(df["dataset"] == dataset) & (df["repair"] == repair)]
         n = len(sub)
-        what = f"{dataset}, {repair}, {n} runs"
+        what = f"{dataset}, {repair}: {n} {repair} runs"  # runs of this repair method only (not the dataset's)
         save(figs.repair_bars(t, what, methods, budgets), f"bar_{dataset}_{repair}")
         save(figs.in_sample_vs_held_out(t, f"{what}: RR in-sample vs held out"), f"rr_in_vs_held_{dataset}_{repair}")
         k = by_kind[(by_kind["dataset"] == dataset) & (by_kind["repair"] == repair)]
@@ -621,20 +685,27 @@ def statistics(df, pairs: Sequence[tuple[str, str]] | None = None):
 
 
 def aggregate(run_dirs, summary_dir: str | Path | None = None,
-              pairs: Sequence[tuple[str, str]] | None = None, keys: Iterable[str] | None = None) -> dict[str, Any]:
-    """Tables (CSV + Markdown), figures (PNG + PDF) and statistics of every result of the run dirs, written to
-    ``summary_dir`` (default: the first run directory's ``repair/summary``), plus ``manifest.json``: for each
-    table and figure its file, split, n and a caption (what the report links)."""
+              pairs: Sequence[tuple[str, str]] | None = None, keys: Iterable[str] | None = None,
+              include_stale: bool = False) -> dict[str, Any]:
+    """Tables (CSV + Markdown), figures (PNG + PDF) and statistics of every current result of the run dirs
+    (:func:`collect_results`: stale ones are left out and counted, or with ``include_stale`` kept and labelled),
+    written to ``summary_dir`` (default: the first run directory's ``repair/summary``), plus ``manifest.json``: for
+    each table and figure its file, split, n and a caption (what the report links), and ``provenance``: how many
+    results were left out as stale, and why. The return value's ``stale_note`` says the same in one sentence."""
     from evaluation.stats import write_stats_table
 
     dirs = dataset_dirs(run_dirs)
     store = RunStore(next(iter(dirs.values())))
     out = Path(summary_dir) if summary_dir else store.repair_summary_dir
-    df = collect_results(dirs)
+    df = _collect(dirs)
     if keys is not None and not df.empty:  # one experiment's results only (several may share a run directory)
         df = df[df["key"].isin(set(keys))].reset_index(drop=True)
+    df, counts = _split_stale(df, include_stale)
+    prov = {**counts, "included": bool(include_stale)}
+    stale = stale_note(counts, "repair results", include_stale)
     if df.empty:
-        return {"n_runs": 0, "summary_dir": str(out), "files": [], "manifest": {"tables": [], "figures": []}}
+        return {"n_runs": 0, "summary_dir": str(out), "files": [], "manifest": {"tables": [], "figures": []},
+                "provenance": prov, "stale_note": stale}
     files = [store.write_text(out / "runs.csv", df.to_csv(index=False))]
     table = summary_table(df)
     by_kind = summary_table(df, by=("kind",))
@@ -645,7 +716,7 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
     intro = ("RR and BR on the held-out test fold are pooled over the settings and repetitions of each cell "
              "(sum of fixed / sum of targets; sum of broken / sum of correct) with Wilson 95% intervals; Δ acc is "
              "the mean over runs with a bootstrap 95% interval; RR (repair split) is in-sample. "
-             f"{note}\n\n")
+             f"{note}" + (f" Provenance: {stale}." if stale else "") + "\n\n")
     files.append(store.write_text(out / "summary.md", "# Repair results\n\n" + intro + md))
     md_kind = _markdown(by_kind, by=("kind",))
     files.append(store.write_text(out / "summary_by_kind.md", "# Repair results per setting kind\n\nPooled over the "
@@ -690,11 +761,12 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
         figures.append({"file": f"{stem}.png", "pdf": f"{stem}.pdf", "title": captions.get(kind, stem),
                         "split": split, "n": f"{n} runs", "nothing_to_plot": empty.get(stem)})
     manifest = {"tables": tables, "figures": figures, "n_runs": n_runs,
-                "runs_without_target": int((df["n_targets"] == 0).sum()), "note": note}
+                "runs_without_target": int((df["n_targets"] == 0).sum()), "note": note,
+                "provenance": {**prov, "note": stale}}
     files.append(store.write_json(out / "manifest.json", manifest))
     return {"n_runs": n_runs, "summary_dir": str(out), "files": [str(f) for f in files], "table": table,
             "by_kind": by_kind, "markdown": md, "note": note, "paired": paired, "unpaired": unpaired,
-            "curves": curves, "manifest": manifest}
+            "curves": curves, "manifest": manifest, "provenance": prov, "stale_note": stale}
 
 
 # ----------------------------------------------------------------------------------------------------- main job
@@ -738,6 +810,8 @@ def main_job_sweep(store: RunStore | str, budgets: Sequence[int] = (33, 164, 328
                                            reps=reps, de_opts=de_opts, quick=quick, progress=progress),
                        resolve_workers(workers))
     agg = aggregate(runs)
+    if agg.get("stale_note"):
+        print(f"repair aggregation: {agg['stale_note']}")
     failed = [r for r in rows if r["status"].startswith("error")]
     na = [r for r in rows if r["status"].startswith("not applicable")]
     print(f"repair: {sum(r['status'] == 'done' for r in rows)} runs done, "

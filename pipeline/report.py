@@ -161,7 +161,11 @@ def _fl_cost_vs_quality(page: _Page) -> None:
     timing, bench = store.fl_timing, store.fl_eval("checkpoint_benchmark.csv")
     if not (timing.is_file() and bench.is_file()):
         return
-    t = pd.read_csv(timing)
+    t, problems = store.read_log(timing)  # damaged lines of the append-only log are left out and reported
+    if problems:
+        page.add(f"Note: {len(problems)} damaged line(s) of {store.rel(timing)} left out of the FL cost: "
+                 + "; ".join(p.split(": ", 1)[-1] for p in problems[:5]) + (" ..." if len(problems) > 5 else ""), "")
+    store.verify(bench)  # a corrupt benchmark table is an error naming it, never plotted
     b = pd.read_csv(bench)
     if "error" in b.columns:
         b = b[b["error"].fillna("") == ""]

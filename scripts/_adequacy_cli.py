@@ -61,7 +61,7 @@ OPTIONS = [
     ("rq5.methods", List[str], "RQ5 attribution methods"),
     ("rq5.modes", List[List[Any]], "RQ5 IDC modes as [mode, per_class]"),
 ]
-_RUN_KEYS = ("config", "__default_config__", "run_dir", "quick", "no_progress")
+_RUN_KEYS = ("config", "__default_config__", "run_dir", "quick", "no_progress", "debug")
 
 
 def build_parser(doc: str = __doc__):
@@ -86,6 +86,7 @@ def config_dict(ns) -> dict:
     return d
 
 
+@_cli.guard(lambda rq, *args, **kwargs: f"adequacy_{rq}")
 def main(rq: str, doc: str, argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--quick" in argv:  # quick.yaml right after the default, before the user's configs and flags
@@ -96,10 +97,7 @@ def main(rq: str, doc: str, argv: Optional[List[str]] = None) -> None:
     from core.runstore import RunStore
     from pipeline.adequacy import run_rq
 
-    try:
-        out = run_rq(rq, config_dict(a), RunStore(a.run_dir).adequacy_dir, progress=not a.no_progress)
-    except _cli.RUN_ERRORS as e:
-        _cli.fail(f"adequacy_{rq}", e)
+    out = run_rq(rq, config_dict(a), RunStore(a.run_dir).adequacy_dir, progress=not a.no_progress)
     for name, df in ((k, v) for k, v in out["results"].items() if k != "detail"):
         print(f"\n== {rq} {name} ==")
         print(df.to_string(index=False, max_rows=60))

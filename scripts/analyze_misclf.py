@@ -34,6 +34,7 @@ def build_parser():
     return p
 
 
+@_cli.guard("analyze_misclf")
 def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -52,12 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.error(f"--{name}: {bad} not in {list(choices)}")
     if a.ranks < 1:
         p.error(f"--ranks must be >= 1, got {a.ranks}")
-    try:
-        info = step_misclf(RunStore(a.run_dir), split=a.split, ranks=a.ranks, seed=a.seed,
-                           pos_fraction=a.pos_fraction, tie_order=a.tie_order, no_true_input=no_true_input,
-                           kinds=tuple(kinds))
-    except _cli.RUN_ERRORS as e:
-        _cli.fail("analyze_misclf", e)
+    info = step_misclf(RunStore(a.run_dir), split=a.split, ranks=a.ranks, seed=a.seed, pos_fraction=a.pos_fraction,
+                       tie_order=a.tie_order, no_true_input=no_true_input, kinds=tuple(kinds))
     print(f"{a.split} split: {info['n']} inputs, accuracy {info['accuracy']:.4f}; options {info['options']}")
     for name, s in info["settings"].items():
         print(f"  {name:12s} |I_neg| = {s['n_neg']:5d}")

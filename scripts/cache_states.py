@@ -42,19 +42,17 @@ def parse(argv=None):
     return a
 
 
+@_cli.guard("cache_states")
 def main(argv=None) -> int:
-    from lightning_modules.runs import RunError, cache_run_states
+    from lightning_modules.runs import cache_run_states
 
     a = parse(argv)
     _cli.quiet()
     kw = {"accelerator": a.accelerator, "devices": a.devices}
     if a.devices > 1:
         kw["strategy"] = "ddp"
-    try:
-        for path in cache_run_states(RunStore(a.run_dir), a.splits, a.epoch, trainer_kwargs=kw):
-            print(path)
-    except (RunError, ValueError) as e:
-        _cli.fail("cache_states", e)
+    for path in cache_run_states(RunStore(a.run_dir), a.splits, a.epoch, trainer_kwargs=kw):
+        print(path)
     return 0
 
 

@@ -52,9 +52,14 @@ def build_parser():
     p.add_argument("--no_figures", action="store_true", help="no figures (and no TensorBoard)")
     p.add_argument("--overwrite", action="store_true", help="recompute outputs that exist")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 random draw, 1 seed, the 'all' setting only")
+    p.add_argument("--include_stale", action="store_true",
+                   help="interventions: also evaluate FL results made from other inputs than the run's current "
+                        "model, state cache and settings (default: left out and counted), labelled in a 'stale' "
+                        "column")
     return p
 
 
+@_cli.guard("evaluate_fl")
 def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -72,8 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if a.where not in ("post", "pre"):
             raise ValueError(f"--where must be 'post' or 'pre', got {a.where!r}")
         FL_METHODS.check(list(a.methods or []) + list(a.method_options))
-        for m, o in a.method_options.items():
-            check_fl_options(m, o)
+        method_opts = {m: check_fl_options(m, o) for m, o in a.method_options.items()}
         if a.budgets is not None:
             from pipeline.localize import check_budgets
 
@@ -98,17 +102,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--sgd_lr must be > 0, got {a.sgd_lr}")
     except (KeyError, ValueError) as e:
         p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
-    try:
-        run_evaluation(a.run_dir, methods=a.methods, quick=a.quick, parts=a.parts, settings=a.settings,
-                       budgets=a.budgets, modes=a.modes, where=a.where, n_random=a.n_random, inject_seeds=a.seeds,
-                       ckpt_settings=a.ckpt_settings, pos_fraction=a.pos_fraction, split=a.split,
-                       batch_size=a.batch_size, method_opts=a.method_options or None, figures=not a.no_figures,
-                       overwrite=a.overwrite, comparisons=a.comparisons, k_rounding=a.k_rounding,
-                       optimizers=a.optimizers, replay={"sgd_lr": a.sgd_lr},
-                       strengths=[s if s == "published" else (float(s) if "." in s else int(s))
-                                  for s in a.strengths])
-    except _cli.RUN_ERRORS as e:
-        _cli.fail("evaluate_fl", e)
+    run_evaluation(a.run_dir, methods=a.methods, quick=a.quick, parts=a.parts, settings=a.settings,
+                   budgets=a.budgets, modes=a.modes, where=a.where, n_random=a.n_random, inject_seeds=a.seeds,
+                   ckpt_settings=a.ckpt_settings, pos_fraction=a.pos_fraction, split=a.split,
+                   batch_size=a.batch_size, method_opts=method_opts or None, figures=not a.no_figures,
+                   overwrite=a.overwrite, comparisons=a.comparisons, k_rounding=a.k_rounding,
+                   optimizers=a.optimizers, replay={"sgd_lr": a.sgd_lr}, include_stale=a.include_stale,
+                   strengths=[s if s == "published" else (float(s) if "." in s else int(s)) for s in a.strengths])
     return 0
 
 

@@ -30,6 +30,7 @@ def build_parser():
     return p
 
 
+@_cli.guard("localize")
 def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -61,11 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         kw["strategy"] = "ddp"
     store = RunStore(a.run_dir)
     before = store.not_applicable()
-    try:
-        rows = run_localization(store, a.methods, a.settings, a.budgets, seed=a.seed, batch_size=a.batch_size,
-                                trainer_kwargs=kw, method_options=a.method_options, progress=not a.no_progress)
-    except _cli.RUN_ERRORS as e:
-        _cli.fail("localize", e)
+    rows = run_localization(store, a.methods, a.settings, a.budgets, seed=a.seed, batch_size=a.batch_size,
+                            trainer_kwargs=kw, method_options=a.method_options, progress=not a.no_progress)
     if not is_rank_zero():
         return 0
     for r in rows:

@@ -112,35 +112,50 @@ def export_pretrained(ckpt_path: str, backbone: str, out_dir: str) -> str:
     """Write the pretrained backbone without its classification head where ``hf_vit`` / ``timm_vit`` read local
     weights (``pretrained_path``): HF: ``ViTModel.save_pretrained(out_dir)`` (so ``ViTForImageClassification.
     from_pretrained`` builds a new, randomly initialised classifier, as for ``google/vit-base-patch16-224-in21k``);
-    timm: ``out_dir/model.safetensors`` with every ``head.*`` entry dropped. Returns the ``pretrained_path``."""
-    from safetensors.torch import save_file
+    timm: ``out_dir/model.safetensors`` with every ``head.*`` entry dropped. Returns the ``pretrained_path``.
 
+    Atomic: the HF folder is written beside ``out_dir`` and renamed into place (a kill never leaves a folder whose
+    ``config.json`` says "done" beside partial weights); the timm file through ``core.io`` (with its content
+    hash)."""
+    import shutil
+
+    from core.io import atomic_save_tensors
     from lightning_modules.runs import load_classifier
 
     model = load_classifier(ckpt_path)
-    os.makedirs(out_dir, exist_ok=True)
     if backbone == "hf":
-        model.backbone.model.vit.save_pretrained(out_dir)
+        tmp = f"{out_dir.rstrip(os.sep)}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.backbone.model.vit.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
         return out_dir
+    os.makedirs(out_dir, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items() if not k.startswith("head.")}
     path = os.path.join(out_dir, "model.safetensors")
-    save_file(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_save_tensors(path, state)
     return path
 
 
 def _finetune_model_config(layout, backbone: str, pretrained_path: str) -> str:
-    """The fine-tuning model YAML with ``backbone_kwargs.pretrained_path`` set, written into the run directory."""
+    """The fine-tuning model YAML with ``backbone_kwargs.pretrained_path`` set, written into the run directory.
+
+    A ``pretrained_path`` inside the run (its ``pretrain/export``) is written relative to the run root: the
+    training CLI reads a relative one that exists in the run directory from there, so the file names no path of
+    the machine and a moved run still resumes."""
     import yaml
+
+    from core.io import atomic_write_text
 
     with open(_cfg(TESTBEDS["mnist"]["finetune"]["model"][backbone])) as f:
         spec = yaml.safe_load(f)
+    root = os.path.realpath(str(layout.root))
+    real = os.path.realpath(pretrained_path)
+    if os.path.commonpath([root, real]) == root:
+        pretrained_path = os.path.relpath(real, root)
     spec["model"].setdefault("backbone_kwargs", {})["pretrained_path"] = pretrained_path
     path = os.path.join(str(layout.root), "finetune_model.yaml")
-    os.makedirs(str(layout.root), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        yaml.safe_dump(spec, f, sort_keys=False)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(path, yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
@@ -150,7 +165,7 @@ def pretrain(layout, backbone: str, epochs: int | None, extra: list[str]) -> str
     from lightning_modules.cli import ToolkitCLI
     from core.runstore import RunStore as RunLayout
 
-    pre = RunLayout(pretrained_dir(layout))
+    pre = RunLayout(pretrained_dir(layout))  # everything under the run root: a moved run finds its export
     export = os.path.join(str(pre.root), "export")
     done = os.path.join(export, "config.json" if backbone == "hf" else "model.safetensors")
     if os.path.isfile(done):
@@ -339,6 +354,10 @@ def crossval(layout, budgets, quick: bool = False, workers: int | str = 1) -> di
     return {"rows": rows, "n_runs": agg["n_runs"]}
 
 
+import _cli  # noqa: E402 - the scripts' shared error handling (a known failure: one paragraph, no traceback)
+
+
+@_cli.guard("main_job")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", default=None, help="default: outputs/<testbed> (outputs/mnist, outputs/digits)")
@@ -356,6 +375,8 @@ def main() -> None:
                    help="processes for the repair sweeps (default auto: the cores, at most 4)")
     p.add_argument("--skip", nargs="*", default=[], choices=["evaluate", "repair", "crossval", "coverage"])
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, few methods (for tests)")
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the traceback of an error instead of its one-paragraph message ({_cli.DEBUG_ENV}=1)")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
                    help="extra LightningCLI arguments for training (last on the line)")
     a = p.parse_args()

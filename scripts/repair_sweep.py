@@ -37,7 +37,8 @@ def build_parser():
     p.add_argument("--evaluator", type=Optional[str], default=None,
                    help="DE fitness evaluator: 'sparse', 'full' or 'loop'; repair_options.evaluator")
     p.add_argument("--option", type=str, nargs="+", default=[],
-                   help="repair options as key=value (YAML-typed), e.g. --option fitness=reptran cr=0.5")
+                   help="repair options as key=value (YAML-typed), e.g. --option fitness=reptran cr=0.5; an option "
+                        "given twice (here and as its flag, or in --repair_options) is an error")
     p.add_argument("--fl_options", type=Dict[str, Dict[str, Any]], default={},
                    help="FL method -> its options (scripts/localize.py --list --verbose)")
     p.add_argument("--fl_batch_size", type=int, default=512, help="loader batch size of the FL pass")
@@ -53,11 +54,57 @@ def build_parser():
     p.add_argument("--aggregate_only", action="store_true", help="only aggregate what is in the stores")
     p.add_argument("--summary_dir", type=Optional[str], default=None,
                    help="where the tables go (null: <first run_dir>/repair/summary)")
+    p.add_argument("--include_stale", action="store_true",
+                   help="aggregate also results made from other inputs than the run's current model, state caches "
+                        "and settings (default: left out and counted), labelled in runs.csv's 'stale' column")
     p.add_argument("--list", action="store_true", help="list the registered repair methods and exit")
     p.add_argument("--verbose", action="store_true", help="with --list: each method's summary and options")
     return p
 
 
+#: the flags that set one repair option each (DE's)
+OPTION_FLAGS = ("generations", "pop_size", "update", "evaluator")
+
+
+def repair_options(a, argv: Optional[List[str]]) -> Dict[str, Any]:
+    """The repair options of the command line: ``--repair_options`` (a config's or the flag's), ``--option
+    key=value`` and the option flags (``--generations`` ...). A config's ``repair_options`` is overridden by the
+    flags; an option given twice *on the command line* (``--generations 2 --option generations=3``, or
+    ``--repair_options '{generations: 3}' --generations 2``) is an error naming both."""
+    import sys
+
+    import yaml
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    given_dict = any(x == "--repair_options" or x.startswith("--repair_options=") for x in args)
+    sources: Dict[str, str] = {}
+    opts = dict(a.repair_options)
+    for k in opts:
+        sources[k] = f"--repair_options {k}={opts[k]!r}" if given_dict else ""
+
+    def put(key: str, value: Any, source: str) -> None:
+        if sources.get(key):  # "" = a config's value, which a flag overrides
+            raise ValueError(f"repair option {key!r} is given twice: {sources[key]} and {source}; give it once")
+        sources[key] = source
+        opts[key] = value
+
+    for item in a.option:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(val)
+        except yaml.YAMLError:
+            value = val
+        put(key, value, f"--option {item}")
+    flat = a.as_dict()  # (Namespace.update is a method: read "update" from the dict)
+    for k in OPTION_FLAGS:
+        if flat[k] is not None:
+            put(k, flat[k], f"--{k} {flat[k]}")
+    return opts
+
+
+@_cli.guard("repair_sweep")
 def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -73,38 +120,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pipeline.experiment import check_fl_options
     from pipeline.localize import check_budgets
     from pipeline.repair import aggregate, parse_shard, resolved_repair_options, run_sweep
-    import yaml
-
-    opts = dict(a.repair_options)
     try:
-        for item in a.option:
-            key, sep, val = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"--option expects key=value, got {item!r}")
-            opts[key] = yaml.safe_load(val)
-        flat = a.as_dict()  # (Namespace.update is a method: read "update" from the dict)
-        opts.update({k: flat[k] for k in ("generations", "pop_size", "update", "evaluator") if flat[k] is not None})
+        opts = repair_options(a, argv)
         REPAIRS.check([a.repair])
         FL_METHODS.check(list(a.methods) + list(a.fl_options))
+        opts = REPAIRS.check_options(a.repair, opts)  # names, types and ranges, once, before any work
         resolved_repair_options(a.repair, opts)
-        for m, o in a.fl_options.items():
-            check_fl_options(m, o)
+        fl_options = {m: check_fl_options(m, o) for m, o in a.fl_options.items()}
         check_budgets(a.budgets)
         shard = parse_shard(a.shard)
         if a.reps < 1:
             raise ValueError(f"--reps must be >= 1, got {a.reps}")
         if a.on_error not in ("continue", "raise"):
             raise ValueError(f"--on_error must be 'continue' or 'raise', got {a.on_error!r}")
+        from pipeline.parallel import resolve_workers
+
+        resolve_workers(a.workers)
     except (KeyError, ValueError, BudgetError) as e:
         p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
     if not a.aggregate_only:
-        try:
-            rows = run_sweep(a.run_dirs, a.methods, a.settings, a.budgets, a.reps, shard=shard, repair=a.repair,
-                             repair_options=opts, seed=a.seed, fl_options=a.fl_options,
-                             fl_batch_size=a.fl_batch_size, logger=not a.no_tensorboard, progress_bar=a.progress_bar,
-                             accelerator=a.accelerator, on_error=a.on_error, workers=a.workers)
-        except _cli.RUN_ERRORS as e:
-            _cli.fail("repair_sweep", e)
+        rows = run_sweep(a.run_dirs, a.methods, a.settings, a.budgets, a.reps, shard=shard, repair=a.repair,
+                         repair_options=opts, seed=a.seed, fl_options=fl_options, fl_batch_size=a.fl_batch_size,
+                         logger=not a.no_tensorboard, progress_bar=a.progress_bar, accelerator=a.accelerator,
+                         on_error=a.on_error, workers=a.workers)
         c = summarize_rows(rows)
         print(f"shard {shard[0]}/{shard[1]}: {c['done']} done, {c['skipped']} skipped (in the store), "
               f"{c['not applicable']} not applicable, {c['error']} failed")
@@ -114,7 +152,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if c["error"]:
             return 1
     if a.aggregate or a.aggregate_only:
-        agg = aggregate(a.run_dirs, a.summary_dir)
+        agg = aggregate(a.run_dirs, a.summary_dir, include_stale=a.include_stale)
+        if agg.get("stale_note"):
+            print(f"aggregate: {agg['stale_note']}")
         print(f"{agg['n_runs']} runs aggregated into {agg['summary_dir']}")
         if agg.get("markdown"):
             print(agg["markdown"])

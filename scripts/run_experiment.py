@@ -89,11 +89,12 @@ def build_parser():
 def experiment_dict(ns) -> Dict[str, Any]:
     """The experiment part of a parsed namespace (without the run-time options)."""
     d = ns.as_dict()
-    for k in ("config", "__path__", "only", "shard", "root"):
+    for k in ("config", "__path__", "only", "shard", "root", "debug"):
         d.pop(k, None)
     return d
 
 
+@_cli.guard("run_experiment")
 def main(argv=None) -> int:
     p = build_parser()
     ns = p.parse_args(argv)
@@ -107,10 +108,7 @@ def main(argv=None) -> int:
         check_experiment(cfg)
     except (ExperimentConfigError, ValueError, KeyError) as e:
         p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
-    try:
-        out = run_experiment(cfg, steps=ns.only, shard=ns.shard, root=ns.root)
-    except _cli.RUN_ERRORS as e:
-        _cli.fail("run_experiment", e)
+    out = run_experiment(cfg, steps=ns.only, shard=ns.shard, root=ns.root)
     if out.get("aggregate", {}).get("markdown"):
         print(out["aggregate"]["markdown"])
     failed = sum(r.get("error", 0) for r in out["summary"])

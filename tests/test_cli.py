@@ -64,8 +64,8 @@ def test_run_config_rebuilds_the_data(cli_run):
     cfg = run_config(layout)
     assert "__path__" not in json.dumps(cfg)
     assert cfg["data"]["class_path"] == "datamodules.digits.DigitsDataModule"
-    assert cfg["data"]["init_args"]["folds_path"] == str(layout.folds)
-    assert cfg["trainer"]["max_epochs"] == 1 and cfg["trainer"]["default_root_dir"] == str(layout.root)
+    assert cfg["data"]["init_args"]["folds_path"] == "folds.json"  # relative to the run root (issue 29, item 8)
+    assert cfg["trainer"]["max_epochs"] == 1 and cfg["trainer"]["default_root_dir"] == "."
     dm = datamodule_from_run(layout)
     assert type(dm).__name__ == "DigitsDataModule" and dm.folds_path == str(layout.folds)
     dm.setup()

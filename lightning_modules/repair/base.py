@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_modules.repair.fitness import make_fitness, PopulationFitness
+from lightning_modules.repair.fitness import FITNESS_VARIANTS, LOSSES, make_fitness, PopulationFitness
 from lightning_modules.repair.patch import Patch, RepairInputError, check_weights, read_values
 from localization.ffn import FFNHead
 
@@ -56,6 +56,11 @@ class RepairModule(L.LightningModule):
     """
 
     name: ClassVar[str] = "?"
+
+    #: the options' ranges and choices (``core.registry.Registry.check_options``; subclasses add theirs): checked once,
+    #: before any work, by the API, the command line and the experiment configs alike
+    option_ranges: ClassVar[dict[str, Any]] = {"alpha": (0, None)}
+    option_choices: ClassVar[dict[str, tuple]] = {"fitness": FITNESS_VARIANTS, "loss": LOSSES}
 
     def __init__(self, head: FFNHead, weights: Tensor, x_neg: Tensor, label_neg: Tensor, x_pos: Tensor,
                  label_pos: Tensor, seed: int = 0, alpha: float = 10.0, fitness: str = "arachne",

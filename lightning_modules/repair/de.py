@@ -53,7 +53,8 @@ from torch import Tensor
 
 from lightning_modules.repair import register_repair
 from lightning_modules.repair.base import RepairModule
-from lightning_modules.repair.fitness import EPILOGUES, EVALUATORS, FitnessResult, NonFiniteFitnessError
+from lightning_modules.repair.fitness import (EPILOGUES, EVALUATORS, FitnessResult, NonFiniteFitnessError,
+                                              SparseFitness)
 from lightning_modules.repair.patch import RepairInputError
 
 __all__ = ["EARLY_STOPS", "BESTS", "matrix_bounds", "matrix_init_stats", "donors", "make_trials", "greedy_select",
@@ -379,6 +380,11 @@ class DERepair(RepairModule):
     ("matrix" | "around_original"), ``evaluator`` ("sparse" | "full" | "loop"), ``kernel``, ``chunk_size`` and
     ``epilogue`` ("eager" | "compiled"; sparse evaluator), ``early_stop`` ("default" | "published": the
     published searchers' stall counter, see the module docstring)."""
+
+    option_ranges = {"pop_size": (4, None), "generations": (1, None), "cr": (0, 1), "f_range": (0, None),
+                     "patience": (0, None), "chunk_size": (1, None)}
+    option_choices = {"update": UPDATES, "init": INITS, "evaluator": tuple(sorted(EVALUATORS)),
+                      "kernel": SparseFitness.KERNELS, "epilogue": EPILOGUES, "early_stop": EARLY_STOPS, "best": BESTS}
 
     def __init__(self, head, weights, x_neg, label_neg, x_pos, label_pos, seed: int = 0, alpha: float = 10.0,
                  fitness: str = "arachne", loss: str = "logits", pop_size: int = 100, generations: int = 50,

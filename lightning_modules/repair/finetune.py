@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from core.registry import Range
 from lightning_modules.repair import register_repair
 from lightning_modules.repair.base import RepairModule
 from lightning_modules.repair.patch import RepairInputError, read_values
@@ -57,6 +58,10 @@ class FineTuneRepair(RepairModule):
     """Options: ``lr`` (0.01), ``epochs`` (100), ``batch_size`` (None = full batch), ``optimizer`` ("adam" |
     "sgd"), ``momentum`` (SGD only, 0.9), ``loss_weighting`` ("fitness" | "mean"), ``keep_best`` (True).
     Logs ``repair/loss`` per step and ``repair/fitness`` per epoch (with ``keep_best``)."""
+
+    option_ranges = {"lr": Range(0, None, lo_open=True), "epochs": (1, None), "batch_size": (1, None),
+                     "momentum": (0, None)}
+    option_choices = {"optimizer": OPTIMIZERS, "loss_weighting": LOSS_WEIGHTINGS}
 
     def __init__(self, head, weights, x_neg, label_neg, x_pos, label_pos, seed: int = 0, alpha: float = 10.0,
                  fitness: str = "arachne", loss: str = "logits", lr: float = 1e-2, epochs: int = 100,

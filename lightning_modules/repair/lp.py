@@ -82,6 +82,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.registry import Range
 from lightning_modules.repair import register_repair
 from lightning_modules.repair.base import RepairModule
 from lightning_modules.repair.de import matrix_bounds, matrix_init_stats
@@ -428,6 +429,10 @@ class LPRepair(RepairModule):
     RHO_GOOD = 0.75          # predicted-vs-exact fitness gain ratio above which an accepted step doubles the radius
     RADIUS_CAP = 8.0         # the radius grows to at most this multiple of its initial value
     RADIUS_MIN = 1.0 / 64    # the search stops once the radius falls below this multiple of its initial value
+
+    option_ranges = {"steps": (1, None), "radius": Range(0, None, lo_open=True), "margin": (0, None),
+                     "norm_weight": (0, None), "max_rounds": (1, None), "time_limit": Range(0, None, lo_open=True)}
+    option_choices = {"norm": NORMS, "hinge": HINGES}
 
     def __init__(self, head, weights, x_neg, label_neg, x_pos, label_pos, seed: int = 0, alpha: float = 10.0,
                  fitness: str = "arachne", loss: str = "logits", steps: int = 8, radius: float = 1.0,

@@ -58,6 +58,8 @@ class _OneShotRepair(RepairModule):
     """One training step computes the new values (:meth:`compute_values`: the replacement of every located
     weight), then ``select`` decides which located weights take them."""
 
+    option_choices = {"select": SELECTS}
+
     def __init__(self, *args, select: str = "prefix", **kwargs):
         super().__init__(*args, **kwargs)
         if select not in SELECTS:
