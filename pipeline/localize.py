@@ -34,7 +34,13 @@ from pipeline.context import RunContext
 
 __all__ = ["BENCHMARK_SETTINGS", "N_AVG_METHOD", "fl_identity", "run_method", "resolve_n_avg", "resolve_budgets",
            "run_localization", "load_fl_result", "fl_results", "current_fl_results", "check_budgets",
-           "stale_reasons", "stale_note", "DiskFullError", "is_disk_full", "disk_full_names"]
+           "stale_reasons", "stale_note", "DiskFullError", "is_disk_full", "disk_full_names", "status_summary",
+           "STATUSES"]
+
+#: what a status row of :func:`run_method` / :func:`run_localization` says, by its first word(s): computed now,
+#: selections made now from scores already on disk, every selection already on disk, not applicable, failed
+STATUSES = {"done": "computed", "done (scores on disk)": "selected", "exists": "on_disk",
+            "not applicable": "not_applicable", "error": "failed"}
 
 BENCHMARK_SETTINGS = tuple(f"{k}_r{r}" for k in ("src_tgt", "tgt_fp", "tgt_fn") for r in (1, 2, 3))
 #: the method whose own selection defines N_avg
@@ -169,6 +175,40 @@ def run_method(ctx: RunContext, method: str, setting: str, budgets: Sequence[int
             res.provenance = {**prov, "identity": rid}
         out[b] = res
     return out, {**row, "status": status, "n_neg": desc["n_neg"], "n_pos": desc["n_pos"]}
+
+
+def _status_kind(status: str) -> str:
+    if status in STATUSES:
+        return STATUSES[status]
+    head = status.split(":", 1)[0]
+    if head in STATUSES:
+        return STATUSES[head]
+    raise ValueError(f"unknown FL status {status!r}; known: {sorted(STATUSES)}")
+
+
+def status_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method from :func:`run_localization`'s status rows: settings computed now, selected now from
+    scores on disk, already on disk, not applicable and failed (each with the settings' names), the budgets, and
+    the mean / max wall time of the settings computed now ('-' when none was)."""
+    by: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        d = by.setdefault(r["method"], {k: [] for k in (*STATUSES.values(), "t")} | {"budgets": set()})
+        kind = _status_kind(str(r["status"]))
+        d[kind].append(r["setting"] if kind in ("computed", "selected", "on_disk")
+                       else f"{r['setting']} ({str(r['status']).split(':', 1)[-1].strip()[:60]})")
+        d["budgets"].update(str(r.get("budgets", "")).split())
+        if kind == "computed" and r.get("wall_s") is not None:
+            d["t"].append(float(r["wall_s"]))
+    out = []
+    for m, d in by.items():
+        t = d["t"]
+        out.append({"method": m, "computed": len(d["computed"]), "selected": len(d["selected"]),
+                    "on disk": len(d["on_disk"]), "n/a": len(d["not_applicable"]), "failed": len(d["failed"]),
+                    "N": " ".join(sorted(d["budgets"], key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0,
+                                                                      b))),
+                    "mean_s": f"{sum(t) / len(t):.3f}" if t else "-", "max_s": f"{max(t):.3f}" if t else "-",
+                    "not run": "; ".join(d["not_applicable"] + d["failed"]) or "-"})
+    return out
 
 
 def n_avg_settings(ctx: RunContext) -> list[str]:

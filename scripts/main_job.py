@@ -55,25 +55,15 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 
 def fl_summary(rows: list[dict]) -> str:
-    """One line per method: settings localized, budgets, mean / max time per setting, settings it could not do."""
-    by: dict[str, dict] = {}
-    for r in rows:
-        d = by.setdefault(r["method"], {"ok": [], "t": [], "budgets": set(), "failed": []})
-        if r["status"] == "ok":
-            d["ok"].append(r["setting"])
-            d["t"].append(float(r["wall_s"]))
-            d["budgets"].update(r["budgets"].split())
-        else:
-            d["failed"].append(f"{r['setting']} ({r['status'].split(';')[0][:60]})")
-    out = []
-    for m, d in by.items():
-        t = d["t"] or [float("nan")]
-        out.append({"method": m, "settings": len(d["ok"]), "N": " ".join(sorted(d["budgets"], key=lambda b: (len(b), b))),
-                    "mean_s": f"{sum(t) / len(t):.3f}", "max_s": f"{max(t):.3f}",
-                    "not run": "; ".join(d["failed"]) or "-"})
+    """One line per method (:func:`pipeline.localize.status_summary`): settings computed, selected from stored
+    scores, already on disk, not applicable, failed; budgets; mean / max time of the settings computed now."""
+    from pipeline.localize import status_summary
+
+    out = status_summary(rows)
     if not out:
-        return "(every FL result already on disk)"
-    return table(out, ["method", "settings", "N", "mean_s", "max_s", "not run"])
+        return "(no FL method was asked for)"
+    return table(out, ["method", "computed", "selected", "on disk", "n/a", "failed", "N", "mean_s", "max_s",
+                       "not run"])
 
 
 #: The embedded testbed (``--testbed mnist``, the default): pretrain a small ViT on MNIST-5k's pretraining pool +

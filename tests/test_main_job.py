@@ -34,6 +34,13 @@ def test_main_job_quick_writes_every_artifact(tmp_path):
         json.loads(p.read_text(), parse_constant=refuse)
     assert list((run / "fl_eval").rglob("*.png")), "no FL evaluation figure"
     assert "ViT test accuracy" in out.stdout
+    # the FL table counts what the step did: a fresh run computes every method on every setting
+    lines = out.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:3] == ["method", "computed", "selected"])
+    fl_rows = {line.split()[0]: line.split() for line in lines[head + 2:head + 7]}
+    assert {"random", "grad_loss", "ours"} <= set(fl_rows), lines[head:head + 8]
+    assert all(int(r[1]) > 0 and int(r[1]) + int(r[4]) == len(info["settings"]) and r[5] == "0"
+               for r in fl_rows.values()), lines[head:head + 8]
     assert (run / "repair" / "summary" / "crossval.md").is_file() and "cross-validated repair" in out.stdout
     from pipeline.report import check_report
 
