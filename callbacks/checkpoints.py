@@ -31,10 +31,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from core.io import sha256_file, sidecar_path, write_sidecar
-from core.runstore import RunStore
+from core.runstore import LAYOUT, RunStore
 
-#: the full-state checkpoint's file name (``RunStore(root).checkpoints / LAST_CHECKPOINT``)
-LAST_CHECKPOINT = "last.ckpt"
+#: the full-state checkpoint's file name (the run store's ``last_checkpoint``: ``RunStore(root).last_checkpoint``)
+LAST_CHECKPOINT = Path(LAYOUT["last_checkpoint"][0]).name
 
 
 def atomic_save_checkpoint(trainer: L.Trainer, filepath: str | Path, weights_only: bool) -> None:

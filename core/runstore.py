@@ -51,7 +51,7 @@ from core.io import (CorruptFileError, FileFormatError, ResultError, append_csv_
                      atomic_savefig, atomic_write_json, atomic_write_text, is_rank_zero, load_tensors, read_csv_log,
                      read_json, sha256_file, to_jsonable, verify_file)
 
-__all__ = ["RunStore", "LAYOUT", "identity_key", "layout_markdown", "ResultError", "CorruptFileError",
+__all__ = ["RunStore", "LAYOUT", "SUMMARY_FILES", "identity_key", "layout_markdown", "ResultError", "CorruptFileError",
            "UnsafeNameError", "UnsafePathError", "NAME_PATTERN", "check_name", "RESULT_KINDS"]
 
 #: every artifact of a run: name -> (path template relative to the run root, what it holds)
@@ -85,9 +85,26 @@ LAYOUT: dict[str, tuple[str, str]] = {
                 "statistics, figures"),
     "repair_result": ("repair/{setting}/{label}_n{budget}_rep{rep}-{key}.json", "one repair run: patch, metrics on "
                       "the held-out test fold and the repair split, fitness summary, timings, identity"),
+    "crossval_table": ("repair/summary/crossval.{ext}", "the cross-validated repair's held-out RR / BR pooled over "
+                       "the k folds (`ext` csv or md)"),
+    "crossval_runs": ("repair/summary/crossval_runs.csv", "one row per cross-validated repair run (fold, setting, "
+                      "FL method, budget)"),
+    "repairability": ("repair/summary/repairability.{ext}", "repairability@N per FL method: held out, in-sample and "
+                      "against random (`ext` csv or md)"),
+    "fl_headline": ("fl_eval/headline.{ext}", "the FL evaluation's headline: which methods beat random, with "
+                    "intervals and the pooled tests (`ext` csv or md)"),
+    "pretrain_run": ("pretrain", "the testbed's pretraining run: a run directory of its own (checkpoints, "
+                     "run_config.yaml, export)"),
+    "export": ("export", "a pretraining run's backbone without its classification head, where fine-tuning's "
+               "`pretrained_path` reads it (a Hugging Face folder, or `model.safetensors` for timm)"),
+    "finetune_config": ("finetune_model.yaml", "the fine-tuning model config, its `pretrained_path` relative to the "
+                        "run root"),
+    "adequacy_marker": ("adequacy/{rq}.done.json", "an adequacy research question finished by the experiment runner "
+                        "(its config and outputs)"),
     "repair_summary": ("repair/summary/{name}", "repair tables, figures and statistics over every run"),
     "adequacy": ("adequacy/{name}", "test-adequacy (coverage) tables and figures"),
     "tensorboard": ("tb", "TensorBoard logs"),
+    "tb_run": ("tb/{name}", "one TensorBoard run of a step (`fl_eval`: the FL evaluation's scalars and figures)"),
     "tb_repair_run": ("tb/repair/{setting}/{label}_n{budget}_rep{rep}-{key}", "TensorBoard run of one repair run "
                       "(per-generation fitness, its hparams and final metrics)"),
     "report": ("report/{name}", "the run's report (report.md, report.html) and what it links"),
@@ -98,6 +115,12 @@ LAYOUT: dict[str, tuple[str, str]] = {
 }
 
 RESULT_KINDS = ("fl_result", "repair_result", "n_avg")
+
+#: the files of one repair aggregation (``repair/summary/`` or an experiment's ``repair/summary/<name>/``): what
+#: :func:`pipeline.repair.aggregate` writes and the report reads (:meth:`RunStore.summary_file`)
+SUMMARY_FILES = {"runs": "runs.csv", "summary": "summary.{ext}", "by_kind": "summary_by_kind.{ext}",
+                 "fitness_curves": "fitness_curves.csv", "manifest": "manifest.json",
+                 "stats_paired": "stats_wilcoxon_holm", "stats_unpaired": "stats_mann_whitney"}
 
 #: the one pattern of a name that becomes part of a path in a run: letters, digits and ``_ - . = +``, not starting
 #: with ``.`` (no hidden files, no ``.``/``..``), no ``..`` anywhere, no separator, 1 to 200 characters
@@ -182,6 +205,16 @@ class RunStore:
                 _check_field(kind, field, fields[field])
         return self.inside(self.root / template.format(**fields), kind)
 
+    def folder(self, kind: str) -> Path:
+        """The fixed folder of an artifact kind: its template's path up to the first folder holding a field
+        (``repair_summary`` -> ``repair/summary``, ``repair_result`` -> ``repair``)."""
+        fixed = []
+        for part in LAYOUT[kind][0].split("/")[:-1]:
+            if "{" in part:
+                break
+            fixed.append(part)
+        return self.inside(self.root.joinpath(*fixed), kind)
+
     def inside(self, path: str | Path, what: str = "path") -> Path:
         """``path`` itself if it resolves (symbolic links followed) inside the run root, else
         :class:`UnsafePathError`: the one check every path the store builds or resolves goes through."""
@@ -210,7 +243,11 @@ class RunStore:
     # fixed artifacts
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.path("last_checkpoint").parent
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.path("last_checkpoint")
 
     def checkpoint(self, epoch: int) -> Path:
         return self.path("checkpoint", epoch=epoch)
@@ -287,19 +324,27 @@ class RunStore:
 
     @property
     def repair_dir(self) -> Path:
-        return self.root / "repair"
+        return self.folder("repair_result")
 
     @property
     def repair_summary_dir(self) -> Path:
-        return self.root / "repair" / "summary"
+        return self.folder("repair_summary")
+
+    def summary_file(self, what: str, summary_dir: str | Path | None = None, ext: str = "") -> Path:
+        """A file of a repair aggregation folder (:data:`SUMMARY_FILES`): ``summary_dir`` (default
+        ``repair/summary``), which must lie inside the run."""
+        if what not in SUMMARY_FILES:
+            raise KeyError(f"unknown summary file {what!r}; known: {sorted(SUMMARY_FILES)}")
+        d = self.inside(Path(summary_dir) if summary_dir is not None else self.repair_summary_dir, "summary folder")
+        return d / SUMMARY_FILES[what].format(ext=check_name(ext, "extension") if ext else "")
 
     @property
     def adequacy_dir(self) -> Path:
-        return self.root / "adequacy"
+        return self.folder("adequacy")
 
     @property
     def report_dir(self) -> Path:
-        return self.root / "report"
+        return self.folder("report")
 
     # --------------------------------------------------------------------------------------------- fold runs
     def fold(self, k: int) -> "RunStore":

@@ -255,7 +255,7 @@ def _check_fresh_start(layout: RunStore) -> None:
     from lightning_modules.runs import checkpoint_epochs
 
     trained = [e for e in checkpoint_epochs(layout) if e > 0]
-    last = layout.checkpoints / LAST_CHECKPOINT
+    last = layout.last_checkpoint
     if trained or last.exists():
         raise FitOptionError(
             f"{layout.checkpoints} already holds this run's checkpoints (epochs {trained}"
@@ -272,8 +272,8 @@ def _resume_point(layout: RunStore, ckpt_path: str | None, trainer) -> str | Non
         return None
     if ckpt_path in ("best", "hpc") or "://" in str(ckpt_path):
         raise FitOptionError(f"--ckpt_path {ckpt_path} is not supported; use 'last' (this run's "
-                             f"{layout.checkpoints / LAST_CHECKPOINT}) or the path of a last.ckpt")
-    path = layout.checkpoints / LAST_CHECKPOINT if ckpt_path == "last" else Path(ckpt_path)
+                             f"{layout.last_checkpoint}) or the path of a last.ckpt")
+    path = layout.last_checkpoint if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         raise FitOptionError(f"--ckpt_path {ckpt_path}: no checkpoint at {path} to resume from (a run writes "
                              f"checkpoints/{LAST_CHECKPOINT} after its first epoch; drop --ckpt_path to start fresh)")

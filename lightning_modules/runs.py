@@ -113,7 +113,7 @@ def run_path(layout: RunStore, value: Any) -> Path | None:
     if text.startswith("toolkit:"):
         return Path(__file__).resolve().parents[1] / text[len("toolkit:"):]
     p = Path(text)
-    return p if p.is_absolute() else layout.root / p
+    return p if p.is_absolute() else layout.abs(p)
 
 
 #: globals our Lightning checkpoints need beyond ``torch.load(weights_only=True)``'s default allow-list. Empty: the

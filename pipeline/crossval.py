@@ -188,9 +188,9 @@ def aggregate_crossval(store: RunStore | str, include_stale: bool = False) -> di
     table = pooled_table(df)
     md = pooled_markdown(table)
     n_eval = sum(1 for _ in store.fold_indices())
-    store.write_text(store.repair_summary_dir / "crossval_runs.csv", df.to_csv(index=False))
-    store.write_text(store.repair_summary_dir / "crossval.csv", table.to_csv(index=False))
-    store.write_text(store.repair_summary_dir / "crossval.md",
+    store.write_text(store.path("crossval_runs"), df.to_csv(index=False))
+    store.write_text(store.path("crossval_table", ext="csv"), table.to_csv(index=False))
+    store.write_text(store.path("crossval_table", ext="md"),
                      f"# Cross-validated repair ({n_eval} folds; each evaluation input tested once)\n\n"
                      "Counts pooled over folds, settings and repetitions; RR = fixed / targets of the held-out "
                      "fold, BR = broken / correct, 95% Wilson intervals." + (f" Provenance: {note}." if note else "")
@@ -201,8 +201,8 @@ def aggregate_crossval(store: RunStore | str, include_stale: bool = False) -> di
         from evaluation.headline import blocks_markdown, repairability_block
 
         block = repairability_block(table, what=f"{n_eval} folds, {df['setting'].nunique()} settings")
-        store.write_text(store.repair_summary_dir / "repairability.csv", block.table.to_csv(index=False))
-        store.write_text(store.repair_summary_dir / "repairability.md",
+        store.write_text(store.path("repairability", ext="csv"), block.table.to_csv(index=False))
+        store.write_text(store.path("repairability", ext="md"),
                          "# Repairability@N: where (FL) apart from what (the search)\n\n" + blocks_markdown([block]))
         out["repairability"] = block
     return out

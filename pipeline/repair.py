@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.io import provenance
-from core.runstore import RunStore, identity_key
+from core.runstore import RunStore, UnsafePathError, identity_key
 from lightning_modules.repair import REPAIRS
 from localization.base import FL_METHODS, method_meta, selects_own
 from pipeline.context import RunContext
@@ -459,10 +459,6 @@ def _budget_order(budgets: Iterable[str]) -> list[str]:
     return sorted(set(budgets), key=lambda b: (0, int(b), "") if b.isdigit() else (1, 0, b))
 
 
-def _none(v):
-    return float("nan") if v is None else v
-
-
 def summary_table(df, by: Sequence[str] = (), confidence: float = 0.95) -> "pd.DataFrame":  # noqa: F821
     """Per dataset, repair, FL method, budget (and the ``by`` columns, e.g. ``("kind",)`` for the published
     per-kind pooling over ranks and repetitions) over every run of the cell:
@@ -500,9 +496,9 @@ def summary_table(df, by: Sequence[str] = (), confidence: float = 0.95) -> "pd.D
                                    ("rr_repair", "n_fixed_repair", "n_targets_repair"),
                                    ("br_repair", "n_broken_repair", "n_correct_repair")):
             r = pooled_rate(sub[fixed].to_numpy(), sub[total].to_numpy(), confidence)
-            cell.update({f"{name}_pooled": _none(r.rate), f"{name}_lo": _none(r.lo), f"{name}_hi": _none(r.hi)})
+            cell.update({f"{name}_pooled": _nan(r.rate), f"{name}_lo": _nan(r.lo), f"{name}_hi": _nan(r.hi)})
         m = bootstrap_mean(sub["delta_acc"].dropna().to_numpy(), confidence)
-        cell.update({"delta_acc_lo": _none(m.lo), "delta_acc_hi": _none(m.hi)})
+        cell.update({"delta_acc_lo": _nan(m.lo), "delta_acc_hi": _nan(m.hi)})
         extra[k] = cell
     import pandas as pd
 
@@ -684,6 +680,14 @@ def statistics(df, pairs: Sequence[tuple[str, str]] | None = None):
     return cat(paired), cat(unpaired)
 
 
+def is_inside(store: RunStore, path: str | Path) -> bool:
+    try:
+        store.inside(path)
+    except UnsafePathError:
+        return False
+    return True
+
+
 def aggregate(run_dirs, summary_dir: str | Path | None = None,
               pairs: Sequence[tuple[str, str]] | None = None, keys: Iterable[str] | None = None,
               include_stale: bool = False) -> dict[str, Any]:
@@ -696,7 +700,12 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
 
     dirs = dataset_dirs(run_dirs)
     store = RunStore(next(iter(dirs.values())))
-    out = Path(summary_dir) if summary_dir else store.repair_summary_dir
+    out = store.repair_summary_dir if summary_dir is None else Path(summary_dir)
+    if summary_dir is not None and not is_inside(store, out):
+        store = RunStore(out)  # a summary over several runs, in a folder of its own: a store of its own
+
+    def sf(what: str, ext: str = "") -> Path:
+        return store.summary_file(what, out, ext)
     df = _collect(dirs)
     if keys is not None and not df.empty:  # one experiment's results only (several may share a run directory)
         df = df[df["key"].isin(set(keys))].reset_index(drop=True)
@@ -706,45 +715,45 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
     if df.empty:
         return {"n_runs": 0, "summary_dir": str(out), "files": [], "manifest": {"tables": [], "figures": []},
                 "provenance": prov, "stale_note": stale}
-    files = [store.write_text(out / "runs.csv", df.to_csv(index=False))]
+    files = [store.write_text(sf("runs"), df.to_csv(index=False))]
     table = summary_table(df)
     by_kind = summary_table(df, by=("kind",))
-    files.append(store.write_text(out / "summary.csv", table.to_csv(index=False)))
-    files.append(store.write_text(out / "summary_by_kind.csv", by_kind.to_csv(index=False)))
+    files.append(store.write_text(sf("summary", "csv"), table.to_csv(index=False)))
+    files.append(store.write_text(sf("by_kind", "csv"), by_kind.to_csv(index=False)))
     note = targetless_note(df)
     md = _markdown(table)
     intro = ("RR and BR on the held-out test fold are pooled over the settings and repetitions of each cell "
              "(sum of fixed / sum of targets; sum of broken / sum of correct) with Wilson 95% intervals; Δ acc is "
              "the mean over runs with a bootstrap 95% interval; RR (repair split) is in-sample. "
              f"{note}" + (f" Provenance: {stale}." if stale else "") + "\n\n")
-    files.append(store.write_text(out / "summary.md", "# Repair results\n\n" + intro + md))
+    files.append(store.write_text(sf("summary", "md"), "# Repair results\n\n" + intro + md))
     md_kind = _markdown(by_kind, by=("kind",))
-    files.append(store.write_text(out / "summary_by_kind.md", "# Repair results per setting kind\n\nPooled over the "
+    files.append(store.write_text(sf("by_kind", "md"), "# Repair results per setting kind\n\nPooled over the "
                                   "ranks and repetitions of each kind, as the published per-kind tables pooled "
                                   f"them. {note}\n\n" + md_kind))
     curves = fitness_curves(dirs, df)
     if len(curves):
-        files.append(store.write_text(out / "fitness_curves.csv", curves.to_csv(index=False)))
+        files.append(store.write_text(sf("fitness_curves"), curves.to_csv(index=False)))
     figs, empty = _plots(store, df, table, by_kind, curves, out)
     files += figs
     paired, unpaired = statistics(df, pairs)
     n_runs = len(df)
-    tables = [{"file": "summary.md", "title": "Repair: RR, BR, Δ acc per FL method and budget",
+    tables = [{"file": sf("summary", "md").name, "title": "Repair: RR, BR, Δ acc per FL method and budget",
                "split": "test fold (held out); RR in-sample on the repair split", "n": f"{n_runs} runs, "
                f"{int(df['n_targets'].sum())} test targets", "note": note},
-              {"file": "summary_by_kind.md", "title": "Repair per setting kind", "split": "test fold",
+              {"file": sf("by_kind", "md").name, "title": "Repair per setting kind", "split": "test fold",
                "n": f"{n_runs} runs", "note": note}]
     if len(paired):
-        files += list(write_stats_table(paired, out / "stats_wilcoxon_holm",
+        files += list(write_stats_table(paired, sf("stats_paired"),
                                         caption="Repair (test fold): Wilcoxon signed-rank (Holm) and paired "
                                                 "Cliff's delta, runs matched by (setting, repetition)").values())
-        tables.append({"file": "stats_wilcoxon_holm.md", "title": "Repair statistics, paired", "split": "test fold",
+        tables.append({"file": sf("stats_paired").name + ".md", "title": "Repair statistics, paired", "split": "test fold",
                        "n": f"{int(paired['n'].max())} pairs at most per row (column n)", "note": ""})
     if len(unpaired):
-        files += list(write_stats_table(unpaired, out / "stats_mann_whitney",
+        files += list(write_stats_table(unpaired, sf("stats_unpaired"),
                                         caption="Repair (test fold): Mann-Whitney U (Holm) and Vargha-Delaney "
                                                 "A12").values())
-        tables.append({"file": "stats_mann_whitney.md", "title": "Repair statistics, unpaired",
+        tables.append({"file": sf("stats_unpaired").name + ".md", "title": "Repair statistics, unpaired",
                        "split": "test fold", "n": "per row: columns n_a, n_b", "note": ""})
     captions = {"bar": "pooled RR / BR (Wilson 95% CI) and mean Δ acc (bootstrap 95% CI)",
                 "rr_in_vs_held": "RR on the repair split (in-sample) vs the test fold (held out)",
@@ -755,7 +764,11 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
     for stem in stems:
         kind = next((k for k in sorted(captions, key=len, reverse=True) if stem.startswith(k + "_")), "")
         dataset = next((d for d in dirs if f"_{d}_" in f"_{stem}_"), "")
-        n = int((df["dataset"] == dataset).sum()) if dataset else n_runs
+        repair = next((r for r in sorted(set(df["repair"]), key=len, reverse=True) if stem.endswith(f"_{r}")), "")
+        cell = (df["dataset"] == dataset) if dataset else df["dataset"].notna()
+        if repair:
+            cell &= df["repair"] == repair
+        n = int(cell.sum())  # the runs the figure shows (its own dataset and repair method), as its title says
         split = "repair split and test fold" if kind == "rr_in_vs_held" else (
             "repair split (search)" if kind == "fitness" else "test fold")
         figures.append({"file": f"{stem}.png", "pdf": f"{stem}.pdf", "title": captions.get(kind, stem),
@@ -763,7 +776,7 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
     manifest = {"tables": tables, "figures": figures, "n_runs": n_runs,
                 "runs_without_target": int((df["n_targets"] == 0).sum()), "note": note,
                 "provenance": {**prov, "note": stale}}
-    files.append(store.write_json(out / "manifest.json", manifest))
+    files.append(store.write_json(sf("manifest"), manifest))
     return {"n_runs": n_runs, "summary_dir": str(out), "files": [str(f) for f in files], "table": table,
             "by_kind": by_kind, "markdown": md, "note": note, "paired": paired, "unpaired": unpaired,
             "curves": curves, "manifest": manifest, "provenance": prov, "stale_note": stale}

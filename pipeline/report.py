@@ -120,8 +120,8 @@ def _headline(page: _Page) -> None:
     """What the run says, first: each FL benchmark's verdict against random (methods sorted, intervals, exact tests)
     and the repairability of each FL method's weights."""
     store = page.store
-    fl = store.fl_eval("headline.md")
-    rep = store.repair_summary_dir / "repairability.md"
+    fl = store.path("fl_headline", ext="md")
+    rep = store.path("repairability", ext="md")
     if not fl.is_file() and not rep.is_file():
         return
     page.add("## Headline", "")
@@ -222,34 +222,36 @@ def _repair(page: _Page) -> None:
     store = page.store
     top = store.repair_summary_dir
     # the run's summary, and one per experiment that tabulated its own results (repair/summary/<name>/)
-    dirs = [top] + (sorted(p for p in top.iterdir() if p.is_dir() and (p / "manifest.json").is_file())
+    dirs = [top] + (sorted(p for p in top.iterdir() if p.is_dir() and store.summary_file("manifest", p).is_file())
                     if top.is_dir() else [])
     for d in dirs:
-        man = _read_json(d / "manifest.json")
+        man = _read_json(store.summary_file("manifest", d))
         title = "## Repair" + ("" if d == top else f": {d.name}")
         if man is None:
-            if (d / "summary.md").is_file():  # an older summary without its manifest
+            old = store.summary_file("summary", d, ext="md")
+            if old.is_file():  # an older summary without its manifest
                 page.add(title, "")
-                page.table_file(d / "summary.md", "Repair summary", "test fold", "see the table")
+                page.table_file(old, "Repair summary", "test fold", "see the table")
             continue
         page.add(title, "", man.get("note", ""), "")
         for t in man.get("tables", []):
-            page.table_file(d / t["file"], t["title"], t["split"], t["n"], embed=t["file"] == "summary.md")
+            page.table_file(d / t["file"], t["title"], t["split"], t["n"], embed=t["file"] == store.summary_file("summary", d, ext="md").name)
         page.add("### Repair figures" + ("" if d == top else f": {d.name}"), "")
         for f in man.get("figures", []):
             page.figure(d / f["file"], f["title"], f["split"], f["n"], f.get("nothing_to_plot"))
 
 
 def _crossval(page: _Page) -> None:
-    d = page.store.repair_summary_dir
-    if (d / "crossval.md").is_file():
+    store = page.store
+    table, runs = store.path("crossval_table", ext="md"), store.path("crossval_runs")
+    if table.is_file():
         page.add("## Cross-validated repair", "")
-        page.table_file(d / "crossval.md", "Held-out RR / BR pooled over the k folds (each evaluation input tested "
+        page.table_file(table, "Held-out RR / BR pooled over the k folds (each evaluation input tested "
                         "once; 95% Wilson intervals)", "test folds (k-fold cross-validation of the evaluation split)",
                         "targets and correct inputs per cell, in the table")
-        if (d / "crossval_runs.csv").is_file():
-            page.links.append(d / "crossval_runs.csv")
-            page.add(f"Per run: [crossval_runs.csv]({page.rel(d / 'crossval_runs.csv')})", "")
+        if runs.is_file():
+            page.links.append(runs)
+            page.add(f"Per run: [{runs.name}]({page.rel(runs)})", "")
 
 
 def _testbed(page: _Page) -> None:

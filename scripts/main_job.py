@@ -95,7 +95,7 @@ def _cfg(path: str) -> str:
 def pretrained_dir(layout) -> str:
     """Where the testbed's pretraining run lives (``<run>/pretrain``) and exports its weights
     (``<run>/pretrain/export``: an HF ``save_pretrained`` folder or a timm ``model.safetensors``, head left out)."""
-    return os.path.join(str(layout.root), "pretrain")
+    return str(layout.path("pretrain_run"))
 
 
 def export_pretrained(ckpt_path: str, backbone: str, out_dir: str) -> str:
@@ -144,9 +144,9 @@ def _finetune_model_config(layout, backbone: str, pretrained_path: str) -> str:
     if os.path.commonpath([root, real]) == root:
         pretrained_path = os.path.relpath(real, root)
     spec["model"].setdefault("backbone_kwargs", {})["pretrained_path"] = pretrained_path
-    path = os.path.join(str(layout.root), "finetune_model.yaml")
+    path = layout.path("finetune_config")
     atomic_write_text(path, yaml.safe_dump(spec, sort_keys=False))
-    return path
+    return str(path)
 
 
 def pretrain(layout, backbone: str, epochs: int | None, extra: list[str]) -> str:
@@ -156,7 +156,7 @@ def pretrain(layout, backbone: str, epochs: int | None, extra: list[str]) -> str
     from core.runstore import RunStore as RunLayout
 
     pre = RunLayout(pretrained_dir(layout))  # everything under the run root: a moved run finds its export
-    export = os.path.join(str(pre.root), "export")
+    export = str(pre.path("export"))
     done = os.path.join(export, "config.json" if backbone == "hf" else "model.safetensors")
     if os.path.isfile(done):
         print(f"pretrained weights {done} exist: pretraining skipped")
@@ -176,7 +176,7 @@ def pretrain(layout, backbone: str, epochs: int | None, extra: list[str]) -> str
 
 def _resume_args(layout) -> list[str]:
     """``--ckpt_path last`` when an interrupted fit left ``checkpoints/last.ckpt`` behind, else nothing."""
-    return ["--ckpt_path", "last"] if (layout.checkpoints / "last.ckpt").is_file() else []
+    return ["--ckpt_path", "last"] if layout.last_checkpoint.is_file() else []
 
 
 def train(layout, backbone: str, epochs: int, extra: list[str], testbed: str = "mnist",

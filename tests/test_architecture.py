@@ -70,3 +70,57 @@ def test_repository_points_only_at_its_own_files():
         if p.is_file() and pat.search(p.read_text(errors="ignore")):
             offenders.append(name)
     assert not offenders, offenders
+
+
+# ------------------------------------------------------------------------------- only the run store builds paths
+#: expressions that are a run directory or one of the store's folders: joining a name onto one builds a path in a run
+_STORE_DIRS = ("root", "checkpoints", "repair_summary_dir", "adequacy_dir", "report_dir", "repair_dir", "tensorboard")
+_RUN_NAMES = ("run_dir", "run_root", "rundir", "run_path")
+
+
+def _is_run_dir(node: ast.AST) -> bool:
+    if isinstance(node, ast.Attribute) and node.attr in _STORE_DIRS + _RUN_NAMES:
+        return True
+    if isinstance(node, ast.Name) and node.id in _RUN_NAMES:
+        return True
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("str", "Path", "os.fspath"):
+        return bool(node.args) and _is_run_dir(node.args[0])
+    return False
+
+
+def run_path_joins(source: str) -> list[tuple[int, str]]:
+    """Every place in ``source`` that joins a name onto a run directory or a store folder: ``x.root / "a"``,
+    ``os.path.join(str(x.root), "a")``, ``Path(run_dir) / "a"``, ``f"{run_dir}/a"``."""
+    hits = []
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div) and _is_run_dir(n.left):
+            hits.append((n.lineno, ast.unparse(n)))
+        elif isinstance(n, ast.Call) and ast.unparse(n.func) in ("os.path.join", "join", "posixpath.join") \
+                and n.args and _is_run_dir(n.args[0]):
+            hits.append((n.lineno, ast.unparse(n)))
+        elif isinstance(n, ast.JoinedStr) and len(n.values) > 1 and isinstance(n.values[0], ast.FormattedValue) \
+                and _is_run_dir(n.values[0].value) and isinstance(n.values[1], ast.Constant) \
+                and str(n.values[1].value).startswith("/"):
+            hits.append((n.lineno, ast.unparse(n)))
+    return hits
+
+
+def test_only_the_run_store_joins_paths_onto_a_run_directory():
+    """Every path inside a run comes from core/runstore.py (LAYOUT and its methods); scripts/ and benchmarks/ are
+    checked too. A join elsewhere is a path the store's name checks, containment check and generated layout
+    document never see."""
+    found = []
+    for path in _py_files(*PACKAGES, "scripts", "benchmarks"):
+        rel = path.relative_to(REPO).as_posix()
+        if rel == "core/runstore.py":
+            continue
+        found += [f"{rel}:{line}: {code}" for line, code in run_path_joins(path.read_text())]
+    assert found == [], "paths joined outside the run store (add a LAYOUT entry and ask the store):\n" + \
+        "\n".join(found)
+
+
+def test_the_join_scanner_can_fail():
+    src = ('import os\nfrom pathlib import Path\n'
+           'a = store.root / "x"\nb = os.path.join(str(layout.root), "y")\nc = Path(run_dir) / "z"\n'
+           'd = f"{a.run_dir}/w"\ne = store.checkpoints / "last.ckpt"\nok = store.path("fl_timing")\n')
+    assert [line for line, _ in run_path_joins(src)] == [3, 4, 5, 6, 7]

@@ -25,12 +25,7 @@ TESTS = Path(__file__).resolve().parent
 DE = {"pop_size": 4, "generations": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def script(name):

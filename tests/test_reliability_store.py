@@ -27,18 +27,11 @@ from conftest import REPO
 from core.io import CorruptFileError, LogDamagedWarning, atomic_write_json, read_json
 from core.runstore import ResultError, RunStore, UnsafeNameError, UnsafePathError
 
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter",
-                                        "ignore:.*has no recorded content hash")
+pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter",
+                                         "ignore:.*has no recorded content hash"),
+              pytest.mark.usefixtures("one_thread")]
 
 ESCAPE = "../../../ESCAPE_dir"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

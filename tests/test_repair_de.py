@@ -20,13 +20,7 @@ from localization.ffn import FFNHead
 D, C = 8, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: with the 2 cores shared, one thread avoids OpenMP spin contention (50x faster here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def head(seed=0, dtype=torch.float32):

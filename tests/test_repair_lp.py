@@ -25,13 +25,7 @@ from localization.ffn import FFNHead
 D, DFF, C = 12, 48, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: with the 2 cores shared, one thread avoids OpenMP spin contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LayerScale(nn.Module):  # timm's: x * gamma

@@ -18,12 +18,7 @@ from lightning_modules.repair.patch import Patch
 from localization.ffn import FFNHead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_doctests():

@@ -12,12 +12,7 @@ from lightning_modules.repair.patch import Patch, PatchMismatchError, RepairInpu
 from localization.ffn import capture_ffn_states, last_ffn_head
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(seed=0):

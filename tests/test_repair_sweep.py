@@ -20,12 +20,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 DE = {"pop_size": 6, "generations": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(root, make_classifier):
