@@ -1,7 +1,9 @@
 """The report step: one page per run that links every headline table and figure the run has.
 
-:func:`write_report` writes ``report/report.md`` and a self-contained ``report/report.html`` (images embedded as
-data URIs, tables inline, links relative to the run: no network) through the run store, and returns the .md path.
+:func:`write_report` writes ``report/report.md`` and ``report/report.html`` (rendered by Python-Markdown; tables
+inline, figures as files linked relative to the run, all but the overview figures folded into ``<details>``
+sections: the page stays far below 1 MB and loads nothing from the network) through the run store, and returns the
+.md path. Open it from the run directory (or copy the whole run: the figures are its files).
 For every table and figure it states the split, n and the experiment config; a figure with nothing to plot is
 listed as "nothing to plot" (with the reason), never drawn empty. Sections (each only when the run has it):
 
@@ -24,7 +26,6 @@ Made here (under ``report/``): ``fl_cost_vs_quality.png|pdf``, ``confusion_test.
 """
 from __future__ import annotations
 
-import base64
 import html
 import json
 import os
@@ -67,7 +68,10 @@ class _Page:
             if body:
                 self.add(*body, "")
 
-    def figure(self, png: Path, title: str, split: str, n: str, nothing: str | None = None) -> None:
+    def figure(self, png: Path, title: str, split: str, n: str, nothing: str | None = None,
+               fold: bool = True) -> None:
+        """A figure as a file link (never inlined); ``fold``: inside a collapsed ``<details>`` whose summary
+        states title, split and n (the page lists every figure without showing 30 at once)."""
         if nothing:
             self.add(f"- **{title}** ({split}; {n}): nothing to plot — {nothing}")
             return
@@ -78,7 +82,13 @@ class _Page:
         extra = f" ([PDF]({self.rel(pdf)}))" if pdf.is_file() else ""
         if pdf.is_file():
             self.links.append(pdf)
-        self.add(f"**{title}** — split: {split}; n: {n}{extra}", "", f"![{title}]({self.rel(png)})", "")
+        image = f"![{title}]({self.rel(png)})"
+        if fold:
+            summary = html.escape(f"{title} — split: {split}; n: {n}", quote=False)
+            self.add('<details markdown="1">', f"<summary>{summary}</summary>", "", image + extra, "", "</details>",
+                     "")
+        else:
+            self.add(f"**{title}** — split: {split}; n: {n}{extra}", "", image, "")
 
 
 def _files(folder: Path, suffix: str) -> list[Path]:
@@ -190,7 +200,8 @@ def _fl_cost_vs_quality(page: _Page) -> None:
     page.figure(stem.with_suffix(".png"), "FL cost vs quality (bars: min-max over settings)",
                 "FL time on the repair split's settings; P@1% on the checkpoint benchmark",
                 f"{len(d)} methods, {int(q['size'].max()) if len(q) else 0} settings",
-                None if made else (is_nothing_to_plot(fig) or "no method has both a timing and a benchmark row"))
+                None if made else (is_nothing_to_plot(fig) or "no method has both a timing and a benchmark row"),
+                fold=False)
 
 
 def _fl_figures(page: _Page) -> None:
@@ -238,7 +249,8 @@ def _repair(page: _Page) -> None:
             page.table_file(d / t["file"], t["title"], t["split"], t["n"], embed=t["file"] == store.summary_file("summary", d, ext="md").name)
         page.add("### Repair figures" + ("" if d == top else f": {d.name}"), "")
         for f in man.get("figures", []):
-            page.figure(d / f["file"], f["title"], f["split"], f["n"], f.get("nothing_to_plot"))
+            page.figure(d / f["file"], f["title"], f["split"], f["n"], f.get("nothing_to_plot"),
+                        fold=not f["file"].startswith("bar_"))  # the overview bars open, the rest folded
 
 
 def _crossval(page: _Page) -> None:
@@ -348,66 +360,20 @@ def _adequacy(page: _Page) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- html
-def _inline(text: str, base: Path) -> str:
-    def img(m):
-        alt, src = m.group(1), m.group(2)
-        p = (base / src).resolve()
-        if p.is_file() and p.suffix == ".png":
-            data = base64.b64encode(p.read_bytes()).decode()
-            return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="max-width:100%">'
-        return f'<img alt="{html.escape(alt)}" src="{html.escape(src)}">'
+def markdown_to_html(md: str, base: Path | None = None, title: str = "report") -> str:
+    """The report's Markdown as one HTML page, rendered by Python-Markdown (tables, fenced code, Markdown inside
+    ``<details>``). Figures stay files: images and links keep their paths relative to the report folder (``base``,
+    kept for the signature), so the page stays small and opens from the run directory."""
+    import markdown
 
-    out = html.escape(text, quote=False)
-    out = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", lambda m: img(m), out)
-    out = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', out)
-    out = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    return out
-
-
-def markdown_to_html(md: str, base: Path, title: str = "report") -> str:
-    """The report's Markdown (headings, paragraphs, lists, pipe tables, code blocks, images, links) as one
-    self-contained HTML page: PNG images under ``base`` are embedded as data URIs; other links stay relative."""
-    body, i, lines = [], 0, md.splitlines()
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("```"):
-            j = i + 1
-            while j < len(lines) and not lines[j].startswith("```"):
-                j += 1
-            body.append("<pre>" + html.escape("\n".join(lines[i + 1:j])) + "</pre>")
-            i = j + 1
-            continue
-        if line.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append([c.strip() for c in re.split(r"(?<!\\)\|", lines[i].strip()[1:-1])])
-                i += 1
-            head, rest = rows[0], [r for r in rows[1:] if not all(set(c) <= set(":-") for c in r)]
-            t = ["<table><thead><tr>" + "".join(f"<th>{_inline(c, base)}</th>" for c in head) + "</tr></thead>",
-                 "<tbody>" + "".join("<tr>" + "".join(f"<td>{_inline(c.replace(chr(92) + '|', '|'), base)}</td>"
-                                                     for c in r) + "</tr>" for r in rest) + "</tbody></table>"]
-            body.append("".join(t))
-            continue
-        m = re.match(r"(#+) (.*)", line)
-        if m:
-            lvl = min(6, len(m.group(1)))
-            body.append(f"<h{lvl}>{_inline(m.group(2), base)}</h{lvl}>")
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{_inline(lines[i][2:], base)}</li>")
-                i += 1
-            body.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        elif line.strip():
-            body.append(f"<p>{_inline(line, base)}</p>")
-        i += 1
+    body = markdown.markdown(md, extensions=["tables", "fenced_code", "md_in_html", "sane_lists"],
+                             output_format="html")
     css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;font-size:14px}"
            "table{border-collapse:collapse;margin:0.5em 0;font-size:12px}td,th{border:1px solid #ccc;"
-           "padding:2px 6px}th{background:#f3f3f3}pre{background:#f6f6f6;padding:0.5em;overflow:auto}")
+           "padding:2px 6px}th{background:#f3f3f3}pre{background:#f6f6f6;padding:0.5em;overflow:auto}"
+           "img{max-width:100%}details{margin:0.3em 0}summary{cursor:pointer}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{css}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{css}</style></head><body>\n{body}\n</body></html>\n")
 
 
 # --------------------------------------------------------------------------------------------------------- main

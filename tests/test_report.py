@@ -164,7 +164,14 @@ def test_report_links_resolve_and_tables_state_split_and_n(run):
     assert "runs had no target in the test fold" in text and '"experiment": "synthetic"' in text
     assert "test fold (held out)" in text
     html = store.path("report", name="report.html").read_text()
-    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    # figures are files beside the page, never inlined; the page is small and links nothing remote
+    assert "data:image" not in html and "http://" not in html and "https://" not in html
+    assert len(html.encode()) < 1_000_000
+    import re as _re
+
+    srcs = _re.findall(r'<img[^>]* src="([^"]+)"', html)
+    assert srcs and all((store.report_dir / s).resolve().is_file() for s in srcs), srcs
+    assert '<details>' in html and "<summary>" in html and "<table>" in html  # folded figures, real tables
     # the test-fold confusion matrix equals a plain count
     from pipeline.report import confusion_of_split
     from localization.cache import load_states
