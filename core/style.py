@@ -406,14 +406,15 @@ def method_style(method: str) -> MethodStyle:
 
 
 def budget_key(b) -> tuple:
-    """Sort key of a budget: numbers in numeric order first (66 before 328), then the rest (``avg``, ``front``) in
-    text order."""
+    """Sort key of a budget: counts in numeric order first (66 before 328), then shares of the layer in numeric
+    order (``0.5%`` before ``1%`` before ``10%``), then the rest (``avg``, ``front``) in text order."""
     s = str(b).strip()
+    share = s.endswith("%")
     try:
-        v = float(s)
+        v = float(s[:-1] if share else s)
     except ValueError:
-        return (1, math.inf, s)
-    return (0, v, "") if math.isfinite(v) else (1, math.inf, s)
+        return (2, math.inf, s)
+    return (int(share), v, "") if math.isfinite(v) else (2, math.inf, s)
 
 
 def sort_budgets(budgets: Iterable) -> list:

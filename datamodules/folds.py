@@ -13,14 +13,13 @@ same indices, even if a library's shuffling changed in between.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import KFold
 
-from core.io import atomic_write_json, provenance
+from core.io import CorruptFileError, atomic_write_json, provenance, read_json
 
 __all__ = ["FoldSplit", "FoldsFileError", "kfold_split", "load_or_create_folds", "labels_fingerprint"]
 
@@ -105,7 +104,8 @@ def load_or_create_folds(path: str | Path | None, eval_size: int, n_folds: int =
     path = Path(path)
     if not path.exists():
         split = kfold_split(eval_size, n_folds, fold_seed, fold_index)
-        atomic_write_json(path, {**split.to_json(fingerprint), "provenance": provenance(**provenance_extra)})
+        atomic_write_json(path, {**split.to_json(fingerprint), "provenance": provenance(**provenance_extra)},
+                          checksum=True)
         return split
     return _read_folds(path, eval_size, n_folds, fold_seed, fold_index, fingerprint)
 
@@ -114,7 +114,10 @@ def _read_folds(path: Path, eval_size: int, n_folds: int, fold_seed: int, fold_i
                 fingerprint: str | None) -> FoldSplit:
     hint = "delete it (or point folds_path elsewhere) to recompute the folds for the current settings"
     try:
-        obj = json.loads(path.read_text())
+        obj = read_json(path)  # its content hash verified (a hand-edited or damaged folds file is refused)
+    except CorruptFileError as e:
+        raise FoldsFileError(f"{e}. The folds decide which inputs are repaired and which tested: {hint} (and "
+                             "rerun the steps after training)") from None
     except (OSError, ValueError) as e:
         raise FoldsFileError(f"{path}: cannot read the folds file as JSON ({e}); {hint}") from None
     if not isinstance(obj, dict) or obj.get("format") != FOLDS_FORMAT:

@@ -6,9 +6,11 @@ Conventions used by every caller (FL LightningModule, FL evaluation, repair swee
 * a *weight-level* score vector is ``[2 d d_ff]`` over the global weight index (W_bef row-major, then W_aft);
   a *neuron-level* one is ``[d_ff]``; higher = more suspicious;
 * ranks break ties stably: equal scores are ordered by ascending index (:func:`top_n`);
-* a budget is an int N (number of weights; ``unit="neurons"`` counts neurons for neuron-level methods), or
-  ``"front"`` / ``None``: the method's own selection (BL's Pareto front, IG's paper rule), whose size the method
-  decides;
+* a budget is an int N (number of weights; ``unit="neurons"`` counts neurons for neuron-level methods), a share
+  of the layer written ``"P%"`` (``"0.01%"``: N = max(1, round(P / 100 * layer size)), so one config scales from
+  the testbed to ViT-B: 0.005 / 0.01 / 0.02 % of 4,718,592 are 236 / 472 / 944; :func:`parse_budget`,
+  :func:`budget_size`), or ``"front"`` / ``None``: the method's own selection (BL's Pareto front, IG's paper
+  rule), whose size the method decides; ``"avg"`` (N_avg, the mean front size of BL) is resolved by the FL step;
 * a neuron-level method's weights for a weight budget N are the weights of its top neurons, neuron by neuron in
   rank order, each neuron contributing its 2d weights in the order (row j of W_bef by column, then column j of
   W_aft by row), until N weights are filled; the last neuron may be cut (its first weights in that order).
@@ -34,11 +36,70 @@ __all__ = [
     "select",
     "localize",
     "BudgetError",
+    "parse_budget",
+    "budget_size",
+    "DEFAULT_BUDGETS",
 ]
+
+#: the default FL / repair budgets: the published 236 / 472 / 944 weights of ViT-B/16's 4,718,592, as the shares of
+#: the layer they are, so a smaller model gets the same shares (the 32,768-weight testbed: 2 / 3 / 7)
+DEFAULT_BUDGETS: tuple[str, ...] = ("0.005%", "0.01%", "0.02%")
 
 
 class BudgetError(ValueError):
     """A budget the selection cannot honour (larger than the layer, not positive, unknown string)."""
+
+
+def parse_budget(b: Any) -> int | str:
+    """A budget as given (an int, ``"236"``, ``"0.01%"``, ``"avg"``, ``"front"``) in its one canonical form: an
+    int, ``"P%"`` (P as the shortest decimal, ``0 < P <= 100``), ``"avg"`` or ``"front"``; anything else is
+    :class:`BudgetError`. Counts must be >= 1 (checked against the layer by :func:`budget_size`).
+
+    >>> [parse_budget(b) for b in (236, "472", "0.010%", " 1% ", "avg", "front")]
+    [236, 472, '0.01%', '1%', 'avg', 'front']
+    """
+    if isinstance(b, bool):
+        raise BudgetError(f"budget {b!r}: expected a positive int, a share 'P%' of the layer, 'avg' or 'front'")
+    if isinstance(b, int):
+        if b < 1:
+            raise BudgetError(f"budget {b} is not a positive number of weights")
+        return b
+    if isinstance(b, str):
+        t = b.strip()
+        if t in ("avg", "front"):
+            return t
+        if t.isdigit():
+            return parse_budget(int(t))
+        if t.endswith("%"):
+            try:
+                p = float(t[:-1])
+            except ValueError:
+                p = float("nan")
+            if p == p and 0 < p <= 100:
+                from decimal import Decimal
+
+                return f"{format(Decimal(repr(p)).normalize(), 'f')}%"
+    raise BudgetError(f"budget {b!r}: expected a positive int, a share 'P%' of the layer (e.g. '0.01%'), 'avg' or "
+                      "'front'")
+
+
+def budget_size(b: int | str, total: int) -> int:
+    """The number of weights an int or ``"P%"`` budget selects from a layer of ``total`` weights (a share rounds
+    to the nearest int, at least 1); :class:`BudgetError` when it exceeds the layer.
+
+    >>> [budget_size(b, 4_718_592) for b in ("0.005%", "0.01%", "0.02%")], budget_size("1%", 32768)
+    ([236, 472, 944], 328)
+    """
+    b = parse_budget(b)
+    if isinstance(b, str) and b.endswith("%"):
+        n = max(1, round(float(b[:-1]) / 100 * total))
+    elif isinstance(b, int):
+        n = b
+    else:
+        raise BudgetError(f"budget {b!r} has no fixed size (it is resolved by the FL step)")
+    if n > total:
+        raise BudgetError(f"budget {b} is outside [1, {total}] (the number of last-FFN weights)")
+    return n
 
 
 def _check_scores(scores: Tensor, name: str = "scores") -> Tensor:

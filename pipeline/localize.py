@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from core.io import provenance
 from core.runstore import RunStore, identity_key
 from localization.base import FL_METHODS, FLResult, method_meta, selects_own
-from localization.ranking import BudgetError, select
+from localization.ranking import DEFAULT_BUDGETS, BudgetError, budget_size, parse_budget, select
 from pipeline.context import RunContext
 
 __all__ = ["BENCHMARK_SETTINGS", "N_AVG_METHOD", "fl_identity", "run_method", "resolve_n_avg", "resolve_budgets",
@@ -65,16 +65,16 @@ def fl_identity(ctx: RunContext, method: str, setting: str, options: Mapping[str
 
 
 def check_budgets(budgets: Iterable[int | str], total: int | None = None) -> list[int | str]:
-    """Budgets as given (ints, "avg", "front"), checked before any work: positive, at most the layer's size."""
+    """Budgets as given (ints, shares ``"P%"`` of the layer, "avg", "front") in canonical form
+    (:func:`localization.ranking.parse_budget`), checked before any work: positive, at most the layer's size
+    (``total``, when known). A share stays a share here; :func:`resolve_budgets` turns it into its count."""
+    if isinstance(budgets, (str, int)):
+        raise BudgetError(f"budgets must be a list (e.g. [{budgets!r}]), got the single value {budgets!r}")
     out: list[int | str] = []
     for b in budgets:
-        if isinstance(b, str) and b.strip().lstrip("-").isdigit():
-            b = int(b)
-        if isinstance(b, bool) or not (isinstance(b, int) or b in ("avg", "front")):
-            raise BudgetError(f"budget {b!r}: expected a positive int, 'avg' or 'front'")
-        if isinstance(b, int) and (b < 1 or (total is not None and b > total)):
-            raise BudgetError(f"budget {b} is outside [1, {total if total is not None else 'layer size'}] "
-                              "(the number of last-FFN weights)")
+        b = parse_budget(b)
+        if total is not None and b not in ("avg", "front"):
+            budget_size(b, total)
         out.append(b)
     if not out:
         raise BudgetError("no budgets given")
@@ -186,6 +186,12 @@ def _status_kind(status: str) -> str:
     raise ValueError(f"unknown FL status {status!r}; known: {sorted(STATUSES)}")
 
 
+def _sort_budgets(budgets):
+    from core.style import sort_budgets
+
+    return sort_budgets(budgets)
+
+
 def status_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per method from :func:`run_localization`'s status rows: settings computed now, selected now from
     scores on disk, already on disk, not applicable and failed (each with the settings' names), the budgets, and
@@ -204,8 +210,7 @@ def status_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         t = d["t"]
         out.append({"method": m, "computed": len(d["computed"]), "selected": len(d["selected"]),
                     "on disk": len(d["on_disk"]), "n/a": len(d["not_applicable"]), "failed": len(d["failed"]),
-                    "N": " ".join(sorted(d["budgets"], key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0,
-                                                                      b))),
+                    "N": " ".join(_sort_budgets(d["budgets"])),
                     "mean_s": f"{sum(t) / len(t):.3f}" if t else "-", "max_s": f"{max(t):.3f}" if t else "-",
                     "not run": "; ".join(d["not_applicable"] + d["failed"]) or "-"})
     return out
@@ -244,19 +249,20 @@ def resolve_n_avg(ctx: RunContext, *, options: Mapping[str, Any] | None = None, 
 
 def resolve_budgets(ctx: RunContext, method: str, budgets: Sequence[int | str], *,
                     method_options: Mapping[str, Any] | None = None, **n_avg_kw: Any) -> list[int | str]:
-    """A method's concrete budgets: "front" alone for methods that select their own set; "avg" -> N_avg."""
+    """A method's concrete budgets, resolved once here: "front" alone for methods that select their own set;
+    "avg" -> N_avg; a share "P%" -> its count of the layer (:func:`localization.ranking.budget_size`)."""
     if selects_own(method, method_options):
         return ["front"]
     out: list[int | str] = []
     for b in budgets:
         if b == "front":
             continue
-        out.append(int(resolve_n_avg(ctx, **n_avg_kw)["n_avg"]) if b == "avg" else int(b))
+        out.append(int(resolve_n_avg(ctx, **n_avg_kw)["n_avg"]) if b == "avg" else budget_size(b, ctx.head.index.total))
     return list(dict.fromkeys(out))
 
 
 def run_localization(store: RunStore | str, methods: Sequence[str] | None = None,
-                     settings: Sequence[str] | None = None, budgets: Sequence[int | str] = (236, 472, 944),
+                     settings: Sequence[str] | None = None, budgets: Sequence[int | str] = DEFAULT_BUDGETS,
                      seed: int = 0, batch_size: int = 512, trainer_kwargs: Mapping[str, Any] | None = None,
                      method_options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
                      epoch: int | None = None) -> list[dict[str, Any]]:

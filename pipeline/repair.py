@@ -34,6 +34,7 @@ from core.io import provenance
 from core.runstore import RunStore, UnsafePathError, identity_key
 from lightning_modules.repair import REPAIRS
 from localization.base import FL_METHODS, method_meta, selects_own
+from localization import ranking
 from pipeline.context import RunContext
 from pipeline.localize import (STALE_WHY, check_budgets, count_stale, disk_full_names, fl_identity, resolve_budgets,
                                run_method, stale_note, stale_reasons)
@@ -42,7 +43,7 @@ __all__ = ["RepairTask", "DEFAULT_METHODS", "DEFAULT_BUDGETS", "parse_shard", "d
            "shard_tasks", "run_sweep", "collect_results", "aggregate", "summary_table", "statistics", "METRICS"]
 
 DEFAULT_METHODS = ("ours", "arachne_w", "random")
-DEFAULT_BUDGETS: tuple[int | str, ...] = (236, 472, 944, "avg")
+DEFAULT_BUDGETS: tuple[int | str, ...] = (*ranking.DEFAULT_BUDGETS, "avg")
 METRICS = ("rr", "br", "delta_acc")
 METRIC_NAMES = {"rr": "repair rate (RR)", "br": "break rate (BR)", "delta_acc": "delta accuracy"}
 
@@ -99,8 +100,10 @@ def dataset_dirs(run_dirs: Mapping[str, str | Path] | Sequence[str | Path]) -> d
     return out
 
 
-def _budget_key(b: int | str) -> tuple[int, Any]:
-    return (0, b) if isinstance(b, int) else (1, str(b))
+def _budget_key(b: int | str) -> tuple:
+    from core.style import budget_key
+
+    return budget_key(b)
 
 
 def _available_settings(root: Path) -> dict[str, Any]:
@@ -456,7 +459,9 @@ def _method_order(methods: Iterable[str]) -> list[str]:
 
 
 def _budget_order(budgets: Iterable[str]) -> list[str]:
-    return sorted(set(budgets), key=lambda b: (0, int(b), "") if b.isdigit() else (1, 0, b))
+    from core.style import sort_budgets
+
+    return sort_budgets(budgets)
 
 
 def summary_table(df, by: Sequence[str] = (), confidence: float = 0.95) -> "pd.DataFrame":  # noqa: F821

@@ -316,7 +316,9 @@ def test_folds_written_once_and_read_back(cifar_root, tmp_path, monkeypatch):
     assert obj["test"] == test_idx.tolist() and "provenance" in obj
     # read back, not recomputed: a stored (valid) partition wins over what KFold would give now
     obj["test"], obj["repair"] = [0, 1, 2, 3, 4], list(range(5, 15))
-    path.write_text(json.dumps(obj))
+    from core.io import atomic_write_json
+
+    atomic_write_json(path, obj, checksum=True)  # a partition written by the toolkit (its hash recorded)
     import datamodules.folds as folds_mod
 
     monkeypatch.setattr(folds_mod, "kfold_split", lambda *a, **k: pytest.fail("folds recomputed"))
@@ -342,7 +344,16 @@ def test_folds_file_other_eval_set_or_corrupt(tmp_path):
     with pytest.raises(FoldsFileError, match="another evaluation set"):
         load_or_create_folds(path, 10, n_folds=2, eval_labels=[1, 0] * 5)
     obj = json.loads(path.read_text())
-    path.write_text(json.dumps({**obj, "test": obj["test"][:-1]}))
+    assert "content_sha256" in obj
+    # a consistent edit (one input moved from the test fold to the repair fold) keeps the file valid: its content
+    # hash catches it
+    edited = {**obj, "repair": sorted(obj["repair"] + obj["test"][:1]), "test": obj["test"][1:]}
+    path.write_text(json.dumps(edited))
+    with pytest.raises(FoldsFileError, match="corrupt.*which inputs are repaired"):
+        load_or_create_folds(path, 10, n_folds=2)
+    # a file without a hash (an older run) is still checked for structure
+    unhashed = {k: v for k, v in obj.items() if k != "content_sha256"}
+    path.write_text(json.dumps({**unhashed, "test": obj["test"][:-1]}))
     with pytest.raises(FoldsFileError, match="disjoint"):
         load_or_create_folds(path, 10, n_folds=2)
     path.write_text("{not json")
