@@ -73,6 +73,8 @@ class _Ctx:
     writer: Any = None
     figures: bool = True
     made: list = field(default_factory=list)
+    #: cases that cannot run (recorded in the run store's not_applicable.json), new and known, one row each
+    not_applicable: list = field(default_factory=list)
 
     def figure(self, fig, name: str) -> None:
         from core.style import is_nothing_to_plot
@@ -253,6 +255,31 @@ def _bench_key(method: str, options, seed: int, states_hash: str, what) -> str:
                          "states": states_hash, "what": what})
 
 
+def _not_applicable_reason(ex: BaseException) -> str | None:
+    """The reason an FL method cannot run on these inputs (a V-score method on one I_neg input, a setting without
+    I_neg), as the localize step recognises it (``pipeline.localize.NOT_APPLICABLE_MARKERS``); None for a failure."""
+    from pipeline.localize import NOT_APPLICABLE_MARKERS
+
+    msg = str(ex)
+    return msg if isinstance(ex, ValueError) and any(m in msg for m in NOT_APPLICABLE_MARKERS) else None
+
+
+def _na_case(ctx: _Ctx, key: str, part: str, method: str, where: str) -> dict[str, Any] | None:
+    """A case recorded as not applicable in the run store (``not_applicable.json``): its row, else None (with
+    ``overwrite``: None, so it is tried again)."""
+    why = None if ctx.overwrite else ctx.layout.not_applicable().get(key)
+    return None if why is None else {"part": part, "method": method, "where": where, "reason": why, "key": key}
+
+
+def _mark_na(ctx: _Ctx, key: str, part: str, method: str, where: str, why: str) -> dict[str, Any]:
+    """Record a case that cannot run once in the run store (not retried, counted by every later run) and say so."""
+    text = f"{part}: {method} on {where}: {why}"
+    ctx.layout.mark_not_applicable(key, text)
+    ctx.log(f"{part}: {method} on {where} is not applicable (recorded, not retried): {why}")
+    ctx.not_applicable.append({"part": part, "method": method, "where": where, "reason": text, "key": key})
+    return ctx.not_applicable[-1]
+
+
 def _vs_expectation(df: pd.DataFrame, metrics: Sequence[str], pair_key: str, question: str) -> pd.DataFrame:
     """Each method's metric against random's exact expectation, paired by ``pair_key`` (setting or seed);
     Wilcoxon + Holm across the methods, per metric."""
@@ -405,6 +432,12 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
         rows.extend(read_json(paths[v]) for v in paths if v in have)
         if not missing:
             continue
+        na_key = f"fl_eval/checkpoint/epoch={e:03d}/{setting}/{method}-{_bench_key(method, opts, seed, spath_hash, {'checkpoint_fl': e})}"
+        where = f"{setting} (epoch {e - 1} model)"
+        known = _na_case(ctx, na_key, "checkpoint benchmark", method, where)
+        if known is not None:  # counted, not retried, not printed again
+            ctx.not_applicable.append(known)
+            continue
         x, y, is_neg, extra_opts, desc = setting_rows(states, info["settings"][setting], method, seed)
         fl_inputs = {"split": split, "setting": setting, "states": layout.rel(spath),
                      "model_hash": model_fingerprint(model_prev), "i_neg": desc["i_neg"], "i_pos": desc["i_pos"]}
@@ -413,6 +446,10 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
                                                          seed, batch_size, {**opts, **extra_opts},
                                                          localize_with_trainer)
         except Exception as ex:  # recorded, not written: retried on the next run
+            why = _not_applicable_reason(ex)
+            if why is not None:  # e.g. a V-score method on a setting with one I_neg: not applicable, not a failure
+                _mark_na(ctx, na_key, "checkpoint benchmark", method, where, why)
+                continue
             errors.append({"setting": setting, "method": method, "error": f"{type(ex).__name__}: {ex}"})
             ctx.log(f"checkpoint benchmark: {method} on {setting} failed: {errors[-1]['error']}")
             continue
@@ -445,6 +482,7 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
                           "i_neg": "the setting's misclassified inputs of the epoch e-1 model",
                           "i_pos": "all correctly classified inputs of the split"},
             "circular": is_circular(split, training_splits), "training_splits": list(training_splits),
+            "not_applicable": [c["reason"] for c in ctx.not_applicable if c["part"] == "checkpoint benchmark"],
             "circularity_note": "ground truth = the training update of epoch e on the training split; the FL "
                                 f"inputs come from {split!r}" + (" (the same data: circular)"
                                                                  if is_circular(split, training_splits) else
@@ -512,10 +550,20 @@ def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, st
             ctx.log(f"injected faults: strength {sl}, seed {seed}: {len(fault.weights)} weights perturbed, "
                     f"{fault.n_changed} of {len(x)} predictions changed")
             for method in todo:
+                na_key = f"fl_eval/injected/strength={sl}/seed={seed}/{name[method][:-len('.json')]}"
+                where = f"strength {sl}, seed {seed}"
+                known = _na_case(ctx, na_key, "injected faults", method, where)
+                if known is not None:  # counted, not retried, not printed again
+                    ctx.not_applicable.append(known)
+                    continue
                 try:
                     row = evaluate_method_on_fault(fault, head, x, label, method, fractions, batch_size,
                                                    (method_opts or {}).get(method), localize_with_trainer)
                 except Exception as ex:
+                    why = _not_applicable_reason(ex)
+                    if why is not None:
+                        _mark_na(ctx, na_key, "injected faults", method, where, why)
+                        continue
                     ctx.log(f"injected faults: {method} on strength {sl}, seed {seed} failed: "
                             f"{type(ex).__name__}: {ex}")
                     rows.append({**fault_facts(fault, head), "method": method,
@@ -693,7 +741,7 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
     if tensorboard and figures and (overwrite or not (out / "headline.csv").is_file()) and layout.writes():
         from torch.utils.tensorboard import SummaryWriter  # a rerun that finds every output adds no event file
 
-        writer = SummaryWriter(str(layout.tensorboard / "fl_eval"))
+        writer = SummaryWriter(str(layout.path("tb_run", name="fl_eval")))
     ctx = _Ctx(layout, out, log, overwrite, writer, figures)
     results: dict[str, pd.DataFrame] = {}
     t0 = time.perf_counter()
@@ -717,6 +765,10 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
         if "injected" in parts:
             results.update(_injected(ctx, head, states, bench_methods, inject_seeds, fractions, batch_size,
                                      strengths, method_opts))
+        if ctx.not_applicable:  # counted by the callers (the experiment runner's evaluate_fl row)
+            results["not_applicable"] = pd.DataFrame(ctx.not_applicable)
+            log(f"FL evaluation: {len(ctx.not_applicable)} cases not applicable (recorded in "
+                f"{layout.rel(layout.path('not_applicable'))}, not retried)")
         meta_path = out / "checkpoint_benchmark_meta.json"
         blocks = headline_blocks(results, pos_fraction, read_json(meta_path) if meta_path.is_file() else None)
         head_df = _headline_csv(blocks)

@@ -25,7 +25,6 @@ Nothing here reads argv or picks an output folder; the config does (``datasets.<
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -33,7 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from core.runstore import RunStore, identity_key
+from core.runstore import RunStore
 
 __all__ = ["STEPS", "PHASES", "ExperimentConfigError", "quiet", "check_experiment", "check_fl_options", "run_experiment",
            "experiment_results",
@@ -418,8 +417,8 @@ def _train(store: RunStore, train: Mapping[str, Any] | None, root: Path) -> dict
     args += [f"--trainer.default_root_dir={store.root}", f"--trainer.max_epochs={train['epochs']}",
              "--trainer.enable_model_summary=false",
              *[str(a) for a in train.get("args") or []]]
-    if (store.checkpoints / "last.ckpt").is_file():
-        args.append(f"--ckpt_path={store.checkpoints / 'last.ckpt'}")
+    if store.last_checkpoint.is_file():
+        args.append(f"--ckpt_path={store.last_checkpoint}")
     ToolkitCLI(args=args)
     return {"done": 1}
 
@@ -521,9 +520,12 @@ def _evaluate(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) ->
         kw["ckpt_epoch"] = want_epoch
     t0 = time.perf_counter()
     messages: list[str] = []
-    run_evaluation(store, log=messages.append, **kw)
-    failed = [m for m in messages if "failed" in m]
-    log.step("evaluate_fl", name, {"done": 1, "error": len(failed)}, time.perf_counter() - t0, {}, failed)
+    before = store.not_applicable()
+    res = run_evaluation(store, log=messages.append, **kw)
+    failed = [m for m in messages if "failed" in m and "not applicable" not in m]
+    na = len(res.get("not_applicable", ()))  # cases that cannot run (recorded, new and known): counted, not failed
+    log.step("evaluate_fl", name, {"done": 1, "not applicable": na, "error": len(failed)}, time.perf_counter() - t0,
+             _na_diff(store, before), failed)
 
 
 def _sweep_rows_na(store: RunStore, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -592,15 +594,9 @@ def _aggregate(cfg: Mapping[str, Any], stores: Mapping[str, RunStore], log: _Log
     first = next(iter(stores.values()))
     tag = f"{cfg['name']}_{cfg.get('variant') or 'run'}"
     summary_dir = first.path("repair_summary", name=tag)
-    kw: dict[str, Any] = {}
     mine = {n: experiment_results(cfg, s) for n, s in stores.items()}
-    others = {n: len(s.list_results("repair_result")) - len(mine[n]) for n, s in stores.items()}
-    if "keys" in inspect.signature(aggregate).parameters:
-        kw["keys"] = {r["key"] for rs in mine.values() for r in rs}
-    elif any(others.values()):
-        log.log(f"  note: the run directories also hold {sum(others.values())} repair results of other "
-                "configurations; this version of the aggregation tabulates them too (by FL method, repair, budget)")
-    agg = aggregate({name: s.root for name, s in stores.items()}, summary_dir, **kw)
+    keys = {r["key"] for rs in mine.values() for r in rs}  # this experiment's results, not others in the runs
+    agg = aggregate({name: s.root for name, s in stores.items()}, summary_dir, keys=keys)
     log.step("aggregate", ", ".join(stores), {"done": 1}, time.perf_counter() - t0, {})
     if agg.get("stale_note"):
         log.log(f"  {agg['stale_note']}")
@@ -643,7 +639,7 @@ def _adequacy(store: RunStore, name: str, opts: Mapping[str, Any], ds_over: Mapp
         ckpt = cfg["model"].get("checkpoint")
         ident = {"kind": "adequacy_rq", "rq": rq, "config": {**cfg, "model": {**cfg["model"], "checkpoint": None}},
                  "checkpoint": store.file_hash(ckpt) if ckpt else None}
-        marker = store.adequacy_dir / f"{rq}.done.json"
+        marker = store.path("adequacy_marker", rq=rq)
         if store.read_result(marker, ident) is not None:
             counts["skipped"] += 1
             continue
@@ -691,7 +687,10 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
     log(f"experiment {cfg['name']} ({cfg.get('variant', '')}): steps {', '.join(todo)}"
         + (f"; shard {k}/{n}" if n > 1 else ""))
     _save_config(cfg, stores)
+    from pipeline.parallel import set_step
+
     for step in todo:
+        set_step(f"{step}" + (f" (shard {k}/{n})" if n > 1 else ""))  # named by an interrupted run's message
         t0 = time.perf_counter()
         if step == "train":
             for name, store in stores.items():
@@ -719,15 +718,12 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
     if n == 1 and any(s in todo for s in PHASES["final"]):  # one report per run, after the final steps
         from pipeline.report import write_report
 
+        set_step("report")
         out["reports"] = {}
         for name, store in stores.items():
             path = write_report(store, {"experiment": cfg["name"], "variant": cfg.get("variant"),
                                         "compat": list(cfg.get("compat") or [])})
             out["reports"][name] = str(path)
             log(f"report ({name}): {path}")
+    set_step(None)
     return out
-
-
-def experiment_identity(cfg: Mapping[str, Any]) -> str:
-    """A short key of the whole config (for logs and provenance)."""
-    return identity_key(dict(cfg))

@@ -61,7 +61,7 @@ OPTIONS = [
     ("rq5.methods", List[str], "RQ5 attribution methods"),
     ("rq5.modes", List[List[Any]], "RQ5 IDC modes as [mode, per_class]"),
 ]
-_RUN_KEYS = ("config", "__default_config__", "run_dir", "quick", "no_progress", "debug")
+_RUN_KEYS = ("config", "__default_config__", "run_dir", "quick", "progress", "debug")
 
 
 def build_parser(doc: str = __doc__):
@@ -71,7 +71,7 @@ def build_parser(doc: str = __doc__):
                    help="run directory; results go to <run_dir>/adequacy/<rq>/")
     p.add_argument("--quick", action="store_true",
                    help="digits + LeNet-5 with small budgets (merges configs/adequacy/quick.yaml); about a minute")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    _cli.add_progress(p, "the attribution and coverage loops' bars and the training bar", "the same")
     for name, typ, help_ in OPTIONS:
         p.add_argument(f"--{name}", type=typ, default=None, help=help_)
     return p
@@ -97,7 +97,7 @@ def main(rq: str, doc: str, argv: Optional[List[str]] = None) -> None:
     from core.runstore import RunStore
     from pipeline.adequacy import run_rq
 
-    out = run_rq(rq, config_dict(a), RunStore(a.run_dir).adequacy_dir, progress=not a.no_progress)
+    out = run_rq(rq, config_dict(a), RunStore(a.run_dir).adequacy_dir, progress=a.progress != "none")
     for name, df in ((k, v) for k, v in out["results"].items() if k != "detail"):
         print(f"\n== {rq} {name} ==")
         print(df.to_string(index=False, max_rows=60))

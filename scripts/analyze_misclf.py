@@ -11,10 +11,12 @@ from typing import List, Optional
 
 import _cli
 
+#: localization.misclf.DEFAULT_KINDS, spelled out so that --help imports no torch (tests/test_cli_vocabulary.py
+#: checks they agree)
+DEFAULT_KINDS = ("src_tgt", "tgt_fp", "tgt_fn", "all")
+
 
 def build_parser():
-    from localization.misclf import DEFAULT_KINDS
-
     p = _cli.make_parser(__doc__)
     p.add_argument("--run_dir", type=str, default="outputs/digits", help="the run directory (states cached)")
     p.add_argument("--split", type=str, default="repair", help="the split the settings come from")

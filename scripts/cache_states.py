@@ -11,8 +11,9 @@ from typing import List, Optional
 
 import _cli
 
-from core.runstore import RunStore
-from datamodules.base import SPLITS
+#: datamodules.base.SPLITS, spelled out so that --help imports no torch (tests/test_cli_vocabulary.py checks they
+#: agree)
+SPLITS = ("train", "val", "eval", "repair", "test")
 
 
 def build_parser():
@@ -36,6 +37,8 @@ def parse(argv=None):
         p.error(f"--devices must be >= 1, got {a.devices}")
     if a.epoch is not None and a.epoch < 0:
         p.error(f"--epoch must be >= 0, got {a.epoch}")
+    from core.runstore import RunStore
+
     if not RunStore(a.run_dir).root.is_dir():
         p.error(f"--run_dir {a.run_dir} is not a directory (train first: scripts/train.py fit ... "
                 f"--trainer.default_root_dir {a.run_dir})")
@@ -44,10 +47,11 @@ def parse(argv=None):
 
 @_cli.guard("cache_states")
 def main(argv=None) -> int:
-    from lightning_modules.runs import cache_run_states
-
     a = parse(argv)
     _cli.quiet()
+    from core.runstore import RunStore
+    from lightning_modules.runs import cache_run_states
+
     kw = {"accelerator": a.accelerator, "devices": a.devices}
     if a.devices > 1:
         kw["strategy"] = "ddp"

@@ -6,16 +6,18 @@ headline table. Resumable: outputs already under <run_dir>/fl_eval are read back
     python scripts/evaluate_fl.py --run_dir outputs/digits --parts checkpoint injected --methods random grad_loss ours
     python scripts/evaluate_fl.py --run_dir outputs/digits --quick
 """
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 import _cli
 from _cli import Budget
 
+#: pipeline.evaluate_fl.PARTS and evaluation.interventions.MODES, spelled out so that --help imports no torch
+#: (tests/test_cli_vocabulary.py checks they agree)
+PARTS = ("interventions", "checkpoint", "injected")
+MODES = ("zero", "double")
+
 
 def build_parser():
-    from evaluation.interventions import MODES
-    from pipeline.evaluate_fl import PARTS
-
     p = _cli.make_parser(__doc__)
     p.add_argument("--run_dir", type=str, default="outputs/digits", help="the run directory")
     p.add_argument("--parts", type=str, nargs="+", default=list(PARTS), help=f"parts to run, of {list(PARTS)}")
@@ -45,8 +47,7 @@ def build_parser():
     p.add_argument("--strengths", type=str, nargs="+", default=["30", "published"],
                    help="injected-fault strengths: a count of changed predictions (30), a share of the split (0.02), "
                         "or published (0.1 %%, at least 2)")
-    p.add_argument("--method_options", type=Dict[str, Dict[str, Any]], default={},
-                   help="FL method -> its options for the benchmarks (scripts/localize.py --list --verbose)")
+    _cli.add_method_options(p, "FL method -> its options for the benchmarks (scripts/localize.py --list --verbose)")
     p.add_argument("--split", type=str, default="repair", help="split the FL inputs come from")
     p.add_argument("--batch_size", type=int, default=512, help="loader batch size")
     p.add_argument("--no_figures", action="store_true", help="no figures (and no TensorBoard)")

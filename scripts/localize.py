@@ -5,7 +5,7 @@ run is recorded once as not applicable).
     python scripts/localize.py --config my_fl.yaml --print_config     # the merged config
     python scripts/localize.py --list [--verbose]                     # the registered methods
 """
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 import _cli
 from _cli import Budget
@@ -16,15 +16,15 @@ def build_parser():
     p.add_argument("--run_dir", type=str, default="outputs/digits", help="the trained run directory")
     p.add_argument("--methods", type=str, nargs="+", default=None, help="FL methods (null: every registered method)")
     p.add_argument("--settings", type=str, nargs="+", default=None, help="settings (null: every available setting)")
-    p.add_argument("--budgets", type=Budget, nargs="+", default=[236, 472, 944, "avg"],
+    p.add_argument("--budgets", type=Budget, nargs="+", default=_cli.DEFAULT_BUDGETS,
                    help="weights, 'avg' (N_avg, the mean size of BL's front) or 'front'")
-    p.add_argument("--method_options", type=Dict[str, Dict[str, Any]], default={},
-                   help="FL method -> its options, e.g. '{ig: {times_activation: false}}' (see --list --verbose)")
+    _cli.add_method_options(p, "FL method -> its options, e.g. '{ig: {times_activation: false}}' (see --list "
+                               "--verbose)")
     p.add_argument("--seed", type=int, default=0, help="FL seed (random methods)")
     p.add_argument("--batch_size", type=int, default=512, help="loader batch size of the FL pass")
     p.add_argument("--accelerator", type=str, default="cpu", help="Trainer accelerator")
     p.add_argument("--devices", type=int, default=1, help="Trainer devices (ddp when > 1)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar over (method, setting)")
+    _cli.add_progress(p, "one over (method, setting)", "the same")
     p.add_argument("--list", action="store_true", help="list the registered methods and exit")
     p.add_argument("--verbose", action="store_true", help="with --list: each method's summary, metadata, options")
     return p
@@ -63,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     store = RunStore(a.run_dir)
     before = store.not_applicable()
     rows = run_localization(store, a.methods, a.settings, a.budgets, seed=a.seed, batch_size=a.batch_size,
-                            trainer_kwargs=kw, method_options=a.method_options, progress=not a.no_progress)
+                            trainer_kwargs=kw, method_options=a.method_options, progress=a.progress != "none")
     if not is_rank_zero():
         return 0
     for r in rows:

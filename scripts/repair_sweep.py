@@ -3,7 +3,7 @@ run store, resumable (existing results are skipped), shardable; then tables, fig
 
     python scripts/repair_sweep.py --run_dirs c100=outputs/c100_vit_b16 tiny=outputs/tiny_imagenet_vit_b16 \\
         --methods ours arachne_w random --budgets 236 472 944 --reps 5 --shard 3/8
-    python scripts/repair_sweep.py --run_dirs outputs/digits --repair_options '{generations: 100, fitness: reptran}'
+    python scripts/repair_sweep.py --run_dir outputs/digits --repair_options '{generations: 100, fitness: reptran}'
     python scripts/repair_sweep.py --run_dirs outputs/c100_vit_b16 --aggregate_only   # tables + figures + statistics
     python scripts/repair_sweep.py --list [--verbose]                                # the registered repair methods
 
@@ -17,11 +17,12 @@ from _cli import Budget
 
 def build_parser():
     p = _cli.make_parser(__doc__)
-    p.add_argument("--run_dirs", type=str, nargs="+", default=["outputs/digits"],
-                   help="run directories, 'name=path' or path (name = folder name)")
+    p.add_argument("--run_dirs", "--run_dir", type=str, nargs="+", default=["outputs/digits"],
+                   help="run directories, 'name=path' or path (name = folder name); --run_dir (as the other scripts "
+                        "spell it) is the same option")
     p.add_argument("--methods", type=str, nargs="+", default=["ours", "arachne_w", "random"], help="FL methods")
     p.add_argument("--settings", type=str, nargs="+", default=None, help="settings (null: every available setting)")
-    p.add_argument("--budgets", type=Budget, nargs="+", default=[236, 472, 944, "avg"],
+    p.add_argument("--budgets", type=Budget, nargs="+", default=_cli.DEFAULT_BUDGETS,
                    help="weights, 'avg' (N_avg) or 'front' (methods that select their own set always get 'front')")
     p.add_argument("--reps", type=int, default=5, help="repetitions per (setting, method, budget)")
     p.add_argument("--seed", type=int, default=0, help="run seed = seed + repetition")
@@ -47,7 +48,7 @@ def build_parser():
                    help="processes on this machine, each one sub-shard of --shard (auto: the cores, at most 4)")
     p.add_argument("--no_tensorboard", action="store_true",
                    help="do not log the runs to TensorBoard (default: each run with its hparams and final metrics)")
-    p.add_argument("--progress_bar", action="store_true", help="the Trainer's bar inside each run, too")
+    _cli.add_progress(p, "one over the sweep's runs", "also the Trainer's bar inside each run")
     p.add_argument("--on_error", type=str, default="continue",
                    help="a failed run: 'continue' (reported, retried next time) or 'raise'")
     p.add_argument("--aggregate", action="store_true", help="aggregate after the sweep")
@@ -141,8 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not a.aggregate_only:
         rows = run_sweep(a.run_dirs, a.methods, a.settings, a.budgets, a.reps, shard=shard, repair=a.repair,
                          repair_options=opts, seed=a.seed, fl_options=fl_options, fl_batch_size=a.fl_batch_size,
-                         logger=not a.no_tensorboard, progress_bar=a.progress_bar, accelerator=a.accelerator,
-                         on_error=a.on_error, workers=a.workers)
+                         logger=not a.no_tensorboard, progress=a.progress != "none", progress_bar=a.progress == "all",
+                         accelerator=a.accelerator, on_error=a.on_error, workers=a.workers)
         c = summarize_rows(rows)
         print(f"shard {shard[0]}/{shard[1]}: {c['done']} done, {c['skipped']} skipped (in the store), "
               f"{c['not applicable']} not applicable, {c['error']} failed")

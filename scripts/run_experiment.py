@@ -9,8 +9,11 @@ store holds) and shardable over GPUs / nodes.
     python scripts/run_experiment.py --config configs/experiment/exp_repair_4.yaml --only final      # after all
 
 Steps: train cache misclf localize evaluate_fl repair aggregate adequacy; phases: prepare (train cache misclf),
-work (localize repair adequacy: the sharded ones), final (evaluate_fl aggregate). The step blocks take the step
-functions' keyword names (pipeline/experiment.py); null means the function's default.
+work (localize repair adequacy: the sharded ones), final (evaluate_fl aggregate). ``--only`` takes one or more of
+them (``--only prepare work`` or ``--only prepare,work``). The step blocks take the step functions' keyword names
+(pipeline/experiment.py); null means the function's default. A case that cannot run (a method that needs two
+I_neg inputs on a setting with one) is recorded once as not applicable and counted, not a failure. A run stopped
+by SIGTERM / SIGINT exits non-zero and prints the command that resumes it.
 """
 from typing import Any, Dict, List, Optional, Union
 
@@ -49,18 +52,18 @@ def build_parser():
                    help="FL methods (null: every registered method)")
     p.add_argument("--localize.settings", type=Optional[List[str]], default=None,
                    help="settings (null: every available setting)")
-    p.add_argument("--localize.budgets", type=List[Budget], default=[236, 472, 944, "avg"],
+    p.add_argument("--localize.budgets", type=List[Budget], default=_cli.DEFAULT_BUDGETS,
                    help="budgets: weights, 'avg' (N_avg) or 'front'")
     p.add_argument("--localize.seed", type=int, default=0, help="FL seed")
     p.add_argument("--localize.batch_size", type=int, default=512, help="FL loader batch size")
-    p.add_argument("--localize.method_options", type=Dict[str, Dict[str, Any]], default={},
-                   help="FL method -> its options (python scripts/localize.py --list --verbose)")
+    _cli.add_method_options(p, "FL method -> its options (python scripts/localize.py --list --verbose)",
+                            "--localize.method_options")
     p.add_argument("--localize.accelerator", type=Optional[str], default=None, help="Trainer accelerator")
     p.add_argument("--localize.devices", type=Optional[int], default=None, help="Trainer devices (ddp when > 1)")
     p.add_argument("--evaluate_fl", type=Dict[str, Any], default={},
                    help="keyword options of pipeline.evaluate_fl.run_evaluation (parts, methods, settings, budgets, "
                         "modes, where, n_random, inject_seeds, ckpt_settings, ckpt_epoch, pos_fraction, split, "
-                        "batch_size, method_opts, figures)")
+                        "batch_size, method_options (also: method_opts), figures)")
     p.add_argument("--repair.sweeps", type=List[Dict[str, Any]], default=[],
                    help="repair sweeps, each {name, repair, methods, settings, budgets, reps, seed, repair_options, "
                         "fl_options} (python scripts/repair_sweep.py --list --verbose)")
@@ -77,8 +80,9 @@ def build_parser():
                    help="merged over the adequacy configs (e.g. idc: {round_centroids: 2})")
     p.add_argument("--adequacy.use_run_checkpoint", type=bool, default=True,
                    help="test the run's last checkpoint (else the adequacy config's model)")
-    p.add_argument("--only", type=Optional[List[str]], default=None,
-                   help="run only these steps / phases of the experiment (prepare, work, final or step names)")
+    p.add_argument("--only", type=str, nargs="+", default=None,
+                   help="run only these steps / phases of the experiment: prepare, work, final or step names, "
+                        "space- or comma-separated (null: the config's steps)")
     p.add_argument("--shard", type=str, default="0/1",
                    help="k/n: this process runs every n-th task of the sharded steps from k (0-based)")
     p.add_argument("--root", type=Optional[str], default=None,
@@ -86,12 +90,41 @@ def build_parser():
     return p
 
 
+#: the steps and phases ``--only`` takes (pipeline.experiment.STEPS / PHASES; tests/test_cli_vocabulary.py checks)
+STEPS = ("train", "cache", "misclf", "localize", "evaluate_fl", "repair", "aggregate", "adequacy")
+PHASES = ("prepare", "work", "final")
+
+
 def experiment_dict(ns) -> Dict[str, Any]:
-    """The experiment part of a parsed namespace (without the run-time options)."""
+    """The experiment part of a parsed namespace (without the run-time options). The evaluate_fl block's method
+    options are ``method_options`` as in the other blocks; ``method_opts`` (run_evaluation's keyword) is read as
+    the same key."""
     d = ns.as_dict()
     for k in ("config", "__path__", "only", "shard", "root", "debug"):
         d.pop(k, None)
+    ev = d.get("evaluate_fl")
+    if isinstance(ev, dict) and "method_options" in ev:
+        if ev.get("method_opts") not in (None, {}):
+            raise ValueError("evaluate_fl: give method_options or method_opts (the same key), not both")
+        ev = dict(ev)
+        ev["method_opts"] = ev.pop("method_options")
+        d["evaluate_fl"] = ev
     return d
+
+
+def only_steps(only: Optional[List[str]]) -> Optional[List[str]]:
+    """``--only``'s steps / phases, comma-separated items split; ValueError naming an unknown one."""
+    if only is None:
+        return None
+    out = [s.strip() for item in only for s in str(item).split(",") if s.strip()]
+    for s in out:
+        if s not in STEPS and s not in PHASES:
+            hint = _cli.suggestion(s, list(STEPS + PHASES))
+            raise ValueError(f"--only {s}: not a step or phase" + (f"; did you mean {hint}?" if hint else "")
+                             + f" (phases: {' '.join(PHASES)}; steps: {' '.join(STEPS)})")
+    if not out:
+        raise ValueError("--only: give at least one step or phase")
+    return out
 
 
 @_cli.guard("run_experiment")
@@ -102,13 +135,14 @@ def main(argv=None) -> int:
     from pipeline.experiment import ExperimentConfigError, check_experiment, run_experiment
     from pipeline.repair import parse_shard
 
-    cfg = experiment_dict(ns)
     try:
+        cfg = experiment_dict(ns)
+        only = only_steps(ns.only)
         parse_shard(ns.shard)
         check_experiment(cfg)
     except (ExperimentConfigError, ValueError, KeyError) as e:
         p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
-    out = run_experiment(cfg, steps=ns.only, shard=ns.shard, root=ns.root)
+    out = run_experiment(cfg, steps=only, shard=ns.shard, root=ns.root)
     if out.get("aggregate", {}).get("markdown"):
         print(out["aggregate"]["markdown"])
     failed = sum(r.get("error", 0) for r in out["summary"])
