@@ -10,3 +10,15 @@ NeuraL-Coverage's baseline criteria, adversarial suites through ART, and the RQ1
 
 The data preparation, the config merge and the RQ runner are the adequacy step, ``pipeline/adequacy.py``.
 """
+
+import importlib
+
+
+def require(module: str, package: str):
+    """``module`` imported, or an ImportError saying which optional package the adequacy part needs and how to
+    install it (``pip install 'vit-fl-repair[adequacy]'``; the core install leaves captum and ART out)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"test adequacy needs {package} ({module} could not be imported: {e}); install the "
+                          "adequacy extra: pip install -e '.[adequacy]'") from None

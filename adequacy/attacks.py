@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from adequacy import require
+
 __all__ = ["ATTACKS", "art_classifier", "adversarial_examples"]
 
 ATTACKS = ("fgsm", "pgd", "cw")
@@ -25,7 +27,7 @@ ATTACKS = ("fgsm", "pgd", "cw")
 def art_classifier(model: nn.Module, input_shape: Sequence[int], nb_classes: int,
                    clip_values: tuple[float, float]):
     """Wrap ``model`` (images -> logits) as an ART ``PyTorchClassifier`` with cross-entropy loss."""
-    from art.estimators.classification import PyTorchClassifier
+    PyTorchClassifier = require("art.estimators.classification", "adversarial-robustness-toolbox").PyTorchClassifier
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
@@ -42,7 +44,9 @@ def adversarial_examples(model: nn.Module, inputs: Tensor, labels: Tensor | Sequ
                          verbose: bool = False) -> Tensor:
     """Adversarial versions ``[N, C, H, W]`` of ``inputs`` (untargeted, against ``labels`` or, when None, the
     model's predictions). ``method`` in ``ATTACKS``; see the module docstring for the budgets."""
-    from art.attacks.evasion import CarliniL2Method, FastGradientMethod, ProjectedGradientDescent
+    evasion = require("art.attacks.evasion", "adversarial-robustness-toolbox")
+    CarliniL2Method, FastGradientMethod = evasion.CarliniL2Method, evasion.FastGradientMethod
+    ProjectedGradientDescent = evasion.ProjectedGradientDescent
 
     if method not in ATTACKS:
         raise ValueError(f"unknown attack {method!r}; expected one of {ATTACKS}")

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from adequacy.activations import TOKEN_REDUCTIONS, predict, resolve_layers
+from adequacy import require
 
 __all__ = [
     "LAYER_METHODS",
@@ -96,7 +97,7 @@ def _lrp_anchor(model: nn.Module, layer: nn.Module, x: Tensor) -> tuple[nn.Modul
     """Where LayerLRP can read a layer's relevance: the layer itself if it has an LRP rule (Conv, Linear, pooling),
     else (an activation such as ReLU, which Captum's LRP passes through without a rule) the input of the module
     that consumes the layer's output. Returns (module, attribute_to_layer_input)."""
-    from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES
+    SUPPORTED_LAYERS_WITH_RULES = require("captum.attr._core.lrp", "captum").SUPPORTED_LAYERS_WITH_RULES
 
     if isinstance(layer, tuple(SUPPORTED_LAYERS_WITH_RULES)):
         return layer, False
@@ -126,7 +127,7 @@ def _lrp_anchor(model: nn.Module, layer: nn.Module, x: Tensor) -> tuple[nn.Modul
 
 
 def _layer_attributor(model: nn.Module, layer: nn.Module, method: str, probe: Tensor):
-    from captum import attr as ca
+    ca = require("captum.attr", "captum")
 
     if method == "lrp":
         if _is_vit(model):
@@ -236,7 +237,7 @@ def input_attributions(model: nn.Module, inputs: Tensor, targets: Tensor | Seque
                        ) -> Tensor:
     """Per-pixel relevance ``[N, C, H, W]`` for the logit of ``targets`` by a Captum input attribution
     (``ig`` IntegratedGradients, ``saliency`` |gradient|, ``gradxinput`` InputXGradient, ``deeplift``, ``lrp``)."""
-    from captum import attr as ca
+    ca = require("captum.attr", "captum")
 
     targets = _check_inputs(inputs, targets)
     if method not in INPUT_METHODS:

@@ -124,3 +124,36 @@ def test_the_join_scanner_can_fail():
            'a = store.root / "x"\nb = os.path.join(str(layout.root), "y")\nc = Path(run_dir) / "z"\n'
            'd = f"{a.run_dir}/w"\ne = store.checkpoints / "last.ckpt"\nok = store.path("fl_timing")\n')
     assert [line for line, _ in run_path_joins(src)] == [3, 4, 5, 6, 7]
+
+
+def test_optional_parts_say_which_extra_they_need(monkeypatch):
+    """captum and ART are the adequacy extra: without them the adequacy part names the extra, the rest imports."""
+    import builtins
+
+    import pytest
+
+    from adequacy import require
+
+    real = builtins.__import__
+
+    def no_captum(name, *a, **k):
+        if name.startswith("captum"):
+            raise ImportError("No module named 'captum'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_captum)
+    import importlib
+
+    monkeypatch.setattr(importlib, "import_module", lambda n: no_captum(n, fromlist=["x"]))
+    with pytest.raises(ImportError, match=r"\[adequacy\]"):
+        require("captum.attr", "captum")
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    core = cfg["options"]["install_requires"]
+    assert "captum" not in core and "adversarial-robustness-toolbox" not in core and "mlxtend" not in core
+    extras = cfg["options.extras_require"]
+    assert "captum" in extras["adequacy"] and "mlxtend" in extras["testbed"]
+    for pkg in ("captum", "adversarial-robustness-toolbox", "mlxtend"):
+        assert pkg in extras["tests"], pkg  # the suite covers every part
