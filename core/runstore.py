@@ -104,7 +104,8 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "repair_summary": ("repair/summary/{name}", "repair tables, figures and statistics over every run"),
     "adequacy": ("adequacy/{name}", "test-adequacy (coverage) tables and figures"),
     "tensorboard": ("tb", "TensorBoard logs"),
-    "tb_run": ("tb/{name}", "one TensorBoard run of a step (`fl_eval`: the FL evaluation's scalars and figures)"),
+    "tb_run": ("tb/{name}", "one named TensorBoard run of a step: `fit` (training: losses, accuracy, learning "
+               "rate), `test` (hp_metric = test accuracy), `fl_eval` (the FL evaluation's scalars and figures)"),
     "tb_repair_run": ("tb/repair/{setting}/{label}_n{budget}_rep{rep}-{key}", "TensorBoard run of one repair run "
                       "(per-generation fitness, its hparams and final metrics)"),
     "report": ("report/{name}", "the run's report (report.md, report.html) and what it links"),

@@ -183,11 +183,11 @@ class ToolkitCLI(LightningCLI):
             raise FitOptionError("give the run directory: --trainer.default_root_dir <run_dir> (every artifact of the "
                                  "run lands there)")
         if cfg.trainer.logger in (None, True):
-            # fit logs to tb/, test / validate / predict to tb/<subcommand>/: a later test never appends to or
-            # overwrites fit's event files and config.yaml; hp_metric is the test accuracy (ImageClassifier)
+            # each subcommand logs to its own named run tb/<subcommand>/ (tb/fit, tb/test, ...): a later test never
+            # appends to or overwrites fit's event files and config.yaml; hp_metric is the test accuracy
             cfg.trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                   "init_args": {"save_dir": root, "name": "tb", "default_hp_metric": False,
-                                                "version": "" if self.subcommand == "fit" else self.subcommand}}
+                                                "version": self.subcommand or "fit"}}
         if cfg.trainer.logger not in (None, False) and self.subcommand == "fit":  # the learning rate in TensorBoard
             callbacks = list(cfg.trainer.callbacks or [])
             if not any("LearningRateMonitor" in str(c) for c in callbacks):

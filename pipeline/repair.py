@@ -233,7 +233,7 @@ def run_task(task: RepairTask, ctx: RunContext, identity: Mapping[str, Any], pat
     if tb:
         tb.log_hyperparams({"fl_method": task.method, "repair": task.repair, "setting": task.setting,
                             "budget": str(task.budget), "n_weights": len(weights), "rep": task.rep},
-                           {f"final/{k}_{split}": (float("nan") if metrics[split][k] is None else metrics[split][k])
+                           {f"repair_final/{k}_{split}": (float("nan") if metrics[split][k] is None else metrics[split][k])
                             for split in ("test", "repair") for k in METRICS})
         tb.finalize("success")
     timings = {"fl_s": fl_s, "repair_s": repair_s, "eval_s": eval_s, **summary.pop("timings", {}),
@@ -802,7 +802,7 @@ def main_job_runs(runs: Mapping[str, Path], methods: Sequence[str], settings: Se
     for repair in ("prune", "finetune"):
         opts = {"epochs": 3} if repair == "finetune" and quick else {}
         rows += run_sweep(runs, methods, settings, budgets[:1] if quick else budgets, 1, shard=shard, repair=repair,
-                          repair_options=opts, progress=progress)
+                          repair_options=opts, logger=True, progress=progress)  # every repair method in HParams
     return rows
 
 

@@ -514,7 +514,7 @@ def _strings(obj):
 def test_run_config_holds_no_path_of_the_machine(cli_run):
     """The issue: run_config.yaml stored absolute paths (``pretrained_path``, ``folds_path``, the logger's
     ``save_dir``) though the docs say a run holds relative paths."""
-    for path in (cli_run.run_config, cli_run.tensorboard / "config.yaml"):
+    for path in (cli_run.run_config, cli_run.path("tb_run", name="fit") / "config.yaml"):
         text = path.read_text()
         cfg = yaml.safe_load(text)
         assert str(cli_run.root) not in text and str(REPO) not in text, path

@@ -33,14 +33,15 @@ def test_fit_logs_lr_and_test_logs_hp_metric_in_its_own_folder(tmp_path):
               "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1"]
     ToolkitCLI(args=["fit", *args, *common, "--trainer.max_epochs=1"])
     store = RunStore(tmp_path)
-    fit_events = [p for p in _events(store.tensorboard) if p.parent == store.tensorboard]
-    assert len(fit_events) == 1
+    fit_run = store.path("tb_run", name="fit")  # a named run, not the log folder's root ('.')
+    fit_events = [p for p in _events(store.tensorboard) if p.parent == fit_run]
+    assert len(fit_events) == 1 and not [p for p in _events(store.tensorboard) if p.parent == store.tensorboard]
     tags = _acc(fit_events[0]).Tags()["scalars"]
     assert any(t.startswith("lr-") for t in tags), tags  # LearningRateMonitor
-    config_before = (store.tensorboard / "config.yaml").read_text()
+    config_before = (fit_run / "config.yaml").read_text()
     ToolkitCLI(args=["test", *args, *common, "--ckpt_path", str(store.checkpoint(1))])
-    assert [p for p in _events(store.tensorboard) if p.parent == store.tensorboard] == fit_events  # untouched
-    assert (store.tensorboard / "config.yaml").read_text() == config_before
+    assert [p for p in _events(store.tensorboard) if p.parent == fit_run] == fit_events  # untouched
+    assert (fit_run / "config.yaml").read_text() == config_before
     test_events = _events(store.tensorboard / "test")
     assert test_events
     scalars = {t: _acc(p).Scalars(t) for p in test_events for t in _acc(p).Tags()["scalars"]}
@@ -69,7 +70,9 @@ def test_repair_runs_are_hparams_entries_and_reruns_add_no_event_file(tmp_path, 
             except KeyError:
                 pass
         assert "_hparams_/session_start_info" in hparams  # an HParams entry with the run's hparams
-        assert {"final/rr_test", "final/br_test", "final/delta_acc_test"} <= scalars
+        # the final metrics are the HParams metrics, named to sort after the curves in the Scalars tab
+        assert {"repair_final/rr_test", "repair_final/br_test", "repair_final/delta_acc_test"} <= scalars
+        assert sorted(t for t in scalars if t.startswith("repair"))[0].startswith("repair/")
         assert "repair/best_fitness" in scalars
     run_sweep([store.root], ["random", "grad_loss"], ["all"], [6], 2, **kw)
     assert _events(store.tensorboard / "repair") == events  # rerun: everything exists, no new event file
