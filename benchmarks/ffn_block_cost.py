@@ -45,12 +45,19 @@ def build(dim: int, depth: int, heads: int, img: int, patch: int, classes: int, 
     return model.eval()
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     out = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
 
@@ -79,14 +86,16 @@ def main(argv=None) -> None:
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--average-pooling", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_rehearsal.sh runs it on the GPU)")
     args = ap.parse_args(argv)
+    dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = build(args.dim, args.depth, args.heads, args.img, args.patch, args.classes, args.average_pooling)
+    model = build(args.dim, args.depth, args.heads, args.img, args.patch, args.classes, args.average_pooling).to(dev)
     n = args.batch
-    pixels = torch.randn(n, 3, args.img, args.img, generator=torch.Generator().manual_seed(1))
-    label = torch.arange(n) % args.classes
+    pixels = torch.randn(n, 3, args.img, args.img, generator=torch.Generator().manual_seed(1)).to(dev)
+    label = (torch.arange(n) % args.classes).to(dev)
     with torch.no_grad():
         full = model(pixels)
     mid = args.depth // 2
@@ -119,8 +128,9 @@ def main(argv=None) -> None:
     T, d = x_last.shape[1], x_last.shape[2]
     d_ff = last.d_ff
     print(f"ffn_head cost: timm VisionTransformer d={d} d_ff={d_ff} blocks={args.depth} T={T} classes="
-          f"{args.classes} pooling={'avg' if args.average_pooling else 'token'}, float32, CPU "
-          f"({torch.get_num_threads()} threads), batch {n}, median of {args.repeats}")
+          f"{args.classes} pooling={'avg' if args.average_pooling else 'token'}, float32, "
+          + (torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)")
+          + f", batch {n}, median of {args.repeats}")
     print()
     print("| head | block | later blocks | state per input | forward ms/input | fwd+bwd ms/input | max |logit err| |")
     print("|---|---|---|---|---|---|---|")

@@ -8,6 +8,7 @@
 #                                                    # on one H200-class GPU)
 #   bash benchmarks/gpu_rehearsal.sh --smoke         # CPU, 200 + 100 images (10 classes), fp32: proves the command works
 #   OUT_DIR=/some/dir bash benchmarks/gpu_rehearsal.sh
+# It first measures the FFN head of a non-last block of ViT-B/16 (benchmarks/ffn_block_cost.py, on the GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -28,6 +29,14 @@ else
          REHEARSAL_DE_POP=100
 fi
 export REHEARSAL_OUT="$OUT_DIR"
+# a non-last block of ViT-B/16: the block-addressed FFN head (exactness, forward / backward cost per input, token
+# cache sizes) for the last block (CLS head), the middle block and block 0
+if [ "${1:-}" = "--smoke" ]; then
+  "$PY" benchmarks/ffn_block_cost.py --batch 2 --repeats 1 --dim 64 --depth 4 --heads 4 --img 32 --patch 8 \
+    | tee "$OUT_DIR/ffn_block_cost.md"
+else
+  "$PY" benchmarks/ffn_block_cost.py --device cuda --batch 64 --repeats 5 | tee "$OUT_DIR/ffn_block_cost.md"
+fi
 "$PY" -m pytest -q -s -m slow tests/test_vit_b_rehearsal.py -p no:cacheprovider 2>&1 | tee "$OUT_DIR/rehearsal.log"
 echo
 echo "per-step times and peak memory:"
