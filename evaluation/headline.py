@@ -45,7 +45,7 @@ from evaluation.intervals import bootstrap_mean, wilson_interval
 from evaluation.ranking_metrics import hypergeom_pmf
 from evaluation.stats import holm, wilcoxon_paired
 
-__all__ = ["HeadlineBlock", "pooled_hits_test", "benchmark_block", "repairability_block", "blocks_markdown",
+__all__ = ["HeadlineBlock", "repair_verdicts", "pooled_hits_test", "benchmark_block", "repairability_block", "blocks_markdown",
            "ALPHA"]
 
 #: the significance level of the verdicts
@@ -322,3 +322,52 @@ def blocks_markdown(blocks: Sequence[HeadlineBlock]) -> str:
                     t[c] = t[c].map(lambda v: f"{v:.4f}")
         out += [to_markdown(t[cols]), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def repair_verdicts(table: pd.DataFrame, paired: pd.DataFrame, metric: str = "rr", alpha: float = 0.05,
+                    reference: str = "random") -> pd.DataFrame:
+    """The repair results in one table a reader can act on: per (dataset, repair, budget), the FL methods sorted by
+    pooled held-out RR (best first) with Wilson intervals and counts, pooled BR, and each method's paired verdict
+    against ``reference`` on ``metric`` (Wilcoxon signed-rank over runs matched by (setting, rep), Holm-adjusted
+    within the cell): "above random", "below random", "not separated" (with p_Holm) or "no paired runs".
+
+    ``table``: :func:`pipeline.repair.summary_table`'s columns (``rr_pooled``, ``rr_lo``, ``rr_hi``,
+    ``n_test_fixed``, ``n_test_targets``, ``br_pooled``, ``br_lo``, ``br_hi``, ``n_test_broken``,
+    ``n_test_correct``); ``paired``: its Wilcoxon table (``question``, ``method_a``, ``method_b``, ``median_diff``,
+    ``p_holm``, ``n``)."""
+    from core.style import budget_key
+
+    rows = []
+    for (dataset, repair, budget), g in table.groupby(["dataset", "repair", "budget"], sort=False):
+        q = f"{dataset} / {repair} / n={budget} / {metric} (test fold)"
+        st = paired[paired["question"] == q] if len(paired) and "question" in paired.columns else paired
+        for _, r in g.iterrows():
+            m = r["fl_method"]
+            verdict = "-" if m == reference else "no paired runs"
+            if m != reference and len(st):
+                hit = st[((st["method_a"] == m) & (st["method_b"] == reference))
+                         | ((st["method_a"] == reference) & (st["method_b"] == m))]
+                if len(hit):
+                    h = hit.iloc[0]
+                    diff = h["median_diff"] if h["method_a"] == m else -h["median_diff"]
+                    p = h["p_holm"]
+                    if p == p and p < alpha and diff != 0:
+                        verdict = f"{'above' if diff > 0 else 'below'} {reference} (p_Holm {_fmt_p(p)}, n {int(h['n'])})"
+                    else:
+                        verdict = f"not separated (p_Holm {_fmt_p(p)}, n {int(h['n'])})"
+            rr = ("n/a (0 targets)" if not r["n_test_targets"] else
+                  f"{r['rr_pooled']:.3f} [{r['rr_lo']:.3f}, {r['rr_hi']:.3f}] ({int(r['n_test_fixed'])}/"
+                  f"{int(r['n_test_targets'])})")
+            br = ("n/a (0 correct)" if not r["n_test_correct"] else
+                  f"{r['br_pooled']:.3f} [{r['br_lo']:.3f}, {r['br_hi']:.3f}] ({int(r['n_test_broken'])}/"
+                  f"{int(r['n_test_correct'])})")
+            rows.append({"dataset": dataset, "repair": repair, "budget": str(budget), "FL method": m,
+                         "RR held out [95% CI] (fixed/targets)": rr, "BR held out [95% CI] (broken/correct)": br,
+                         f"{metric.upper()} vs {reference} (Wilcoxon, Holm)": verdict,
+                         "_rr": -1.0 if r["rr_pooled"] != r["rr_pooled"] else float(r["rr_pooled"]),
+                         "_b": budget_key(budget)})
+    if not rows:
+        return pd.DataFrame()
+    out = pd.DataFrame(rows).sort_values(["dataset", "repair", "_b", "_rr"], ascending=[True, True, True, False],
+                                         kind="stable")
+    return out.drop(columns=["_rr", "_b"]).reset_index(drop=True)

@@ -129,3 +129,41 @@ def test_comonotone_test_is_exact_for_identical_rows_and_conservative_for_indepe
     s = sum(sps.hypergeom(r["total"], r["n_pos"], r["K@1%"]).ppf(u) for r in rows.to_dict("records"))
     pa, pb = pooled_hits_test(rows, dependence="comonotone")
     assert pa == pytest.approx((s >= 6).mean(), abs=1e-4) and pb == pytest.approx((s <= 6).mean(), abs=1e-4)
+
+
+def test_repair_verdicts_sort_by_rr_and_read_the_paired_test_per_cell():
+    import numpy as np
+    import pandas as pd
+
+    from evaluation.headline import repair_verdicts
+
+    def cell(m, rr, n_t=10, budget="0.5%"):
+        fixed = int(round(rr * n_t)) if n_t else 0
+        return {"dataset": "d", "repair": "de", "budget": budget, "fl_method": m,
+                "rr_pooled": (fixed / n_t) if n_t else np.nan, "rr_lo": 0.1, "rr_hi": 0.9, "n_test_fixed": fixed,
+                "n_test_targets": n_t, "br_pooled": 0.02, "br_lo": 0.01, "br_hi": 0.05, "n_test_broken": 2,
+                "n_test_correct": 100}
+
+    table = pd.DataFrame([cell("random", 0.2), cell("a", 0.8), cell("b", 0.4), cell("c", 0.0, n_t=0),
+                          cell("d", 0.1), cell("a", 0.3, budget="10"), cell("random", 0.3, budget="10")])
+    q = "d / de / n=0.5% / rr (test fold)"
+    paired = pd.DataFrame([
+        {"question": q, "method_a": "a", "method_b": "random", "median_diff": 0.5, "p_holm": 0.01, "n": 9},
+        {"question": q, "method_a": "random", "method_b": "b", "median_diff": -0.1, "p_holm": 0.30, "n": 9},
+        {"question": q, "method_a": "random", "method_b": "d", "median_diff": 0.2, "p_holm": 0.02, "n": 9},
+        # another cell's test must not leak into this one
+        {"question": "d / de / n=10 / rr (test fold)", "method_a": "a", "method_b": "random", "median_diff": -1,
+         "p_holm": 0.001, "n": 9}])
+    v = repair_verdicts(table, paired)
+    col = "RR vs random (Wilcoxon, Holm)"
+    first = v[v["budget"] == "10"]
+    assert list(v["budget"]) == ["10", "10", "0.5%", "0.5%", "0.5%", "0.5%", "0.5%"]  # counts before shares
+    assert list(first["FL method"]) == ["a", "random"] and first.iloc[0][col].startswith("below random")
+    cell_v = v[v["budget"] == "0.5%"].set_index("FL method")
+    assert list(cell_v.index) == ["a", "b", "random", "d", "c"]  # by RR, the targetless cell last
+    assert cell_v.loc["a", col].startswith("above random (p_Holm 0.01")
+    assert cell_v.loc["b", col].startswith("not separated (p_Holm 0.3")
+    assert cell_v.loc["d", col].startswith("below random")  # random - d > 0
+    assert cell_v.loc["c", col] == "no paired runs" and cell_v.loc["random", col] == "-"
+    assert cell_v.loc["c", "RR held out [95% CI] (fixed/targets)"] == "n/a (0 targets)"
+    assert cell_v.loc["a", "RR held out [95% CI] (fixed/targets)"] == "0.800 [0.100, 0.900] (8/10)"
