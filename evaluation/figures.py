@@ -29,7 +29,8 @@ from core import style  # noqa: E402
 from evaluation.ranking_metrics import fraction_label  # noqa: E402
 
 __all__ = ["intervention_distributions", "flip_counts", "ranking_curves", "save_figure", "repair_bars",
-           "in_sample_vs_held_out", "rates_by_kind", "cost_vs_quality", "fitness_curves", "PER_PANEL"]
+           "in_sample_vs_held_out", "rates_by_kind", "cost_vs_quality", "fitness_curves", "layer_curve",
+           "PER_PANEL"]
 
 _BASELINE = "#d9d9d9"  # random at the same count (hatched), apart from the random method's own grey
 
@@ -494,4 +495,62 @@ def fitness_curves(curves: pd.DataFrame, title: str = ""):
     style.legend_outside(fig, handles, methods + ["median best (band: IQR over runs)",
                                                   "median population mean"])
     style.suptitle(fig, title or "DE fitness: median best (thick, IQR band) and mean (thin) over runs")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- layer study
+#: the layer study's series: FFN output removed (the curve), activations zeroed, the unmodified model, the share
+_LAYER_COLORS = {"removed": "#d62728", "zeroed": "#1f77b4", "intact": "#4d4d4d", "share": "#2ca02c"}
+
+
+def layer_curve(blocks: pd.DataFrame, acc: float, title: str = ""):
+    """The per-block layer study (:func:`evaluation.testbed.layer_curve`): left, top-1 with block b's FFN output
+    removed from the residual stream (``acc_ffn_removed``, solid) and, where the table has it, with its activations
+    zeroed (``acc_zeroed``: the FFN adds only its output bias; dashed) against the block index, the unmodified
+    model's top-1 ``acc`` as a dotted grey reference line; right, the FFN output's share of the residual stream
+    (``residual_share``: mean ||FFN out|| / ||x + FFN out|| on the readout token). ``blocks``: one row per block
+    (columns ``block``, ``acc_ffn_removed``, ``residual_share``, optional ``acc_zeroed``). One legend under the
+    panels; ``title`` (e.g. split and n) leads the suptitle."""
+    need = ("block", "acc_ffn_removed", "residual_share")
+    d = blocks.dropna(subset=list(need)) if len(blocks) and all(c in blocks.columns for c in need) else None
+    if d is None or not len(d):
+        return style.nothing_to_plot("no per-block layer numbers" + (f" ({title})" if title else ""))
+    d = d.sort_values("block")
+    x = d["block"].to_numpy(dtype=int)
+    fig, axes = style.figure(style.DOUBLE_WIDTH, 2.1, ncols=2, layout="constrained")
+    ax_acc, ax_share = axes[0]
+    c = _LAYER_COLORS
+    ax_acc.axhline(acc, color=c["intact"], ls=":", lw=1.0)
+    # the curve wide and under the dashed one, so both show where they coincide
+    ax_acc.plot(x, d["acc_ffn_removed"], color=c["removed"], marker="o", ls="-", lw=2.2, markersize=5.5, zorder=2)
+    have_zeroed = "acc_zeroed" in d.columns and d["acc_zeroed"].notna().any()
+    if have_zeroed:
+        ax_acc.plot(x, d["acc_zeroed"], color=c["zeroed"], marker="s", markerfacecolor="white", ls="--", lw=1.0,
+                    markersize=3.5, zorder=3)
+    shown = [float(acc), *d["acc_ffn_removed"]] + ([*d["acc_zeroed"].dropna()] if have_zeroed else [])
+    ax_acc.set_ylim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.05))
+    ax_acc.set_ylabel("top-1")
+    ax_acc.set_title("top-1 with the block's FFN removed / zeroed")
+    ax_share.plot(x, d["residual_share"], color=c["share"], marker="D", ls="-", markersize=3.5)
+    ax_share.set_ylim(0, max(1.0, 1.05 * float(d["residual_share"].max())))
+    ax_share.set_ylabel("residual share")
+    ax_share.set_title("FFN output's share ‖o‖ / ‖x + o‖")
+    for ax in (ax_acc, ax_share):
+        ax.set_xticks(x, [str(b) for b in x])
+        ax.set_xlim(x.min() - 0.5, x.max() + 0.5)
+        ax.set_xlabel("block (0 = first)")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c["removed"], marker="o", ls="-", lw=2.2, markersize=5.5)]
+    labels = ["FFN output removed (o = 0)"]
+    if have_zeroed:
+        handles.append(Line2D([], [], color=c["zeroed"], marker="s", markerfacecolor="white", ls="--", lw=1.0,
+                              markersize=3.5))
+        labels.append("activations zeroed (bias kept)")
+    handles += [Line2D([], [], color=c["intact"], ls=":", lw=1.0),
+                Line2D([], [], color=c["share"], marker="D", ls="-", markersize=3.5)]
+    labels += [f"unmodified model ({acc:.3f})", "residual share (readout token, mean over inputs)"]
+    style.legend_outside(fig, handles, labels)
+    what = "Layer study: which block's FFN the model needs"
+    style.suptitle(fig, f"{what} ({title})" if title else what)
     return fig

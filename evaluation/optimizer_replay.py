@@ -517,7 +517,7 @@ def update_diagnostics(dW: Any, *, grad_train: Any = None, grad_fl: Any = None, 
 def training_gradient(model: torch.nn.Module, datamodule: Any, batch_size: int = 512) -> tuple[Tensor, int]:
     """(dL/dW over W_bef then W_aft ``[total]`` float64 signed, N): L = the mean cross-entropy on logits (no label
     smoothing) over the N images of the non-augmented training split, the model in eval mode, as
-    ``scripts/main_job.py checkpoint_diagnostics`` defines it. Only the last-FFN weights need gradients here (the
+    ``evaluation.testbed.checkpoint_diagnostics`` defines it. Only the last-FFN weights need gradients here (the
     others are frozen for the pass and restored); the model's weights are unchanged."""
     import torch.nn.functional as F
 

@@ -22,7 +22,7 @@ listed as "nothing to plot" (with the reason), never drawn empty. Sections (each
 5. test adequacy: the coverage table and the RQ tables / figures;
 6. the cases recorded as not applicable.
 
-Made here (under ``report/``): ``fl_cost_vs_quality.png|pdf``, ``confusion_test.png|pdf``.
+Made here (under ``report/``): ``fl_cost_vs_quality.png|pdf``, ``confusion_test.png|pdf``, ``layer_curve.png|pdf``.
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def _headline(page: _Page) -> None:
     store = page.store
     fl = store.path("fl_headline", ext="md")
     rep = store.path("repairability", ext="md")
-    if not fl.is_file() and not rep.is_file():
+    if not fl.is_file() and not rep.is_file() and not store.summary_file("summary", ext="csv").is_file():
         return
     page.add("## Headline", "")
     meta = _read_json(store.fl_eval("checkpoint_benchmark_meta.json")) or {}
@@ -151,6 +151,38 @@ def _headline(page: _Page) -> None:
                  "numbers cannot be reached by a correct comparison (the worst possible ranking is its control "
                  "row).", "")
     _embed_markdown(page, rep)
+    _repair_headline(page)
+
+
+def _repair_headline(page: _Page) -> None:
+    """Repair in one table: per repair method and budget, the FL methods sorted by held-out RR with intervals,
+    BR, and the paired verdict against random (from the run's repair summary and its Wilcoxon / Holm table)."""
+    import pandas as pd
+
+    from evaluation.headline import repair_verdicts
+    from evaluation.stats import to_markdown
+
+    store = page.store
+    table_csv = store.summary_file("summary", ext="csv")
+    stats_csv = store.summary_file("stats_paired").with_suffix(".csv")
+    if not table_csv.is_file():
+        return
+    try:
+        table = pd.read_csv(table_csv)
+        paired = pd.read_csv(stats_csv) if stats_csv.is_file() else pd.DataFrame()
+        verdicts = repair_verdicts(table, paired)
+    except (ValueError, KeyError) as e:  # an older summary without these columns: the repair section has it
+        page.add(f"(repair headline left out: {table_csv.name} lacks what it needs: {e})", "")
+        return
+    if verdicts.empty:
+        return
+    page.links.append(table_csv)
+    n_runs = int(table["n_runs"].sum()) if "n_runs" in table.columns else "?"
+    page.add("**Repair: which FL method's weights repair best** — split: test fold (held out); n: "
+             f"{n_runs} runs, targets and correct inputs per row in the table; sorted by RR within each repair "
+             "method and budget; verdicts by Wilcoxon signed-rank over runs matched by (setting, repetition), "
+             f"Holm-adjusted per cell. [{table_csv.name}]({page.rel(table_csv)})", "")
+    page.add(*to_markdown(verdicts).splitlines(), "")
 
 
 def _fl_headline(page: _Page) -> None:
@@ -267,11 +299,13 @@ def _crossval(page: _Page) -> None:
 
 
 def _testbed(page: _Page) -> None:
-    """What the model needs its last FFN for, and what the checkpoint benchmark's ground truth follows."""
+    """Which block's FFN the model needs (the last block's numbers on the cached states; the per-block curve of
+    :func:`evaluation.testbed.layer_curve`, drawn as ``report/layer_curve.png|pdf``), and what the checkpoint
+    benchmark's ground truth follows."""
     info = _read_json(page.store.path("report", name="testbed.json"))
     if not info:
         return
-    page.add("## The testbed: does the last FFN matter, what does the checkpoint benchmark measure", "")
+    page.add("## The testbed: which FFN matters, what does the checkpoint benchmark measure", "")
     lm = info.get("layer_matters") or {}
     if lm:
         page.add("**Layer matters: top-1 of the FFN head on the cached states, as is and with the last FFN's "
@@ -282,6 +316,9 @@ def _testbed(page: _Page) -> None:
             page.add(f"| {split} | {r['n']} | {r['acc']:.4f} | {r['acc_zeroed']:.4f} | {100 * r['drop']:.1f} | "
                      f"{r['ffn_ratio']:.2f} |")
         page.add("")
+    curve = info.get("layer_curve") or {}
+    if curve.get("blocks"):
+        _layer_curve(page, curve)
     cd = info.get("checkpoint_diagnostics")
     if cd:
         page.add(f"Checkpoint benchmark ground truth |W({cd['epoch']}) - W({cd['epoch'] - 1})| over "
@@ -290,6 +327,34 @@ def _testbed(page: _Page) -> None:
                  "training inputs (split: train) = "
                  f"{cd['spearman_gradient']:.3f}. FL inputs: the repair split's I_neg / I_pos of the epoch "
                  f"{cd['epoch'] - 1} model (disjoint from training).", "")
+
+
+def _layer_curve(page: _Page, curve: Mapping[str, Any]) -> None:
+    """The per-block layer study: a table (one row per block) and its figure, each stating split and n."""
+    from evaluation import figures as figs
+
+    store = page.store
+    name = str(curve.get("split", "test"))
+    split = f"{name} fold" if name in ("test", "repair") else f"{name} split"
+    n = f"{curve['n']} inputs, {curve.get('num_blocks', len(curve['blocks']))} blocks"
+    page.add(f"**Layer study: top-1 with each block's FFN output removed from the residual stream (o = 0), with its "
+             f"activations zeroed (the FFN adds only its bias), and the FFN output's share of the residual stream "
+             f"(mean ‖o‖ / ‖x + o‖ on the token the classifier reads, {curve.get('pooling', 'token')} pooling)** "
+             f"— split: {split}; n: {n}; unmodified top-1 {curve['acc']:.4f}.", "")
+    page.add("| block | top-1, FFN output removed | drop (points) | top-1, activations zeroed | residual share |",
+             "|---:|---:|---:|---:|---:|")
+    for r in curve["blocks"]:
+        page.add(f"| {r['block']} | {r['acc_ffn_removed']:.4f} | {100 * r['drop_ffn_removed']:.1f} | "
+                 f"{r['acc_zeroed']:.4f} | {r['residual_share']:.3f} |")
+    page.add("")
+    stem = store.path("report", name="layer_curve")
+    fig = figs.layer_curve(pd.DataFrame(curve["blocks"]), float(curve["acc"]), f"{split}, n={curve['n']}")
+    made = figs.save_figure(fig, stem, writer=store.save_figure)
+    from core.style import is_nothing_to_plot
+
+    page.figure(stem.with_suffix(".png"), "Layer study: top-1 with each block's FFN removed, and the FFN output's "
+                "share of the residual stream, per block", split, n,
+                None if made else (is_nothing_to_plot(fig) or "no per-block numbers"), fold=False)
 
 
 # --------------------------------------------------------------------------------------------------- confusion

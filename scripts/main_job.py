@@ -3,13 +3,15 @@ MNIST-5k's pretraining pool + sklearn's digits, then fine-tuned 2 epochs on MNIS
 
   1. pretrain (``<run>/pretrain``), export the backbone without its head, fine-tune 2 epochs with a new head
      (per-epoch checkpoints 0, 1, 2 + last-FFN weight files; TensorBoard logs), test it;
-  2. cache the CLS states of the repair and test folds; print the layer-matters figure (accuracy with the last
-     FFN's activations zeroed) and the checkpoint benchmark's diagnostics (what |W(2) - W(1)| follows);
+  2. cache the CLS states of the repair and test folds; the layer study (test accuracy with each block's FFN
+     removed, and the FFN output's share of the residual stream, per block; evaluation.testbed) and the checkpoint
+     benchmark's diagnostics (what |W(2) - W(1)| follows);
   3. misclassification analysis (settings, confusion matrix);
   4. every registered FL method on every available setting and budget (FL LightningModule under the Trainer);
   5. FL evaluation (interventions on the repair sweep's settings; the checkpoint-diff and injected-fault benchmarks on
      every setting; statistics, figures);
-  6. a small repair sweep (DE and baselines over a few settings, budgets scaled to the small layer, 2 repetitions);
+  6. a small repair sweep (DE and baselines over a few settings, budgets 0.1 / 0.5 / 1 % of the layer, 2
+     repetitions), and the cross-validated repair (DE and the LP optimiser; repairability per FL method);
   7. the coverage table (every criterion, clean vs adversarial inputs) of the digits ViT.
 
 Every step skips what is already on disk, so an interrupted job resumes where it stopped.
@@ -27,22 +29,23 @@ import time
 import _bootstrap  # noqa: F401
 
 ROOT = _bootstrap.ROOT
-#: FL / repair budgets scaled to the small layer: 0.1%, 0.5%, 1% of its 2 d d_ff weights (the digits ViT's
-#: 32,768 -> 33, 164, 328), as 236 / 472 / 944 are 0.005% / 0.01% / 0.02% of ViT-B/16's 4,718,592.
-BUDGET_FRACTIONS = (0.001, 0.005, 0.01)
-DIGITS_BUDGETS = [33, 164, 328]
+#: FL / repair budgets as shares of the last FFN's 2 d d_ff weights, resolved by each step against the model (the
+#: testbed's 32,768 -> 33, 164, 328), as 236 / 472 / 944 are 0.005% / 0.01% / 0.02% of ViT-B/16's 4,718,592.
+MAIN_JOB_BUDGETS = ["0.1%", "0.5%", "1%"]
 
 
-def scaled_budgets(layout) -> list[int]:
-    """:data:`BUDGET_FRACTIONS` of the trained model's last-FFN weight count (rounded, at least 1)."""
-    from lightning_modules.runs import load_run_model
-    from localization.ffn import last_ffn_head
+def _budget(text: str):
+    """A --budgets value: a count, a share 'P%' of the layer, or avg (localization.ranking.parse_budget)."""
+    from localization.ranking import parse_budget
 
-    total = last_ffn_head(load_run_model(layout)[0]).index.total
-    return [max(1, round(f * total)) for f in BUDGET_FRACTIONS]
+    return parse_budget(text)
 
 
 def banner(msg: str) -> None:
+    """Print a step's banner and name the step (an interrupted job's message says where it stopped)."""
+    from pipeline.parallel import set_step
+
+    set_step(f"main job: {msg}")
     print(f"\n=== {msg} ===", flush=True)
 
 
@@ -224,92 +227,6 @@ def test(layout) -> float:
     return out["test/acc"]
 
 
-def layer_matters(head, x, label) -> dict:
-    """How much the model needs its last FFN: top-1 accuracy of the FFN head on cached CLS states ``x [N, d]``
-    with labels ``[N]``, as is and with every post-GELU activation of the last FFN set to 0 (the FFN then adds
-    only its output bias ``b_aft``). With CLS pooling this equals the full model with the last block's
-    activations zeroed (at every token: only token 0 reaches the logits).
-
-    Returns ``n``, ``acc``, ``acc_zeroed``, ``drop`` (= acc - acc_zeroed, in [-1, 1]) and ``ffn_ratio`` (the
-    mean over inputs of ||FFN output|| / ||x||, how large the last FFN's write is beside the residual stream)."""
-    import torch
-
-    x = torch.as_tensor(x)
-    label = torch.as_tensor(label).long().reshape(-1)
-    if x.ndim != 2 or x.shape[1] != head.d or len(x) == 0:
-        raise ValueError(f"layer_matters: x must be non-empty cached states [N, d={head.d}], got {tuple(x.shape)}")
-    if len(label) != len(x):
-        raise ValueError(f"layer_matters: {len(label)} labels for {len(x)} states")
-    x = x.to(head.fc_bef.weight.dtype)
-    with torch.no_grad():
-        mid = head.intermediates(x)
-        zeroed = head.from_activation(x, torch.zeros_like(mid["a"]))
-        acc = (mid["logits"].argmax(1) == label).double().mean().item()
-        acc0 = (zeroed.argmax(1) == label).double().mean().item()
-        ratio = (mid["o"].norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).mean().item()
-    return {"n": len(x), "acc": acc, "acc_zeroed": acc0, "drop": acc - acc0, "ffn_ratio": ratio}
-
-
-def step_layer_matters(layout) -> dict[str, dict]:
-    """:func:`layer_matters` of the run's last checkpoint on the cached test fold, repair fold and both."""
-    import torch
-
-    from lightning_modules.runs import load_run_model
-    from localization.cache import load_states
-    from localization.ffn import last_ffn_head, model_fingerprint
-
-    model, _ = load_run_model(layout)
-    head = last_ffn_head(model)
-    st = {s: load_states(layout.states(s), expected_hash=model_fingerprint(model)) for s in ("test", "repair")}
-    out = {s: layer_matters(head, c.x, c.label) for s, c in st.items()}
-    out["eval"] = layer_matters(head, torch.cat([st["test"].x, st["repair"].x]),
-                                torch.cat([st["test"].label, st["repair"].label]))
-    for s, r in out.items():
-        print(f"layer matters ({s}, n={r['n']}): top-1 {r['acc']:.4f}, last-FFN activations zeroed "
-              f"{r['acc_zeroed']:.4f}, drop {100 * r['drop']:.1f} points; ||FFN out|| / ||x|| = {r['ffn_ratio']:.2f}")
-    return out
-
-
-def checkpoint_diagnostics(layout, epoch: int | None = None, batch_size: int = 512) -> dict:
-    """What the checkpoint benchmark's ground truth |W(e) - W(e-1)| follows, over all last-FFN weights (W_bef then
-    W_aft): Spearman's rho with |W(e-1)| (weight decay / scale) and with |dL/dW at W(e-1)| (L = the mean
-    cross-entropy on logits over the non-augmented training split, the epoch e-1 model in eval mode).
-    ``epoch=None``: the last epoch."""
-    import torch
-    import torch.nn.functional as F
-    from scipy.stats import spearmanr
-
-    from callbacks.ffn_weights import load_ffn_weights
-    from lightning_modules.runs import datamodule_from_run, last_epoch, load_run_model
-    from localization.ffn import last_ffn_head
-
-    e = last_epoch(layout) if epoch is None else epoch
-    prev, nxt = load_ffn_weights(layout.ffn_weights(e - 1)), load_ffn_weights(layout.ffn_weights(e))
-    def flat(d):
-        return torch.cat([d["W_bef"].reshape(-1), d["W_aft"].reshape(-1)]).double()
-
-    change, mag = (flat(nxt) - flat(prev)).abs(), flat(prev).abs()
-    model, _ = load_run_model(layout, e - 1)
-    head = last_ffn_head(model)
-    dm = datamodule_from_run(layout)
-    dm.setup()
-    for W in head.weights():
-        W.requires_grad_(True)
-        W.grad = None
-    n = 0
-    for images, labels, _ in dm.dataloader("train", batch_size=batch_size):
-        F.cross_entropy(model(images), labels, reduction="sum").backward()
-        n += len(labels)
-    grad = torch.cat([W.grad.reshape(-1) for W in head.weights()]).double().abs() / n
-    out = {"epoch": e, "n_weights": len(change), "n_train": n,
-           "spearman_magnitude": float(spearmanr(change.numpy(), mag.numpy()).statistic),
-           "spearman_gradient": float(spearmanr(change.numpy(), grad.numpy()).statistic)}
-    print(f"checkpoint benchmark ground truth |W({e}) - W({e - 1})| over {out['n_weights']:,} last-FFN weights: "
-          f"Spearman with |W({e - 1})| {out['spearman_magnitude']:.3f}, with |dL/dW| at W({e - 1}) on the "
-          f"{n} training inputs {out['spearman_gradient']:.3f}")
-    return out
-
-
 def crossval(layout, budgets, quick: bool = False, workers: int | str = 1) -> dict:
     """The held-out repair rate by cross-validation over the k folds of the evaluation split: DE with Ours /
     ArachneW / random at the middle budget on the 9 benchmark settings and ``all`` of each fold (quick: ``all``,
@@ -349,7 +266,7 @@ import _cli  # noqa: E402 - the scripts' shared error handling (a known failure:
 
 @_cli.guard("main_job")
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", default=None, help="default: outputs/<testbed> (outputs/mnist, outputs/digits)")
     p.add_argument("--testbed", choices=sorted(TESTBEDS), default="mnist",
                    help="mnist: pretrain + 2-epoch fine-tune (default); digits: 40 epochs from scratch")
@@ -358,8 +275,8 @@ def main() -> None:
     p.add_argument("--pretrain_epochs", type=int, default=None,
                    help="mnist testbed: pretraining epochs (default: configs/testbed/pretrain.yaml)")
     p.add_argument("--methods", nargs="+", default=None, help="FL methods (default: all registered)")
-    p.add_argument("--budgets", nargs="+", type=int, default=None,
-                   help="FL / repair budgets (default: 0.1%%, 0.5%%, 1%% of the last FFN's weights)")
+    p.add_argument("--budgets", nargs="+", type=_budget, default=None,
+                   help="FL / repair budgets: counts or shares of the last FFN's weights (default: 0.1%% 0.5%% 1%%)")
     p.add_argument("--repair_reps", type=int, default=2)
     p.add_argument("--workers", type=lambda v: v if v == "auto" else int(v), default="auto",
                    help="processes for the repair sweeps (default auto: the cores, at most 4)")
@@ -391,7 +308,7 @@ def main() -> None:
     banner(f"1. {what} the {a.testbed} ViT ({a.backbone}, {epochs} epochs) -> {layout.root}")
     timed("train", train, layout, a.backbone, epochs, a.train_args, testbed=a.testbed, pretrain_epochs=pre_epochs)
     acc = timed("test", test, layout)
-    a.budgets = a.budgets or scaled_budgets(layout)
+    a.budgets = a.budgets or list(MAIN_JOB_BUDGETS)
 
     banner("2. cache CLS states (repair, test folds)")
     from pipeline.cache import step_cache
@@ -399,10 +316,10 @@ def main() -> None:
     from pipeline.misclf import step_misclf
 
     timed("cache", step_cache, layout, ("repair", "test"), trainer_kwargs={"enable_progress_bar": False})
-    testbed = {"layer_matters": timed("layer_matters", step_layer_matters, layout)}
-    if len(layout.checkpoint_epochs()) >= 2:
-        testbed["checkpoint_diagnostics"] = timed("ckpt_diagnostics", checkpoint_diagnostics, layout)
-    layout.write_json(layout.path("report", name="testbed.json"), testbed)  # the report shows both
+    from evaluation.testbed import testbed_checks
+
+    testbed = timed("testbed", testbed_checks, layout)  # layer matters, the per-block curve, checkpoint diagnostics
+    layout.write_json(layout.path("report", name="testbed.json"), testbed)  # the report shows them
 
     banner("3. misclassification analysis")
     info = timed("misclf", step_misclf, layout)
@@ -457,7 +374,7 @@ def main() -> None:
     print("step times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     print(f"total wall time: {time.perf_counter() - t_start:.1f} s")
     print(f"outputs: {layout.root}")
-    print(f"TensorBoard: tensorboard --logdir {layout.tensorboard}")
+    print(f"TensorBoard: tensorboard --logdir {layout.root}")
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def test_moments_snr_adam_ratio_and_diagnostics_equal_brute_force(fit_run):
     dm = _datamodule(run["root"])
     dm.setup()
     g_train, n = training_gradient(model1, dm, batch_size=100)
-    # reference: scripts/main_job.py's definition (all parameters with gradients, eval mode, sum / N)
+    # reference: evaluation.testbed.checkpoint_diagnostics' definition (all parameters with gradients, eval mode, sum / N)
     ref = load_classifier(layout.checkpoint(1))
     wb, wa = last_ffn_head(ref).weights()
     total = 0

@@ -160,6 +160,9 @@ def test_report_links_resolve_and_tables_state_split_and_n(run):
         assert any(l.endswith(must) for l in links), must
     # the report opens with the headline (before the config), and its sentence says what the benchmark separates
     assert text.index("## Headline") < text.index("## The run") < text.index('"experiment": "synthetic"')
+    # the repair verdicts open the report too: FL methods by held-out RR with intervals, paired test vs random
+    assert text.index("Repair: which FL method's weights repair best") < text.index("## The run")
+    assert "RR vs random (Wilcoxon, Holm)" in text
     assert "**Checkpoint benchmark** (synthetic ground truth" in text
     assert "runs had no target in the test fold" in text and '"experiment": "synthetic"' in text
     assert "test fold (held out)" in text
