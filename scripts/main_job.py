@@ -30,7 +30,7 @@ import _bootstrap  # noqa: F401
 
 ROOT = _bootstrap.ROOT
 #: FL / repair budgets as shares of the last FFN's 2 d d_ff weights, resolved by each step against the model (the
-#: testbed's 32,768 -> 33, 164, 328), as 236 / 472 / 944 are 0.005% / 0.01% / 0.02% of ViT-B/16's 4,718,592.
+#: MNIST testbed's 65,536 -> 66, 328, 655; the digits ViT's 32,768 -> 33, 164, 328), as 236 / 472 / 944 are 0.005% / 0.01% / 0.02% of ViT-B/16's 4,718,592.
 MAIN_JOB_BUDGETS = ["0.1%", "0.5%", "1%"]
 
 
