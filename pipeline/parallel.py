@@ -5,8 +5,11 @@ what another process has done or is doing, so ``workers`` processes on one machi
 the caller's shard: worker i runs shard ``(k + n i, n workers)``. Each worker starts with ``spawn`` (no CUDA or
 OpenMP state inherited), gets ``threads`` intra-op threads (default: this process's threads split evenly, at
 least 1: the testbed's small matrix products use 2 processes x 1 thread better than 1 x 2) and returns its rows,
-which are concatenated in worker order. An exception in a worker is raised here after the others finished (what
-they wrote stays on disk, so a rerun resumes).
+which are concatenated in worker order. Workers start with passive OpenMP waiting in their environment
+(:data:`core.threads.OPENMP_DEFAULTS`, unless the user chose a wait policy; :func:`core.threads.openmp_env`): their
+idle OpenMP threads sleep instead of spinning on cores that the other workers or processes need (results do not
+change). An exception in a worker is raised here after the others finished (what they wrote stays on disk, so a
+rerun resumes).
 
 Workers die with their parent: a ``kill -9`` of the main process must not leave workers that finish (or idle)
 unsupervised, holding the run's claims. Each worker asks Linux for ``SIGKILL`` when its parent dies
@@ -234,11 +237,14 @@ def run_sharded(fn: Callable[..., list], kwargs: Mapping[str, Any], workers: int
 
     if workers == 1:
         return list(fn(**kwargs, shard=shard))
+    from core.threads import openmp_env
+
     threads = threads or max(1, torch.get_num_threads() // workers)
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                                initargs=(threads, os.getpid()))
     try:
-        futures = [pool.submit(_worker_task, fn, dict(kwargs), s) for s in sub_shards(shard, workers)]
+        with openmp_env():  # the workers start (spawn) on their first tasks: they inherit the wait policy
+            futures = [pool.submit(_worker_task, fn, dict(kwargs), s) for s in sub_shards(shard, workers)]
         pending = set(futures)
         while pending:  # an interrupted worker stops the others at once; any other error waits for them
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
