@@ -44,30 +44,9 @@ def run(tmp_path, make_classifier):
 def write_model(store, model) -> None:
     """Replace the run's checkpoint by ``model`` and redo what the steps before FL would (state caches, settings):
     the situation after ``epoch=...ckpt`` is replaced and caches and settings are rerun."""
-    import lightning
+    from test_repair_sweep import write_model as rewrite
 
-    from core.io import atomic_write_json
-    from localization.cache import save_states
-    from localization.ffn import capture_ffn_states, model_fingerprint
-    from localization.misclf import analyze
-
-    store.checkpoint(0).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0},
-               store.checkpoint(0))
-    g = torch.Generator().manual_seed(0)
-    for split, n, seed in (("repair", 160, 1), ("test", 120, 2)):
-        images = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad(), capture_ffn_states(model) as st:
-            logits = model(images)
-        pred = logits.argmax(1)
-        label = torch.where(torch.rand(n, generator=g) < 0.35, torch.randint(0, 10, (n,), generator=g), pred)
-        save_states(store.states(split), st["x"], st["a"], logits, label, torch.arange(n) * 3 + 1,
-                    {"model_hash": model_fingerprint(model), "split": split, "backbone": "hf"})
-        if split == "repair":
-            info = analyze(label, pred, torch.arange(n) * 3 + 1, num_classes=10, ranks=1)
-            info["model_hash"] = model_fingerprint(model)
-            atomic_write_json(store.misclf_info, info)
+    rewrite(store, model)
 
 
 def one_paragraph_error(err: str, script_name: str) -> str:

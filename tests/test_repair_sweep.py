@@ -27,7 +27,13 @@ def make_run(root, make_classifier):
     """A run directory as the pipeline leaves it: a checkpoint, repair and test state caches, misclf_info."""
     model = make_classifier("hf_vit", seed=0)
     store = RunStore(root)
-    store.checkpoint(0).parent.mkdir(parents=True)
+    return store, model, write_model(store, model)
+
+
+def write_model(store, model):
+    """Write ``model`` as the run's checkpoint (replacing one) and redo what the steps before FL do: the repair and
+    test state caches and the settings; returns the settings."""
+    store.checkpoint(0).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                 "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0},
                store.checkpoint(0))
@@ -45,7 +51,7 @@ def make_run(root, make_classifier):
             info = analyze(label, pred, torch.arange(n) * 3 + 1, num_classes=10, ranks=1)
             info["model_hash"] = model_fingerprint(model)
             atomic_write_json(store.misclf_info, info)
-    return store, model, info
+    return info
 
 
 @pytest.fixture
