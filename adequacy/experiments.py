@@ -45,14 +45,13 @@ from adequacy.attribution import (default_method, input_attributions, neuron_imp
 from adequacy.criteria import DEFAULT_CRITERIA, make_criterion
 from adequacy.idc import IDC
 
-from core.style import RC as _FONT_RC  # the house style: TrueType fonts, never Type 3
+from core import style  # the house style: one figure saver (TrueType fonts), one Markdown table writer
 
 __all__ = [
     "ARTIFACTS", "CoverageSuite", "importance_scores", "prune_neurons", "rq1_pruning", "top_pixel_mask",
     "random_pixel_mask", "perturb_pixels", "rq2_diversity", "normalized_coverage_change", "rq3_sensitivity",
     "output_impartiality", "stratified_sample", "rq4_correlation", "rq5_overhead", "idc_by_mode", "coverage_table",
     "report_rq1", "report_rq2", "report_rq3", "report_rq4", "report_rq5", "report_coverage_table", "write_table",
-    "markdown_table",
 ]
 
 #: file stems (under the adequacy directory) of every table / figure the experiments write
@@ -71,42 +70,16 @@ def rq_dir(adequacy_dir: str | Path, rq: str) -> Path:
 
 
 # ================================================================================================ output helpers
-def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
-    """A GitHub Markdown table of ``df`` (no optional dependency)."""
-    def fmt(v):
-        if isinstance(v, (float, np.floating)):
-            return "nan" if np.isnan(v) else format(float(v), floatfmt)
-        return str(v)
-
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
+# Tables and figures go through the toolkit's one writer and one saver (core.style.markdown_table, .save_figure).
 def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str, title: str | None = None) -> list[Path]:
-    """``stem.csv`` and ``stem.md`` (atomic writes)."""
+    """``stem.csv`` (full precision) and ``stem.md`` (``# title`` then :func:`core.style.markdown_table`), atomic
+    writes."""
     from core.io import atomic_write_text
 
     out_dir = Path(out_dir)
-    md = (f"# {title}\n\n" if title else "") + markdown_table(df)
+    md = (f"# {title}\n\n" if title else "") + style.markdown_table(df)
     return [atomic_write_text(out_dir / f"{stem}.csv", df.to_csv(index=False)),
             atomic_write_text(out_dir / f"{stem}.md", md)]
-
-
-def save_figure(fig, out_dir: str | Path, stem: str) -> list[Path]:
-    """``stem.png`` and ``stem.pdf`` (atomic writes, TrueType fonts in the PDF); closes the figure."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-
-    from core.io import atomic_savefig
-
-    out_dir = Path(out_dir)
-    with matplotlib.rc_context(_FONT_RC):
-        paths = [atomic_savefig(fig, out_dir / f"{stem}.png", dpi=200, bbox_inches="tight"),
-                 atomic_savefig(fig, out_dir / f"{stem}.pdf", bbox_inches="tight")]
-    plt.close(fig)
-    return paths
 
 
 def write_meta(out_dir: str | Path, stem: str, config: Mapping, **extra) -> Path:
@@ -116,19 +89,11 @@ def write_meta(out_dir: str | Path, stem: str, config: Mapping, **extra) -> Path
 
 
 def _grid(n: int):
-    """Small panels (1.75 x 1.5 in, at most 4 a row: 7 in, two columns of a paper), text at 7-8 pt."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    matplotlib.rcParams.update(_FONT_RC)  # text sizes are read when the titles and labels are drawn, later
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.75 * cols, 1.5 * rows + 0.5), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    return fig, list(axes.flat[:n])
+    """Small panels (:func:`core.style.facet_grid`: 1.75 x 1.5 in, at most 4 a row, at most 7 in wide: two columns
+    of a paper), text at 7-8 pt; the caller lays them out (``fig.tight_layout()``)."""
+    style.apply()  # text sizes are read when the titles and labels are drawn, later
+    return style.facet_grid(n, ncols=min(4, n), panel_width=1.75, panel_height=1.5, sharex=False, sharey=False,
+                            layout=None)
 
 
 # ================================================================================================ importance
@@ -327,8 +292,8 @@ def report_rq1(out_dir, res: Mapping[str, pd.DataFrame], config: Mapping) -> lis
     fig, (ax,) = _grid(1)
     s = res["summary"]
     for method, g in s.groupby("method", sort=False):
-        style = {"color": "grey", "linestyle": "--"} if method == "random" else {"marker": "o"}
-        ax.plot(g["n"], g["drop_mean"], label=method, **style)
+        kw = {"color": "grey", "linestyle": "--"} if method == "random" else {"marker": "o"}
+        ax.plot(g["n"], g["drop_mean"], label=method, **kw)
         if method == "random":
             ax.fill_between(g["n"], g["drop_mean"] - g["drop_std"], g["drop_mean"] + g["drop_std"], color="grey",
                             alpha=0.2)
@@ -337,7 +302,7 @@ def report_rq1(out_dir, res: Mapping[str, pd.DataFrame], config: Mapping) -> lis
     ax.legend(fontsize=7)
     ax.set_title("RQ1: pruning important vs random")
     fig.set_size_inches(5, 3.5)
-    paths += save_figure(fig, out, "rq1_pruning")
+    paths += style.save_figure(fig, out / "rq1_pruning")
     paths.append(write_meta(out, "rq1", config))
     return paths
 
@@ -428,7 +393,7 @@ def report_rq2(out_dir, res: Mapping[str, pd.DataFrame], config: Mapping) -> lis
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     fig.suptitle("RQ2: coverage of original, random-noise and important-noise suites")
     fig.tight_layout()
-    paths += save_figure(fig, out, "rq2_diversity")
+    paths += style.save_figure(fig, out / "rq2_diversity")
     paths.append(write_meta(out, "rq2", config))
     return paths
 
@@ -528,7 +493,7 @@ def report_rq3(out_dir, res: Mapping[str, pd.DataFrame], config: Mapping) -> lis
     fig.suptitle("RQ3: normalised coverage change" + (f"\nmean over suite sizes {sizes} (bars: min-max)"
                                                       if len(sizes) > 1 else f" (suite size {sizes[0]})"))
     fig.tight_layout()
-    paths += save_figure(fig, out, "rq3_sensitivity")
+    paths += style.save_figure(fig, out / "rq3_sensitivity")
     paths.append(write_meta(out, "rq3", config))
     return paths
 
@@ -599,7 +564,7 @@ def report_rq4(out_dir, res: Mapping[str, pd.DataFrame], config: Mapping) -> lis
     axes[0].legend(fontsize=7)
     fig.suptitle("RQ4: coverage vs output impartiality")
     fig.tight_layout()
-    paths += save_figure(fig, out, "rq4_correlation")
+    paths += style.save_figure(fig, out / "rq4_correlation")
     paths.append(write_meta(out, "rq4", config))
     return paths
 
@@ -711,7 +676,7 @@ def report_rq5(out_dir, res: Mapping[str, pd.DataFrame], config: Mapping) -> lis
     ax.legend(fontsize=7)
     ax.set_title("RQ5: overhead")
     fig.set_size_inches(6, 0.3 * len(labels) + 1.5)
-    paths += save_figure(fig, out, "rq5_overhead")
+    paths += style.save_figure(fig, out / "rq5_overhead")
     paths.append(write_meta(out, "rq5", config))
     return paths
 
@@ -775,7 +740,7 @@ def report_coverage_table(out_dir, df: pd.DataFrame, config: Mapping | None = No
     from core.io import atomic_write_text
 
     paths = [atomic_write_text(out / "coverage_table.csv", df.to_csv(index=False)),
-             atomic_write_text(out / "coverage_table.md", f"# {title}\n\n" + markdown_table(md))]
+             atomic_write_text(out / "coverage_table.md", f"# {title}\n\n" + style.markdown_table(md))]
     paths.append(write_meta(out, "coverage_table", cfg, layers=df.attrs.get("layers"),
                             method=df.attrs.get("method")))
     return paths

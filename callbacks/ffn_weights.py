@@ -12,7 +12,7 @@ import torch
 
 from core.io import CorruptFileError, FileFormatError, ResultError, load_tensors
 from core.runstore import RunStore
-from localization.cache import atomic_save_safetensors
+from core.states import atomic_save_safetensors
 from localization.ffn import FFNHead, last_ffn_head, model_fingerprint
 
 

@@ -1,4 +1,4 @@
-"""Writes the state cache from one ``Trainer.predict`` pass (format: ``localization/cache.py``).
+"""Writes the state cache from one ``Trainer.predict`` pass (format: ``core/states.py``).
 
 Each process keeps its own rows on the CPU (the cache itself, nothing more: call ``trainer.predict(...,
 return_predictions=False)``) and writes ``states/{split}.rank{r}.safetensors``; rank 0 then merges the shards
@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from core.runstore import RunStore
-from localization.cache import merge_shards, save_states
+from core.states import merge_shards, save_states
 from localization.ffn import backbone_kind, model_fingerprint
 
 

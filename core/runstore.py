@@ -51,7 +51,7 @@ from core.io import (CorruptFileError, FileFormatError, ResultError, append_csv_
                      atomic_savefig, atomic_write_json, atomic_write_text, is_rank_zero, load_tensors, read_csv_log,
                      read_json, sha256_file, to_jsonable, verify_file)
 
-__all__ = ["RunStore", "LAYOUT", "SUMMARY_FILES", "identity_key", "layout_markdown", "ResultError", "CorruptFileError",
+__all__ = ["RunStore", "LAYOUT", "SUMMARY_FILES", "identity_key", "layout_markdown", "require_store", "ResultError", "CorruptFileError",
            "UnsafeNameError", "UnsafePathError", "NAME_PATTERN", "check_name", "RESULT_KINDS"]
 
 #: every artifact of a run: name -> (path template relative to the run root, what it holds)
@@ -99,7 +99,8 @@ LAYOUT: dict[str, tuple[str, str]] = {
                "`pretrained_path` reads it (a Hugging Face folder, or `model.safetensors` for timm)"),
     "finetune_config": ("finetune_model.yaml", "the fine-tuning model config, its `pretrained_path` relative to the "
                         "run root"),
-    "adequacy_marker": ("adequacy/{rq}.done.json", "an adequacy research question finished by the experiment runner "
+    "adequacy_marker": ("adequacy/{name}/{rq}.done.json", "an adequacy research question finished by the experiment "
+                        "runner into `adequacy/<experiment>_<variant>/` (or the coverage step's table, `name` coverage) "
                         "(its config and outputs)"),
     "repair_summary": ("repair/summary/{name}", "repair tables, figures and statistics over every run"),
     "adequacy": ("adequacy/{name}", "test-adequacy (coverage) tables and figures"),
@@ -108,6 +109,8 @@ LAYOUT: dict[str, tuple[str, str]] = {
                "rate), `test` (hp_metric = test accuracy), `fl_eval` (the FL evaluation's scalars and figures)"),
     "tb_repair_run": ("tb/repair/{setting}/{label}_n{budget}_rep{rep}-{key}", "TensorBoard run of one repair run "
                       "(per-generation fitness, its hparams and final metrics)"),
+    "testbed": ("report/testbed.json", "the testbed step's science: test accuracy with the FFN removed, per block, "
+                "and what the checkpoint benchmark's |W(2) - W(1)| follows (identity: the checkpoints' hashes)"),
     "report": ("report/{name}", "the run's report (report.md, report.html) and what it links"),
     "lock": ("locks/{key}.lock", "a worker's claim on one task (concurrent sweeps never run a task twice)"),
     "fold": ("cv/fold={k}", "fold run k of the cross-validated repair: that fold's caches, settings, FL and repair "
@@ -252,10 +255,6 @@ class RunStore:
 
     def checkpoint(self, epoch: int) -> Path:
         return self.path("checkpoint", epoch=epoch)
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.path("last_checkpoint")
 
     def checkpoint_epochs(self) -> list[int]:
         """Epochs with a per-epoch checkpoint, ascending."""
@@ -642,6 +641,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def require_store(store: Any, who: str) -> "RunStore":
+    """``store`` when it is a :class:`RunStore`; a step never takes a path (the scripts make the store once), so
+    anything else is a TypeError naming the step."""
+    if not isinstance(store, RunStore):
+        raise TypeError(f"{who} takes a RunStore (core.runstore.RunStore(path)), got {type(store).__name__} "
+                        f"{store!r}")
+    return store
 
 
 def layout_markdown() -> str:

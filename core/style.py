@@ -27,6 +27,10 @@ is drawn and saved through this module.
 * **No empty figure**: :func:`nothing_to_plot` makes a figure that says why there is nothing to plot and marks it;
   :func:`save` then writes a ``{stem}.nothing_to_plot.txt`` note instead of an image, and the report says
   "nothing to plot".
+* **One saver**: :func:`save_figure` writes ``{stem}.png`` and ``{stem}.pdf`` through :func:`save` (every figure of
+  :mod:`evaluation.figures` and of :mod:`adequacy.experiments`).
+* **One Markdown table writer**: :func:`markdown_table` (every table the toolkit writes as Markdown: floats with 4
+  significant digits, NaN as "NaN", ``|`` escaped, numbers right-aligned).
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ __all__ = ["RC", "COLUMN_WIDTH", "DOUBLE_WIDTH", "PALETTE", "METHOD_COLORS", "RA
            "method_color", "method_colors", "figure", "facet_grid", "nothing_to_plot", "is_nothing_to_plot",
            "save", "NOTHING_SUFFIX", "MethodStyle", "method_style", "method_styles", "method_family", "VARIANTS",
            "FAMILY_MARKERS", "legend_outside", "legend_above", "suptitle", "legend_below", "colors_for", "budget_key",
-           "sort_budgets"]
+           "sort_budgets", "save_figure", "markdown_table", "format_cell"]
 
 COLUMN_WIDTH = 3.4   #: inches, one column of a two-column paper
 DOUBLE_WIDTH = 7.0   #: inches, the full text width
@@ -196,6 +200,15 @@ def save(fig, paths: Sequence[str | Path], writer=None, close: bool = True, **kw
     finally:
         if close:
             plt.close(fig)
+
+
+def save_figure(fig, stem: str | Path, close: bool = True, dpi: int = 200, writer=None) -> list[Path]:
+    """The one figure saver: ``{stem}.png`` and ``{stem}.pdf`` (TrueType fonts) through :func:`save` and
+    ``writer`` (e.g. ``store.save_figure``; default ``core.io.atomic_savefig``). A :func:`nothing_to_plot` figure
+    writes ``{stem}.nothing_to_plot.txt`` instead and returns []."""
+    stem = Path(stem)
+    paths = [stem.with_name(stem.name + f".{ext}") for ext in ("png", "pdf")]
+    return save(fig, paths, writer=writer, close=close, dpi=dpi)
 
 
 def _legend_columns(labels: Sequence[str], width_in: float, fontsize: float) -> int:
@@ -427,6 +440,39 @@ def colors_for(names: Iterable[str], fixed: Mapping[str, str] | None = None) -> 
     out = method_colors(names)
     out.update(dict(fixed or {}))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------- tables
+def format_cell(v) -> str:
+    """One table cell as text: floats with 4 significant digits (``1.000e-04`` style outside [1e-3, 1e5), 0 as
+    "0"), NaN as "NaN", None as "", anything else ``str(v)``."""
+    import numpy as np
+
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return "NaN"
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.4g}"
+        return f"{v:.3e}"
+    return str(v)
+
+
+def markdown_table(df) -> str:
+    """The one Markdown table writer: ``df`` (a pandas DataFrame, index left out) as a GitHub-flavoured pipe table,
+    one space of padding each side of a cell, cells as :func:`format_cell`, ``|`` in names and cells escaped and
+    newlines replaced by spaces, numeric (and boolean) columns right-aligned (``---:``), the others left-aligned
+    (``:---``). Ends with a newline."""
+    import pandas as pd
+
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    cols = [esc(c) for c in df.columns]
+    align = ["---:" if pd.api.types.is_numeric_dtype(df[c]) else ":---" for c in df.columns]
+    rows = [[esc(format_cell(v)) for v in row] for row in df.itertuples(index=False, name=None)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 apply()

@@ -266,7 +266,9 @@ class VisionDataModule(L.LightningDataModule):
         on_bad_image: str = "raise",
     ):
         super().__init__()
-        self.save_hyperparameters()  # with the subclass's own arguments (Lightning walks the __init__ frames)
+        # with the subclass's own arguments (Lightning walks the __init__ frames); folds_path is where this run keeps its
+        # folds (the run store decides it), not a setting: left out, so nothing stored in a run names its absolute path
+        self.save_hyperparameters(ignore=["folds_path"])
         self.root = root
         self.image_size = int(image_size if image_size is not None else self.default_image_size)
         self.mean = tuple(float(m) for m in (mean if mean is not None else self.default_mean))

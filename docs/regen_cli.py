@@ -24,3 +24,14 @@ def rep(m):
 s2, n = pat.subn(rep, s)
 open(p, "w").write(s2)
 print("regenerated", n, "help blocks")
+# the stored subcommand help of scripts/train.py (served without importing Lightning while its sources are unchanged)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import train  # noqa: E402
+
+for sub in train.CACHED_HELP:
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="110", VITFL_LIVE_HELP="1")
+    out = subprocess.run([PY, "scripts/train.py", sub, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode != 0:
+        sys.exit(f"train.py {sub} --help failed: {out.stderr[-2000:]}")
+    print("wrote", train.write_help_cache(sub, out.stdout))

@@ -1,7 +1,8 @@
 """Figures of the FL evaluation and the repair sweep, in the one house style (:mod:`core.style`: TrueType
 fonts, single-column sizes, one fixed colour per method). Each function returns a Figure; where there is nothing
-to draw it returns :func:`core.style.nothing_to_plot` (never an empty figure). :func:`save_figure` writes
-PNG and PDF atomically and closes the figure; a nothing-to-plot figure becomes a ``.nothing_to_plot.txt`` note.
+to draw it returns :func:`core.style.nothing_to_plot` (never an empty figure). :func:`save_figure` (the one saver,
+:func:`core.style.save_figure`) writes PNG and PDF atomically and closes the figure; a nothing-to-plot figure
+becomes a ``.nothing_to_plot.txt`` note.
 
 Many methods are faceted (one small panel per method, or per group of at most :data:`PER_PANEL` methods, a method
 family kept in one panel where it fits) instead of 24 lines or 48 boxes in one panel. Each method has one colour +
@@ -15,8 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import matplotlib
 
@@ -38,14 +38,8 @@ _BASELINE = "#d9d9d9"  # random at the same count (hatched), apart from the rand
 PER_PANEL = 4
 
 
-def save_figure(fig, stem: str | Path, close: bool = True, dpi: int = 200,
-                writer: Callable | None = None) -> list[Path]:
-    """``{stem}.png`` and ``{stem}.pdf`` (TrueType fonts), through ``writer`` (e.g. ``store.save_figure``;
-    default ``core.io.atomic_savefig``). A :func:`core.style.nothing_to_plot` figure writes
-    ``{stem}.nothing_to_plot.txt`` instead and returns []."""
-    stem = Path(stem)
-    paths = [stem.with_name(stem.name + f".{ext}") for ext in ("png", "pdf")]
-    return style.save(fig, paths, writer=writer, close=close, dpi=dpi)
+#: ``{stem}.png`` + ``{stem}.pdf``: the toolkit's one figure saver, :func:`core.style.save_figure` (re-exported)
+save_figure = style.save_figure
 
 
 _RESULT_LABEL = re.compile(r"^(?P<method>.+)_n(?P<budget>[^_]+)-(?P<key>[0-9a-f]{12})$")

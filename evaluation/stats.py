@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from core import style
 from core.io import atomic_write_text
 
 __all__ = [
@@ -244,45 +245,9 @@ def mann_whitney_holm(values: Mapping[str, Sequence[float]], pairs: Iterable[tup
 
 
 # ---------------------------------------------------------------------------------------------------------- tables
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, (float, np.floating)):
-        if math.isnan(v):
-            return "NaN"
-        if v == 0 or 1e-3 <= abs(v) < 1e5:
-            return f"{v:.4g}"
-        return f"{v:.3e}"
-    return str(v)
-
-
-def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table via ``pandas.DataFrame.to_markdown`` (``tabulate``), floats with 4
-    significant digits, NaN as "NaN", ``|`` in cells escaped, cell padding removed (one space each side) so a
-    cell reads ``| name |`` whatever the column width. Without ``tabulate`` installed the same table is written
-    by hand."""
-    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    cells = pd.DataFrame({esc(c): [esc(_fmt(v)) for v in df[c]] for c in df.columns},
-                         columns=[esc(c) for c in df.columns])
-    align = ["right" if pd.api.types.is_numeric_dtype(df[c]) else "left" for c in df.columns]
-    try:
-        import tabulate  # noqa: F401
-
-        text = cells.to_markdown(index=False, tablefmt="pipe", colalign=align, disable_numparse=True)
-        lines = []
-        for line in text.splitlines():
-            parts = [p.strip() for p in re.split(r"(?<!\\)\|", line.strip()[1:-1])] if line.strip() else []
-            if parts and all(set(p) <= set(":-") and p for p in parts):
-                parts = ["---:" if p.endswith(":") and not p.startswith(":") else ":---" for p in parts]
-                lines.append("|" + "|".join(parts) + "|")
-            else:
-                lines.append("| " + " | ".join(parts) + " |")
-        return "\n".join(lines) + "\n"
-    except ImportError:
-        lines = ["| " + " | ".join(cells.columns) + " |",
-                 "|" + "|".join("---:" if a == "right" else ":---" for a in align) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
-        return "\n".join(lines) + "\n"
+#: the one Markdown table writer and cell format of the toolkit (core/style.py)
+to_markdown = style.markdown_table
+_fmt = style.format_cell
 
 
 def to_latex(df: pd.DataFrame, caption: str | None = None, label: str | None = None) -> str:

@@ -31,7 +31,7 @@ full model (tests/test_testbed.py: zeroed fc2 weights in a float64 copy of the m
 **Checkpoint diagnostics** (:func:`checkpoint_diagnostics`): Spearman's rho of the ground truth |W(e) - W(e-1)|
 with |W(e-1)| and with |dL/dW at W(e-1)|.
 
-:func:`testbed_checks` runs all three on a run (the main job writes its result to ``report/testbed.json``, which
+:func:`testbed_checks` runs all three on a run (the testbed step, :mod:`pipeline.testbed`, writes its result to ``report/testbed.json``, which
 :mod:`pipeline.report` reads and draws with :func:`evaluation.figures.layer_curve`).
 """
 from __future__ import annotations
@@ -173,13 +173,11 @@ def layer_curve(model: torch.nn.Module, batches: Iterable, blocks: Sequence[int]
 # ------------------------------------------------------------------------------------------------ on a run
 def step_layer_matters(layout) -> dict[str, dict]:
     """:func:`layer_matters` of the run's last checkpoint on the cached test fold, repair fold and both."""
-    from lightning_modules.runs import load_run_model
-    from localization.cache import load_states
-    from localization.ffn import last_ffn_head, model_fingerprint
+    from lightning_modules.runs import load_run
 
-    model, _ = load_run_model(layout)
-    head = last_ffn_head(model)
-    st = {s: load_states(layout.states(s), expected_hash=model_fingerprint(model)) for s in ("test", "repair")}
+    run = load_run(layout)
+    head = run.head
+    st = {s: run.states(s) for s in ("test", "repair")}
     out = {s: layer_matters(head, c.x, c.label) for s, c in st.items()}
     out["eval"] = layer_matters(head, torch.cat([st["test"].x, st["repair"].x]),
                                 torch.cat([st["test"].label, st["repair"].label]))
@@ -247,7 +245,7 @@ def checkpoint_diagnostics(layout, epoch: int | None = None, batch_size: int = 5
 
 
 def testbed_checks(layout) -> dict[str, Any]:
-    """What the main job writes to ``report/testbed.json``: ``layer_matters`` (:func:`step_layer_matters`: test,
+    """What the testbed step writes to ``report/testbed.json``: ``layer_matters`` (:func:`step_layer_matters`: test,
     repair, eval), ``layer_curve`` (:func:`step_layer_curve` on the test fold) and, with at least two checkpoints,
     ``checkpoint_diagnostics``."""
     out = {"layer_matters": step_layer_matters(layout), "layer_curve": step_layer_curve(layout)}

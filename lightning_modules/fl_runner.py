@@ -14,19 +14,17 @@ add naming, saving and resuming through the run store).
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from core.quiet import quiet_lightning
 from lightning_modules.fl import FLModule
 from localization.base import FLResult, method_meta
 from localization.ffn import FFNHead
@@ -51,7 +49,7 @@ def setting_rows(states, setting: Mapping[str, Any], method: str | None = None, 
                  ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any], dict[str, Any]]:
     """(x, label, is_neg, extra constructor options, a description of the inputs) of a setting for ``method``.
 
-    ``states``: a :class:`localization.cache.StateCache` of the split the setting was made on; ``setting``: one
+    ``states``: a :class:`core.states.StateCache` of the split the setting was made on; ``setting``: one
     entry of ``misclf_info.json``'s settings (sample indices)."""
     meta = method_meta(method) if method is not None else {}
     published = bool(meta.get("batching"))
@@ -83,25 +81,6 @@ def setting_rows(states, setting: Mapping[str, Any], method: str | None = None, 
 
 
 # ----------------------------------------------------------------------------------------------------- running
-@contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's per-Trainer banners and known harmless warnings while one short Trainer runs."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            for msg in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*",
-                        ".*module\\(s\\) in eval mode.*", ".*compute.*before the ``update``.*",
-                        ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
-                warnings.filterwarnings("ignore", msg)
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
 def _rss_mb() -> float:
     try:
         with open("/proc/self/statm") as f:

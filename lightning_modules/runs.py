@@ -36,7 +36,7 @@ import yaml
 from callbacks.state_cache import StateCacheWriter
 from lightning_modules.classifier import ImageClassifier
 from core.io import CorruptFileError, verify_file
-from core.runstore import RunStore
+from core.runstore import RunStore, require_store
 
 
 class RunError(RuntimeError):
@@ -217,12 +217,8 @@ def model_spec_from_run(layout: RunStore) -> dict[str, Any] | None:
 
 
 def checkpoint_epochs(layout: RunStore) -> list[int]:
-    eps = []
-    for p in layout.checkpoints.glob("epoch=*.ckpt"):
-        m = re.fullmatch(r"epoch=(\d+)\.ckpt", p.name)
-        if m:
-            eps.append(int(m.group(1)))
-    return sorted(eps)
+    """Epochs with a per-epoch checkpoint, ascending (:meth:`core.runstore.RunStore.checkpoint_epochs`)."""
+    return layout.checkpoint_epochs()
 
 
 def last_epoch(layout: RunStore) -> int:
@@ -345,6 +341,44 @@ def load_run_model(layout: RunStore, epoch: int | None = None) -> tuple[ImageCla
     return model, epoch
 
 
+class LoadedRun:
+    """A run's model as every step after training needs it, loaded through one function (:func:`load_run`): the
+    checkpoint of ``epoch`` (checked against the run's config), its fingerprint (the ``model`` hash of result
+    identities), its last-FFN head (built on first use) and its state caches (loaded on first use and checked to be
+    this model's). A fold run loads its parent run's model."""
+
+    def __init__(self, store: RunStore, epoch: int | None = None):
+        self.store = store
+        self.model, self.epoch = load_run_model(store.model_store(), epoch)
+        from localization.ffn import model_fingerprint
+
+        self.model_hash = model_fingerprint(self.model)
+        self._head = None
+        self._states: dict[tuple[str, str], Any] = {}
+
+    @property
+    def head(self):
+        """The last FFN's head (eval mode)."""
+        if self._head is None:
+            from localization.ffn import last_ffn_head
+
+            self._head = last_ffn_head(self.model).eval()
+        return self._head
+
+    def states(self, split: str = "repair", tag: str = ""):
+        """The state cache of ``split`` (``tag``: another checkpoint's), checked to be this model's."""
+        if (split, tag) not in self._states:
+            from core.states import load_states
+
+            self._states[split, tag] = load_states(self.store.states(split, tag), expected_hash=self.model_hash)
+        return self._states[split, tag]
+
+
+def load_run(store: RunStore, epoch: int | None = None) -> LoadedRun:
+    """The one way a step loads a run's model, fingerprint, FFN head and state caches (:class:`LoadedRun`)."""
+    return LoadedRun(require_store(store, "load_run"), epoch)
+
+
 def cache_tag(layout: RunStore, epoch: int | None) -> str:
     """The state-cache tag of a checkpoint: ``""`` (``states/{split}.safetensors``) for the run's last epoch, else
     ``epoch=NNN`` (``states/{split}.epoch=NNN.safetensors``), so caching another epoch never replaces the last
@@ -390,7 +424,7 @@ def cache_states(layout: RunStore, model: ImageClassifier, splits: list[str], ta
     renamed over it), so a failed pass never loses the old one. The model must fit the data (channels, image size,
     classes: :func:`check_model_fits_data`), checked before any pass."""
     from datamodules.base import SPLITS
-    from localization.cache import CacheError, load_states
+    from core.states import CacheError, load_states
     from localization.ffn import model_fingerprint
 
     bad = [s for s in splits if s not in SPLITS]

@@ -11,6 +11,8 @@ Conventions used by every caller (FL LightningModule, FL evaluation, repair swee
   the testbed to ViT-B: 0.005 / 0.01 / 0.02 % of 4,718,592 are 236 / 472 / 944; :func:`parse_budget`,
   :func:`budget_size`), or ``"front"`` / ``None``: the method's own selection (BL's Pareto front, IG's paper
   rule), whose size the method decides; ``"avg"`` (N_avg, the mean front size of BL) is resolved by the FL step;
+  a budget *label* as given (canonical) and the number *n* of weights it selects are resolved together, once per
+  (run, method), into a :class:`ResolvedBudget` (:func:`pipeline.localize.resolve_budgets`) that callers carry;
 * a neuron-level method's weights for a weight budget N are the weights of its top neurons, neuron by neuron in
   rank order, each neuron contributing its 2d weights in the order (row j of W_bef by column, then column j of
   W_aft by row), until N weights are filled; the last neuron may be cut (its first weights in that order).
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from core.quiet import COMPUTE_BEFORE_UPDATE
 from localization.base import FLResult, Localizer, get_localizer
 from localization.ffn import FFNHead, WeightIndex
 
@@ -38,6 +42,7 @@ __all__ = [
     "BudgetError",
     "parse_budget",
     "budget_size",
+    "ResolvedBudget",
     "DEFAULT_BUDGETS",
 ]
 
@@ -100,6 +105,50 @@ def budget_size(b: int | str, total: int) -> int:
     if n > total:
         raise BudgetError(f"budget {b} is outside [1, {total}] (the number of last-FFN weights)")
     return n
+
+
+@dataclass(frozen=True)
+class ResolvedBudget:
+    """A budget resolved for one run and method: ``label``, the budget as given in canonical form
+    (:func:`parse_budget`: ``236``, ``"0.01%"``, ``"avg"``, ``"front"``; what tables and result records show), and
+    ``n``, the number of weights it selects (``None`` only for ``"front"``, whose size the method decides per
+    setting). :func:`pipeline.localize.resolve_budgets` makes them once per (run, method); callers carry them.
+
+    >>> [ResolvedBudget.resolve(b, 4_718_592, n_avg=17).value for b in (236, "0.01%", "avg", "front")]
+    [236, 472, 17, 'front']
+    """
+    label: int | str
+    n: int | None
+
+    def __post_init__(self) -> None:
+        if parse_budget(self.label) != self.label:
+            raise BudgetError(f"budget label {self.label!r} is not canonical (parse_budget gives "
+                              f"{parse_budget(self.label)!r})")
+        if self.label == "front":
+            if self.n is not None:
+                raise BudgetError(f"budget 'front' has no fixed size, got n = {self.n!r}")
+        elif isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise BudgetError(f"budget {self.label!r} needs a positive int size, got n = {self.n!r}")
+
+    @property
+    def value(self) -> int | str:
+        """What :func:`select` takes and FL results and run-store identities record as the budget: n, or
+        ``"front"``."""
+        return "front" if self.n is None else self.n
+
+    @classmethod
+    def resolve(cls, label: Any, total: int, n_avg: int | None = None) -> "ResolvedBudget":
+        """``label`` (any form :func:`parse_budget` takes) against a layer of ``total`` weights: an int or a share
+        ``"P%"`` -> :func:`budget_size`; ``"avg"`` -> ``n_avg`` (N_avg of the run, required then); ``"front"`` ->
+        no size. Use :func:`pipeline.localize.resolve_budgets` for a run's budgets (it finds N_avg)."""
+        label = parse_budget(label)
+        if label == "front":
+            return cls(label, None)
+        if label == "avg":
+            if n_avg is None:
+                raise BudgetError("budget 'avg' (N_avg) needs the run's N_avg (pipeline.localize.resolve_budgets)")
+            return cls(label, int(n_avg))
+        return cls(label, budget_size(label, total))
 
 
 def _check_scores(scores: Tensor, name: str = "scores") -> Tensor:
@@ -359,7 +408,7 @@ def localize(head: FFNHead, x: Tensor | None, label: Tensor | None, is_neg: Tens
         scores = loc.compute()
     else:
         with warnings.catch_warnings():  # compute before update is the point for input-free methods
-            warnings.filterwarnings("ignore", message=".*compute.*before the ``update``.*")
+            warnings.filterwarnings("ignore", message=COMPUTE_BEFORE_UPDATE)
             scores = loc.compute()
     own_sel = getattr(loc, "own_selection", None)
     own = own_sel() if callable(own_sel) and budget in (None, "front") else None

@@ -1,15 +1,18 @@
-"""The steps of an experiment, one module each, in data-flow order; each is a function of a run directory (a
-:class:`core.runstore.RunStore`) that the thin scripts, the experiment runner and the main job call:
+"""The steps of an experiment, one module each, in data-flow order; each is a function of a run store (a
+:class:`core.runstore.RunStore`) that the thin scripts and the experiment runner (``experiment``, which also runs
+the main job) call:
 
 ==================  ===============================================================================
 module              step
 ==================  ===============================================================================
-``train``           fit / test the classifier (LightningCLI), per-epoch checkpoints and last-FFN files
+``train``           pretrain + export (optional), fit / resume, test the classifier (LightningCLI)
+``testbed``         the layer study and the checkpoint benchmark's diagnostics (report/testbed.json)
 ``cache``           cache the CLS states of the repair and test folds (one predict pass per split)
 ``misclf``          misclassification settings and the confusion figure
 ``localize``        FL methods x settings x budgets, through the one FL runner, into the run store
 ``evaluate_fl``     interventions, checkpoint-diff and injected-fault benchmarks, statistics, figures
 ``repair``          the repair sweep (FL method x setting x budget x repetition), tables and statistics
+``crossval``        the cross-validated repair over the k folds of the evaluation split; repairability@N
 ``adequacy``        coverage of the trained model (DeepImportance IDC and the baseline criteria)
 ==================  ===============================================================================
 

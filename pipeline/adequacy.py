@@ -269,11 +269,21 @@ def step_coverage(layout, quick: bool = False, attack: str = "fgsm", n_train: in
     """The coverage table of a run's model at its last FFN's activation: every criterion (or ``criteria``) on the
     clean evaluation split vs its adversarial version (FGSM through ART), written to the run's ``adequacy/`` and
     printed. ``n_train`` / ``n_clean``: seeded samples of the training and evaluation splits (quick: 300 / 100;
-    default: all); ``batch_size``: the attack's batch (small for a ViT-B on a CPU)."""
+    default: all); ``batch_size``: the attack's batch (small for a ViT-B on a CPU). Skipped when the table of the same
+    checkpoint (content hash) and options exists (``adequacy/coverage.done.json``)."""
     from adequacy.attacks import adversarial_examples
     from adequacy.experiments import coverage_table, report_coverage_table
     from lightning_modules.runs import datamodule_from_run, load_run_model
 
+    epochs = layout.checkpoint_epochs()
+    identity = {"kind": "coverage", "checkpoint": layout.file_hash(layout.checkpoint(epochs[-1])) if epochs else None,
+                "options": {"quick": quick, "attack": attack, "n_train": n_train, "n_clean": n_clean,
+                            "criteria": criteria, "attr_kw": attr_kw}}
+    marker = layout.path("adequacy_marker", name="coverage", rq="coverage")
+    done = layout.read_result(marker, identity)
+    if done is not None and all(layout.abs(p).is_file() for p in done.get("paths", ())):
+        print(f"the coverage table of this checkpoint with these options exists ({layout.rel(marker)}): skipped")
+        return None
     model, epoch = load_run_model(layout)
     net = model.backbone.eval()
     dm = datamodule_from_run(layout)
@@ -297,8 +307,9 @@ def step_coverage(layout, quick: bool = False, attack: str = "fgsm", n_train: in
         fooled = (net(adv_x).argmax(1) != clean_y).float().mean().item()
     df = coverage_table(net, None, train_x, clean_x, adv_x, train_labels=train_y, clean_labels=clean_y,
                         adv_labels=clean_y, criteria=criteria, attr_kw=attr_kw)
-    report_coverage_table(layout.adequacy_dir, df, {"epoch": epoch, "attack": attack, "n_clean": len(clean_x),
-                                                   "n_train": len(train_x), "attack_success": fooled})
+    paths = report_coverage_table(layout.adequacy_dir, df, {"epoch": epoch, "attack": attack, "n_clean": len(clean_x),
+                                                           "n_train": len(train_x), "attack_success": fooled})
+    layout.write_result(marker, identity, {"kind": "coverage", "paths": [layout.rel(p) for p in paths]})
     print(f"{attack.upper()} fooled {fooled:.1%} of {len(clean_x)} clean eval inputs; layer: "
           f"{', '.join(df.attrs.get('layers', []))}")
     show = df[["criterion", "params", "clean", "adversarial", "delta", "kind"]].copy()

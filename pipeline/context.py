@@ -47,22 +47,15 @@ def load_misclf(store: RunStore) -> dict[str, Any]:
 class RunContext:
     """The final (or ``epoch``'s) model of a run, its FFN head and the caches made by it."""
 
-    def __init__(self, store: RunStore | str, epoch: int | None = None):
-        from lightning_modules.runs import load_run_model
-        from localization.ffn import last_ffn_head, model_fingerprint
+    def __init__(self, store: RunStore, epoch: int | None = None):
+        from lightning_modules.runs import load_run
 
-        self.store = store if isinstance(store, RunStore) else RunStore(store)
-        self.model, self.epoch = load_run_model(self.store.model_store(), epoch)
-        self.model_hash = model_fingerprint(self.model)
-        self.head = last_ffn_head(self.model).eval()
-        self._states: dict[str, Any] = {}
+        self.run = load_run(store, epoch)
+        self.store, self.model, self.epoch, self.model_hash = store, self.run.model, self.run.epoch, self.run.model_hash
+        self.head = self.run.head
 
     def states(self, split: str = "repair"):
-        from localization.cache import load_states
-
-        if split not in self._states:
-            self._states[split] = load_states(self.store.states(split), expected_hash=self.model_hash)
-        return self._states[split]
+        return self.run.states(split)
 
     def states_hash(self, split: str = "repair") -> str:
         return self.store.file_hash(self.store.states(split))

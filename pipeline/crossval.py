@@ -16,14 +16,13 @@ inputs are pooled (:func:`pipeline.repair.collect_results`): stale ones are left
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import torch
 
-from core.runstore import RunStore
+from core.runstore import RunStore, require_store
 
-__all__ = ["prepare_folds", "run_crossval", "collect_crossval", "pooled_table", "wilson"]
+__all__ = ["prepare_folds", "run_crossval", "step_crossval", "collect_crossval", "pooled_table", "wilson"]
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -34,24 +33,21 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return (float("nan"), float("nan")) if ci is None else ci
 
 
-def prepare_folds(store: RunStore | str, trainer_kwargs: dict[str, Any] | None = None,
+def prepare_folds(store: RunStore, trainer_kwargs: dict[str, Any] | None = None,
                   misclf_options: dict[str, Any] | None = None) -> list[RunStore]:
     """The k fold runs of ``store`` (made where missing): fold caches cut from the run's evaluation-split cache and
     each fold's misclassification settings."""
     from datamodules.folds import kfold_split
-    from lightning_modules.runs import cache_run_states, datamodule_from_run, load_run_model
-    from localization.cache import load_states, save_states
+    from lightning_modules.runs import cache_run_states, datamodule_from_run, load_run
+    from core.states import load_states, save_states
     from localization.misclf import analyze
 
-    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
-    dm = datamodule_from_run(store)
+    dm = datamodule_from_run(require_store(store, "prepare_folds"))
     n_folds, fold_seed = int(dm.n_folds), int(dm.fold_seed)
     cache_run_states(store, ["eval"], trainer_kwargs=trainer_kwargs)
-    model, _ = load_run_model(store)
-    from localization.ffn import model_fingerprint
-
-    h = model_fingerprint(model)
-    ev = load_states(store.states("eval"), expected_hash=h)
+    run = load_run(store)
+    h = run.model_hash
+    ev = run.states("eval")
     folds = []
     for k in range(n_folds):
         fs = store.fold(k)
@@ -75,7 +71,7 @@ def prepare_folds(store: RunStore | str, trainer_kwargs: dict[str, Any] | None =
     return folds
 
 
-def run_crossval(store: RunStore | str, methods: Sequence[str], settings: Sequence[str] | None,
+def run_crossval(store: RunStore, methods: Sequence[str], settings: Sequence[str] | None,
                  budgets: Sequence[int | str], reps: int, repair: str = "de",
                  repair_options: dict[str, Any] | None = None, progress: bool = False,
                  trainer_kwargs: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1),
@@ -87,11 +83,10 @@ def run_crossval(store: RunStore | str, methods: Sequence[str], settings: Sequen
     from pipeline.parallel import resolve_workers, run_sharded
     from pipeline.repair import run_sweep
 
-    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
     folds = prepare_folds(store, trainer_kwargs)
     n_workers = resolve_workers(workers)
     if n_workers > 1:
-        return run_sharded(run_crossval, dict(store=str(store.root), methods=list(methods),
+        return run_sharded(run_crossval, dict(store=store, methods=list(methods),
                                               settings=None if settings is None else list(settings),
                                               budgets=list(budgets), reps=reps, repair=repair,
                                               repair_options=repair_options, progress=progress,
@@ -107,16 +102,44 @@ def run_crossval(store: RunStore | str, methods: Sequence[str], settings: Sequen
     return rows
 
 
-def collect_crossval(store: RunStore | str, include_stale: bool = False):
+def step_crossval(store: RunStore, methods: Sequence[str] = ("ours", "arachne_w", "random"),
+                  settings: Sequence[str] | None = None, budgets: Sequence[int | str] = ("0.5%",), reps: int = 1,
+                  repairs: Sequence[dict[str, Any]] = ({"repair": "de"}, {"repair": "lp", "logger": True}),
+                  workers: int | str | None = 1, log=print) -> list[dict[str, Any]]:
+    """The cross-validated repair step of an experiment: for each entry of ``repairs`` (``{repair, repair_options,
+    logger}``) the sweep ``methods`` x ``settings`` x ``budgets`` x ``reps`` on every fold run, then the pooled
+    table (``repair/summary/crossval.md``) and, with the LP optimiser among them, repairability@N. Runs already in
+    the fold runs' stores are skipped. Returns the sweep rows."""
+    rows: list[dict[str, Any]] = []
+    for r in repairs:
+        rows += run_crossval(store, methods, settings, budgets, reps, repair=r.get("repair", "de"),
+                             progress=True,
+                             repair_options=r.get("repair_options") or {}, logger=bool(r.get("logger", False)),
+                             trainer_kwargs={"enable_progress_bar": False}, workers=workers)
+    agg = aggregate_crossval(store)
+    df = agg.get("runs")
+    if df is not None and len(df):
+        one = df[(df["fl_method"] == df["fl_method"].iloc[0]) & (df["repair"] == df["repair"].iloc[0])]
+        n_all = int(one.loc[one["setting"] == "all", "n_targets"].sum())
+        n_other = int(one.loc[one["setting"] != "all", "n_targets"].sum())
+        log(f"cross-validated repair: {len(df)} runs over {df['fold'].nunique()} folds; held-out targets per FL "
+            f"method and repetition: 'all' {n_all}, the other settings together {n_other}")
+        log(agg["markdown"])
+        if agg.get("repairability") is not None:
+            log(agg["repairability"].sentence)
+    return rows
+
+
+def collect_crossval(store: RunStore, include_stale: bool = False):
     """One row per current repair run of every fold run (``fold`` = k), as :func:`pipeline.repair.collect_results`
     (``include_stale``: stale ones too, labelled in ``stale``); ``df.attrs["provenance"]``: the stale counts summed
     over the folds."""
+    require_store(store, "collect_crossval")
     import pandas as pd
 
     from pipeline.localize import count_stale
     from pipeline.repair import collect_results
 
-    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
     parts = []
     prov = {**count_stale([]), "included": bool(include_stale)}
     for k in store.fold_indices():
@@ -173,13 +196,12 @@ def pooled_markdown(table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def aggregate_crossval(store: RunStore | str, include_stale: bool = False) -> dict[str, Any]:
+def aggregate_crossval(store: RunStore, include_stale: bool = False) -> dict[str, Any]:
     """Write ``repair/summary/crossval.csv|md`` (pooled over folds) and return the table and its Markdown, with
     ``provenance`` (stale results left out, or kept with ``include_stale``) and ``stale_note`` (one sentence, "" if
     none)."""
     from pipeline.localize import stale_note
 
-    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
     df = collect_crossval(store, include_stale=include_stale)
     prov = dict(df.attrs.get("provenance") or {})
     note = stale_note(prov, "cross-validated repair results", include_stale)

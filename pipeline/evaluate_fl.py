@@ -46,7 +46,7 @@ from evaluation.ranking_metrics import COMPARISONS, DEFAULT_FRACTIONS, K_ROUNDIN
 from evaluation.headline import HeadlineBlock, benchmark_block, blocks_markdown
 from evaluation.stats import holm, wilcoxon_holm, write_stats_table
 from core.io import provenance, read_json
-from core.runstore import RunStore
+from core.runstore import RunStore, require_store
 from core.runstore import identity_key
 from lightning_modules.fl_runner import localize_with_trainer, setting_rows
 from pipeline.context import load_misclf
@@ -112,14 +112,10 @@ def _log_default(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------ loading
 def _load_final(layout: RunStore, split: str):
-    from lightning_modules.runs import load_run_model
-    from localization.cache import load_states
-    from localization.ffn import last_ffn_head, model_fingerprint
+    from lightning_modules.runs import load_run
 
-    model, epoch = load_run_model(layout)
-    head = last_ffn_head(model).eval()
-    states = load_states(layout.states(split), expected_hash=model_fingerprint(model))
-    return model, epoch, head, states
+    run = load_run(layout)
+    return run.model, run.epoch, run.head, run.states(split)
 
 
 def _misclf(layout: RunStore) -> dict[str, Any]:
@@ -231,7 +227,7 @@ def _states_for(layout: RunStore, model, split: str, tag: str, log):
     """States of ``split`` made by ``model``: the untagged cache if it is this model's, else ``{split}.{tag}``
     (made now with one predict pass if missing)."""
     from lightning_modules.runs import cache_states
-    from localization.cache import CacheError, load_states, read_metadata
+    from core.states import CacheError, load_states, read_metadata
     from localization.ffn import model_fingerprint
 
     h = model_fingerprint(model)
@@ -673,7 +669,7 @@ def _headline_csv(blocks: Sequence[HeadlineBlock]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, quick: bool = False,
+def run_evaluation(store: RunStore, methods: Iterable[str] | None = None, quick: bool = False,
                    parts: Iterable[str] = PARTS, settings: Iterable[str] | None = None,
                    budgets: Iterable[int | str] | None = None, modes: Iterable[str] = MODES, where: str = "post",
                    n_random: int | None = None, inject_seeds: Iterable[int] | None = None,
@@ -710,7 +706,7 @@ def run_evaluation(run_dir: str | Path, methods: Iterable[str] | None = None, qu
     from localization.base import registered_localizers
 
     log = log or _log_default
-    layout = run_dir if isinstance(run_dir, RunStore) else RunStore(run_dir)
+    layout = require_store(store, "run_evaluation")
     parts = list(parts)
     unknown = set(parts) - set(PARTS)
     if unknown:

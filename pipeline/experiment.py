@@ -9,13 +9,20 @@ so a rerun resumes where the last one stopped and a finished experiment reruns i
 
 Phases and sharding (``shard=(k, n)``; ``scripts/run_experiment.py --shard k/n``):
 
-==============  ======================================  ================================================
-phase           steps                                   with ``n > 1`` shards
-==============  ======================================  ================================================
-prepare         ``train``, ``cache``, ``misclf``        not sharded: run them first (``--steps prepare``)
-work            ``localize``, ``repair``, ``adequacy``  shard k runs every n-th task of a fixed order
-final           ``evaluate_fl``, ``aggregate``          not sharded: run once every shard is done
-==============  ======================================  ================================================
+==============  =============================================  ==========================================
+phase           steps                                          with ``n > 1`` shards
+==============  =============================================  ==========================================
+prepare         ``train``, ``cache``, ``testbed``, ``misclf``  not sharded: run them first
+work            ``localize``, ``repair``, ``adequacy``         shard k runs every n-th task of a fixed order
+final           ``evaluate_fl``, ``crossval``, ``aggregate``,  not sharded: run once every shard is done
+                ``coverage``
+==============  =============================================  ==========================================
+
+``train`` fits (optionally after pretraining and exporting a backbone) and tests (:mod:`pipeline.train`);
+``testbed`` writes the layer study and checkpoint diagnostics (:mod:`pipeline.testbed`); ``crossval`` is the
+cross-validated repair (:func:`pipeline.crossval.step_crossval`); ``coverage`` the coverage table, clean vs
+adversarial (:func:`pipeline.adequacy.step_coverage`). The main job is the experiment
+``configs/experiment/main_job_mnist.yaml``.
 
 With one shard (the default) every step of ``steps`` runs in order. A shard never waits for another: the grid of
 every step is deterministic, so n processes on n GPUs or nodes split it with no coordination, and a crashed shard
@@ -25,22 +32,22 @@ Nothing here reads argv or picks an output folder; the config does (``datasets.<
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from core.quiet import quiet  # the one list of known warnings (``quiet``: part of this module's API)
 from core.runstore import RunStore
 
 __all__ = ["STEPS", "PHASES", "ExperimentConfigError", "quiet", "check_experiment", "check_fl_options", "run_experiment",
            "experiment_results",
            "step_options", "summarize_rows"]
 
-STEPS = ("train", "cache", "misclf", "localize", "evaluate_fl", "repair", "aggregate", "adequacy")
-PHASES = {"prepare": ("train", "cache", "misclf"), "work": ("localize", "repair", "adequacy"),
-          "final": ("evaluate_fl", "aggregate")}
+STEPS = ("train", "cache", "testbed", "misclf", "localize", "evaluate_fl", "repair", "adequacy", "crossval",
+         "aggregate", "coverage")
+PHASES = {"prepare": ("train", "cache", "testbed", "misclf"), "work": ("localize", "repair", "adequacy"),
+          "final": ("evaluate_fl", "crossval", "aggregate", "coverage")}
 SHARDED = PHASES["work"]
 
 #: the keys of each step's block (the step function's keyword names; ``accelerator`` / ``devices`` go to its Trainer)
@@ -51,12 +58,16 @@ STEP_KEYS = {
     "evaluate_fl": {"parts", "methods", "settings", "budgets", "modes", "where", "n_random", "inject_seeds",
                     "ckpt_settings", "ckpt_epoch", "pos_fraction", "split", "batch_size", "seed", "method_opts",
                     "figures", "tensorboard", "strengths", "comparisons", "k_rounding", "optimizers", "replay",
-                    "include_stale"},
-    "repair": {"sweeps", "fl_batch_size", "accelerator", "tensorboard", "on_error"},
+                    "include_stale", "quick"},
+    "repair": {"sweeps", "fl_batch_size", "accelerator", "tensorboard", "on_error", "workers"},
     "sweep": {"name", "repair", "methods", "settings", "budgets", "reps", "seed", "repair_options", "fl_options"},
     "adequacy": {"rqs", "configs", "overrides", "use_run_checkpoint"},
     "dataset": {"run_dir", "train", "adequacy"},
-    "train": {"configs", "args", "epochs"},
+    "train": {"configs", "args", "epochs", "test", "pretrain"},
+    "pretrain": {"configs", "args", "epochs"},
+    "testbed": set(),
+    "crossval": {"methods", "settings", "budgets", "reps", "repairs", "workers"},
+    "coverage": {"quick", "attack", "n_train", "n_clean", "batch_size"},
 }
 
 
@@ -70,10 +81,12 @@ class ExperimentConfigError(ValueError):
 _STR, _INT, _NUM, _BOOL, _MAP = "a string", "an int", "a number", "true or false", "a mapping"
 _LSTR, _LINT, _LBUDGET, _LANY = "a list of strings", "a list of ints", "a list of budgets (ints, avg, front)", "a list"
 _DEVICES = "an int, 'auto' or a list of device ids"
+_WORKERS = "an int or 'auto'"
 SHAPES: dict[str, dict[str, str]] = {
     "": {"name": _STR, "description": _STR, "variant": _STR, "compat": _LSTR, "datasets": _MAP, "steps": _LSTR},
     "dataset": {"run_dir": _STR, "train": _MAP, "adequacy": _MAP},
-    "train": {"configs": _LSTR, "args": _LANY, "epochs": _INT},
+    "train": {"configs": _LSTR, "args": _LANY, "epochs": _INT, "test": _BOOL, "pretrain": _MAP},
+    "pretrain": {"configs": _LSTR, "args": _LANY, "epochs": _INT},
     "cache": {"splits": _LSTR, "accelerator": _STR, "devices": _DEVICES},
     "misclf": {"split": _STR, "ranks": _INT, "seed": _INT, "pos_fraction": _NUM, "tie_order": _STR,
                "no_true_input": _STR, "kinds": _LSTR},
@@ -84,13 +97,17 @@ SHAPES: dict[str, dict[str, str]] = {
                     "pos_fraction": _NUM, "split": _STR, "batch_size": _INT, "seed": _INT,
                     "method_opts": "a mapping of FL method -> its options", "figures": _BOOL, "tensorboard": _BOOL,
                     "strengths": "a list of strengths (ints, numbers or 'published')", "comparisons": _LSTR,
-                    "k_rounding": _STR, "optimizers": _LSTR, "replay": _MAP, "include_stale": _BOOL},
+                    "k_rounding": _STR, "optimizers": _LSTR, "replay": _MAP, "include_stale": _BOOL, "quick": _BOOL},
     "repair": {"sweeps": "a list of sweep mappings", "fl_batch_size": _INT, "accelerator": _STR,
-               "tensorboard": _BOOL, "on_error": _STR},
+               "tensorboard": _BOOL, "on_error": _STR, "workers": _WORKERS},
     "sweep": {"name": _STR, "repair": _STR, "methods": _LSTR, "settings": _LSTR, "budgets": _LBUDGET,
               "reps": "an int or a list of ints", "seed": _INT, "repair_options": _MAP,
               "fl_options": "a mapping of FL method -> its options"},
     "adequacy": {"rqs": _LSTR, "configs": _LSTR, "overrides": _MAP, "use_run_checkpoint": _BOOL},
+    "testbed": {},
+    "crossval": {"methods": _LSTR, "settings": _LSTR, "budgets": _LBUDGET, "reps": _INT,
+                 "repairs": "a list of {repair, repair_options, logger} mappings", "workers": _WORKERS},
+    "coverage": {"quick": _BOOL, "attack": _STR, "n_train": _INT, "n_clean": _INT, "batch_size": _INT},
 }
 
 
@@ -116,8 +133,10 @@ def _fits(value: Any, shape: str) -> bool:
     if shape == _LBUDGET:
         return isinstance(value, list) and all(_is_int(v) or isinstance(v, str) for v in value)
     if shape.startswith("a list"):
-        return isinstance(value, list) and (shape != "a list of sweep mappings"
+        return isinstance(value, list) and (not shape.startswith(("a list of sweep", "a list of {"))
                                             or all(isinstance(v, _M) for v in value))
+    if shape == _WORKERS:
+        return _is_int(value) or value == "auto"
     if shape == _DEVICES:
         return _is_int(value) or isinstance(value, (str, list))
     if shape == "an int or a list of ints":
@@ -143,39 +162,6 @@ def check_shapes(block: Any, kind: str, where: str) -> None:
             hint = f" (e.g. {key}: [{value}])" if shape.startswith("a list") and not isinstance(value, list) else ""
             raise ExperimentConfigError(f"{(where + '.') if where else ''}{key} must be {shape}, got "
                                         f"{type(value).__name__} {value!r}{hint}")
-
-
-# ------------------------------------------------------------------------------------------------ a quiet console
-#: warnings that say nothing about the results (Lightning's hints for other set-ups, known deprecations upstream)
-KNOWN_WARNINGS = (
-    r".*does not have many workers.*",
-    r".*Checkpoint directory .* exists and is not empty.*",
-    r".*GPU available but not used.*",
-    r".*LeafSpec.*is deprecated.*",
-    r".*treespec.*deprecated.*",
-    r".*`isinstance\(treespec, LeafSpec\)`.*",
-    r".*The number of training batches .* is smaller than the logging interval.*",
-    r".*Starting from v1\.9\.0, `tensorboardX` has been removed.*",
-    r".*You defined a `validation_step` but have no `val_dataloader`.*",
-    r".*Total length of .* across ranks is zero.*",
-    r".*`training_step` returned `None`.*",
-    r".*torch\.meshgrid: in an upcoming release.*",
-    r".*LightningCLI's args parameter is intended to run from within Python.*",
-)
-#: Lightning's info loggers: "GPU available: ...", "TPU available", "💡 Tip: ...", model summaries
-LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                     "lightning.pytorch.accelerators.cuda", "lightning.pytorch.callbacks.model_summary",
-                     "pytorch_lightning.utilities.rank_zero", "lightning.pytorch.trainer.connectors",
-                     "lightning.fabric.utilities.seed", "lightning.pytorch.utilities.seed")
-
-
-def quiet() -> None:
-    """Silence Lightning's tips and info lines and the known warnings above (real warnings still show)."""
-    for name in LIGHTNING_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for pattern in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    os.environ.setdefault("LITMODELS_DISABLE_TIPS", "1")
 
 
 # ------------------------------------------------------------------------------------------------ checking
@@ -264,9 +250,15 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
             raise ExperimentConfigError(f"datasets.{name}: no run_dir")
         if (d or {}).get("train"):
             _unknown(d["train"], STEP_KEYS["train"], f"datasets.{name}.train")
-            ep = d["train"].get("epochs")
-            if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
-                raise ExperimentConfigError(f"datasets.{name}.train.epochs must be an int >= 1, got {ep!r}")
+            blocks = [(d["train"], f"datasets.{name}.train")]
+            if d["train"].get("pretrain"):
+                check_shapes(d["train"]["pretrain"], "pretrain", f"datasets.{name}.train.pretrain")
+                _unknown(d["train"]["pretrain"], STEP_KEYS["pretrain"], f"datasets.{name}.train.pretrain")
+                blocks.append((d["train"]["pretrain"], f"datasets.{name}.train.pretrain"))
+            for block, where in blocks:
+                ep = block.get("epochs")
+                if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+                    raise ExperimentConfigError(f"{where}.epochs must be an int >= 1, got {ep!r}")
     steps = _expand_steps(cfg.get("steps") or STEPS)
 
     def fl_methods(names, where):
@@ -284,7 +276,7 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
             except ValueError as e:
                 raise ExperimentConfigError(f"{where}: {e}") from None
 
-    for step in ("cache", "misclf", "localize", "evaluate_fl", "repair", "adequacy"):
+    for step in ("cache", "misclf", "localize", "evaluate_fl", "repair", "adequacy", "crossval", "coverage"):
         check_shapes(cfg.get(step), step, step)
         _unknown(cfg.get(step), STEP_KEYS[step], step)
     for i, sw in enumerate((cfg.get("repair") or {}).get("sweeps") or []):
@@ -325,6 +317,18 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
         reps = sw.get("reps", 5)
         if isinstance(reps, int) and reps < 1:
             raise ExperimentConfigError(f"{where}.reps must be >= 1, got {reps}")
+    cv = step_options(cfg, "crossval")
+    if "methods" in cv:
+        fl_methods(cv["methods"], "crossval.methods")
+    _check_budgets(cv.get("budgets"), "crossval.budgets")
+    for i, r in enumerate(cv.get("repairs") or []):
+        where = f"crossval.repairs[{i}]"
+        _unknown(r, {"repair", "repair_options", "logger"}, where)
+        try:
+            REPAIRS.check([r.get("repair", "de")])
+            resolved_repair_options(r.get("repair", "de"), r.get("repair_options"))
+        except (KeyError, ValueError) as e:
+            raise ExperimentConfigError(f"{where}: {e}") from None
     ad = step_options(cfg, "adequacy")
     from pipeline.adequacy import RQS
 
@@ -399,83 +403,22 @@ def _trainer_kwargs(block: Mapping[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def _train(store: RunStore, train: Mapping[str, Any] | None, root: Path) -> dict[str, int]:
-    epochs = store.checkpoint_epochs()
-    if not train:
-        if not epochs:
-            raise FileNotFoundError(f"{store.root} has no checkpoints and the experiment gives no "
-                                    "datasets.<name>.train: train it first (scripts/train.py fit ...)")
-        return {"skipped": 1}
-    if train["epochs"] in epochs:
-        return {"skipped": 1}
-    from lightning_modules.cli import ToolkitCLI
-
-    args = ["fit"]
-    for c in train.get("configs") or []:
-        p = Path(c)
-        args += ["--config", str(p if p.is_absolute() else root / p)]
-    args += [f"--trainer.default_root_dir={store.root}", f"--trainer.max_epochs={train['epochs']}",
-             "--trainer.enable_model_summary=false",
-             *[str(a) for a in train.get("args") or []]]
-    if store.last_checkpoint.is_file():
-        args.append(f"--ckpt_path={store.last_checkpoint}")
-    ToolkitCLI(args=args)
-    return {"done": 1}
-
-
 def _cache(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
-    from lightning_modules.runs import load_run_model
-    from localization.cache import CacheError, load_states
-    from localization.ffn import model_fingerprint
     from pipeline.cache import step_cache
 
-    splits = list(opts.get("splits", ("repair", "test")))
-    model, _ = load_run_model(store)
-    h = model_fingerprint(model)
-    todo = []
-    for s in splits:
-        try:
-            load_states(store.states(s), expected_hash=h)
-        except (CacheError, FileNotFoundError, OSError):
-            todo.append(s)
-    if todo:
-        step_cache(store, todo, trainer_kwargs=_trainer_kwargs(opts))
-    return {"done": len(todo), "skipped": len(splits) - len(todo)}
+    return step_cache(store, list(opts.get("splits", ("repair", "test"))), trainer_kwargs=_trainer_kwargs(opts))
 
 
 def _misclf(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
-    """The settings step. The analysis on disk is kept when it was made by the same model with the same rules
-    (ranks, seed, I_pos share, tie order, no-true-input rule) and already holds every kind asked for; otherwise it
-    is rebuilt with the union of the kinds on disk and the kinds asked for, so experiments that share a run
-    directory but need different kinds do not rebuild it in turn (settings are content-hashed in every result
-    identity, so a rebuilt analysis never mixes results of other input sets)."""
-    from core.io import read_json
-    from localization.cache import read_metadata
-    from localization.misclf import ALL_KINDS, DEFAULT_KINDS
-    from pipeline.misclf import step_misclf
+    from pipeline.misclf import ensure_misclf
 
-    kw = dict(opts)
-    split = kw.get("split", "repair")
-    kinds = list(kw.pop("kinds", DEFAULT_KINDS))
-    rules = {k: v for k, v in kw.items() if k != "split"}
-    if store.misclf_info.is_file():
-        info = read_json(store.misclf_info)
-        have = dict(info.get("options") or {})
-        same_model = info.get("model_hash") == read_metadata(store.states(split)).get("model_hash")
-        same_rules = all(have.get(k) == v for k, v in rules.items())
-        have_kinds = list(have.get("kinds") or [])
-        if same_model and same_rules and info.get("split", split) == split:
-            if set(kinds) <= set(have_kinds):
-                return {"skipped": 1}
-            kinds = [k for k in ALL_KINDS if k in set(kinds) | set(have_kinds)]
-    step_misclf(store, kinds=tuple(kinds), **kw)
-    return {"done": 1}
+    return ensure_misclf(store, **opts)
 
 
 def _localize(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tuple[int, int], log: _Log) -> None:
     from localization.base import FL_METHODS
     from pipeline.context import load_misclf
-    from pipeline.localize import run_localization
+    from pipeline.localize import run_localization, status_table
 
     kw = {k: v for k, v in opts.items() if k not in ("accelerator", "devices")}
     methods = FL_METHODS.check(kw.pop("methods", None) or FL_METHODS.names())
@@ -500,10 +443,12 @@ def _localize(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tu
         for m in dict.fromkeys(m for m, _ in pairs):
             if not settings:
                 break
-            rows += run_localization(store, methods=[m], trainer_kwargs=_trainer_kwargs(opts), progress=False,
+            rows += run_localization(store, methods=[m], trainer_kwargs=_trainer_kwargs(opts), progress=True,
                                      **{**kw, "settings": [s for mm, s in pairs if mm == m]})
         errors = [f"{r['method']} on {r['setting']}: {r['status']}" for r in rows if _status(r) == "error"]
         log.step("localize", name, summarize_rows(rows), time.perf_counter() - t0, _na_diff(store, before), errors)
+        if rows:
+            log.log(status_table(rows))
 
 
 def _evaluate(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) -> None:
@@ -547,9 +492,9 @@ def _repair(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tupl
         label = sw.pop("name", None) or f"{sw.get('repair', 'de')}#{i}"
         t0 = time.perf_counter()
         before = {n: s.not_applicable() for n, s in stores.items()}
-        rows = run_sweep(run_dirs, shard=shard, logger=bool(opts.get("tensorboard", True)), progress=False,
+        rows = run_sweep(run_dirs, shard=shard, logger=bool(opts.get("tensorboard", True)), progress=True,
                          fl_batch_size=opts.get("fl_batch_size", 512), accelerator=opts.get("accelerator", "cpu"),
-                         on_error=opts.get("on_error", "continue"), **sw)
+                         on_error=opts.get("on_error", "continue"), workers=opts.get("workers", 1), **sw)
         for name, store in stores.items():
             mine = [r for r in rows if r["dataset"] == name]
             _sweep_rows_na(store, mine)
@@ -557,6 +502,17 @@ def _repair(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tupl
                       if _status(r) == "error"]
             log.step(f"repair {label}", name, summarize_rows(mine), time.perf_counter() - t0,
                      _na_diff(store, before[name]), errors)
+
+
+def _crossval(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) -> None:
+    from pipeline.crossval import step_crossval
+
+    t0 = time.perf_counter()
+    before = store.not_applicable()
+    rows = step_crossval(store, log=log.log, **opts)
+    errors = [f"{r['label']} {r['setting']} n={r['budget']} rep={r['rep']}: {r['status']}" for r in rows
+              if _status(r) == "error"]
+    log.step("crossval", name, summarize_rows(rows), time.perf_counter() - t0, _na_diff(store, before), errors)
 
 
 def experiment_results(cfg: Mapping[str, Any], store: RunStore) -> list[dict[str, Any]]:
@@ -612,14 +568,18 @@ def _save_config(cfg: Mapping[str, Any], stores: Mapping[str, RunStore]) -> None
 
     if not RunStore.writes():
         return
-    text = yaml.safe_dump(dict(cfg), sort_keys=False)
-    for store in stores.values():
+    for store in stores.values():  # run directories relative to this run (nothing absolute is stored in a run)
+        datasets = {n: {**(d or {}), "run_dir": os.path.relpath(s.root, store.root)}
+                    for (n, d), s in zip(cfg["datasets"].items(), stores.values())}
+        text = yaml.safe_dump({**dict(cfg), "datasets": datasets}, sort_keys=False)
         store.write_text(store.path("report", name=f"experiments/{cfg['name']}_{cfg.get('variant') or 'run'}.yaml"),
                          text)
 
 
-def _adequacy(store: RunStore, name: str, opts: Mapping[str, Any], ds_over: Mapping[str, Any] | None,
+def _adequacy(store: RunStore, name: str, tag: str, opts: Mapping[str, Any], ds_over: Mapping[str, Any] | None,
               shard: tuple[int, int], root: Path, log: _Log) -> None:
+    """The adequacy RQs of this experiment into ``adequacy/<tag>/`` (``tag``: the experiment's name and variant), so
+    experiments that share a run directory (a published config and its corrected twin) keep their own tables."""
     from pipeline.adequacy import RQS, _merge, build_config, run_rq
 
     configs = [p if Path(p).is_absolute() else root / p for p in opts.get("configs") or
@@ -639,11 +599,11 @@ def _adequacy(store: RunStore, name: str, opts: Mapping[str, Any], ds_over: Mapp
         ckpt = cfg["model"].get("checkpoint")
         ident = {"kind": "adequacy_rq", "rq": rq, "config": {**cfg, "model": {**cfg["model"], "checkpoint": None}},
                  "checkpoint": store.file_hash(ckpt) if ckpt else None}
-        marker = store.path("adequacy_marker", rq=rq)
+        marker = store.path("adequacy_marker", name=tag, rq=rq)
         if store.read_result(marker, ident) is not None:
             counts["skipped"] += 1
             continue
-        out = run_rq(rq, cfg, store.adequacy_dir, progress=False)
+        out = run_rq(rq, cfg, store.path("adequacy", name=tag), progress=True)  # one folder per experiment
         store.write_result(marker, ident, {"kind": "adequacy_rq", "rq": rq,
                                            "paths": [store.rel(p) for p in out["paths"]]})
         counts["done"] += 1
@@ -693,9 +653,16 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
         set_step(f"{step}" + (f" (shard {k}/{n})" if n > 1 else ""))  # named by an interrupted run's message
         t0 = time.perf_counter()
         if step == "train":
+            from pipeline.train import train
+
             for name, store in stores.items():
-                c = _train(store, cfg["datasets"][name].get("train"), root)
+                c = train(store, cfg["datasets"][name].get("train"), root, log)
                 L.step("train", name, c, time.perf_counter() - t0, {})
+        elif step == "testbed":
+            from pipeline.testbed import step_testbed
+
+            for name, store in stores.items():
+                L.step("testbed", name, step_testbed(store, log), time.perf_counter() - t0, {})
         elif step == "cache":
             for name, store in stores.items():
                 L.step("cache", name, _cache(store, step_options(cfg, "cache")), time.perf_counter() - t0, {})
@@ -709,12 +676,21 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
                 _evaluate(store, name, step_options(cfg, "evaluate_fl"), L)
         elif step == "repair":
             _repair(stores, step_options(cfg, "repair"), (k, n), L)
+        elif step == "crossval":
+            for name, store in stores.items():
+                _crossval(store, name, step_options(cfg, "crossval"), L)
         elif step == "aggregate":
             out["aggregate"] = _aggregate(cfg, stores, L)
+        elif step == "coverage":
+            from pipeline.adequacy import step_coverage
+
+            for name, store in stores.items():
+                step_coverage(store, **step_options(cfg, "coverage"))
+                L.step("coverage", name, {"done": 1}, time.perf_counter() - t0, {})
         elif step == "adequacy":
             for name, store in stores.items():
-                _adequacy(store, name, step_options(cfg, "adequacy"), cfg["datasets"][name].get("adequacy"),
-                          (k, n), root, L)
+                _adequacy(store, name, f"{cfg['name']}_{cfg.get('variant') or 'run'}", step_options(cfg, "adequacy"),
+                          cfg["datasets"][name].get("adequacy"), (k, n), root, L)
     if n == 1 and any(s in todo for s in PHASES["final"]):  # one report per run, after the final steps
         from pipeline.report import write_report
 

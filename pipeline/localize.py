@@ -7,10 +7,12 @@ own set) and the hashes of the model, the state cache and the setting's input se
 identity and shared by its budgets; an identity on disk is skipped; a case that cannot run (e.g. a V-score method on
 a set of one input) is recorded once as not applicable and not retried.
 
-Budgets: ints (weights), ``"front"`` (the method's own selection; the only budget of methods with
-``own_selection``, e.g. BL) and ``"avg"`` = N_avg, the mean size of BL's Pareto front over the N_avg settings (the
-9 benchmark settings the run has, else every setting), resolved once per (run, FL inputs) by :func:`resolve_n_avg`,
-saved, and used by every reader.
+Budgets: ints (weights), shares ``"P%"`` of the layer, ``"front"`` (the method's own selection; the only budget of
+methods with ``own_selection``, e.g. BL) and ``"avg"`` = N_avg, the mean size of BL's Pareto front over the N_avg
+settings (the 9 benchmark settings the run has, else every setting), resolved once per (run, FL inputs) by
+:func:`resolve_n_avg`, saved, and used by every reader. :func:`check_budgets` checks the labels as given (before any
+work); :func:`resolve_budgets`, the one resolver, turns a run's labels for a method into
+:class:`localization.ranking.ResolvedBudget` (label, n) once; the localize step and the repair sweep carry those.
 
 Readers that list results (FL evaluation, the repair aggregation) keep only those made from the run's *current*
 inputs (:func:`stale_reasons`: the recorded model, state-cache and setting hashes against the run's own now), and
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 from core.io import provenance
 from core.runstore import RunStore, identity_key
 from localization.base import FL_METHODS, FLResult, method_meta, selects_own
-from localization.ranking import DEFAULT_BUDGETS, BudgetError, budget_size, parse_budget, select
+from localization.ranking import DEFAULT_BUDGETS, BudgetError, ResolvedBudget, budget_size, parse_budget, select
 from pipeline.context import RunContext
 
 __all__ = ["BENCHMARK_SETTINGS", "N_AVG_METHOD", "fl_identity", "run_method", "resolve_n_avg", "resolve_budgets",
@@ -65,9 +67,10 @@ def fl_identity(ctx: RunContext, method: str, setting: str, options: Mapping[str
 
 
 def check_budgets(budgets: Iterable[int | str], total: int | None = None) -> list[int | str]:
-    """Budgets as given (ints, shares ``"P%"`` of the layer, "avg", "front") in canonical form
-    (:func:`localization.ranking.parse_budget`), checked before any work: positive, at most the layer's size
-    (``total``, when known). A share stays a share here; :func:`resolve_budgets` turns it into its count."""
+    """Budget labels as given (ints, shares ``"P%"`` of the layer, "avg", "front") in canonical form
+    (:func:`localization.ranking.parse_budget`), deduplicated, checked before any work: a list, positive, at most
+    the layer's size (``total``, when known: the scripts and configs check without a model). A share stays a share
+    here; :func:`resolve_budgets` turns the labels into their sizes (and checks them against the layer)."""
     if isinstance(budgets, (str, int)):
         raise BudgetError(f"budgets must be a list (e.g. [{budgets!r}]), got the single value {budgets!r}")
     out: list[int | str] = []
@@ -216,6 +219,14 @@ def status_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def status_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`status_summary` as a plain-text table (what the experiment runner prints after the FL step)."""
+    import pandas as pd
+
+    out = status_summary(rows)
+    return pd.DataFrame(out).to_string(index=False) if out else "(no FL method was asked for)"
+
+
 def n_avg_settings(ctx: RunContext) -> list[str]:
     """The settings N_avg averages over: the 9 benchmark settings the run has, else every available one."""
     bench = [s for s in BENCHMARK_SETTINGS if s in ctx.settings]
@@ -248,20 +259,34 @@ def resolve_n_avg(ctx: RunContext, *, options: Mapping[str, Any] | None = None, 
 
 
 def resolve_budgets(ctx: RunContext, method: str, budgets: Sequence[int | str], *,
-                    method_options: Mapping[str, Any] | None = None, **n_avg_kw: Any) -> list[int | str]:
-    """A method's concrete budgets, resolved once here: "front" alone for methods that select their own set;
-    "avg" -> N_avg; a share "P%" -> its count of the layer (:func:`localization.ranking.budget_size`)."""
+                    method_options: Mapping[str, Any] | None = None,
+                    n_avg_options: Mapping[str, Any] | None = None, n_avg_seed: int = 0, batch_size: int = 512,
+                    trainer_kwargs: Mapping[str, Any] | None = None) -> list[ResolvedBudget]:
+    """The one resolver: a run's budget labels for ``method`` as :class:`ResolvedBudget` (label, n), one per
+    label in the order given. Made once per (run, method) and carried (no caller derives n from a label again).
+
+    * an int or a share ``"P%"`` -> its count of the run's layer (:func:`localization.ranking.budget_size`; a
+      budget larger than the layer is a :class:`BudgetError` for every method, before N_avg is looked up);
+    * ``"avg"`` -> N_avg (:func:`resolve_n_avg` of :data:`N_AVG_METHOD` with ``n_avg_options``, ``n_avg_seed``,
+      ``batch_size``, ``trainer_kwargs``: read from the store, computed only when missing);
+    * ``"front"`` -> n None. A method that selects its own set (``own_selection`` with ``method_options``) gets
+      ``"front"`` alone, whatever was asked; the others drop ``"front"``.
+
+    Two labels may resolve to the same n (a share and its count, ``avg`` and an int): one FL identity, which
+    :func:`run_localization` selects once and the repair sweep finds on disk."""
+    labels = list(dict.fromkeys(map(parse_budget, budgets)))
+    total = ctx.head.index.total
+    out = {b: ResolvedBudget.resolve(b, total) for b in labels if b not in ("avg", "front")}
     if selects_own(method, method_options):
-        return ["front"]
-    out: list[int | str] = []
-    for b in budgets:
-        if b == "front":
-            continue
-        out.append(int(resolve_n_avg(ctx, **n_avg_kw)["n_avg"]) if b == "avg" else budget_size(b, ctx.head.index.total))
-    return list(dict.fromkeys(out))
+        return [ResolvedBudget("front", None)]
+    if "avg" in labels:
+        n_avg = resolve_n_avg(ctx, options=n_avg_options, seed=n_avg_seed, batch_size=batch_size,
+                              trainer_kwargs=trainer_kwargs)["n_avg"]
+        out["avg"] = ResolvedBudget.resolve("avg", total, n_avg=n_avg)
+    return [out[b] for b in labels if b != "front"]
 
 
-def run_localization(store: RunStore | str, methods: Sequence[str] | None = None,
+def run_localization(store: RunStore, methods: Sequence[str] | None = None,
                      settings: Sequence[str] | None = None, budgets: Sequence[int | str] = DEFAULT_BUDGETS,
                      seed: int = 0, batch_size: int = 512, trainer_kwargs: Mapping[str, Any] | None = None,
                      method_options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
@@ -279,19 +304,21 @@ def run_localization(store: RunStore | str, methods: Sequence[str] | None = None
     for m, o in method_options.items():
         FL_METHODS.check([m])
         method_options[m] = FL_METHODS.check_options(m, o)
-    budgets = check_budgets(budgets, ctx.head.index.total)
+    budgets = check_budgets(budgets)  # the labels; resolve_budgets checks them against the layer
     available = ctx.settings
     settings = list(settings or available)
     missing = [s for s in settings if s not in available]
     if missing:
         raise KeyError(f"settings {missing} not available; available: {sorted(available)}; skipped: "
                        f"{ctx.misclf.get('skipped', {})}")
-    n_avg_kw = {"options": method_options.get(N_AVG_METHOD), "seed": seed, "batch_size": batch_size,
-                "trainer_kwargs": trainer_kwargs}
+    resolved = {m: resolve_budgets(ctx, m, budgets, method_options=method_options.get(m),
+                                   n_avg_options=method_options.get(N_AVG_METHOD), n_avg_seed=seed,
+                                   batch_size=batch_size, trainer_kwargs=trainer_kwargs)
+                for m in methods}  # every method's budgets, once, before any work
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(methods) * len(settings), desc="FL", disable=not progress or not store_writes())
     for method in methods:
-        want = resolve_budgets(ctx, method, budgets, method_options=method_options.get(method), **n_avg_kw)
+        want = list(dict.fromkeys(b.value for b in resolved[method]))  # labels of one size: one selection
         for setting in settings:
             bar.set_postfix_str(f"{method} @ {setting}")
             try:

@@ -9,22 +9,18 @@ from typing import Any
 import numpy as np
 
 from core.runstore import RunStore
-from lightning_modules.runs import UnsafeConfigError, datamodule_from_run, load_run_model
-from localization.cache import load_states
-from localization.ffn import model_fingerprint
+from lightning_modules.runs import UnsafeConfigError, datamodule_from_run, load_run
 from localization.misclf import DEFAULT_KINDS, analyze
 
-__all__ = ["step_misclf", "plot_confusion"]
+__all__ = ["step_misclf", "ensure_misclf", "plot_confusion"]
 
 
-def step_misclf(store: RunStore | str, split: str = "repair", ranks: int = 3, seed: int = 0,
+def step_misclf(store: RunStore, split: str = "repair", ranks: int = 3, seed: int = 0,
                 pos_fraction: float = 0.05, tie_order: str = "pred_true", no_true_input: str = "skip",
                 kinds=DEFAULT_KINDS) -> dict[str, Any]:
     """Write ``misclf/misclf_info.json`` and the confusion figure; ``tie_order``, ``no_true_input`` and ``kinds``
     are :func:`localization.misclf.analyze`'s options (recorded in the JSON under ``options``)."""
-    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
-    model, _ = load_run_model(store)
-    states = load_states(store.states(split), expected_hash=model_fingerprint(model))
+    states = load_run(store).states(split)
     info = analyze(states.label, states.pred, states.index, num_classes=states.logits.shape[1], ranks=ranks,
                    pos_fraction=pos_fraction, seed=seed, split=split, tie_order=tie_order,
                    no_true_input=no_true_input, kinds=kinds)
@@ -36,13 +32,37 @@ def step_misclf(store: RunStore | str, split: str = "repair", ranks: int = 3, se
         raise
     except Exception:  # noqa: BLE001 - class names are decoration only (e.g. the data folder is not mounted)
         names = None
-    import matplotlib.pyplot as plt
+    from core.style import save_figure
 
-    fig = plot_confusion(info, names)
-    for ext in ("png", "pdf"):
-        store.save_figure(fig, store.path("misclf_figure", ext=ext), dpi=150)
-    plt.close(fig)
+    stem = store.path("misclf_figure", ext="png").with_suffix("")
+    save_figure(plot_confusion(info, names), stem, dpi=150, writer=store.save_figure)
     return info
+
+
+def ensure_misclf(store: RunStore, split: str = "repair", kinds=DEFAULT_KINDS, **rules) -> dict[str, int]:
+    """The settings step of an experiment (:func:`step_misclf` when needed). The analysis on disk is kept when it was
+    made by the same model with the same rules (``rules``: ranks, seed, I_pos share, tie order, no-true-input rule)
+    and already holds every kind asked for; otherwise it is rebuilt with the union of the kinds on disk and the kinds
+    asked for, so experiments that share a run directory but need different kinds do not rebuild it in turn
+    (settings are content-hashed in every result identity, so a rebuilt analysis never mixes results of other input
+    sets). Returns the counts (done / skipped)."""
+    from core.io import read_json
+    from core.states import read_metadata
+    from localization.misclf import ALL_KINDS
+
+    kinds = list(kinds)
+    if store.misclf_info.is_file():
+        info = read_json(store.misclf_info)
+        have = dict(info.get("options") or {})
+        same_model = info.get("model_hash") == read_metadata(store.states(split)).get("model_hash")
+        same_rules = all(have.get(k) == v for k, v in rules.items())
+        have_kinds = list(have.get("kinds") or [])
+        if same_model and same_rules and info.get("split", split) == split:
+            if set(kinds) <= set(have_kinds):
+                return {"skipped": 1}
+            kinds = [k for k in ALL_KINDS if k in set(kinds) | set(have_kinds)]
+    step_misclf(store, split=split, kinds=tuple(kinds), **rules)
+    return {"done": 1}
 
 
 def plot_confusion(info: dict[str, Any], class_names: list[str] | None = None):

@@ -7,9 +7,11 @@ located at one budget, seeded by its repetition. Its identity (:mod:`core.runsto
 (generations, fitness, update mode, ... as resolved), the repetition and seed, and the hashes of the test cache:
 two sweeps that differ in one option write two results and both are reported; a rerun with the same identity is
 skipped. FL methods that are redrawn per repetition (``reseed_per_rep``, e.g. random) use the repetition as their
-seed; the others are localized once. Methods that select their own set (``own_selection``, e.g. BL) get the budget
-"front"; ``"avg"`` = N_avg of the run (``pipeline.localize.resolve_n_avg``: one value per run, whatever settings
-the sweep covers).
+seed; the others are localized once. A task carries its budget resolved (:class:`ResolvedBudget`: the label as
+given, for tables, and the number n of weights, for the identity), made once per (run directory, FL method) by
+:func:`build_grid` through ``pipeline.localize.resolve_budgets``: methods that select their own set
+(``own_selection``, e.g. BL) get "front"; ``"avg"`` = N_avg of the run (``pipeline.localize.resolve_n_avg``: one
+value per run, whatever settings the sweep covers).
 
 Concurrent workers on one run claim each task (a lock file in the store), so no task runs twice; ``shard=(k, n)``
 takes every n-th task of the deterministic grid from k, so n SLURM array tasks split the grid with no coordination.
@@ -23,7 +25,7 @@ import os
 import itertools
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -33,16 +35,19 @@ from tqdm.auto import tqdm
 from core.io import provenance
 from core.runstore import RunStore, UnsafePathError, identity_key
 from lightning_modules.repair import REPAIRS
-from localization.base import FL_METHODS, method_meta, selects_own
+from localization.base import FL_METHODS, method_meta
 from localization import ranking
+from localization.ranking import ResolvedBudget
 from pipeline.context import RunContext
-from pipeline.localize import (STALE_WHY, check_budgets, count_stale, disk_full_names, fl_identity, resolve_budgets,
-                               run_method, stale_note, stale_reasons)
+from pipeline.localize import (N_AVG_METHOD, STALE_WHY, check_budgets, count_stale, disk_full_names, fl_identity,
+                               resolve_budgets, run_method, stale_note, stale_reasons)
 
 __all__ = ["RepairTask", "DEFAULT_METHODS", "DEFAULT_BUDGETS", "parse_shard", "dataset_dirs", "build_grid",
            "shard_tasks", "run_sweep", "collect_results", "aggregate", "summary_table", "statistics", "METRICS"]
 
 DEFAULT_METHODS = ("ours", "arachne_w", "random")
+#: the sweep's default budget labels: the published shares and N_avg (the one place "avg" is added to them;
+#: ``scripts/_cli.py`` spells the same list out so ``--help`` imports no torch, and a test compares the two)
 DEFAULT_BUDGETS: tuple[int | str, ...] = (*ranking.DEFAULT_BUDGETS, "avg")
 METRICS = ("rr", "br", "delta_acc")
 METRIC_NAMES = {"rr": "repair rate (RR)", "br": "break rate (BR)", "delta_acc": "delta accuracy"}
@@ -51,11 +56,12 @@ METRIC_NAMES = {"rr": "repair rate (RR)", "br": "break rate (BR)", "delta_acc": 
 # ------------------------------------------------------------------------------------------------------- the grid
 @dataclass(frozen=True)
 class RepairTask:
+    """One repair run; ``budget`` resolved for its run directory and FL method (label and n, by :func:`build_grid`)."""
     dataset: str
     run_dir: str
     setting: str
     method: str
-    budget: int | str
+    budget: ResolvedBudget
     rep: int
     repair: str = "de"
 
@@ -63,6 +69,10 @@ class RepairTask:
     def label(self) -> str:
         """The FL method, plus ``+{repair}`` unless DE (for file names and tables)."""
         return self.method if self.repair == "de" else f"{self.method}+{self.repair}"
+
+    def as_row(self) -> dict[str, Any]:
+        """The task's fields as status rows and result records show them: the budget as its label."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"budget": self.budget.label}
 
 
 def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -115,10 +125,16 @@ def _available_settings(root: Path) -> dict[str, Any]:
 
 def build_grid(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iterable[str] | None = None,
                budgets: Iterable[int | str] = DEFAULT_BUDGETS, reps: int | Iterable[int] = 5,
-               repair: str = "de", fl_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[RepairTask]:
-    """Every run of the sweep in a deterministic order (dataset, setting, method, budget, rep), every option checked
-    first: unknown FL or repair methods, budgets <= 0, no repetitions, or a setting a run directory has neither
-    made nor reported as skipped are errors."""
+               repair: str = "de", fl_options: Mapping[str, Mapping[str, Any]] | None = None, *,
+               fl_batch_size: int = 512, contexts: dict[str, RunContext] | None = None) -> list[RepairTask]:
+    """Every run of the sweep in a deterministic order (dataset, setting, method, budget label, rep), every option
+    checked first: unknown FL or repair methods, budgets <= 0 or larger than a run's layer, no repetitions, or a
+    setting a run directory has neither made nor reported as skipped are errors.
+
+    Each task carries its budget resolved once per (run directory, FL method) by
+    :func:`pipeline.localize.resolve_budgets` (shares against the run's layer; ``"avg"``: the run's N_avg, from
+    the store or computed with ``fl_options[N_AVG_METHOD]``, seed 0 and ``fl_batch_size``). ``contexts``: the
+    runs' :class:`RunContext` by run directory, used and filled (the sweep passes its own: one model load)."""
     from pipeline.localize import BENCHMARK_SETTINGS
 
     dirs = dataset_dirs(run_dirs)
@@ -126,27 +142,36 @@ def build_grid(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Ite
     if not methods:
         raise ValueError("no FL methods given")
     REPAIRS.check([repair])
-    budgets = sorted(check_budgets(budgets), key=_budget_key)
+    labels = sorted(check_budgets(budgets), key=_budget_key)
     reps = list(range(reps)) if isinstance(reps, int) else sorted(set(int(r) for r in reps))
     if not reps or min(reps) < 0:
         raise ValueError(f"reps must give at least one repetition >= 0, got {reps}")
-    tasks = []
-    for name, root in dirs.items():
+    fl_options = fl_options or {}
+    contexts = {} if contexts is None else contexts
+    run_sets = {}
+    for name, root in dirs.items():  # every run's settings checked before any budget is resolved
         info = _available_settings(root)
         avail, skipped = info["settings"], info.get("skipped", {})
         if settings is None:
-            sets = [s for s in BENCHMARK_SETTINGS if s in avail] + sorted(s for s in avail
-                                                                        if s not in BENCHMARK_SETTINGS)
+            run_sets[name] = [s for s in BENCHMARK_SETTINGS if s in avail] + sorted(s for s in avail
+                                                                                  if s not in BENCHMARK_SETTINGS)
         else:
-            sets = list(dict.fromkeys(settings))
-            unknown = [s for s in sets if s not in avail and s not in skipped]
+            run_sets[name] = list(dict.fromkeys(settings))
+            unknown = [s for s in run_sets[name] if s not in avail and s not in skipped]
             if unknown:
                 raise ValueError(f"{name}: unknown setting(s) {unknown}; available: {sorted(avail)}; skipped by "
                                  f"the analysis: {sorted(skipped)}")
-        for s in sets:
+    tasks = []
+    for name, root in dirs.items():
+        if str(root) not in contexts:
+            contexts[str(root)] = RunContext(RunStore(root))
+        resolved = {m: resolve_budgets(contexts[str(root)], m, labels, method_options=fl_options.get(m),
+                                       n_avg_options=fl_options.get(N_AVG_METHOD), n_avg_seed=0,
+                                       batch_size=fl_batch_size)
+                    for m in methods}
+        for s in run_sets[name]:
             for m in methods:
-                bs = ["front"] if selects_own(m, (fl_options or {}).get(m)) else [b for b in budgets if b != "front"]
-                for b in bs:
+                for b in resolved[m]:
                     for r in reps:
                         tasks.append(RepairTask(name, str(root), s, m, b, r, repair))
     return tasks
@@ -172,10 +197,12 @@ def _fl_seed(task: RepairTask) -> int:
     return task.rep if method_meta(task.method)["reseed_per_rep"] else 0
 
 
-def task_identity(ctx: RunContext, task: RepairTask, n: int | str, *, seed: int,
-                  repair_options: Mapping[str, Any] | None, fl_options: Mapping[str, Any] | None) -> dict[str, Any]:
+def task_identity(ctx: RunContext, task: RepairTask, *, seed: int, repair_options: Mapping[str, Any] | None,
+                  fl_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A repair run's identity: its FL result's (the budget as n, or "front"), the repair method with all its
+    options, the repetition and seed, and the test cache's hash."""
     fl_id = {"kind": "fl_result", "scores": fl_identity(ctx, task.method, task.setting, fl_options, _fl_seed(task)),
-             "budget": n}
+             "budget": task.budget.value}
     return {"kind": "repair", "fl": fl_id, "repair": task.repair,
             "repair_options": resolved_repair_options(task.repair, repair_options), "rep": task.rep,
             "seed": seed + task.rep, "inputs": {"test_states": ctx.states_hash("test")}}
@@ -198,7 +225,7 @@ def run_task(task: RepairTask, ctx: RunContext, identity: Mapping[str, Any], pat
     t_start = time.perf_counter()
     store = ctx.store
     setting = ctx.setting(task.setting)
-    n = identity["fl"]["budget"]
+    n = task.budget.value
     t0 = time.perf_counter()
     fl, fl_row = run_method(ctx, task.method, task.setting, [n], options=fl_options, seed=_fl_seed(task),
                             batch_size=fl_batch_size)
@@ -232,13 +259,13 @@ def run_task(task: RepairTask, ctx: RunContext, identity: Mapping[str, Any], pat
     eval_s = time.perf_counter() - t0
     if tb:
         tb.log_hyperparams({"fl_method": task.method, "repair": task.repair, "setting": task.setting,
-                            "budget": str(task.budget), "n_weights": len(weights), "rep": task.rep},
+                            "budget": str(task.budget.label), "n_weights": len(weights), "rep": task.rep},
                            {f"repair_final/{k}_{split}": (float("nan") if metrics[split][k] is None else metrics[split][k])
                             for split in ("test", "repair") for k in METRICS})
         tb.finalize("success")
     timings = {"fl_s": fl_s, "repair_s": repair_s, "eval_s": eval_s, **summary.pop("timings", {}),
                "total_s": time.perf_counter() - t_start}
-    record = {"kind": "repair_result", **asdict(task), "run_dir": ".", "label": task.label,
+    record = {"kind": "repair_result", **task.as_row(), "run_dir": ".", "label": task.label,
               "n_weights": len(weights), "budget_n": n, "seed": identity["seed"],
               "setting_info": _setting_summary(setting),
               "fl": {"method": task.method, "key": res.provenance.get("key"), "path": res.provenance.get("path"),
@@ -292,32 +319,26 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
     if isinstance(fl_batch_size, bool) or not isinstance(fl_batch_size, int) or fl_batch_size < 1:
         raise ValueError(f"fl_batch_size must be a positive int, got {fl_batch_size!r}")
     fl_options = {m: dict(o) for m, o in (fl_options or {}).items()}
-    grid = build_grid(run_dirs, methods, settings, budgets, reps, repair, fl_options)
+    contexts: dict[str, RunContext] = {}  # budgets resolved once per (run, FL method), checked against its layer
+    grid = build_grid(run_dirs, methods, settings, budgets, reps, repair, fl_options, fl_batch_size=fl_batch_size,
+                      contexts=contexts)
     tasks = shard_tasks(grid, shard)
     config = {"methods": list(methods), "settings": None if settings is None else list(settings),
               "budgets": list(budgets), "reps": reps if isinstance(reps, int) else list(reps), "repair": repair,
               "repair_options": dict(repair_options or {}), "seed": seed, "shard": list(parse_shard(shard)),
               "fl_options": fl_options}
-    contexts: dict[str, RunContext] = {}
-    for root in dict.fromkeys(t.run_dir for t in grid):  # budgets above the layer's size: an error up front
-        contexts[root] = RunContext(root)
-        check_budgets(budgets, contexts[root].head.index.total)
     rows = []
     k, n_sh = parse_shard(shard)
     bar = tqdm(tasks, desc=f"repair {k}/{n_sh}", disable=not progress)
     for task in bar:
-        row = {**asdict(task), "label": task.label}
+        row = {**task.as_row(), "label": task.label}
         try:
-            if task.run_dir not in contexts:
-                contexts[task.run_dir] = RunContext(task.run_dir)
             ctx = contexts[task.run_dir]
             if task.setting not in ctx.settings:
                 rows.append({**row, "status": f"not applicable: {ctx.misclf.get('skipped', {}).get(task.setting)}"})
                 continue
-            nb = resolve_budgets(ctx, task.method, [task.budget], method_options=fl_options.get(task.method),
-                                 options=fl_options.get("bl"), seed=0, batch_size=fl_batch_size)
-            n = nb[0]
-            identity = task_identity(ctx, task, n, seed=seed, repair_options=repair_options,
+            n = task.budget.value
+            identity = task_identity(ctx, task, seed=seed, repair_options=repair_options,
                                      fl_options=fl_options.get(task.method))
             key = identity_key(identity)
             path = ctx.store.repair_result_path(identity, setting=task.setting, label=task.label, budget=n,
@@ -349,7 +370,7 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
                 rows.append({**row, "status": f"not applicable: {e}"})
                 continue
             rows.append({**row, "status": f"error: {msg}", "traceback": traceback.format_exc(limit=4)})
-            bar.write(f"repair run {task.label} {task.setting} n={task.budget} rep={task.rep} failed: {msg}")
+            bar.write(f"repair run {task.label} {task.setting} n={task.budget.label} rep={task.rep} failed: {msg}")
             continue
         m = res["metrics"]["test"]
         rows.append({**row, "status": "done", "n_weights": res["n_weights"], "rr": m["rr"], "br": m["br"],
@@ -386,7 +407,7 @@ def _stale_checker(root: Path) -> tuple[Callable[[Mapping[str, Any]], list[str]]
     checked): a run without a model to compare with (e.g. a copied store of results only) keeps its results, counted
     as unverified, never silently."""
     try:
-        ctx = RunContext(root)
+        ctx = RunContext(RunStore(root))
     except Exception as e:  # noqa: BLE001 - whatever keeps the check from running: said, not guessed
         first = (str(e).strip().splitlines() or [""])[0]
         return (lambda rec: []), f"the run's model cannot be loaded to compare with ({type(e).__name__}: {first})"
@@ -785,58 +806,3 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
     return {"n_runs": n_runs, "summary_dir": str(out), "files": [str(f) for f in files], "table": table,
             "by_kind": by_kind, "markdown": md, "note": note, "paired": paired, "unpaired": unpaired,
             "curves": curves, "manifest": manifest, "provenance": prov, "stale_note": stale}
-
-
-# ----------------------------------------------------------------------------------------------------- main job
-#: the main job's repair sweep (and intervention) settings: the rank-1 setting of each kind, and all
-MAIN_JOB_SETTINGS = ("src_tgt_r1", "tgt_fp_r1", "tgt_fn_r1", "all")
-
-
-def main_job_runs(runs: Mapping[str, Path], methods: Sequence[str], settings: Sequence[str],
-                  budgets: Sequence[int | str], reps: int, de_opts: Mapping[str, Any], quick: bool, progress: bool,
-                  shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
-    """The main job's repair runs of one shard: DE, then the prune and masked fine-tuning baselines (the LP
-    optimiser runs in the cross-validated repair, where it measures repairability)."""
-    rows = run_sweep(runs, methods, settings, budgets, reps, shard=shard, repair="de", repair_options=dict(de_opts),
-                     logger=True, progress=progress)
-    for repair in ("prune", "finetune"):
-        opts = {"epochs": 3} if repair == "finetune" and quick else {}
-        rows += run_sweep(runs, methods, settings, budgets[:1] if quick else budgets, 1, shard=shard, repair=repair,
-                          repair_options=opts, logger=True, progress=progress)  # every repair method in HParams
-    return rows
-
-
-def main_job_sweep(store: RunStore | str, budgets: Sequence[int] = (33, 164, 328), reps: int = 2,
-                   quick: bool = False, progress: bool = False, workers: int | str | None = 1) -> dict[str, Any]:
-    """The main job's small sweep on one run: Ours / ArachneW / random at the given budgets plus N_avg on the
-    rank-1 setting of each kind and ``all``, DE with the published constants (quick: 5 generations of 20, one
-    setting, one budget, one repetition), then the prune and masked fine-tuning baselines on the same weights, on
-    ``workers`` processes (``pipeline/parallel.py``); aggregated into ``repair/summary``."""
-    from pipeline.parallel import resolve_workers, run_sharded
-
-    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
-    info = _available_settings(store.root)
-    avail = info["settings"]
-    settings = [s for s in MAIN_JOB_SETTINGS if s in avail] or list(avail)[:1]
-    methods = [m for m in DEFAULT_METHODS if m in FL_METHODS]
-    budgets = [*budgets, "avg"]
-    de_opts: dict[str, Any] = {}
-    if quick:
-        settings, budgets, reps, de_opts = settings[:1], budgets[:1], 1, {"generations": 5, "pop_size": 20}
-    runs = {store.root.name: store.root}
-    rows = run_sharded(main_job_runs, dict(runs=runs, methods=methods, settings=settings, budgets=budgets,
-                                           reps=reps, de_opts=de_opts, quick=quick, progress=progress),
-                       resolve_workers(workers))
-    agg = aggregate(runs)
-    if agg.get("stale_note"):
-        print(f"repair aggregation: {agg['stale_note']}")
-    failed = [r for r in rows if r["status"].startswith("error")]
-    na = [r for r in rows if r["status"].startswith("not applicable")]
-    print(f"repair: {sum(r['status'] == 'done' for r in rows)} runs done, "
-          f"{sum(r['status'] == 'exists' for r in rows)} already on disk, {len(na)} not applicable, "
-          f"{len(failed)} failed; summary in {agg['summary_dir']}")
-    for r in failed[:5]:
-        print(f"  {r['label']} {r['setting']} n={r['budget']} rep={r['rep']}: {r['status']}")
-    if agg.get("markdown"):
-        print(agg["markdown"])
-    return {"rows": rows, "aggregate": {k: v for k, v in agg.items() if k in ("n_runs", "summary_dir", "files")}}

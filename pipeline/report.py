@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from core.io import FileFormatError, read_json
-from core.runstore import RunStore
+from core.runstore import RunStore, require_store
 
 __all__ = ["write_report", "report_links", "check_report", "markdown_to_html"]
 
@@ -132,7 +132,7 @@ def _headline(page: _Page) -> None:
     store = page.store
     fl = store.path("fl_headline", ext="md")
     rep = store.path("repairability", ext="md")
-    if not fl.is_file() and not rep.is_file() and not store.summary_file("summary", ext="csv").is_file():
+    if not fl.is_file() and not rep.is_file() and not _summary_dirs(store):
         return
     page.add("## Headline", "")
     meta = _read_json(store.fl_eval("checkpoint_benchmark_meta.json")) or {}
@@ -151,22 +151,29 @@ def _headline(page: _Page) -> None:
                  "numbers cannot be reached by a correct comparison (the worst possible ranking is its control "
                  "row).", "")
     _embed_markdown(page, rep)
-    _repair_headline(page)
+    for d in _summary_dirs(store):
+        _repair_headline(page, d)
 
 
-def _repair_headline(page: _Page) -> None:
+def _summary_dirs(store: RunStore) -> list[Path]:
+    """The run's repair summaries that have a table: ``repair/summary`` and one per experiment that tabulated its
+    own results (``repair/summary/<experiment>_<variant>/``)."""
+    top = store.repair_summary_dir
+    dirs = [top] + (sorted(p for p in top.iterdir() if p.is_dir()) if top.is_dir() else [])
+    return [d for d in dirs if store.summary_file("summary", d, ext="csv").is_file()]
+
+
+def _repair_headline(page: _Page, folder: Path) -> None:
     """Repair in one table: per repair method and budget, the FL methods sorted by held-out RR with intervals,
-    BR, and the paired verdict against random (from the run's repair summary and its Wilcoxon / Holm table)."""
+    BR, and the paired verdict against random (from one repair summary and its Wilcoxon / Holm table)."""
     import pandas as pd
 
     from evaluation.headline import repair_verdicts
     from evaluation.stats import to_markdown
 
     store = page.store
-    table_csv = store.summary_file("summary", ext="csv")
-    stats_csv = store.summary_file("stats_paired").with_suffix(".csv")
-    if not table_csv.is_file():
-        return
+    table_csv = store.summary_file("summary", folder, ext="csv")
+    stats_csv = store.summary_file("stats_paired", folder).with_suffix(".csv")
     try:
         table = pd.read_csv(table_csv)
         paired = pd.read_csv(stats_csv) if stats_csv.is_file() else pd.DataFrame()
@@ -178,7 +185,8 @@ def _repair_headline(page: _Page) -> None:
         return
     page.links.append(table_csv)
     n_runs = int(table["n_runs"].sum()) if "n_runs" in table.columns else "?"
-    page.add("**Repair: which FL method's weights repair best** — split: test fold (held out); n: "
+    which = "" if folder == store.repair_summary_dir else f" ({folder.name})"
+    page.add(f"**Repair{which}: which FL method's weights repair best** — split: test fold (held out); n: "
              f"{n_runs} runs, targets and correct inputs per row in the table; sorted by RR within each repair "
              "method and budget; verdicts by Wilcoxon signed-rank over runs matched by (setting, repetition), "
              f"Holm-adjusted per cell. [{table_csv.name}]({page.rel(table_csv)})", "")
@@ -302,7 +310,7 @@ def _testbed(page: _Page) -> None:
     """Which block's FFN the model needs (the last block's numbers on the cached states; the per-block curve of
     :func:`evaluation.testbed.layer_curve`, drawn as ``report/layer_curve.png|pdf``), and what the checkpoint
     benchmark's ground truth follows."""
-    info = _read_json(page.store.path("report", name="testbed.json"))
+    info = _read_json(page.store.path("testbed"))
     if not info:
         return
     page.add("## The testbed: which FFN matters, what does the checkpoint benchmark measure", "")
@@ -361,7 +369,7 @@ def _layer_curve(page: _Page, curve: Mapping[str, Any]) -> None:
 def confusion_of_split(store: RunStore, split: str = "test") -> dict[str, Any] | None:
     """The confusion matrix of the cached ``split`` states (torchmetrics ``MulticlassConfusionMatrix``, rows =
     true class) as ``{"confusion", "split", "n", "accuracy"}``; None without a cache."""
-    from localization.cache import CacheError, load_states
+    from core.states import CacheError, load_states
     from torchmetrics.classification import MulticlassConfusionMatrix
 
     path = store.states(split)
@@ -403,25 +411,33 @@ def _adequacy(page: _Page) -> None:
     from adequacy.experiments import ARTIFACTS
 
     store = page.store
+    # the run's own adequacy folder (scripts, the coverage step) and one per experiment (adequacy/<name>_<variant>/)
+    top = store.adequacy_dir
+    own = {folder for folder, _ in ARTIFACTS.values()}
+    subs = sorted(p.name for p in top.iterdir() if p.is_dir() and p.name not in own and list(p.glob("*.done.json"))
+                  ) if top.is_dir() else []
     found = []
-    for rq, (folder, stems) in ARTIFACTS.items():
-        for stem in stems:
-            md = store.path("adequacy", name=f"{folder}/{stem}.md")
-            png = store.path("adequacy", name=f"{folder}/{stem}.png")
-            if md.is_file() or png.is_file():
-                found.append((rq, folder, stem, md, png))
+    for sub in ["", *subs]:
+        pre = f"{sub}/" if sub else ""
+        for rq, (folder, stems) in ARTIFACTS.items():
+            for stem in stems:
+                md = store.path("adequacy", name=f"{pre}{folder}/{stem}.md")
+                png = store.path("adequacy", name=f"{pre}{folder}/{stem}.png")
+                if md.is_file() or png.is_file():
+                    found.append((sub, rq, f"{pre}{folder}", stem, md, png))
     if not found:
         return
     page.add("## Test adequacy", "")
-    for rq, folder, stem, md, png in found:
+    for sub, rq, folder, stem, md, png in found:
         meta = _read_json(store.path("adequacy", name=f"{folder}/{rq}_meta.json")) or \
             _read_json(store.path("adequacy", name=f"{folder}/{stem}_meta.json")) or {}
         cfg = meta.get("config", {})
         n = ", ".join(f"{k} = {v}" for k, v in cfg.items() if k.startswith("n_")) or "see the table"
         split = cfg.get("split", "eval")
         title = md.read_text().splitlines()[0].lstrip("# ").strip() if md.is_file() else stem
-        page.table_file(md, title or stem, f"{split} split", n, embed=stem == "coverage_table")
-        page.figure(png, f"{rq}: {stem}", f"{split} split", n)
+        which = f" ({sub})" if sub else ""
+        page.table_file(md, (title or stem) + which, f"{split} split", n, embed=stem == "coverage_table")
+        page.figure(png, f"{rq}: {stem}{which}", f"{split} split", n)
 
 
 # --------------------------------------------------------------------------------------------------------- html
@@ -442,11 +458,10 @@ def markdown_to_html(md: str, base: Path | None = None, title: str = "report") -
 
 
 # --------------------------------------------------------------------------------------------------------- main
-def write_report(store: RunStore | str | os.PathLike, config: Mapping[str, Any] | None = None) -> Path:
+def write_report(store: RunStore, config: Mapping[str, Any] | None = None) -> Path:
     """Write ``report/report.md`` and ``report/report.html`` of the run (see the module docstring) and return the
     .md path. ``config``: the experiment config the run was made with (shown verbatim)."""
-    store = RunStore(store) if isinstance(store, (str, os.PathLike)) else store
-    if not store.root.is_dir():
+    if not require_store(store, "write_report").root.is_dir():
         raise FileNotFoundError(f"no run directory at {store.root}")
     page = _Page(store)
     page.add(f"# Run report: {store.root.name}", "")

@@ -1,18 +1,73 @@
-"""The shared command line of scripts/adequacy_rq{1..5}.py (jsonargparse): the keys of configs/adequacy/*.yaml are
-the options (``--data.name``, ``--model.checkpoint``, ``--idc.round_centroids`` ...), so ``--config a.yaml
---config b.yaml`` merges key by key, flags override both, and ``--print_config`` prints the merged config.
-configs/adequacy/default.yaml is always read first; ``--quick`` merges configs/adequacy/quick.yaml right after it."""
+"""The shared command line of scripts/adequacy_rq{1..5}.py and scripts/adequacy_rq.py (jsonargparse): the keys of
+configs/adequacy/*.yaml are the options (``--data.name``, ``--model.checkpoint``, ``--idc.round_centroids`` ...), so
+``--config a.yaml --config b.yaml`` merges key by key, flags override both, and ``--print_config`` prints the merged
+config. configs/adequacy/default.yaml is always read first; ``--quick`` merges configs/adequacy/quick.yaml right after
+it.
+
+:data:`RQS` is the one table of the research questions: each scripts/adequacy_rqN.py is a thin entry point whose
+docstring and ``--help`` come from :func:`doc` (its RQ's paragraph, usage examples, where the results go);
+``scripts/adequacy_rq.py --rq rqN`` runs the same."""
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Any, Dict, List, Optional
+import textwrap
+from typing import Any, Dict, List, Literal, Optional
 
 import _cli
 import _bootstrap
 
 DEFAULT = os.path.join(_bootstrap.ROOT, "configs", "adequacy", "default.yaml")
 QUICK = os.path.join(_bootstrap.ROOT, "configs", "adequacy", "quick.yaml")
+
+#: RQ -> its one-paragraph description (DeepImportance's research questions; the science is adequacy/experiments.py)
+RQS: Dict[str, str] = {
+    "rq1": "RQ1 (critical neurons): accuracy drop after pruning the top-n important neurons vs n random neurons, per "
+           "attribution method and by rank voting.",
+    "rq2": "RQ2 (diversity): coverage of the test pool U_O, of U_I (noise on the most important pixels) and of U_R "
+           "(noise on random pixels).",
+    "rq3": "RQ3 (sensitivity): normalised coverage change when 1/5/10% of a correctly classified suite are replaced "
+           "by FGSM / PGD / C&W examples.",
+    "rq4": "RQ4 (correlation): Pearson r of each criterion's coverage with the output impartiality J of stratified "
+           "clean and C&W suites.",
+    "rq5": "RQ5 (overhead): time per attribution method and per criterion; IDC per mode (layer, layer by layer, end "
+           "to end, per class).",
+}
+_WIDTH = 116
+_OUTPUT = ("Tables (CSV + Markdown), plots (PNG + PDF) and a JSON of the config and provenance go to\n"
+           "<run_dir>/adequacy/{rq}/ (configs/adequacy/default.yaml; --quick merges configs/adequacy/quick.yaml).")
+
+
+def _known(rq: str) -> str:
+    if rq not in RQS:
+        raise ValueError(f"unknown research question {rq!r}; known: {', '.join(RQS)}")
+    return rq
+
+
+def doc(rq: str) -> str:
+    """The docstring and ``--help`` description of scripts/adequacy_{rq}.py: the RQ's paragraph (:data:`RQS`),
+    usage examples, and where the results go."""
+    rq = _known(rq)
+    cmd = f"python scripts/adequacy_{rq}.py --run_dir outputs/digits"
+    by_name = f"python scripts/adequacy_rq.py --rq {rq} --run_dir outputs/digits --quick"
+    return (textwrap.fill(RQS[rq], _WIDTH) + "\n\n"
+            f"    {cmd + ' --quick':<70}# digits + LeNet-5, about a minute\n"
+            f"    {cmd} --model.checkpoint outputs/digits/checkpoints/epoch=040.ckpt\n"
+            f"    {by_name:<70}# the same through scripts/adequacy_rq.py\n\n"
+            + _OUTPUT.format(rq=rq) + "\n")
+
+
+def doc_all() -> str:
+    """The ``--help`` description of scripts/adequacy_rq.py: every RQ of :data:`RQS`."""
+    rqs = "\n".join(textwrap.fill(f"{rq}  {text}", _WIDTH, initial_indent="  ", subsequent_indent=" " * 7)
+                    for rq, text in RQS.items())
+    return ("Test adequacy (DeepImportance's research questions): --rq names the one to run; the same as\n"
+            "scripts/adequacy_<rq>.py (`scripts/adequacy_rq.py --rq rq3 --help` shows that RQ's description).\n\n"
+            f"{rqs}\n\n"
+            f"    {'python scripts/adequacy_rq.py --rq rq1 --run_dir outputs/digits --quick':<70}# digits + LeNet-5, "
+            "about a minute\n\n" + _OUTPUT.format(rq="<rq>") + "\n")
+
 
 #: (option, type, help) of every adequacy config key; defaults come from configs/adequacy/default.yaml
 OPTIONS = [
@@ -61,12 +116,17 @@ OPTIONS = [
     ("rq5.methods", List[str], "RQ5 attribution methods"),
     ("rq5.modes", List[List[Any]], "RQ5 IDC modes as [mode, per_class]"),
 ]
-_RUN_KEYS = ("config", "__default_config__", "run_dir", "quick", "progress", "debug")
+_RUN_KEYS = ("config", "__default_config__", "run_dir", "quick", "progress", "debug", "rq")
 
 
-def build_parser(doc: str = __doc__):
+def build_parser(doc: str = __doc__, rq_option: bool = False):
+    """The parser of every adequacy script; ``rq_option``: also the required ``--rq`` (scripts/adequacy_rq.py)."""
     p = _cli.make_parser(doc)
     p.default_config_files = [DEFAULT]
+    if rq_option:
+        p.add_argument("--rq", type=Literal[tuple(RQS)], required=True,
+                       help="the research question to run (" + "; ".join(
+                           f"{rq}: {re.search(r'[(](.*?)[)]', text)[1]}" for rq, text in RQS.items()) + ")")
     p.add_argument("--run_dir", type=str, default="outputs/adequacy",
                    help="run directory; results go to <run_dir>/adequacy/<rq>/")
     p.add_argument("--quick", action="store_true",
@@ -86,13 +146,12 @@ def config_dict(ns) -> dict:
     return d
 
 
-@_cli.guard(lambda rq, *args, **kwargs: f"adequacy_{rq}")
-def main(rq: str, doc: str, argv: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--quick" in argv:  # quick.yaml right after the default, before the user's configs and flags
-        argv = ["--config", QUICK, *argv]
-    p = build_parser(doc.split("\n\n")[0] + "\n\n" + doc.split("\n\n", 1)[-1])
-    a = p.parse_args(argv)
+def _with_quick(argv: List[str]) -> List[str]:
+    """``--quick``: quick.yaml right after the default, before the user's configs and flags."""
+    return ["--config", QUICK, *argv] if "--quick" in argv else argv
+
+
+def _run(rq: str, a) -> None:
     _cli.quiet()
     from core.runstore import RunStore
     from pipeline.adequacy import run_rq
@@ -102,3 +161,29 @@ def main(rq: str, doc: str, argv: Optional[List[str]] = None) -> None:
         print(f"\n== {rq} {name} ==")
         print(df.to_string(index=False, max_rows=60))
     print("\nwritten:", *out["paths"], sep="\n  ")
+
+
+@_cli.guard(lambda rq, *args, **kwargs: f"adequacy_{rq}")
+def main(rq: str, description: Optional[str] = None, argv: Optional[List[str]] = None) -> None:
+    """scripts/adequacy_{rq}.py; ``description`` (default: :func:`doc` of ``rq``) is its ``--help`` text."""
+    argv = _with_quick(list(sys.argv[1:] if argv is None else argv))
+    a = build_parser(doc(rq) if description is None else description).parse_args(argv)
+    _run(rq, a)
+
+
+def _rq_in(argv: List[str]) -> Optional[str]:
+    """The value of ``--rq`` in ``argv`` if it names a known RQ (for the ``--help`` description)."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--rq" and i + 1 < len(argv) else arg[5:] if arg.startswith("--rq=") else None
+        if value in RQS:
+            return value
+    return None
+
+
+@_cli.guard("adequacy_rq")
+def main_any(argv: Optional[List[str]] = None) -> None:
+    """scripts/adequacy_rq.py: ``--rq rqN`` and the options of scripts/adequacy_rqN.py."""
+    argv = _with_quick(list(sys.argv[1:] if argv is None else argv))
+    rq = _rq_in(argv)
+    a = build_parser(doc(rq) if rq else doc_all(), rq_option=True).parse_args(argv)
+    _run(a.rq, a)

@@ -37,8 +37,9 @@ from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 #: a budget: a positive number of weights, a share of the layer "P%" (e.g. "0.01%"), "avg" (N_avg) or "front"
 #: (the method's own selection); each step checks it (localization.ranking.parse_budget) before any work
 Budget = Union[int, str]
-#: the default budgets (localization.ranking.DEFAULT_BUDGETS + "avg", spelled out so --help imports no torch): the
-#: published 236 / 472 / 944 of ViT-B/16's 4,718,592 weights as shares, so a smaller model gets the same shares
+#: the default budgets (pipeline.repair.DEFAULT_BUDGETS: localization.ranking.DEFAULT_BUDGETS + "avg", spelled out so
+#: --help imports no torch; tests/test_cli_vocabulary.py compares them): the published 236 / 472 / 944 of ViT-B/16's
+#: 4,718,592 weights as shares, so a smaller model gets the same shares
 DEFAULT_BUDGETS = ["0.005%", "0.01%", "0.02%", "avg"]
 #: the environment variable that shows tracebacks (as ``--debug`` does)
 DEBUG_ENV = "VITFL_DEBUG"
@@ -212,7 +213,7 @@ def add_method_options(p: StepParser, help: str, key: str = "--method_options") 
 def __getattr__(name):
     if name == "RUN_ERRORS":
         from lightning_modules.runs import RunError
-        from localization.cache import CacheError
+        from core.states import CacheError
 
         return (FileNotFoundError, KeyError, ValueError, RunError, CacheError)
     if name == "KNOWN_ERRORS":
@@ -229,7 +230,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     from evaluation.optimizer_replay import ReplayError
     from lightning_modules.repair.patch import PatchMismatchError
     from lightning_modules.runs import RunError
-    from localization.cache import CacheError
+    from core.states import CacheError
 
     return (ValueError, KeyError, OSError, RunError, CacheError, ResultError, InjectionError, ReplayError,
             PatchMismatchError, FloatingPointError)
@@ -366,6 +367,7 @@ def guard(script: str | Callable[..., str]) -> Callable[[Callable[..., Any]], Ca
 
 
 def quiet() -> None:
-    from pipeline.experiment import quiet as _quiet
+    """The toolkit's one list of known warnings and info loggers silenced (core.quiet)."""
+    from core.quiet import quiet as _quiet
 
     _quiet()

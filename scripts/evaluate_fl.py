@@ -65,6 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     _cli.quiet()
+    from core.runstore import RunStore
     from evaluation.interventions import MODES
     from localization.base import FL_METHODS
     from pipeline.evaluate_fl import PARTS, run_evaluation
@@ -103,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--sgd_lr must be > 0, got {a.sgd_lr}")
     except (KeyError, ValueError) as e:
         p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
-    run_evaluation(a.run_dir, methods=a.methods, quick=a.quick, parts=a.parts, settings=a.settings,
+    run_evaluation(RunStore(a.run_dir), methods=a.methods, quick=a.quick, parts=a.parts, settings=a.settings,
                    budgets=a.budgets, modes=a.modes, where=a.where, n_random=a.n_random, inject_seeds=a.seeds,
                    ckpt_settings=a.ckpt_settings, pos_fraction=a.pos_fraction, split=a.split,
                    batch_size=a.batch_size, method_opts=method_opts or None, figures=not a.no_figures,

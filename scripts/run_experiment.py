@@ -1,16 +1,21 @@
-"""Run a whole published experiment from one config (configs/experiment/*.yaml): train, cache, misclassification
-settings, FL, FL evaluation, repair, tables, adequacy, in data-flow order. Resumable (every step skips what the run
-store holds) and shardable over GPUs / nodes.
+"""Run a whole experiment from one config (configs/experiment/*.yaml): train, cache, layer study, misclassification
+settings, FL, FL evaluation, repair, cross-validated repair, tables, adequacy, coverage, report, in data-flow order.
+Resumable (every step skips what the run store holds) and shardable over GPUs / nodes. The main job is one of them.
 
+    python scripts/run_experiment.py --config configs/experiment/main_job_mnist.yaml      # the main job
+    python scripts/run_experiment.py --config configs/experiment/main_job_mnist.yaml \
+        --config configs/experiment/main_job_mnist_quick.yaml --run_dir /tmp/smoke           # its smoke run
     python scripts/run_experiment.py --config configs/experiment/exp_repair_4_digits.yaml
     python scripts/run_experiment.py --config configs/experiment/exp_repair_4.yaml --print_config
     python scripts/run_experiment.py --config configs/experiment/exp_repair_4.yaml --only prepare    # once
     python scripts/run_experiment.py --config configs/experiment/exp_repair_4.yaml --only work --shard 3/8
     python scripts/run_experiment.py --config configs/experiment/exp_repair_4.yaml --only final      # after all
 
-Steps: train cache misclf localize evaluate_fl repair aggregate adequacy; phases: prepare (train cache misclf),
-work (localize repair adequacy: the sharded ones), final (evaluate_fl aggregate). ``--only`` takes one or more of
-them (``--only prepare work`` or ``--only prepare,work``). The step blocks take the step functions' keyword names
+Steps: train cache testbed misclf localize evaluate_fl repair adequacy crossval aggregate coverage; phases: prepare
+(train cache testbed misclf), work (localize repair adequacy: the sharded ones), final (evaluate_fl crossval
+aggregate coverage). ``--only`` takes one or more of them (``--only prepare work`` or ``--only prepare,work``).
+A later ``--config`` overrides an earlier one (an overlay such as main_job_mnist_quick.yaml): options of the step
+blocks one by one, the mappings ``datasets`` and ``evaluate_fl`` and every list as a whole. The step blocks take the step functions' keyword names
 (pipeline/experiment.py); null means the function's default. A case that cannot run (a method that needs two
 I_neg inputs on a setting with one) is recorded once as not applicable and counted, not a failure. A run stopped
 by SIGTERM / SIGINT exits non-zero and prints the command that resumes it.
@@ -70,6 +75,8 @@ def build_parser():
     p.add_argument("--repair.fl_batch_size", type=int, default=512, help="FL loader batch size inside the sweep")
     p.add_argument("--repair.accelerator", type=str, default="cpu", help="accelerator of the repair fits")
     p.add_argument("--repair.tensorboard", type=bool, default=True, help="log each repair run to TensorBoard")
+    p.add_argument("--repair.workers", type=Union[int, str], default=1,
+                   help="processes on this machine ('auto': the cores, at most 4)")
     p.add_argument("--repair.on_error", type=str, default="continue",
                    help="a failed run: 'continue' (reported, retried next time) or 'raise'")
     p.add_argument("--adequacy.rqs", type=List[str], default=["rq1", "rq2", "rq3", "rq4", "rq5"],
@@ -80,6 +87,30 @@ def build_parser():
                    help="merged over the adequacy configs (e.g. idc: {round_centroids: 2})")
     p.add_argument("--adequacy.use_run_checkpoint", type=bool, default=True,
                    help="test the run's last checkpoint (else the adequacy config's model)")
+    p.add_argument("--crossval.methods", type=List[str], default=["ours", "arachne_w", "random"],
+                   help="FL methods of the cross-validated repair")
+    p.add_argument("--crossval.settings", type=Optional[List[str]], default=None,
+                   help="settings (null: every setting each fold has)")
+    p.add_argument("--crossval.budgets", type=List[Budget], default=["0.5%"], help="budgets")
+    p.add_argument("--crossval.reps", type=int, default=1, help="repetitions")
+    p.add_argument("--crossval.repairs", type=List[Dict[str, Any]],
+                   default=[{"repair": "de"}, {"repair": "lp", "logger": True}],
+                   help="repair methods, each {repair, repair_options, logger}; with lp: repairability@N")
+    p.add_argument("--crossval.workers", type=Union[int, str], default=1,
+                   help="processes on this machine ('auto': the cores, at most 4)")
+    p.add_argument("--coverage.quick", type=bool, default=False, help="samples of 300 training / 100 eval inputs")
+    p.add_argument("--coverage.attack", type=str, default="fgsm", help="the adversarial attack (ART)")
+    p.add_argument("--coverage.n_train", type=Optional[int], default=None, help="training inputs (null: all)")
+    p.add_argument("--coverage.n_clean", type=Optional[int], default=None, help="evaluation inputs (null: all)")
+    p.add_argument("--coverage.batch_size", type=int, default=128, help="the attack's batch size")
+    p.add_argument("--reps", type=Optional[int], default=None,
+                   help="repetitions of every repair sweep and of the cross-validated repair (a shorter run; null: the "
+                        "config's)")
+    p.add_argument("--generations", type=Optional[int], default=None,
+                   help="generations of every DE search (sweeps and cross-validated repair; null: the config's)")
+    p.add_argument("--run_dir", type=Optional[str], default=None,
+                   help="the run directory of a one-data-set experiment (replaces datasets.<name>.run_dir; relative "
+                        "to the current directory)")
     p.add_argument("--only", type=str, nargs="+", default=None,
                    help="run only these steps / phases of the experiment: prepare, work, final or step names, "
                         "space- or comma-separated (null: the config's steps)")
@@ -91,7 +122,8 @@ def build_parser():
 
 
 #: the steps and phases ``--only`` takes (pipeline.experiment.STEPS / PHASES; tests/test_cli_vocabulary.py checks)
-STEPS = ("train", "cache", "misclf", "localize", "evaluate_fl", "repair", "aggregate", "adequacy")
+STEPS = ("train", "cache", "testbed", "misclf", "localize", "evaluate_fl", "repair", "adequacy", "crossval",
+         "aggregate", "coverage")
 PHASES = ("prepare", "work", "final")
 
 
@@ -100,8 +132,31 @@ def experiment_dict(ns) -> Dict[str, Any]:
     options are ``method_options`` as in the other blocks; ``method_opts`` (run_evaluation's keyword) is read as
     the same key."""
     d = ns.as_dict()
+    run_dir = d.pop("run_dir", None)
+    shorter = {"reps": d.pop("reps", None), "generations": d.pop("generations", None)}
+    for key, v in shorter.items():
+        if v is not None and v < 1:
+            raise ValueError(f"--{key} must be >= 1, got {v}")
+    rep_block, cv = d.get("repair") or {}, d.get("crossval") or {}
+    if shorter["reps"] is not None:  # a shorter run: its results have other identities, so they never mix
+        rep_block["sweeps"] = [{**sw, "reps": shorter["reps"]} for sw in rep_block.get("sweeps") or []]
+        cv["reps"] = shorter["reps"]
+    if shorter["generations"] is not None:
+        g = {"generations": shorter["generations"]}
+        rep_block["sweeps"] = [{**sw, "repair_options": {**(sw.get("repair_options") or {}), **g}}
+                               if sw.get("repair", "de") == "de" else sw for sw in rep_block.get("sweeps") or []]
+        cv["repairs"] = [{**r, "repair_options": {**(r.get("repair_options") or {}), **g}}
+                         if r.get("repair", "de") == "de" else r for r in cv.get("repairs") or []]
     for k in ("config", "__path__", "only", "shard", "root", "debug"):
         d.pop(k, None)
+    if run_dir:  # one data set: its run directory from the command line, absolute (relative to the current folder)
+        if len(d.get("datasets") or {}) != 1:
+            raise ValueError(f"--run_dir needs an experiment with one data set; this one has "
+                             f"{sorted(d.get('datasets') or {})}: set datasets.<name>.run_dir in the config")
+        import os
+
+        name = next(iter(d["datasets"]))
+        d["datasets"] = {name: {**d["datasets"][name], "run_dir": os.path.abspath(run_dir)}}
     ev = d.get("evaluate_fl")
     if isinstance(ev, dict) and "method_options" in ev:
         if ev.get("method_opts") not in (None, {}):
@@ -129,8 +184,21 @@ def only_steps(only: Optional[List[str]]) -> Optional[List[str]]:
 
 @_cli.guard("run_experiment")
 def main(argv=None) -> int:
+    import sys
+
     p = build_parser()
-    ns = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show = [a for a in argv if a == "--print_config"]  # printed as it will run: after --run_dir / --reps / ...
+    ns = p.parse_args([a for a in argv if a != "--print_config"])
+    if show:
+        import yaml
+
+        try:
+            cfg = experiment_dict(ns)
+        except ValueError as e:
+            p.error(str(e))
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return 0
     _cli.quiet()
     from pipeline.experiment import ExperimentConfigError, check_experiment, run_experiment
     from pipeline.repair import parse_shard

@@ -111,7 +111,7 @@ def tiny_run(tmp_path_factory):
     from lightning_modules.classifier import ImageClassifier
     from core.io import atomic_write_json
     from core.runstore import RunStore as RunLayout
-    from localization.cache import atomic_save_safetensors, save_states
+    from core.states import atomic_save_safetensors, save_states
     from localization.ffn import capture_ffn_states, model_fingerprint
     from localization.misclf import analyze
     from pipeline.localize import run_localization
@@ -137,7 +137,7 @@ def tiny_run(tmp_path_factory):
         path = layout.states("repair") if epoch == 1 else layout.states("repair", "epoch=000")
         save_states(path, st["x"], st["a"], logits, label, torch.arange(60),
                     {"model_hash": model_fingerprint(m), "split": "repair", "backbone": "hf"})
-    from localization.cache import load_states
+    from core.states import load_states
 
     states = load_states(layout.states("repair"))
     info = analyze(states.label, states.pred, states.index, 10, ranks=1)
@@ -155,7 +155,7 @@ def test_run_evaluation_end_to_end_and_resumes(tiny_run, capsys):
     from pipeline.evaluate_fl import run_evaluation
 
     layout = RunStore(tiny_run)
-    out = run_evaluation(tiny_run, methods=["random", "grad_loss", "vdiff"], inject_seeds=[0, 1], n_random=2,
+    out = run_evaluation(RunStore(tiny_run), methods=["random", "grad_loss", "vdiff"], inject_seeds=[0, 1], n_random=2,
                          ckpt_settings=["all"], batch_size=64)
     printed = capsys.readouterr().out
     assert "P@1%" in printed
@@ -203,10 +203,10 @@ def test_run_evaluation_end_to_end_and_resumes(tiny_run, capsys):
              *(ev / "injected/strength=30/seed=1").glob("vdiff-*.json")]
     assert len(probe) == 4
     before = [p.stat().st_mtime_ns for p in probe]
-    out2 = run_evaluation(tiny_run, methods=["random", "grad_loss", "vdiff"], inject_seeds=[0, 1], n_random=2,
+    out2 = run_evaluation(RunStore(tiny_run), methods=["random", "grad_loss", "vdiff"], inject_seeds=[0, 1], n_random=2,
                           ckpt_settings=["all"], batch_size=64, figures=False)
     assert [p.stat().st_mtime_ns for p in probe] == before
     key = ["method", "comparison"]
     np.testing.assert_allclose(out2["checkpoint"].sort_values(key)["P@1%"], out["checkpoint"].sort_values(key)["P@1%"])
     with pytest.raises(ValueError, match="unknown FL methods"):
-        run_evaluation(tiny_run, methods=["nope"])
+        run_evaluation(RunStore(tiny_run), methods=["nope"])

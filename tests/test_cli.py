@@ -95,7 +95,7 @@ def test_steps_after_training(cli_run):
     from pipeline.cache import step_cache
     from pipeline.localize import run_localization
     from pipeline.misclf import step_misclf
-    from localization.cache import load_states, save_states
+    from core.states import load_states, save_states
     from localization.ffn import last_ffn_head, model_fingerprint
 
     _, layout = cli_run

@@ -38,7 +38,7 @@ def test_wilson_matches_scipy_and_stays_in_unit_interval():
 
 
 def test_folds_test_every_eval_input_once_and_pool_by_counts(run):
-    from localization.cache import load_states
+    from core.states import load_states
     from pipeline.crossval import aggregate_crossval, collect_crossval, prepare_folds, run_crossval
 
     folds = prepare_folds(run, trainer_kwargs={"enable_progress_bar": False})

@@ -441,6 +441,8 @@ def test_hyperparameters_saved():
     dm = CIFAR100DataModule(root="somewhere", image_size=64, val_fraction=0.2)
     assert dm.hparams["root"] == "somewhere" and dm.hparams["image_size"] == 64
     assert dm.hparams["val_fraction"] == 0.2 and dm.hparams["fold_seed"] == 777
+    with_folds = CIFAR100DataModule(root="somewhere", folds_path="/abs/run/folds.json")
+    assert "folds_path" not in with_folds.hparams  # a path inside the run, not a setting (a moved run stays valid)
 
 
 @pytest.mark.parametrize("name", sorted(DATAMODULES))

@@ -13,7 +13,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 EXP_DIR = REPO / "configs" / "experiment"
-FILES = sorted(EXP_DIR.glob("*.yaml"))
+#: the published experiments (each with its twins); the main job's configs are tested on their own below
+FILES = sorted(f for f in EXP_DIR.glob("*.yaml") if not f.stem.startswith("main_job"))
+MAIN_JOB = EXP_DIR / "main_job_mnist.yaml"
 EXPERIMENTS = ("exp_fl_2", "exp_fl_3", "exp_fl_5", "exp_repair_4", "deepimportance")
 
 
@@ -50,6 +52,46 @@ def test_every_experiment_has_vit_and_digits_files_and_a_corrected_twin():
         for stem in (e, f"{e}_corrected", f"{e}_digits", f"{e}_digits_corrected"):
             assert stem in names, f"configs/experiment/{stem}.yaml missing"
     assert len(FILES) == 4 * len(EXPERIMENTS), sorted(names)
+
+
+@pytest.mark.parametrize("overlays", [[], ["main_job_mnist_quick"], ["main_job_digits"]],
+                         ids=["main_job", "quick", "digits"])
+def test_the_main_job_is_an_experiment_config_with_overlays(overlays, tmp_path):
+    """main_job_mnist.yaml (+ an overlay) passes every check of the runner, runs every step and the report's steps,
+    and main_job.py stands for exactly that run_experiment.py command line; --run_dir replaces the run directory."""
+    from pipeline.experiment import STEPS, check_experiment
+
+    extra = [a for o in overlays for a in ("--config", str(EXP_DIR / f"{o}.yaml"))]
+    parser, ns = load(MAIN_JOB, *extra, "--run_dir", str(tmp_path / "r"))
+    cfg = RUN.experiment_dict(ns)
+    assert check_experiment(cfg) == [s for s in STEPS if s != "adequacy"]
+    (name, ds), = cfg["datasets"].items()
+    assert ds["run_dir"] == str(tmp_path / "r") and ds["train"]["test"] is True
+    if overlays == ["main_job_digits"]:
+        assert name == "digits" and "pretrain" not in ds["train"] and ds["train"]["epochs"] == 40
+    else:
+        assert name == "mnist" and ds["train"]["pretrain"]["epochs"] == (3 if overlays else 30)
+    quick = overlays == ["main_job_mnist_quick"]
+    assert cfg["evaluate_fl"].get("quick", False) is quick and cfg["coverage"]["quick"] is quick
+    assert [sw["reps"] for sw in cfg["repair"]["sweeps"]] == ([1, 1, 1] if quick else [2, 1, 1])
+    assert cfg["crossval"]["budgets"] == (["0.1%"] if quick else ["0.5%"])
+    sys.path.insert(0, str(REPO / "scripts"))
+    import main_job
+
+    argv = main_job.runner_args([*(["--quick"] if quick else []),
+                                 *(["--testbed", "digits"] if overlays == ["main_job_digits"] else []), "--x", "1"])
+    assert argv == ["--config", str(MAIN_JOB), *extra, "--root", str(REPO), "--x", "1"]
+    with pytest.raises(SystemExit):
+        main_job.runner_args(["--quick", "--testbed", "digits"])
+    skip = main_job.runner_args(["--skip", "repair", "coverage"])
+    assert skip[skip.index("--only") + 1:skip.index("--root")] == [s for s in cfg["steps"] if s not in
+                                                                   ("repair", "coverage")]
+
+
+def test_run_dir_needs_one_dataset(tmp_path):
+    _, ns = load(EXP_DIR / "exp_repair_4.yaml", "--run_dir", str(tmp_path))
+    with pytest.raises(ValueError, match="one data set"):
+        RUN.experiment_dict(ns)
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
@@ -229,6 +271,7 @@ def test_shrunk_digits_exp_repair_4_end_to_end_and_rerun_skips(tmp_path):
     rep = _counts(out, "repair de")
     assert rep["done"] + rep.get("not applicable", 0) == 3 * 2 and rep["done"] >= 1
     assert "Tip:" not in out and "GPU available" not in out
+    assert "repair 0/1" in first.stderr  # the sweep shows its progress bar (tqdm, with an ETA)
     from core.runstore import RunStore
 
     store = RunStore(run_dir)
@@ -258,6 +301,21 @@ def test_shrunk_digits_exp_repair_4_end_to_end_and_rerun_skips(tmp_path):
         assert c["done"] == 0 and c["skipped"] >= 1, (step, c)
     assert "recorded, not retried" not in out2  # known not-applicable cases are counted, not re-printed
     assert len(store.list_results("repair_result")) == len(results) + 1
+
+    # the run moved to another folder: every step finds its results ("skipped"), nothing stored names the old path
+    moved = tmp_path / "elsewhere" / "digits_moved"
+    moved.parent.mkdir()
+    run_dir.rename(moved)
+    third = subprocess.run([*cmd, "--run_dir", str(moved)], capture_output=True, text=True, cwd=str(tmp_path),
+                           timeout=900, env=env)
+    out3 = third.stdout + third.stderr
+    assert third.returncode == 0, out3[-4000:]
+    for step in ("train", "cache", "misclf", "localize", "repair de"):
+        c = _counts(out3, step)
+        assert c["done"] == 0 and c["skipped"] >= 1, (step, c)
+    named = [p for p in moved.rglob("*") if p.suffix in (".json", ".yaml", ".csv", ".md", ".txt", ".html")
+             and str(tmp_path) in p.read_text(errors="replace")]
+    assert named == [], f"files in the run name an absolute path: {named}"
 
 
 def test_shards_split_the_localize_work_and_a_full_rerun_skips_it(tmp_path, make_classifier):
@@ -315,3 +373,57 @@ def test_checkpoint_epochs_are_a_config_value_checked_before_work(tmp_path, make
     cfg["datasets"] = {"digits": {"run_dir": str(store.root), "train": None}}
     with pytest.raises(ExperimentConfigError, match="ckpt_epoch=40"):
         run_experiment(cfg, steps=["evaluate_fl"], log=lambda m: None)
+
+
+def test_reps_and_generations_shorten_every_search_and_print_config_shows_it(tmp_path, capsys):
+    """--reps / --generations (a CPU-sized run of a published protocol) reach every sweep and the cross-validated
+    repair, DE only; --print_config prints the experiment as it will run, and that output loads back unchanged."""
+    _, ns = load(EXP_DIR / "exp_repair_4_digits.yaml", "--reps", "1", "--generations", "7", "--run_dir",
+                 str(tmp_path / "r"))
+    cfg = RUN.experiment_dict(ns)
+    assert [sw["reps"] for sw in cfg["repair"]["sweeps"]] == [1] * len(cfg["repair"]["sweeps"]) and cfg["crossval"][
+        "reps"] == 1
+    assert all(sw["repair_options"]["generations"] == 7 for sw in cfg["repair"]["sweeps"] if sw["repair"] == "de")
+    assert [r.get("repair_options", {}).get("generations") for r in cfg["crossval"]["repairs"]] == [7, None]
+    assert RUN.main(["--config", str(EXP_DIR / "exp_repair_4_digits.yaml"), "--reps", "1", "--generations", "7",
+                     "--run_dir", str(tmp_path / "r"), "--print_config"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert RUN.experiment_dict(load(printed)[1]) == cfg
+    with pytest.raises(ValueError, match="--reps must be >= 1"):
+        RUN.experiment_dict(load(EXP_DIR / "exp_repair_4_digits.yaml", "--reps", "0")[1])
+
+
+def test_two_experiments_in_one_run_keep_their_own_adequacy_results(tmp_path, monkeypatch):
+    """A published adequacy config and its corrected twin in one run directory: each writes adequacy/<name>_<variant>/
+    with its own markers (before: one adequacy/rq1.done.json, and the twin stopped with "another identity"); a
+    rerun of either is skipped."""
+    import pipeline.adequacy as pa
+    from core.runstore import RunStore
+    from pipeline.experiment import _adequacy, _Log
+
+    calls = []
+
+    def fake_run_rq(rq, cfg, out_dir, progress=True):
+        calls.append((rq, Path(out_dir).name, cfg["idc"]["round_centroids"]))
+        f = Path(out_dir) / rq / "table.md"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("# t\n")
+        return {"paths": [f]}
+
+    monkeypatch.setattr(pa, "run_rq", fake_run_rq)
+    store = RunStore(tmp_path / "run")
+    log = _Log(lambda m: None)
+    for tag, rounding in (("deep_published", 2), ("deep_corrected", None), ("deep_published", 2)):
+        opts = {"rqs": ["rq1"], "use_run_checkpoint": False, "overrides": {"idc": {"round_centroids": rounding}}}
+        _adequacy(store, "d", tag, opts, None, (0, 1), REPO, log)
+    assert calls == [("rq1", "deep_published", 2), ("rq1", "deep_corrected", None)]  # the third: skipped
+    assert (store.path("adequacy_marker", name="deep_published", rq="rq1")).is_file()
+    assert (store.path("adequacy_marker", name="deep_corrected", rq="rq1")).is_file()
+    assert [s["skipped"] for s in log.summary] == [0, 0, 1]
+
+
+@pytest.mark.parametrize("path", sorted(EXP_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_states_its_expected_time_on_a_cpu_and_a_gpu(path):
+    head = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert "Expected time" in head and "CPU" in head and "GPU" in head, path.name

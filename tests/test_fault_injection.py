@@ -30,7 +30,7 @@ def _steps(root: str) -> None:
     run_sweep([root], ["grad_loss"], ["all"], [6, "avg"], 1, repair_options=STEPS_DE, progress=False,
               on_error="raise")
     aggregate([root])
-    run_evaluation(root, methods=["grad_loss"], parts=["interventions"], n_random=1, figures=False,
+    run_evaluation(store, methods=["grad_loss"], parts=["interventions"], n_random=1, figures=False,
                    tensorboard=False, log=lambda m: None)
 
 
@@ -78,21 +78,23 @@ def test_a_kill_at_every_write_point_is_survived(tmp_path, make_classifier):
     n = len(points)
     assert n >= 10, points  # every FL, N_avg, repair, summary and evaluation write goes through core.io
     expected = _results(RunStore(ref))
-    failures = []
-    for k in range(1, n + 1):
+
+    def kill_at(k: int) -> str | None:
         run = tmp_path / f"k{k}"
         shutil.copytree(base.root, run)
         code = _run(run, VITFL_FAULT_AT=k)
         if code != -9:
-            failures.append(f"write point {k} ({points[k - 1]}): not killed (exit {code})")
-            continue
+            return f"write point {k} ({points[k - 1]}): not killed (exit {code})"
         if _run(run) != 0:
-            failures.append(f"write point {k} ({points[k - 1]}): the rerun failed")
-            continue
-        got = _results(RunStore(run))
-        if got != expected:
-            failures.append(f"write point {k} ({points[k - 1]}): results differ from an uninterrupted run")
+            return f"write point {k} ({points[k - 1]}): the rerun failed"
+        if _results(RunStore(run)) != expected:
+            return f"write point {k} ({points[k - 1]}): results differ from an uninterrupted run"
         shutil.rmtree(run)
+        return None
+
+    # one write point at a time (children forked from a thread pool, two at a time, failed every rerun; not
+    # diagnosed, so the harness stays serial)
+    failures = [f for f in map(kill_at, range(1, n + 1)) if f]
     assert not failures, "\n".join(failures)
     # the rerun never reads a half-written file: every result still parses strictly
     for p in ref.rglob("*.json"):

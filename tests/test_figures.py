@@ -153,22 +153,6 @@ def test_coverage_table_states_split_and_n(tmp_path):
     assert "eval split" in md and "n = 100" in md and "clean (eval split, n = 100)" in md
 
 
-def test_adequacy_figures_embed_truetype(tmp_path):
-    import matplotlib.pyplot as plt
-
-    from adequacy.experiments import _grid, save_figure
-
-    fig, axes = _grid(3)
-    for ax in axes:
-        ax.plot([0, 1], [1, 0])
-        ax.set_title("NC")
-    with plt.rc_context({"pdf.fonttype": 3}):
-        paths = save_figure(fig, tmp_path, "rq3_sensitivity")
-    pdf = [p for p in paths if p.suffix == ".pdf"][0]
-    kinds = pdf_font_subtypes(pdf.read_bytes())
-    assert kinds and "Type3" not in kinds
-
-
 # ================================================================================================ figure geometry
 # Every figure function is drawn on inputs shaped like the real ones (the columns of fl_eval/interventions_summary.csv,
 # the per-input intervention records, fl_eval/checkpoint_benchmark.csv, fl_eval/injected_benchmark.csv,

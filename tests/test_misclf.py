@@ -529,12 +529,10 @@ def test_options_pass_through_step_misclf(monkeypatch):
         seen.update(kwargs)
         raise Stop
 
-    monkeypatch.setattr(pl, "load_run_model", lambda layout, *a: (None, 0))
-    monkeypatch.setattr(pl, "model_fingerprint", lambda model: "h")
     st = SimpleNamespace(label=torch.zeros(2), pred=torch.zeros(2), index=torch.arange(2), logits=torch.zeros(2, 3))
-    monkeypatch.setattr(pl, "load_states", lambda path, expected_hash=None: st)
+    monkeypatch.setattr(pl, "load_run", lambda store: SimpleNamespace(states=lambda split: st))
     monkeypatch.setattr(pl, "analyze", spy)
-    layout = SimpleNamespace(states=lambda split: f"{split}.pt")
+    layout = SimpleNamespace()
     with pytest.raises(Stop):
         pl.step_misclf(layout, ranks=2, seed=3, tie_order="true_pred", no_true_input="recall_zero",
                        kinds=("tgt", "all"))

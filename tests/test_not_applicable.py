@@ -42,7 +42,7 @@ def make_two_epoch_run(root: Path) -> Path:
     from core.io import atomic_write_json
     from core.runstore import RunStore
     from lightning_modules.classifier import ImageClassifier
-    from localization.cache import atomic_save_safetensors, save_states
+    from core.states import atomic_save_safetensors, save_states
     from localization.ffn import capture_ffn_states, last_ffn_head, model_fingerprint
     from localization.misclf import analyze
 
@@ -97,7 +97,7 @@ def test_checkpoint_benchmark_records_a_method_that_cannot_run_as_not_applicable
 
     store = RunStore(two_epoch_run)
     logs: list[str] = []
-    out = run_evaluation(two_epoch_run, log=logs.append, **EVAL)
+    out = run_evaluation(RunStore(two_epoch_run), log=logs.append, **EVAL)
     ck = out["checkpoint"]
     assert (ck["error"] == "").all(), ck[ck["error"] != ""][["method", "setting", "error"]].to_string()
     assert not [m for m in logs if "failed" in m], logs
@@ -114,7 +114,7 @@ def test_checkpoint_benchmark_records_a_method_that_cannot_run_as_not_applicable
     assert "src_tgt_r3" in meta and "not_applicable" in meta
     # the next run counts the known case without trying it again or printing it again
     logs.clear()
-    out2 = run_evaluation(two_epoch_run, log=logs.append, **EVAL)
+    out2 = run_evaluation(RunStore(two_epoch_run), log=logs.append, **EVAL)
     assert len(out2["not_applicable"]) == 1
     assert not [m for m in logs if "recorded, not retried" in m or "failed" in m], logs
     assert store.not_applicable() == {**store.not_applicable(), **na}
@@ -159,10 +159,11 @@ def test_experiment_counts_not_applicable_and_exits_zero(tmp_path, capsys):
 def test_report_script_lists_the_not_applicable_cases(two_epoch_run, capsys):
     """scripts/report.py --run_dir RUN rebuilds the report after step-by-step work; the recorded cases are listed.
     Old behaviour: no such script (the report was written by run_experiment.py's final phase only)."""
+    from core.runstore import RunStore
     from pipeline.evaluate_fl import run_evaluation
     from test_cli_steps import script
 
-    run_evaluation(two_epoch_run, log=lambda m: None, **EVAL)  # read back if the test above ran
+    run_evaluation(RunStore(two_epoch_run), log=lambda m: None, **EVAL)  # read back if the test above ran
     assert script("report").main(["--run_dir", str(two_epoch_run)]) == 0
     out = capsys.readouterr().out
     md = Path(two_epoch_run) / "report" / "report.md"

@@ -87,14 +87,14 @@ def test_stale_results_are_left_out_and_counted_by_every_reader(run, make_classi
     # FL evaluation: only the new model's 2 FL results; the 2 old ones counted, logged and recorded
     logs = []
     kw_ev = dict(parts=["interventions"], n_random=1, figures=False, tensorboard=False, log=logs.append)
-    res = run_evaluation(run.root, **kw_ev)
+    res = run_evaluation(run, **kw_ev)
     summary = res["interventions_summary"]
     assert summary["result"].nunique() == 2
     meta = json.loads(run.fl_eval("interventions_meta.json").read_text())
     assert meta["fl_results_checked"] == 4 and meta["evaluated"] == 2 and meta["stale"] == 2
     assert meta["stale_why"]["made by another model"] == 2
     assert any("left out 2 stale FL results" in m and "made by another model" in m for m in logs), logs
-    res = run_evaluation(run.root, include_stale=True, **kw_ev)
+    res = run_evaluation(run, include_stale=True, **kw_ev)
     s = res["interventions_summary"].drop_duplicates("result")
     assert len(s) == 4 and sorted(s["stale"] != "") == [False, False, True, True]
     assert all("made by another model" in w for w in s.loc[s["stale"] != "", "stale"])

@@ -21,7 +21,7 @@ from lightning_modules.runs import (
     ArchitectureMismatchError, RunError, UnsafeCheckpointError, UnsafeConfigError, cache_run_states, cache_tag,
     check_model_fits_data, datamodule_from_run, load_classifier, load_run_model)
 from core.runstore import RunStore
-from localization.cache import StaleCacheError, load_states, read_metadata
+from core.states import StaleCacheError, load_states, read_metadata
 from localization.ffn import model_fingerprint
 
 DATA = {"class_path": "datamodules.digits.DigitsDataModule",

@@ -77,7 +77,7 @@ def _flip_checkpoint_tensor_data(path: Path, n: int = 64) -> None:
 def _fl_error(store: RunStore, methods: list[str], **kw) -> str:
     """The error of a localize run: raised, or reported in its status rows (the step goes on with the other
     methods and settings, and the script exits non-zero)."""
-    from localization.cache import CacheError
+    from core.states import CacheError
     from pipeline.localize import run_localization
 
     try:
@@ -210,7 +210,7 @@ def test_a_fold_runs_parent_pointer_must_be_its_run(tmp_path):
 def test_flipped_bytes_in_a_state_cache_are_refused(run):
     """The issue: 64 flipped bytes in ``states/repair.safetensors``: localize computed and stored a new result from
     them (rc 0)."""
-    from localization.cache import CacheError, CorruptCacheError, load_states
+    from core.states import CacheError, CorruptCacheError, load_states
     from pipeline.localize import run_localization
 
     path = run.states("repair")
@@ -280,7 +280,7 @@ def test_a_text_artifact_has_a_sidecar_and_a_kill_before_it_leaves_it_unverified
 
 def test_a_large_file_is_hashed_once_per_process(tmp_path, monkeypatch):
     from core import io as core_io
-    from localization.cache import load_states, save_states
+    from core.states import load_states, save_states
 
     calls = []
     real = core_io.tensors_content_hash
@@ -528,20 +528,16 @@ def test_run_config_holds_no_path_of_the_machine(cli_run):
 
 
 def test_a_relative_pretrained_path_is_read_from_the_run(tmp_path, monkeypatch):
-    """The main job records its pretraining export relative to the run (``finetune_model.yaml``), and the training
+    """The train step records a pretraining export relative to the run (``finetune_model.yaml``), and the training
     CLI reads such a path from the run directory, wherever the run lies and whatever the working directory."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import main_job
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
     from lightning_modules.cli import _pretrained_in_run, run_relative_config
+    from pipeline.train import finetune_model_config
 
     root = tmp_path / "run"
     (root / "pretrain" / "export").mkdir(parents=True)
     (root / "pretrain" / "export" / "config.json").write_text("{}")
-    spec = yaml.safe_load(Path(main_job._finetune_model_config(RunStore(root), "hf",
-                                                                str(root / "pretrain" / "export"))).read_text())
+    spec = yaml.safe_load(finetune_model_config(RunStore(root), REPO / "configs/model/vit_mnist_finetune.yaml",
+                                                root / "pretrain" / "export").read_text())
     assert spec["model"]["backbone_kwargs"]["pretrained_path"] == "pretrain/export"
     monkeypatch.chdir(tmp_path)
     model = {"backbone_kwargs": {"pretrained_path": "pretrain/export"}}

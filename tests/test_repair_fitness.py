@@ -277,6 +277,8 @@ def test_fused_fitness_equals_full_head_in_every_placement(kind, kernel, head_ki
     for variant, loss in (("arachne", "logits"), ("reptran", "logits"), ("arachne", "softmax_ce")):
         ev = SparseFitness(h, w, x, y, neg, kernel=kernel, chunk_size=4, variant=variant, loss=loss,
                            epilogue=epilogue)
+        if kernel != "auto":
+            assert ev.kernel == kernel  # the forced kernel is the one evaluated, not only a correct one
         ref = LoopFitness(h, w, x, y, neg, variant=variant, loss=loss)(vals)
         res = ev(vals)
         torch.testing.assert_close(res.fitness, ref.fitness, rtol=0, atol=1e-10)

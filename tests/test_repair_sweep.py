@@ -11,7 +11,7 @@ import torch
 from core.io import atomic_write_json, read_json
 from core.runstore import RunStore
 from lightning_modules.repair.patch import Patch
-from localization.cache import save_states
+from core.states import save_states
 from localization.ffn import capture_ffn_states, last_ffn_head, model_fingerprint
 from localization.misclf import analyze
 from pipeline.repair import aggregate, build_grid, collect_results, parse_shard, run_sweep, shard_tasks
@@ -131,7 +131,7 @@ def test_killed_sweep_resumes_with_exactly_the_remaining_runs(run_dir):
     assert {"fl_s", "repair_s", "eval_s", "total_s"} <= set(r["timings"])
     assert r["provenance"]["model_hash"] == model_fingerprint(model) and "versions" in r["provenance"]
     # the stored metrics agree with applying the patch to the head on the cached test states
-    from localization.cache import load_states
+    from core.states import load_states
     from localization.misclf import target_mask
 
     test = load_states(store.states("test"))

@@ -81,7 +81,7 @@ def fake_run(root, seed: int = 0, reps: int = 3, targetless_every: int = 3, tb: 
     block = benchmark_block(bench, "Checkpoint benchmark", "synthetic ground truth", "P@1%", "settings",
                             split="FL inputs: the repair split's settings")
     store.write_text(store.fl_eval("headline.md"), blocks_markdown([block]))
-    from localization.cache import save_states
+    from core.states import save_states
 
     n = 60
     label = torch.as_tensor(rng.integers(0, n_classes, n))
@@ -177,7 +177,7 @@ def test_report_links_resolve_and_tables_state_split_and_n(run):
     assert '<details>' in html and "<summary>" in html and "<table>" in html  # folded figures, real tables
     # the test-fold confusion matrix equals a plain count
     from pipeline.report import confusion_of_split
-    from localization.cache import load_states
+    from core.states import load_states
 
     s = load_states(store.states("test"))
     ref = np.zeros((5, 5), int)
@@ -200,6 +200,6 @@ def test_report_of_an_empty_run_says_so(tmp_path):
     from pipeline.report import check_report, write_report
 
     (tmp_path / "empty").mkdir()
-    p = write_report(tmp_path / "empty")
+    p = write_report(RunStore(tmp_path / "empty"))
     text = p.read_text()
     assert "No repair results" in text and "No FL evaluation" in text and check_report(p) == []

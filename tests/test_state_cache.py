@@ -1,4 +1,4 @@
-"""The state-cache format (localization/cache.py) and its writer (callbacks/state_cache.py): round trip, order,
+"""The state-cache format (core/states.py) and its writer (callbacks/state_cache.py): round trip, order,
 refusals with clear errors, shard merging, and a predict pass whose cached x reproduces the model's logits."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.state_cache import StateCacheWriter
 from conftest import C, D, D_FF, images, rel_err, tiny_classifier
-from localization.cache import (FORMAT, CacheError, StaleCacheError, load_states, merge_shards, read_metadata,
+from core.states import (FORMAT, CacheError, StaleCacheError, load_states, merge_shards, read_metadata,
                                 save_states)
 from localization.ffn import last_ffn_head, model_fingerprint
 

@@ -88,7 +88,7 @@ def test_fl_evaluation_scalars_and_no_new_event_file_on_rerun(tmp_path, make_cla
     run_localization(store, ["grad_loss", "random"], settings=["all"], budgets=[6], progress=False)
     kw = dict(methods=["grad_loss", "random"], parts=["interventions", "injected"], inject_seeds=[0], n_random=1,
               log=lambda m: None)
-    run_evaluation(store.root, **kw)
+    run_evaluation(store, **kw)
     events = _events(store.tensorboard / "fl_eval")
     assert len(events) == 1
     tags = _acc(events[0]).Tags()["scalars"]
@@ -96,5 +96,5 @@ def test_fl_evaluation_scalars_and_no_new_event_file_on_rerun(tmp_path, make_cla
     assert {"fl_eval/injected/strength=30/R@K/grad_loss", "fl_eval/injected/strength=published/P@K/random"} <= set(
         tags), tags
     assert len(_acc(events[0]).Scalars("fl_eval/injected/strength=30/R@K/grad_loss")) >= 3  # one point per K
-    run_evaluation(store.root, **kw)
+    run_evaluation(store, **kw)
     assert _events(store.tensorboard / "fl_eval") == events

@@ -420,7 +420,7 @@ def pooled_cv_target_counts(store, n_folds: int = 5) -> dict[str, int]:
     import json
 
     from datamodules.folds import kfold_split
-    from localization.cache import load_states
+    from core.states import load_states
     from localization.misclf import analyze, target_mask
 
     rep, tst = load_states(store.states("repair")), load_states(store.states("test"))
@@ -444,25 +444,21 @@ def pooled_cv_target_counts(store, n_folds: int = 5) -> dict[str, int]:
 NINE = [f"{k}_r{r}" for k in ("src_tgt", "tgt_fp", "tgt_fn") for r in (1, 2, 3)]
 
 
-@pytest.fixture
-def main_job(monkeypatch):
-    """scripts/main_job.py (the testbed's training recipe), importable for one test (scripts/ is not a package)."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import main_job
-
-    return main_job
-
-
 @pytest.mark.slow
-def test_testbed_last_ffn_matters_and_cv_counts(tmp_path, main_job):
+def test_testbed_last_ffn_matters_and_cv_counts(tmp_path):
     """The default testbed (pretrain 30 epochs + 2-epoch fine-tune, HF): zeroing the last FFN's activations costs
     >= 20 points of test-fold accuracy, the fine-tuned model is usable (>= 75 % top-1), checkpoints 0, 1, 2 exist,
     and 5-fold cross-validation gives `all` >= 50 and the 9 settings together >= 100 held-out targets."""
     from core.runstore import RunStore
     from pipeline.cache import step_cache
 
+    import yaml
+
+    from pipeline.train import train
+
     store = RunStore(tmp_path / "run")
-    main_job.train(store, "hf", 2, [])
+    main_job = yaml.safe_load((ROOT / "configs/experiment/main_job_mnist.yaml").read_text())
+    train(store, {**main_job["datasets"]["mnist"]["train"], "test": False}, ROOT)  # the main job's recipe
     assert store.checkpoint_epochs() == [0, 1, 2]
     step_cache(store, ("repair", "test"), trainer_kwargs={"enable_progress_bar": False})
     checks = testbed.testbed_checks(store)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from core.quiet import KNOWN_WARNINGS
 from lightning_modules.repair.fitness import FITNESS_VARIANTS, LOSSES, make_fitness, PopulationFitness
 from lightning_modules.repair.patch import Patch, RepairInputError, check_weights, read_values
 from localization.ffn import FFNHead
@@ -176,12 +177,8 @@ def fit_repair(module: RepairModule, *, logger: Any = False, callbacks: list | N
     if quiet:
         lightning_log.setLevel(logging.WARNING)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*on_train_start.*")
-        warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended.*", category=UserWarning)
-        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+        for pattern in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
         trainer_kwargs.setdefault("log_every_n_steps", 1)
         trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=max_steps or module.max_steps,
                             max_epochs=-1, logger=logger, callbacks=callbacks,

@@ -446,13 +446,144 @@ def kernel_macs(n_neurons: int, n_rows: int, d: int, num_classes: int) -> dict[s
     return {"explicit": nJ * d + d * C, "folded": (nJ + nI + 1) * C + nJ * (nI + min(d - nI, nJ) + 1)}
 
 
+class _ExplicitKernel:
+    """The explicit kernel (module docstring): the FFN output's change delta in d-space, added onto the residual
+    stream, then the head's own ``post``; it works for any ``post`` and any layer scale.
+
+    A kernel precomputes what its chunks share in ``__init__``; :meth:`terms` takes the :class:`SparseFitness` it
+    serves per call (holding none: no reference cycle keeps the evaluator's work tensors alive)."""
+
+    name = "explicit"
+    base = None  # the terms are the logits: nothing to add
+
+    def __init__(self, fit: SparseFitness, inter: dict[str, Tensor], lam: Tensor | None):
+        """``inter``: the head's intermediates on the cached states; ``lam``: the layer scale as a vector (None:
+        not elementwise, so it is applied to o_raw0 + delta per chunk)."""
+        self._WJT = fit.head.fc_aft.weight.detach()[:, fit._J].T.contiguous()  # [|J|, d]
+        self._lam_I = None  # the layer scale of the rows I when not folded into W_aft[:, J] (None: identity)
+        self._linear_ls = lam is not None
+        if lam is not None:
+            if not bool((lam == 1).all()):
+                self._WJT *= lam
+                self._lam_I = lam[fit._I, None]
+            self._onto = fit.x + inter["o"]                                  # r = r0 + delta
+        else:
+            self._onto = fit.head.fc_aft(inter["a"])                        # r = x + ls(o_raw0 + delta)
+
+    def terms(self, fit: SparseFitness, v: Tensor) -> tuple[Tensor, None]:
+        """The logits ``[p, N, C]`` of one chunk of candidates ``v [p, K]``, and None (no 1 / std)."""
+        h, N, d, p = fit.head, fit.n, fit.head.d, len(v)
+        u, S = fit._features(v - fit.old)
+        delta = u.T @ self._WJT if u is not None else torch.zeros(p * N, d, dtype=fit.dtype, device=fit.device)
+        if S is not None:
+            if self._lam_I is not None:
+                S = S * self._lam_I
+            delta.index_add_(1, fit._I, S.T)
+        delta = delta.view(p, N, d).add_(self._onto)
+        r = delta if self._linear_ls else h.layer_scale(delta).add_(fit.x)
+        return h.post(r.view(p * N, d)).view(p, N, -1), None
+
+
+class _FoldedKernel:
+    """The folded kernel (module docstring): the final LayerNorm and the classifier folded into the features
+    f = [u_J; S'_I; std], so that z std = f^T M + base, and the only ``[p N, C]`` tensor of a chunk is one product.
+    Needs post = LayerNorm -> Linear and an elementwise layer scale. Like :class:`_ExplicitKernel`, it is given
+    its :class:`SparseFitness` per call."""
+
+    name = "folded"
+
+    def __init__(self, fit: SparseFitness, inter: dict[str, Tensor], lam: Tensor, fold: tuple[nn.LayerNorm, nn.Linear]):
+        """``inter``: the head's intermediates on the cached states; ``lam``: the layer scale as a vector;
+        ``fold``: the (LayerNorm, Linear) of ``post``."""
+        h, dt, dev = fit.head, fit.dtype, fit.device
+        d, C, J, I = h.d, fit.num_classes, fit._J, fit._I
+        nI = len(I)
+        ln, lin = fold
+        r0 = fit.x + inter["o"]                                              # residual stream after the block
+        BJ = lam[:, None] * h.fc_aft.weight.detach()[:, J]                   # [d, |J|]
+        gamma = ln.weight.detach() if ln.weight is not None else torch.ones(d, dtype=dt, device=dev)
+        beta = ln.bias.detach() if ln.bias is not None else torch.zeros(d, dtype=dt, device=dev)
+        Wc = lin.weight.detach()
+        G = gamma[:, None] * Wc.T                                            # [d, C]
+        s = G.sum(0)                                                         # [C]
+        bprime = beta @ Wc.T + (lin.bias.detach() if lin.bias is not None else 0)
+        self._eps = ln.eps
+        r0c = r0 - r0.mean(1, keepdim=True)
+        colsum = BJ.sum(0)                                                   # [|J|]
+        # features f = [u_J; S'_I; std] (feature-major [m + 1, p N]); the logits' numerator is one product
+        #   z * std = f^T M + base,  M = [B_J^T G - colsum s^T / d;  G_I - 1 s^T / d;  b']   ([m + 1, C])
+        #   base = r0 G - mean(r0) s                                                           ([N, C])
+        # (the mean's change sum(delta)/d is linear in f and the bias times std is the last feature), so the
+        # logits are never formed in d-space and only one [p N, C] tensor is written per chunk
+        self._M = torch.cat([BJ.T @ G - colsum[:, None] * s[None, :] / d, G[I] - s[None, :] / d,
+                             bprime.reshape(1, C).expand(1, C)], 0).contiguous()
+        self.base = (r0 @ G - r0.mean(1, keepdim=True) * s[None, :]).contiguous()           # [N, C]
+        # var(r) d = |r_c|^2 = |r0_c + delta|^2 - sum(delta)^2 / d (r0_c sums to zero), delta = E_I S' + B_J u.
+        # Split d-space into the rows I and the rest ~I, and take a thin QR of the rest, B_J[~I] = Q R (Q
+        # orthonormal [d - |I|, k], k = min(d - |I|, |J|)): since B_J[~I]^T (1 - Q Q^T) = 0,
+        #   |r0_c + delta|^2 = |S' + B_J[I] u + r0_c[I]|^2 + |R u + Q^T r0_c[~I]|^2 + e,
+        #   e = |(1 - Q Q^T) r0_c[~I]|^2   (per input; what no candidate changes),
+        # so the whole variance is one product [B_J[I]; R; colsum] u added onto per-input constants, then one
+        # sum of squares: (|I| + k + 1) |J| MACs, and no [p N]-wide pass per term. Computed in float64.
+        notI = torch.ones(d, dtype=torch.bool, device=dev)
+        notI[I] = False
+        B64, r0c64 = BJ.double(), r0c.double()
+        c1 = r0c64[:, I]                                                     # [N, |I|]
+        rest = r0c64[:, notI]                                                # [N, d - |I|]
+        if len(J):
+            Q, R = torch.linalg.qr(B64[notI])                                # [d - |I|, k], [k, |J|]
+            c2 = rest @ Q                                                    # [N, k]
+            self._R = torch.cat([B64[I], R, B64.sum(0, keepdim=True)]).to(dt).contiguous()
+            rest = rest - c2 @ Q.T
+        else:
+            c2 = rest[:, :0]
+            self._R = None
+        self._nY = nI + c2.shape[1]                                          # rows of y summed in squares
+        self._cT = torch.cat([c1, c2], 1).T.to(dt).contiguous()              # [|I| + k, N]
+        self._e = (rest * rest).sum(1).to(dt)                                # [N]
+        self._lamI = None if bool((lam == 1).all()) else lam[I][:, None]     # [|I|, 1]; None: identity
+
+    def terms(self, fit: SparseFitness, v: Tensor) -> tuple[Tensor, Tensor]:
+        """One chunk of candidates ``v [p, K]``: (z * std - base ``[p, N, C]``, 1 / std ``[p, N]``), with z the
+        logits and std = sqrt(var(r) + eps) of the final LayerNorm."""
+        p, N, d = len(v), fit.n, fit.head.d
+        nJ, nI, C, nY = len(fit._J), len(fit._I), fit.num_classes, self._nY
+        f = fit._buffer("f", (fit.m + 1, p * N))                                     # [u; S'; std]
+        u, S = fit._features(v - fit.old, f[:nJ] if nJ else None, f[nJ:nJ + nI] if nI else None)
+        if S is not None and self._lamI is not None:
+            S.mul_(self._lamI)                                                       # S' = lam_I S_I
+        # y = [S' + r0_c[I]; Q^T r0_c[~I]; 0] + [B_J[I]; R; colsum] u: its first nY rows' squares sum to the
+        # candidate's part of var(r) d, its last row is colsum . u (sum(delta) without S')
+        y = fit._buffer("y", (nY + (nJ > 0), p, N))
+        if nI:
+            torch.add(S.view(nI, p, N), self._cT[:nI, None, :], out=y[:nI])
+        y[nI:nY].copy_(self._cT[nI:, None, :])
+        y = y.view(-1, p * N)
+        sum_d = S.sum(0) if nI else None
+        if nJ:
+            y[nY].zero_()
+            y.addmm_(self._R, u)
+            sum_d = y[nY] if sum_d is None else sum_d.add_(y[nY])
+        vard = y[:nY].square_().sum(0)
+        vard.view(p, N).add_(self._e)
+        if sum_d is not None:
+            vard.sub_(sum_d.square_().div_(d))
+        std = f[-1]
+        torch.sqrt(vard.div_(d).add_(self._eps), out=std)
+        num = torch.mm(f.T, self._M, out=fit._buffer("num", (p * N, C)))
+        return num.view(p, N, C), std.reciprocal().view(p, N)
+
+
 class SparseFitness(PopulationFitness):
     """Changed-weights-only evaluator (see the module docstring for the algebra); ``kernel`` in
     {"auto", "explicit", "folded"}; ``chunk_size`` candidates per batched step (auto: ~2^23 elements per
     ``[p N, width]`` tensor); ``epilogue`` the fitness pass over the logits: "eager" (PyTorch ops; the loss of the
     wrong inputs only) or "compiled" (:func:`fused_scores` through ``torch.compile``: one read of the logits for
     every input; a one-time compile of seconds per process; on the CPU it is faster only while many inputs are
-    wrong, see docs/benchmarks.md)."""
+    wrong, see docs/benchmarks.md).
+
+    The sparse update (the features u_J, S_I) is computed here; the chosen kernel (:class:`_ExplicitKernel` or
+    :class:`_FoldedKernel`) turns it into logits."""
 
     name = "sparse"
     KERNELS = ("auto", "explicit", "folded")
@@ -468,10 +599,47 @@ class SparseFitness(PopulationFitness):
         if epilogue not in EPILOGUES:
             raise RepairInputError(f"unknown sparse-fitness epilogue {epilogue!r}; expected one of {EPILOGUES}")
         self.epilogue = epilogue
-        h, dt, dev = self.head, self.dtype, self.device
+        h, dev = self.head, self.device
         d, C, N = h.d, self.num_classes, self.n
-        Wa = h.fc_aft.weight.detach()
         inter = h.intermediates(self.x)
+        self._plan_features(inter)
+        nJ, nI = len(self._J), len(self._I)
+        self._buffers: dict[Any, Tensor] = {}
+        # CUDA: no data-dependent shapes in the fitness pass (argmax and the loss of every input), so a generation
+        # runs without host synchronisation; the CPU path computes the loss of the wrong inputs only
+        self.sync_free = dev.type == "cuda"
+        self._n_neg, self._n_pos = int(self.is_neg.sum()), int((~self.is_neg).sum())
+
+        lam = _layer_scale_vector(h.layer_scale, d)
+        fold = _foldable_post(h.post, d) if lam is not None else None
+        macs = kernel_macs(nJ, nI, d, C)  # the products; plus the element-wise work per candidate and input
+        cost_explicit = macs["explicit"] + 10 * d
+        cost_folded = macs["folded"] + 4 * (nJ + nI)
+        if kernel == "folded" and fold is None:
+            raise RepairInputError("kernel='folded' needs post = LayerNorm -> Linear and a linear layer scale")
+        folded = kernel == "folded" or (kernel == "auto" and fold is not None and cost_folded < 1.5 * cost_explicit)
+        self.macs_per_input = cost_folded if folded else cost_explicit
+        width = max(C + nJ + nI + 1 if folded else d, len(self._ka1), 2 * nJ, 1)
+        budget = (self.CHUNK_ELEMENTS if folded else 1 << 23) * (32 if dev.type == "cuda" else 1)
+        self.chunk_size = chunk_size or max(1, budget // (N * width))  # CUDA: the whole population at once
+        lam = lam.to(dev, self.dtype) if lam is not None else None
+        self._kernel = _FoldedKernel(self, inter, lam, fold) if folded else _ExplicitKernel(self, inter, lam)
+
+    @property
+    def kernel(self) -> str:
+        """The kernel in use: "explicit" or "folded"."""
+        return self._kernel.name
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "kernel": self.kernel, "epilogue": self.epilogue, "touched_neurons": len(self._J),
+                "touched_rows": len(self._I), "features": self.m, "chunk_size": self.chunk_size,
+                "macs_per_candidate_input": self.macs_per_input}
+
+    def _plan_features(self, inter: dict[str, Tensor]) -> None:
+        """The index sets and grouped products of the sparse update that :meth:`_features` runs: the touched
+        neurons J (W_bef rows), the touched output rows I (W_aft rows), and the path of each W_aft weight (its
+        column a touched neuron or not)."""
+        dev = self.device
         w = self.weights.to(dev)
         is_bef = w[:, 0] == 0
         self._kb, self._ka = is_bef.nonzero().squeeze(1), (~is_bef).nonzero().squeeze(1)
@@ -483,7 +651,7 @@ class SparseFitness(PopulationFitness):
         self._dz = (_GroupedProduct(inv_b, nJ, inter["h"][:, cols_b].T.contiguous(), inter["z"][:, J].T)
                     if nJ else None)
         self._J = J[self._dz.order.to(dev)] if nJ else J
-        self._act = _inplace_act(h.act)
+        self._act = _inplace_act(self.head.act)
         self._a0T = inter["a"][:, self._J].T.contiguous()                   # [|J|, N]
         rows_a, cols_a = w[self._ka, 1], w[self._ka, 2]
         posJ = {int(j): i for i, j in enumerate(self._J.tolist())}
@@ -512,99 +680,14 @@ class SparseFitness(PopulationFitness):
             self._a1_flat = torch.tensor([posI[int(r)] * nJ + posJ[int(c)] for r, c in
                                           zip(rows1.tolist(), cols_a[in_J].tolist())], dtype=torch.long, device=dev)
             self._seg_a1 = None
-        self._buffers: dict[Any, Tensor] = {}
-        # CUDA: no data-dependent shapes in the fitness pass (argmax and the loss of every input), so a generation
-        # runs without host synchronisation; the CPU path computes the loss of the wrong inputs only
-        self.sync_free = dev.type == "cuda"
-        self._n_neg, self._n_pos = int(self.is_neg.sum()), int((~self.is_neg).sum())
-
-        lam = _layer_scale_vector(h.layer_scale, d)
-        fold = _foldable_post(h.post, d) if lam is not None else None
-        macs = kernel_macs(nJ, nI, d, C)  # the products; plus the element-wise work per candidate and input
-        cost_explicit = macs["explicit"] + 10 * d
-        cost_folded = macs["folded"] + 4 * (nJ + nI)
-        if kernel == "folded" and fold is None:
-            raise RepairInputError("kernel='folded' needs post = LayerNorm -> Linear and a linear layer scale")
-        self.kernel = kernel if kernel != "auto" else (
-            "folded" if fold is not None and cost_folded < 1.5 * cost_explicit else "explicit")
-        self.macs_per_input = cost_folded if self.kernel == "folded" else cost_explicit
-        width = max(d if self.kernel == "explicit" else C + nJ + nI + 1, len(self._ka1), 2 * nJ, 1)
-        budget = (self.CHUNK_ELEMENTS if self.kernel == "folded" else 1 << 23) * (32 if dev.type == "cuda" else 1)
-        self.chunk_size = chunk_size or max(1, budget // (N * width))  # CUDA: the whole population at once
-
-        self._lam = lam.to(dev, dt) if lam is not None else None
-        self._C = C
-        r0 = self.x + inter["o"]                                             # residual stream after the block
-        if self.kernel == "explicit":
-            # r = r0 + lam * (W_aft[:, J] u_J + e_I S_I); with a non-linear layer scale: x + ls(o_raw0 + ...)
-            self._WJT = Wa[:, self._J].T.contiguous()                       # [|J|, d]
-            if self._lam is not None:
-                if bool((self._lam == 1).all()):
-                    self._lam_I = None  # identity layer scale: nothing to multiply
-                else:
-                    self._WJT *= self._lam
-                    self._lam_I = self._lam[self._I, None]
-                self._base = r0
-            else:
-                self._base = h.fc_aft(inter["a"])                            # o_raw0 [N, d]
-            return
-        ln, lin = fold
-        lam = self._lam
-        BJ = lam[:, None] * Wa[:, self._J]                                    # [d, |J|]
-        gamma = ln.weight.detach() if ln.weight is not None else torch.ones(d, dtype=dt, device=dev)
-        beta = ln.bias.detach() if ln.bias is not None else torch.zeros(d, dtype=dt, device=dev)
-        Wc = lin.weight.detach()
-        G = gamma[:, None] * Wc.T                                            # [d, C]
-        s = G.sum(0)                                                         # [C]
-        bprime = beta @ Wc.T + (lin.bias.detach() if lin.bias is not None else 0)
-        self._eps = ln.eps
-        r0c = r0 - r0.mean(1, keepdim=True)
-        colsum = BJ.sum(0)                                                   # [|J|]
-        # features f = [u_J; S'_I; std] (feature-major [m + 1, p N]); the logits' numerator is one product
-        #   z * std = f^T M + base,  M = [B_J^T G - colsum s^T / d;  G_I - 1 s^T / d;  b']   ([m + 1, C])
-        #   base = r0 G - mean(r0) s                                                           ([N, C])
-        # (the mean's change sum(delta)/d is linear in f and the bias times std is the last feature), so the
-        # logits are never formed in d-space and only one [p N, C] tensor is written per chunk
-        self._M = torch.cat([BJ.T @ G - colsum[:, None] * s[None, :] / d, G[self._I] - s[None, :] / d,
-                             bprime.reshape(1, C).expand(1, C)], 0).contiguous()
-        self._base = (r0 @ G - r0.mean(1, keepdim=True) * s[None, :]).contiguous()          # [N, C]
-        # var(r) d = |r_c|^2 = |r0_c + delta|^2 - sum(delta)^2 / d (r0_c sums to zero), delta = E_I S' + B_J u.
-        # Split d-space into the rows I and the rest ~I, and take a thin QR of the rest, B_J[~I] = Q R (Q
-        # orthonormal [d - |I|, k], k = min(d - |I|, |J|)): since B_J[~I]^T (1 - Q Q^T) = 0,
-        #   |r0_c + delta|^2 = |S' + B_J[I] u + r0_c[I]|^2 + |R u + Q^T r0_c[~I]|^2 + e,
-        #   e = |(1 - Q Q^T) r0_c[~I]|^2   (per input; what no candidate changes),
-        # so the whole variance is one product [B_J[I]; R; colsum] u added onto per-input constants, then one
-        # sum of squares: (|I| + k + 1) |J| MACs, and no [p N]-wide pass per term. Computed in float64.
-        notI = torch.ones(d, dtype=torch.bool, device=dev)
-        notI[self._I] = False
-        B64, r0c64 = BJ.double(), r0c.double()
-        c1 = r0c64[:, self._I]                                               # [N, |I|]
-        rest = r0c64[:, notI]                                                # [N, d - |I|]
-        if nJ:
-            Q, R = torch.linalg.qr(B64[notI])                                # [d - |I|, k], [k, |J|]
-            c2 = rest @ Q                                                    # [N, k]
-            self._R = torch.cat([B64[self._I], R, B64.sum(0, keepdim=True)]).to(dt).contiguous()
-            rest = rest - c2 @ Q.T
-        else:
-            c2 = rest[:, :0]
-            self._R = None
-        self._nY = nI + c2.shape[1]                                          # rows of y summed in squares
-        self._cT = torch.cat([c1, c2], 1).T.to(dt).contiguous()              # [|I| + k, N]
-        self._e = (rest * rest).sum(1).to(dt)                                # [N]
-        self._lamI = None if bool((lam == 1).all()) else lam[self._I][:, None]  # [|I|, 1]; None: identity
-        self._C = C
-
-    def info(self) -> dict[str, Any]:
-        return {**super().info(), "kernel": self.kernel, "epilogue": self.epilogue, "touched_neurons": len(self._J),
-                "touched_rows": len(self._I), "features": self.m, "chunk_size": self.chunk_size,
-                "macs_per_candidate_input": self.macs_per_input}
 
     def _label_flat(self, p: int) -> Tensor:
         """Flat positions of the label logits in a ``[p N, C]`` tensor (cached)."""
         flat = self._buffers.get(("label_flat", p))
         if flat is None:
             lab = self._labels(p)
-            flat = self._buffers[("label_flat", p)] = torch.arange(len(lab), device=self.device) * self._C + lab
+            flat = torch.arange(len(lab), device=self.device) * self.num_classes + lab
+            self._buffers[("label_flat", p)] = flat
         return flat
 
     def _labels(self, p: int) -> Tensor:
@@ -655,56 +738,18 @@ class SparseFitness(PopulationFitness):
                 S.index_add_(0, self._seg_a1, s1.view(len(self._ka1), p * N))
         return u, S
 
-    def _numerator(self, v: Tensor, add_base: bool = True) -> tuple[Tensor, Tensor]:
-        """Folded kernel for one chunk of candidates ``v [p, K]``: (z * std ``[p N, C]``, 1 / std ``[p N]``), with z
-        the logits and std = sqrt(var(r) + eps) of the final LayerNorm (``add_base=False``: z * std - base)."""
-        p, N, d = len(v), self.n, self.head.d
-        nJ, nI, C, nY = len(self._J), len(self._I), self._C, self._nY
-        f = self._buffer("f", (self.m + 1, p * N))                                   # [u; S'; std]
-        u, S = self._features(v - self.old, f[:nJ] if nJ else None, f[nJ:nJ + nI] if nI else None)
-        if S is not None and self._lamI is not None:
-            S.mul_(self._lamI)                                                       # S' = lam_I S_I
-        # y = [S' + r0_c[I]; Q^T r0_c[~I]; 0] + [B_J[I]; R; colsum] u: its first nY rows' squares sum to the
-        # candidate's part of var(r) d, its last row is colsum . u (sum(delta) without S')
-        y = self._buffer("y", (nY + (nJ > 0), p, N))
-        if nI:
-            torch.add(S.view(nI, p, N), self._cT[:nI, None, :], out=y[:nI])
-        y[nI:nY].copy_(self._cT[nI:, None, :])
-        y = y.view(-1, p * N)
-        sum_d = S.sum(0) if nI else None
-        if nJ:
-            y[nY].zero_()
-            y.addmm_(self._R, u)
-            sum_d = y[nY] if sum_d is None else sum_d.add_(y[nY])
-        vard = y[:nY].square_().sum(0)
-        vard.view(p, N).add_(self._e)
-        if sum_d is not None:
-            vard.sub_(sum_d.square_().div_(d))
-        std = f[-1]
-        torch.sqrt(vard.div_(d).add_(self._eps), out=std)
-        num = torch.mm(f.T, self._M, out=self._buffer("num", (p * N, C)))
-        if add_base:
-            num.view(p, N, C).add_(self._base)
-        return num, std.reciprocal()
+    def _terms(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One chunk of candidates ``v [p, K]`` through the kernel: (z ``[p, N, C]``, 1 / std ``[p, N]`` or None),
+        the logits being z * istd (istd > 0: z has their argmax), the kernel's base added into z."""
+        z, istd = self._kernel.terms(self, v)
+        if self._kernel.base is not None:
+            z.add_(self._kernel.base)
+        return z, istd
 
     def logits_chunks(self, values: Tensor):
-        h, N, d = self.head, self.n, self.head.d
         for v in values.split(self.chunk_size):
-            p = len(v)
-            if self.kernel == "folded":
-                num, istd = self._numerator(v)
-                yield (num * istd[:, None]).view(p, N, -1)
-                continue
-            u, S = self._features(v - self.old)
-            delta = u.T @ self._WJT if u is not None else torch.zeros(p * N, d, dtype=self.dtype,
-                                                                      device=self.device)
-            if S is not None:
-                if self._lam is not None and self._lam_I is not None:
-                    S = S * self._lam_I
-                delta.index_add_(1, self._I, S.T)
-            delta = delta.view(p, N, d).add_(self._base)
-            r = delta if self._lam is not None else h.layer_scale(delta).add_(self.x)
-            yield h.post(r.view(p * N, d)).view(p, N, -1)
+            z, istd = self._terms(v)
+            yield z if istd is None else z * istd[..., None]
 
     @torch.no_grad()
     def __call__(self, values: Tensor) -> FitnessResult:
@@ -717,19 +762,12 @@ class SparseFitness(PopulationFitness):
         for v in values.split(self.chunk_size):
             p = len(v)
             if self.epilogue == "compiled":  # one fused pass: base, prediction test, loss
-                if self.kernel == "folded":
-                    num, istd = self._numerator(v, add_base=False)
-                    score, correct = _compiled_scores(num.view(p, N, -1), self.label, self._base,
-                                                      istd.view(p, N), self.loss)
-                else:
-                    score, correct = _compiled_scores(next(self.logits_chunks(v)), self.label, None, None,
-                                                      self.loss)
+                z, istd = self._kernel.terms(self, v)
+                score, correct = _compiled_scores(z, self.label, self._kernel.base, istd, self.loss)
                 parts.append(self._combine(score, correct))
                 continue
-            if self.kernel == "folded":
-                num, istd = self._numerator(v)          # z = num * istd, istd > 0: the same argmax
-            else:
-                num, istd = next(self.logits_chunks(v)).view(p * N, -1), None
+            z, istd = self._terms(v)
+            num, istd = z.view(p * N, -1), istd.view(-1) if istd is not None else None
             lab = self._labels(p)
             if self.sync_free:
                 correct = num.argmax(1) == lab
