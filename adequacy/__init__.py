@@ -1,15 +1,20 @@
 """Test adequacy for DNNs (docs/methods.md, section 8): importance-driven coverage (DeepImportance) with Captum attributions,
 NeuraL-Coverage's baseline criteria, adversarial suites through ART, and the RQ1-5 experiments.
 
-- :mod:`adequacy.activations`  neuron layers, output reduction (CLS / token mean / channel mean), forward hooks
-- :mod:`adequacy.attribution`  Captum layer attributions, neuron importance, rank voting, input attributions
-- :mod:`adequacy.idc`          IDC on activation tables
-- :mod:`adequacy.criteria`     NC, KMNC, NBC, SNAC, TKNC, TKNP, CC, LSC, DSC, MDSC, NLC
-- :mod:`adequacy.attacks`      FGSM, PGD, C&W via ``art.attacks.evasion``
-- :mod:`adequacy.experiments`  CoverageSuite, RQ1-5, ``coverage_table``, their reports
+- :mod:`vitfl.adequacy.activations`  neuron layers, output reduction (CLS / token mean / channel mean), forward hooks
+- :mod:`vitfl.adequacy.attribution`  Captum layer attributions, neuron importance, rank voting, input attributions
+- :mod:`vitfl.adequacy.idc`          IDC on activation tables
+- :mod:`vitfl.adequacy.criteria`     NC, KMNC, NBC, SNAC, TKNC, TKNP, CC, LSC, DSC, MDSC, NLC
+- :mod:`vitfl.adequacy.attacks`      FGSM, PGD, C&W via ``art.attacks.evasion``
+- :mod:`vitfl.adequacy.experiments`  CoverageSuite, RQ1-5, ``coverage_table``, their reports
 
 The data preparation, the config merge and the RQ runner are the adequacy step, ``pipeline/adequacy.py``.
 """
+
+from vitfl import refuse_bare_name
+
+refuse_bare_name(__name__)  # 'import adequacy' stops here with the right name
+
 
 import importlib
 

@@ -10,7 +10,7 @@ A *neuron* is one feature of a layer's output, reduced to one value per input (d
 
 Layers are addressed by their ``named_modules`` name (e.g. ``"features.3"``, ``"blocks.5.mlp.act"``) or passed as
 modules. :func:`candidate_layers` lists a model's neuron layers in forward order: for a ViT, every block's FFN
-activation (the last one is ``localization.ffn.last_ffn_head(model).act``); otherwise every activation module
+activation (the last one is ``vitfl.localization.ffn.last_ffn_head(model).act``); otherwise every activation module
 (``ReLU``, ``GELU``, ...), or, for a model without activation modules, every Conv/Linear layer but the output layer.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def resolve_layers(model: nn.Module, layers: str | nn.Module | Sequence[str | nn
 
 def _vit_ffn_acts(model: nn.Module) -> dict[str, nn.Module] | None:
     try:
-        from localization.ffn import UnsupportedModelError, backbone_kind, last_ffn_head
+        from vitfl.localization.ffn import UnsupportedModelError, backbone_kind, last_ffn_head
     except ImportError:  # pragma: no cover
         return None
     try:

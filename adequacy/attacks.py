@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from adequacy import require
+from vitfl.adequacy import require
 
 __all__ = ["ATTACKS", "art_classifier", "adversarial_examples"]
 

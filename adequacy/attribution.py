@@ -1,6 +1,6 @@
 """Neuron importance by Captum layer attributions (DeepImportance's first step), input attributions, rank voting.
 
-For a layer with neurons j (see :mod:`adequacy.activations`) and an input x of label y, a layer attribution method
+For a layer with neurons j (see :mod:`vitfl.adequacy.activations`) and an input x of label y, a layer attribution method
 gives ``R_j(x)``, the relevance of neuron j for the logit of class y (Captum's ``target``). Methods (a config
 choice, ``method=``):
 
@@ -36,8 +36,8 @@ from scipy.stats import rankdata
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from adequacy.activations import TOKEN_REDUCTIONS, predict, resolve_layers
-from adequacy import require
+from vitfl.adequacy.activations import TOKEN_REDUCTIONS, predict, resolve_layers
+from vitfl.adequacy import require
 
 __all__ = [
     "LAYER_METHODS",
@@ -62,7 +62,7 @@ class UnsupportedAttributionError(ValueError):
 
 def _is_vit(model: nn.Module) -> bool:
     try:
-        from localization.ffn import UnsupportedModelError, backbone_kind
+        from vitfl.localization.ffn import UnsupportedModelError, backbone_kind
     except ImportError:  # pragma: no cover
         return False
     try:

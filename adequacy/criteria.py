@@ -10,7 +10,7 @@ Every criterion is a :class:`Coverage` used like a torchmetrics metric::
 Activations are one layer's table ``[N, F]`` (a tensor or array) or a dict ``{layer name: table}`` for several
 layers (a criterion then counts over all of them, as NeuraL-Coverage does). 3-D outputs ``[N, T, F]`` are reduced
 to the CLS token or the token mean (``token_reduction``), 4-D ``[N, C, H, W]`` to the channel means
-(:func:`adequacy.activations.reduce_output`). Let ``v_j(x)`` be neuron j's value for input x, ``lo_j`` / ``hi_j``
+(:func:`vitfl.adequacy.activations.reduce_output`). Let ``v_j(x)`` be neuron j's value for input x, ``lo_j`` / ``hi_j``
 its minimum / maximum over the training inputs.
 
 - **NC(t)** (DeepXplore): per input and layer, values min-max scaled over the layer's neurons; neuron j is covered
@@ -50,12 +50,12 @@ from typing import ClassVar, Mapping
 
 import numpy as np
 
-from core.registry import Registry
+from vitfl.core.registry import Registry
 import torch
 from scipy.spatial.distance import cdist
 from scipy.stats import gaussian_kde
 
-from adequacy.activations import reduce_output
+from vitfl.adequacy.activations import reduce_output
 
 __all__ = ["Coverage", "NC", "KMNC", "NBC", "SNAC", "TKNC", "TKNP", "CC", "LSC", "DSC", "MDSC", "NLC",
            "CRITERIA", "register_criterion", "make_criterion", "DEFAULT_CRITERIA", "as_layers"]
@@ -91,7 +91,7 @@ def as_layers(activations, token_reduction: str = "cls") -> dict[str, np.ndarray
 
 #: every coverage criterion (IDC has its own module, it needs attributions); third-party criteria register under the
 #: ``vitfl.coverage_criteria`` entry point
-CRITERIA = Registry("coverage criterion", modules=("adequacy.criteria",), entry_points="vitfl.coverage_criteria")
+CRITERIA = Registry("coverage criterion", modules=("vitfl.adequacy.criteria",), entry_points="vitfl.coverage_criteria")
 
 
 def register_criterion(name: str):

@@ -5,7 +5,7 @@ Everything here takes a model (images -> logits), tensors and options, and retur
 under a directory the caller gives (a script passes ``RunStore(run_dir).adequacy_dir``). The file names below that
 directory are named in :data:`ARTIFACTS`, the one place that does.
 
-- :class:`CoverageSuite`: every criterion (IDC and the baselines of :mod:`adequacy.criteria`) set up once on a
+- :class:`CoverageSuite`: every criterion (IDC and the baselines of :mod:`vitfl.adequacy.criteria`) set up once on a
   model, its measured layer(s) and training data; ``evaluate(x)`` gives each criterion's coverage of a test suite.
 - RQ1 :func:`rq1_pruning`: zero the top-n important neurons (per attribution method, and by rank voting) vs n
   random neurons (seeded, repeated); accuracy drop on the test pool.
@@ -38,14 +38,14 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from adequacy.activations import collect_activations, default_layer, candidate_layers, predict, resolve_layers
-from adequacy.attacks import adversarial_examples
-from adequacy.attribution import (default_method, input_attributions, neuron_importance, rank_vote,
+from vitfl.adequacy.activations import collect_activations, default_layer, candidate_layers, predict, resolve_layers
+from vitfl.adequacy.attacks import adversarial_examples
+from vitfl.adequacy.attribution import (default_method, input_attributions, neuron_importance, rank_vote,
                                   top_neurons)
-from adequacy.criteria import DEFAULT_CRITERIA, make_criterion
-from adequacy.idc import IDC
+from vitfl.adequacy.criteria import DEFAULT_CRITERIA, make_criterion
+from vitfl.adequacy.idc import IDC
 
-from core import style  # the house style: one figure saver (TrueType fonts), one Markdown table writer
+from vitfl.core import style  # the house style: one figure saver (TrueType fonts), one Markdown table writer
 
 __all__ = [
     "ARTIFACTS", "CoverageSuite", "importance_scores", "prune_neurons", "rq1_pruning", "top_pixel_mask",
@@ -70,11 +70,11 @@ def rq_dir(adequacy_dir: str | Path, rq: str) -> Path:
 
 
 # ================================================================================================ output helpers
-# Tables and figures go through the toolkit's one writer and one saver (core.style.markdown_table, .save_figure).
+# Tables and figures go through the toolkit's one writer and one saver (vitfl.core.style.markdown_table, .save_figure).
 def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str, title: str | None = None) -> list[Path]:
-    """``stem.csv`` (full precision) and ``stem.md`` (``# title`` then :func:`core.style.markdown_table`), atomic
+    """``stem.csv`` (full precision) and ``stem.md`` (``# title`` then :func:`vitfl.core.style.markdown_table`), atomic
     writes."""
-    from core.io import atomic_write_text
+    from vitfl.core.io import atomic_write_text
 
     out_dir = Path(out_dir)
     md = (f"# {title}\n\n" if title else "") + style.markdown_table(df)
@@ -83,13 +83,13 @@ def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str, title: str | N
 
 
 def write_meta(out_dir: str | Path, stem: str, config: Mapping, **extra) -> Path:
-    from core.io import atomic_write_json, provenance
+    from vitfl.core.io import atomic_write_json, provenance
 
     return atomic_write_json(Path(out_dir) / f"{stem}_meta.json", {"config": dict(config), **provenance(**extra)})
 
 
 def _grid(n: int):
-    """Small panels (:func:`core.style.facet_grid`: 1.75 x 1.5 in, at most 4 a row, at most 7 in wide: two columns
+    """Small panels (:func:`vitfl.core.style.facet_grid`: 1.75 x 1.5 in, at most 4 a row, at most 7 in wide: two columns
     of a paper), text at 7-8 pt; the caller lays them out (``fig.tight_layout()``)."""
     style.apply()  # text sizes are read when the titles and labels are drawn, later
     return style.facet_grid(n, ncols=min(4, n), panel_width=1.75, panel_height=1.5, sharex=False, sharey=False,
@@ -121,11 +121,11 @@ class CoverageSuite:
     default :func:`default_layer`) and the training data ``train_x [N, ...]``, ``train_y [N]``. With several layers
     the baselines count over all of them and IDC takes its top-m neurons over their concatenation (end to end).
 
-    - baselines: ``criteria`` = {name: params} (default :data:`adequacy.criteria.DEFAULT_CRITERIA`), fitted on the
+    - baselines: ``criteria`` = {name: params} (default :data:`vitfl.adequacy.criteria.DEFAULT_CRITERIA`), fitted on the
       activations of all training inputs (the surprise criteria per true class);
     - IDC: ``idc`` = IDC's options (``m``, ``ks``, ``use_silhouette``, ...; None leaves IDC out), fitted on the
       correctly classified training inputs with ``importance [F_total]`` (default: computed with ``method``, or
-      :func:`adequacy.attribution.default_method`).
+      :func:`vitfl.adequacy.attribution.default_method`).
 
     ``evaluate(x)`` gives {criterion: coverage of the suite x} (each criterion starts from zero); the surprise
     criteria take the test inputs' predicted classes (``sa_labels="pred"``, Kim et al.) or the labels passed
@@ -632,7 +632,7 @@ def rq5_overhead(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Ten
     """Wall time of every attribution method (importance on the training set) and of every criterion (set-up on
     the training set, evaluation of the test pool), and IDC in each (mode, per_class). Returns {"overhead",
     "idc_modes"}."""
-    from adequacy.attribution import UnsupportedAttributionError
+    from vitfl.adequacy.attribution import UnsupportedAttributionError
 
     layers = resolve_layers(model, layer) if layer is not None else default_layer(model)
     rows = []
@@ -737,7 +737,7 @@ def report_coverage_table(out_dir, df: pd.DataFrame, config: Mapping | None = No
                             "adversarial": f"adversarial ({attack} of the same {split} inputs, {n_txt})"})
     title = (f"Coverage, clean vs adversarial ({layers}): {split} split, {n_txt} inputs each"
              + (f"; criteria fitted on n = {cfg['n_train']} training inputs" if cfg.get("n_train") else ""))
-    from core.io import atomic_write_text
+    from vitfl.core.io import atomic_write_text
 
     paths = [atomic_write_text(out / "coverage_table.csv", df.to_csv(index=False)),
              atomic_write_text(out / "coverage_table.md", f"# {title}\n\n" + style.markdown_table(md))]

@@ -1,8 +1,8 @@
 """Importance-driven coverage (IDC, DeepImportance; Gerasimou et al., ICSE 2020) on activation tables.
 
 Inputs are plain tables: ``train_activations [N_train, F]`` and ``test_activations [N_test, F]`` hold one value per
-neuron (:mod:`adequacy.activations`; several layers may be concatenated along F for the end-to-end mode), and
-``importance [F]`` the neurons' importance (:func:`adequacy.attribution.neuron_importance`, summed with sign over
+neuron (:mod:`vitfl.adequacy.activations`; several layers may be concatenated along F for the end-to-end mode), and
+``importance [F]`` the neurons' importance (:func:`vitfl.adequacy.attribution.neuron_importance`, summed with sign over
 the correctly classified training inputs).
 
 Definition:

@@ -1,5 +1,5 @@
 """Wall time under contention: the toolkit's DE repair and FL step before and after the passive OpenMP wait
-policy (:mod:`core.threads`), against an independent numpy DE of the same scheme, each quiet and with k competing
+policy (:mod:`vitfl.core.threads`), against an independent numpy DE of the same scheme, each quiet and with k competing
 CPU-bound processes, in one invocation (on demand; prints a Markdown table).
 
 The problem (testbed-like shapes): an FFN head with d = 64, d_ff = 256, 10 classes (LayerNorm -> Linear after the
@@ -8,8 +8,8 @@ head's prediction, I_neg with another class), 300 located weights drawn uniforml
 
 The toolkit runs in two child processes started by this one, identical but for the environment the OpenMP runtime
 reads when torch is imported: ``before`` without any wait variable (libgomp's default: idle threads spin, as the
-toolkit ran until :mod:`core.threads`), ``after`` with :func:`core.threads.configure_openmp`'s defaults
-(``OMP_WAIT_POLICY=PASSIVE``: what ``pipeline.parallel``'s workers get, and any process that calls it before
+toolkit ran until :mod:`vitfl.core.threads`), ``after`` with :func:`vitfl.core.threads.configure_openmp`'s defaults
+(``OMP_WAIT_POLICY=PASSIVE``: what ``vitfl.pipeline.parallel``'s workers get, and any process that calls it before
 ``import torch``). Workloads (each timed alone, ``--repeats`` times per load):
 
 - ``DE toolkit``: :class:`DifferentialEvolution` with the default evaluator (:class:`SparseFitness`), P = 100,
@@ -23,7 +23,7 @@ toolkit ran until :mod:`core.threads`), ``after`` with :func:`core.threads.confi
   ``scipy.special.erf``), numpy's BLAS on ``--ref_threads`` threads (default 1: a plain single-threaded program,
   the yardstick of a fair share; 0: OpenBLAS's default, whose threads wait by spinning too): the independent
   implementation, run in the ``before`` child.
-- ``FL <method>`` (``--fl_methods``; none: ``--no_fl``): :func:`localization.ranking.localize` of the budget on the
+- ``FL <method>`` (``--fl_methods``; none: ``--no_fl``): :func:`vitfl.localization.ranking.localize` of the budget on the
   same head and states, ``--fl_calls`` calls per timed run, on the same thread counts before and after.
 
 Loads: ``quiet`` (nothing started here; the machine may be shared: the load average and the cores that other
@@ -65,7 +65,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from core import threads as ct  # noqa: E402  (imports no torch: the parent never loads an OpenMP runtime)
+from vitfl.core import threads as ct  # noqa: E402  (imports no torch: the parent never loads an OpenMP runtime)
 
 
 # ------------------------------------------------------------------------------------------------ competitors
@@ -197,8 +197,8 @@ def serve(a) -> None:
 
     import torch
 
-    from lightning_modules.repair.fitness import SparseFitness
-    from localization.ranking import localize
+    from vitfl.lightning_modules.repair.fitness import SparseFitness
+    from vitfl.localization.ranking import localize
     from repair_speed import de_for, located, make_head, make_states
 
     default_threads = torch.get_num_threads()

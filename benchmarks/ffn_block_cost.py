@@ -1,4 +1,4 @@
-"""Cost of the block-addressed FFN head (localization.ffn.ffn_head) at ViT-B/16 shapes (run on demand; not a test).
+"""Cost of the block-addressed FFN head (vitfl.localization.ffn.ffn_head) at ViT-B/16 shapes (run on demand; not a test).
 
 A randomly initialised timm ``VisionTransformer`` with ViT-B/16 shapes (d = 768, d_ff = 3072, 12 blocks, 12 heads,
 224 px -> T = 197 tokens; ``--classes`` outputs) in float32 on the CPU (nothing is downloaded). For a small batch
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from localization.ffn import ffn_head  # noqa: E402
+from vitfl.localization.ffn import ffn_head  # noqa: E402
 
 
 def build(dim: int, depth: int, heads: int, img: int, patch: int, classes: int, avg: bool):

@@ -2,7 +2,7 @@
 
 Synthetic cached states at ViT-B/16 shapes (d = 768, d_ff = 3072, 100 classes: 4,718,592 last-FFN weights) or,
 with ``--quick``, small shapes. For each N (``--n``, default 1000 10000) and each method it runs
-:func:`localization.ranking.localize` (data pass + compute + selection) and reports wall time, the time as a ratio
+:func:`vitfl.localization.ranking.localize` (data pass + compute + selection) and reports wall time, the time as a ratio
 to one forward + backward pass of the FFN head over the same inputs (cross-entropy, gradients of W_bef and W_aft,
 same batching, timed again right before every run of a method; ``x ref`` is the median over ``--repeats`` of
 each run's ratio to the reference just before it, ``x ref range`` their min-max), and peak memory above the start
@@ -32,9 +32,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from localization.base import get_localizer, registered_localizers  # noqa: E402
-from localization.ffn import FFNHead  # noqa: E402
-from localization.ranking import localize  # noqa: E402
+from vitfl.localization.base import get_localizer, registered_localizers  # noqa: E402
+from vitfl.localization.ffn import FFNHead  # noqa: E402
+from vitfl.localization.ranking import localize  # noqa: E402
 
 OWN_SELECTION = {"bl", "bl_reptran"}  # budget "front"
 

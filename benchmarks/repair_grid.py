@@ -9,7 +9,7 @@ at CIFAR-100 shapes (d = 768, d_ff = 3072, C = 100) on the last FFN head of a ra
 synthetic cached states (the residual streams of every token of a few random images entering that FFN), with
 |I_pos| = 500 and |I_neg| per setting from ``--n_neg`` (default: typical sizes of the published CIFAR-100
 settings, assumed, not measured here: src_tgt ranks 1-3 = 20 / 15 / 12 inputs, tgt_fp = 60 / 50 / 45,
-tgt_fn = 55 / 48 / 42). The located weights come from :func:`localization.ranking.localize` with the FL method on
+tgt_fn = 55 / 48 / 42). The located weights come from :func:`vitfl.localization.ranking.localize` with the FL method on
 the setting's I_neg / I_pos (random: a new seed per repetition); localisation is timed apart from the search.
 By default a run has no early stop (all 50 generations: the slowest case); ``--early_stop`` uses the default
 patience.
@@ -103,8 +103,8 @@ def _states(setting: int):
 def run_one(task: tuple[int, int, int, str], generations: int = 50, early_stop: bool = False,
             epilogue: str = "eager") -> dict:
     from repair_speed import _sync, de_for
-    from lightning_modules.repair.fitness import SparseFitness
-    from localization.ranking import localize
+    from vitfl.lightning_modules.repair.fitness import SparseFitness
+    from vitfl.localization.ranking import localize
     s, rep, budget, method = task
     st = _STATE
     dev = torch.device(st["device"])

@@ -6,10 +6,10 @@ The problems are :mod:`benchmarks.repair_speed`'s (imported from it, not copied)
 both matrices of a random FFN head), ``clustered`` (top weights of a rank-1-like score) or ``fl:<method>`` (the
 weights an FL method locates on the last FFN of a random-weight HF ViT-B/16 over synthetic token states).
 
-Each row runs, through :func:`~lightning_modules.repair.base.fit_repair` on the same problem,
+Each row runs, through :func:`~vitfl.lightning_modules.repair.base.fit_repair` on the same problem,
 
-- ``lp``: :class:`~lightning_modules.repair.lp.LPRepair` with its defaults (``--lp_steps`` steps at most), and
-- ``de``: :class:`~lightning_modules.repair.de.DERepair` with its defaults (population 100, 50 generations, early
+- ``lp``: :class:`~vitfl.lightning_modules.repair.lp.LPRepair` with its defaults (``--lp_steps`` steps at most), and
+- ``de``: :class:`~vitfl.lightning_modules.repair.de.DERepair` with its defaults (population 100, 50 generations, early
   stop after max(int(50 / 10), 10) generations without improvement),
 
 and reports seconds per run, the LP's steps (run / accepted), its seconds per LP solve (HiGHS; cutting-plane
@@ -37,9 +37,9 @@ import torch  # noqa: E402
 from repair_speed import (PLACEMENTS, _table, fl_located, located, make_head, make_states,  # noqa: E402
                           vit_b16_head_and_states)
 
-from lightning_modules.repair.base import fit_repair  # noqa: E402
-from lightning_modules.repair.de import DERepair  # noqa: E402
-from lightning_modules.repair.lp import LPRepair  # noqa: E402
+from vitfl.lightning_modules.repair.base import fit_repair  # noqa: E402
+from vitfl.lightning_modules.repair.de import DERepair  # noqa: E402
+from vitfl.lightning_modules.repair.lp import LPRepair  # noqa: E402
 
 
 def run_lp(h, w, x, label, is_neg, **options) -> tuple[float, dict]:

@@ -9,7 +9,7 @@ Placements (``--placements``):
 - ``random``: uniform over both matrices of a random FFN head (touches ~N/2 neurons: the worst case for (c));
 - ``clustered``: the top weights of a rank-1-like score (|u_row| x |v_col| per matrix), as gradient-based FL picks;
 - ``fl:<method>`` (``fl:ours``, ``fl:arachne_w``, ``fl:random``): the weights that FL method locates with
-  :func:`localization.ranking.localize` on the last FFN head of an HF ViT-B/16 (``transformers.ViTConfig()``,
+  :func:`vitfl.localization.ranking.localize` on the last FFN head of an HF ViT-B/16 (``transformers.ViTConfig()``,
   random weights, 100 labels) over synthetic cached states: the residual streams of every token of a few random
   images entering the last FFN (``--images``), labelled by the head's own prediction (I_pos) or another class
   (I_neg). The random placements and ``clustered`` use a random head of the same shapes (HF layout).
@@ -58,10 +58,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_modules.repair.de import DifferentialEvolution, matrix_bounds, matrix_init_stats  # noqa: E402
-from lightning_modules.repair.fitness import (EPILOGUES, FullBatchFitness, LoopFitness,  # noqa: E402
+from vitfl.lightning_modules.repair.de import DifferentialEvolution, matrix_bounds, matrix_init_stats  # noqa: E402
+from vitfl.lightning_modules.repair.fitness import (EPILOGUES, FullBatchFitness, LoopFitness,  # noqa: E402
                                              SparseFitness, kernel_macs)
-from localization.ffn import FFNHead  # noqa: E402
+from vitfl.localization.ffn import FFNHead  # noqa: E402
 
 FL_METHODS = ("ours", "arachne_w", "random")
 PLACEMENTS = ("random", "clustered") + tuple(f"fl:{m}" for m in FL_METHODS)
@@ -101,7 +101,7 @@ def vit_b16_head_and_states(n_neg: int, n_pos: int, classes: int, images: int, s
     token of ``images`` random images, drawn without replacement)."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    from localization.ffn import last_ffn_head
+    from vitfl.localization.ffn import last_ffn_head
 
     torch.manual_seed(seed)
     model = ViTForImageClassification(ViTConfig(num_labels=classes)).eval()
@@ -139,7 +139,7 @@ def located(head: FFNHead, n: int, placement: str, seed: int = 2) -> torch.Tenso
 
 
 def fl_located(head, x, label, is_neg, method: str, n: int, seed: int = 0) -> torch.Tensor:
-    from localization.ranking import localize
+    from vitfl.localization.ranking import localize
     return localize(head, x, label, is_neg, method, n, seed=seed).weights
 
 

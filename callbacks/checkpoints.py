@@ -11,10 +11,10 @@
 
 Every checkpoint file is written atomically (a temporary file in the same folder, then ``os.replace``): a kill
 during a save leaves the previous file intact, never a truncated one. Its sha256 is recorded in a sidecar
-``<name>.ckpt.sha256`` (``sha256sum`` format; :func:`core.io.write_sidecar`): the old sidecar is removed just before
+``<name>.ckpt.sha256`` (``sha256sum`` format; :func:`vitfl.core.io.write_sidecar`): the old sidecar is removed just before
 the rename and the new one written after it, so a file never stands beside another file's hash (a kill in between
 leaves it unverified, as a checkpoint of an older run). torch does not check its zip CRC, so this hash is what
-catches flipped bytes: :mod:`lightning_modules.runs` verifies it before loading. The run directory is the
+catches flipped bytes: :mod:`vitfl.lightning_modules.runs` verifies it before loading. The run directory is the
 Trainer's ``default_root_dir`` unless ``dirpath`` is given.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from core.io import sha256_file, sidecar_path, write_sidecar
-from core.runstore import LAYOUT, RunStore
+from vitfl.core.io import sha256_file, sidecar_path, write_sidecar
+from vitfl.core.runstore import LAYOUT, RunStore
 
 #: the full-state checkpoint's file name (the run store's ``last_checkpoint``: ``RunStore(root).last_checkpoint``)
 LAST_CHECKPOINT = Path(LAYOUT["last_checkpoint"][0]).name

@@ -1,8 +1,8 @@
 """Writes each epoch's last-FFN weights alone (safetensors, a few MB for ViT-B) so the checkpoint benchmark
 never reloads whole checkpoints: ``<run>/ffn_weights/epoch=NNN.safetensors`` with tensors ``W_bef [4d, d]``,
 ``b_bef [4d]``, ``W_aft [d, 4d]``, ``b_aft [d]`` (and ``ls_gamma [d]`` when the block has LayerScale); NNN counts
-completed epochs, 000 = the start of training (as :class:`callbacks.checkpoints.PerEpochCheckpoint`). Each file
-records its content hash (``core.io``), which :func:`load_ffn_weights` verifies, and holds finite values only."""
+completed epochs, 000 = the start of training (as :class:`vitfl.callbacks.checkpoints.PerEpochCheckpoint`). Each file
+records its content hash (``vitfl.core.io``), which :func:`load_ffn_weights` verifies, and holds finite values only."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +10,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from core.io import CorruptFileError, FileFormatError, ResultError, load_tensors
-from core.runstore import RunStore
-from core.states import atomic_save_safetensors
-from localization.ffn import FFNHead, last_ffn_head, model_fingerprint
+from vitfl.core.io import CorruptFileError, FileFormatError, ResultError, load_tensors
+from vitfl.core.runstore import RunStore
+from vitfl.core.states import atomic_save_safetensors
+from vitfl.localization.ffn import FFNHead, last_ffn_head, model_fingerprint
 
 
 def ffn_state(head: FFNHead) -> dict[str, torch.Tensor]:
@@ -26,8 +26,8 @@ def ffn_state(head: FFNHead) -> dict[str, torch.Tensor]:
 
 
 def load_ffn_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a last-FFN weight file, its content hash verified (:class:`~core.io.CorruptFileError`) and
-    every value finite (:class:`~core.io.ResultError` naming the file and tensor otherwise)."""
+    """The tensors of a last-FFN weight file, its content hash verified (:class:`~vitfl.core.io.CorruptFileError`) and
+    every value finite (:class:`~vitfl.core.io.ResultError` naming the file and tensor otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no last-FFN weights at {path}: train with callbacks.ffn_weights.LastFFNWeightsWriter")

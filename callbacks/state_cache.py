@@ -12,9 +12,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from core.runstore import RunStore
-from core.states import merge_shards, save_states
-from localization.ffn import backbone_kind, model_fingerprint
+from vitfl.core.runstore import RunStore
+from vitfl.core.states import merge_shards, save_states
+from vitfl.localization.ffn import backbone_kind, model_fingerprint
 
 
 class StateCacheWriter(BasePredictionWriter):

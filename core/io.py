@@ -55,7 +55,7 @@ class FileFormatError(ValueError):
 
 class ResultError(RuntimeError):
     """A result file exists but is unusable (unreadable, a folder, corrupt, or made from other inputs).
-    (Re-exported by :mod:`core.runstore`, its home in the documentation.)"""
+    (Re-exported by :mod:`vitfl.core.runstore`, its home in the documentation.)"""
 
 
 class CorruptFileError(ResultError, FileFormatError):

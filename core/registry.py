@@ -3,7 +3,7 @@ criteria), in the spirit of timm's ``register_model``.
 
 A part registers itself with a decorator in its own file::
 
-    FL_METHODS = Registry("FL method", packages=("localization.methods",), entry_points="vitfl.fl_methods",
+    FL_METHODS = Registry("FL method", packages=("vitfl.localization.methods",), entry_points="vitfl.fl_methods",
                           meta_fields={"level": "weight", ...})
 
     @FL_METHODS.register("my_method", level="neuron")

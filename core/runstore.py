@@ -1,7 +1,7 @@
 """The run store: the one module that knows a path inside a run directory.
 
 Everything of one experiment lives under one run directory. The store names, writes (atomically, through
-:mod:`core.io`), reads, lists and resolves every artifact; no other code builds a path inside a run, parses a file
+:mod:`vitfl.core.io`), reads, lists and resolves every artifact; no other code builds a path inside a run, parses a file
 name or globs. Paths kept inside artifacts are relative to the run root, so a run directory can be moved, copied or
 archived and still reads only its own files.
 
@@ -26,9 +26,9 @@ path the store builds or resolves from a stored value (:meth:`RunStore.path`, :m
 their parent pointer) must resolve inside the run root: anything else is :class:`UnsafeNameError` /
 :class:`UnsafePathError` (both :class:`ResultError`), raised before anything is read or written.
 
-**Content checksums** (:mod:`core.io`): every JSON object the store writes carries its content hash, every tensor
+**Content checksums** (:mod:`vitfl.core.io`): every JSON object the store writes carries its content hash, every tensor
 file the hash in its metadata, every text file a ``<name>.sha256`` sidecar; readers verify them and a mismatch is
-:class:`~core.io.CorruptFileError` (a :class:`ResultError`) naming the file. **Logs** (``fl/timing.csv``) are
+:class:`~vitfl.core.io.CorruptFileError` (a :class:`ResultError`) naming the file. **Logs** (``fl/timing.csv``) are
 append-only: :meth:`RunStore.append_row` appends one whole line under a lock and never fails a step;
 :meth:`RunStore.read_log` skips and reports damaged lines.
 
@@ -47,7 +47,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from core.io import (CorruptFileError, FileFormatError, ResultError, append_csv_row, atomic_save_tensors,
+from vitfl.core.io import (CorruptFileError, FileFormatError, ResultError, append_csv_row, atomic_save_tensors,
                      atomic_savefig, atomic_write_json, atomic_write_text, is_rank_zero, load_tensors, read_csv_log,
                      read_json, sha256_file, to_jsonable, verify_file)
 
@@ -121,7 +121,7 @@ LAYOUT: dict[str, tuple[str, str]] = {
 RESULT_KINDS = ("fl_result", "repair_result", "n_avg")
 
 #: the files of one repair aggregation (``repair/summary/`` or an experiment's ``repair/summary/<name>/``): what
-#: :func:`pipeline.repair.aggregate` writes and the report reads (:meth:`RunStore.summary_file`)
+#: :func:`vitfl.pipeline.repair.aggregate` writes and the report reads (:meth:`RunStore.summary_file`)
 SUMMARY_FILES = {"runs": "runs.csv", "summary": "summary.{ext}", "by_kind": "summary_by_kind.{ext}",
                  "fitness_curves": "fitness_curves.csv", "manifest": "manifest.json",
                  "stats_paired": "stats_wilcoxon_holm", "stats_unpaired": "stats_mann_whitney"}
@@ -443,7 +443,7 @@ class RunStore:
         return Path(path).read_text()
 
     def append_row(self, path: Path, row: Mapping[str, Any]) -> None:
-        """Append one row to a CSV log (:func:`core.io.append_csv_row`: one whole line under a lock; a damaged log
+        """Append one row to a CSV log (:func:`vitfl.core.io.append_csv_row`: one whole line under a lock; a damaged log
         is set aside with a warning). Never raises: a lost timing row must not fail the step that made it."""
         if not self.writes():
             return
@@ -647,7 +647,7 @@ def require_store(store: Any, who: str) -> "RunStore":
     """``store`` when it is a :class:`RunStore`; a step never takes a path (the scripts make the store once), so
     anything else is a TypeError naming the step."""
     if not isinstance(store, RunStore):
-        raise TypeError(f"{who} takes a RunStore (core.runstore.RunStore(path)), got {type(store).__name__} "
+        raise TypeError(f"{who} takes a RunStore (vitfl.core.runstore.RunStore(path)), got {type(store).__name__} "
                         f"{store!r}")
     return store
 
@@ -655,7 +655,7 @@ def require_store(store: Any, who: str) -> "RunStore":
 def layout_markdown() -> str:
     """``docs/run_store.md``: the run directory's layout, generated from :data:`LAYOUT`."""
     lines = ["# The run directory", "",
-             "Generated from `core/runstore.py` (`python -m core.runstore > docs/run_store.md`); do not edit by hand.",
+             "Generated from `core/runstore.py` (`python -m vitfl.core.runstore > docs/run_store.md`); do not edit by hand.",
              "", "Every artifact of one experiment lives under one run directory. Results are addressed by their",
              "identity (everything that changes them: methods and all their options, setting, budget, repetition,",
              "seed, and the hashes of their inputs); `{key}` is the identity's hash, so results with different",

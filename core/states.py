@@ -8,17 +8,17 @@ A cache is one safetensors file per split, ``states/{split}.safetensors``, holdi
     label   int64   [N]        true label
     index   int64   [N]        the sample's index in the split (rows are sorted by it)
 
-and string metadata: ``format`` (= ``FORMAT``), ``model_hash`` (:func:`localization.ffn.model_fingerprint` of the
+and string metadata: ``format`` (= ``FORMAT``), ``model_hash`` (:func:`vitfl.localization.ffn.model_fingerprint` of the
 model that produced it), ``split``, ``backbone``, ``d``, ``d_ff``, ``num_classes``, ``n``.
 A multi-process ``predict`` writes one shard per rank (``{split}.rank{r}.safetensors``);
 :func:`merge_shards` joins them in sample order, dropping the duplicates a DistributedSampler pads with.
 Writes are atomic (temp file, then rename): an existing cache is replaced only once its successor is complete.
-The file records its content hash (``core.io``: the metadata key ``content_sha256``, hashed once when written);
+The file records its content hash (``vitfl.core.io``: the metadata key ``content_sha256``, hashed once when written);
 :func:`load_states` verifies it once per process and file version, and a cache whose bytes changed is
 :class:`CorruptCacheError` naming the file (the cache step rebuilds it).
 A cache belongs to one checkpoint: the last epoch's is ``states/{split}.safetensors``, another epoch's
 ``states/{split}.epoch=NNN.safetensors`` (``RunStore.states(split, tag)``, tag from
-``lightning_modules.runs.cache_tag``).
+``vitfl.lightning_modules.runs.cache_tag``).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from core.io import CorruptFileError, FileFormatError, atomic_save_tensors, load_tensors, read_tensor_metadata
+from vitfl.core.io import CorruptFileError, FileFormatError, atomic_save_tensors, load_tensors, read_tensor_metadata
 
 FORMAT = "vitfl-state-cache/1"
 KEYS = ("x", "a", "logits", "label", "index")
@@ -90,7 +90,7 @@ class StateCache:
 
 
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (safetensors) atomically, with the user's umask (``core.io``)."""
+    """Write ``tensors`` (safetensors) atomically, with the user's umask (``vitfl.core.io``)."""
     atomic_save_tensors(path, tensors, {k: str(v) for k, v in metadata.items()})
 
 

@@ -16,7 +16,7 @@ is drawn and saved through this module.
   hollow / ``xxxx``), so a family shares a hue and its published variants differ in more than a lighter shade.
   The same method gets the same combination in every figure.
 * **Layout**: figures use matplotlib's constrained layout (``layout="constrained"``: the default of
-  :func:`facet_grid`, asked of :func:`figure` by every figure of :mod:`evaluation.figures`), which keeps the
+  :func:`facet_grid`, asked of :func:`figure` by every figure of :mod:`vitfl.evaluation.figures`), which keeps the
   suptitle, panel titles, tick labels and legends apart (:func:`suptitle` wraps a long title to the figure's
   width). Legends go outside the data area: one figure legend under the panels (:func:`legend_outside`, which
   grows the figure so the panels keep their size and is never taller than them) or one legend above a panel
@@ -28,7 +28,7 @@ is drawn and saved through this module.
   :func:`save` then writes a ``{stem}.nothing_to_plot.txt`` note instead of an image, and the report says
   "nothing to plot".
 * **One saver**: :func:`save_figure` writes ``{stem}.png`` and ``{stem}.pdf`` through :func:`save` (every figure of
-  :mod:`evaluation.figures` and of :mod:`adequacy.experiments`).
+  :mod:`vitfl.evaluation.figures` and of :mod:`vitfl.adequacy.experiments`).
 * **One Markdown table writer**: :func:`markdown_table` (every table the toolkit writes as Markdown: floats with 4
   significant digits, NaN as "NaN", ``|`` escaped, numbers right-aligned).
 """
@@ -126,7 +126,7 @@ def method_color(method: str) -> str:
 def figure(width: float = COLUMN_WIDTH, height: float | None = None, nrows: int = 1, ncols: int = 1,
            layout: str | None = None, **kw):
     """``plt.subplots`` in the house style; height default: 0.75 x width per row. ``layout="constrained"`` (what
-    :mod:`evaluation.figures` uses, and what :func:`legend_outside` needs) keeps titles, labels and legends apart;
+    :mod:`vitfl.evaluation.figures` uses, and what :func:`legend_outside` needs) keeps titles, labels and legends apart;
     the default (None) leaves the layout to the caller (e.g. ``fig.tight_layout()``, which a constrained figure with
     a colorbar refuses)."""
     with rc():
@@ -175,10 +175,10 @@ NOTHING_SUFFIX = ".nothing_to_plot.txt"
 
 def save(fig, paths: Sequence[str | Path], writer=None, close: bool = True, **kw) -> list[Path]:
     """Save ``fig`` to each path (format from the suffix) with :data:`RC` in force (TrueType fonts in PDFs), through
-    ``writer(fig, path, **kw)`` (e.g. ``store.save_figure``; default ``core.io.atomic_savefig``). A figure from
+    ``writer(fig, path, **kw)`` (e.g. ``store.save_figure``; default ``vitfl.core.io.atomic_savefig``). A figure from
     :func:`nothing_to_plot` is not saved: a ``{stem}.nothing_to_plot.txt`` note with the reason is written beside
     the first path instead (through the writer's store when it has one) and [] is returned."""
-    from core.io import atomic_savefig, atomic_write_text
+    from vitfl.core.io import atomic_savefig, atomic_write_text
 
     reason = is_nothing_to_plot(fig)
     out: list[Path] = []
@@ -204,7 +204,7 @@ def save(fig, paths: Sequence[str | Path], writer=None, close: bool = True, **kw
 
 def save_figure(fig, stem: str | Path, close: bool = True, dpi: int = 200, writer=None) -> list[Path]:
     """The one figure saver: ``{stem}.png`` and ``{stem}.pdf`` (TrueType fonts) through :func:`save` and
-    ``writer`` (e.g. ``store.save_figure``; default ``core.io.atomic_savefig``). A :func:`nothing_to_plot` figure
+    ``writer`` (e.g. ``store.save_figure``; default ``vitfl.core.io.atomic_savefig``). A :func:`nothing_to_plot` figure
     writes ``{stem}.nothing_to_plot.txt`` instead and returns []."""
     stem = Path(stem)
     paths = [stem.with_name(stem.name + f".{ext}") for ext in ("png", "pdf")]

@@ -19,7 +19,7 @@ a seeded DE's patch depend on what else ran. How idle threads wait changes no ar
 The OpenMP runtime reads these variables once, when it is loaded (``import torch``): :func:`configure_openmp` adds
 the defaults to ``os.environ`` (call it before importing torch, e.g. in a script's first lines: later it only
 reaches the child processes); :func:`openmp_env` adds them around the start of child processes
-(``pipeline.parallel`` starts its workers so). A user's own choice (any of :data:`WAIT_VARIABLES` set, e.g.
+(``vitfl.pipeline.parallel`` starts its workers so). A user's own choice (any of :data:`WAIT_VARIABLES` set, e.g.
 ``OMP_WAIT_POLICY=ACTIVE``) is kept. This module imports nothing heavy (no torch).
 """
 from __future__ import annotations

@@ -4,18 +4,23 @@
 >>> dm.num_classes, dm.in_channels, dm.image_size
 (10, 1, 8)
 
-Adding a data set: subclass :class:`~datamodules.base.VisionDataModule` in its own file of this package and decorate
+Adding a data set: subclass :class:`~vitfl.datamodules.base.VisionDataModule` in its own file of this package and decorate
 it with ``@register_datamodule("name")`` (found by the registry: no list to edit).
 """
 from __future__ import annotations
 
-from datamodules.base import (DATAMODULES, SPLITS, DatasetFormatError, UnknownDataModuleError, VisionDataModule,
+from vitfl import refuse_bare_name
+
+refuse_bare_name(__name__)  # 'import datamodules' stops here with the right name
+
+
+from vitfl.datamodules.base import (DATAMODULES, SPLITS, DatasetFormatError, UnknownDataModuleError, VisionDataModule,
                               register_datamodule)
-from datamodules.cifar100 import CIFAR100DataModule
-from datamodules.digits import DigitsDataModule
-from datamodules.folds import FoldsFileError, FoldSplit, kfold_split, load_or_create_folds
-from datamodules.mnist_transfer import MNISTTransferDataModule
-from datamodules.tiny_imagenet import TinyImageNetDataModule
+from vitfl.datamodules.cifar100 import CIFAR100DataModule
+from vitfl.datamodules.digits import DigitsDataModule
+from vitfl.datamodules.folds import FoldsFileError, FoldSplit, kfold_split, load_or_create_folds
+from vitfl.datamodules.mnist_transfer import MNISTTransferDataModule
+from vitfl.datamodules.tiny_imagenet import TinyImageNetDataModule
 
 __all__ = [
     "DATAMODULES", "SPLITS", "DatasetFormatError", "FoldsFileError", "FoldSplit", "VisionDataModule",

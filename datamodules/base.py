@@ -4,7 +4,7 @@ Splits (names in :data:`SPLITS`):
 
 - ``train``, ``val``: training data; ``val`` is a seeded (stratified where possible) part of the training data.
 - ``eval``: the evaluation split (e.g. CIFAR-100's official test set).
-- ``repair`` / ``test``: disjoint parts of ``eval`` from a k-fold split (:mod:`datamodules.folds`): fold
+- ``repair`` / ``test``: disjoint parts of ``eval`` from a k-fold split (:mod:`vitfl.datamodules.folds`): fold
   ``fold_index``'s held-out part is ``test``, the other ``n_folds - 1`` parts are ``repair``.
 
 Every item of ``dm.dataset(split)`` is ``(image, label, index)``: ``image`` a normalised ``FloatTensor [C, H, W]``
@@ -49,9 +49,9 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from core.registry import Registry, UnknownNameError
+from vitfl.core.registry import Registry, UnknownNameError
 
-from datamodules.folds import FoldSplit, load_or_create_folds
+from vitfl.datamodules.folds import FoldSplit, load_or_create_folds
 
 __all__ = ["DatasetFormatError", "UnreadableImageError", "BadImage", "BAD_IMAGE_POLICIES", "SPLITS", "SplitSource",
            "IndexedSplit", "EpochSeededSampler", "VisionDataModule", "holdout_split"]
@@ -209,7 +209,7 @@ class UnknownDataModuleError(UnknownNameError):
 
 #: every data module, found by importing each module of the ``datamodules`` package (and the ``vitfl.datamodules``
 #: entry points): a new data set is one file with a decorated :class:`VisionDataModule` subclass
-DATAMODULES = Registry("data module", packages=("datamodules",), entry_points="vitfl.datamodules",
+DATAMODULES = Registry("data module", packages=("vitfl.datamodules",), entry_points="vitfl.datamodules",
                        error=UnknownDataModuleError)
 
 
@@ -228,7 +228,7 @@ class VisionDataModule(L.LightningDataModule):
         batch_size: training batch size; ``eval_batch_size`` (default ``batch_size``) for every other loader.
         num_workers: DataLoader workers.
         seed: seeds the train/val split and the training shuffle.
-        n_folds, fold_seed, fold_index: the k-fold repair/test split of ``eval`` (:mod:`datamodules.folds`).
+        n_folds, fold_seed, fold_index: the k-fold repair/test split of ``eval`` (:mod:`vitfl.datamodules.folds`).
         folds_path: where the fold indices are written on first use and read back afterwards (``None``: recompute).
         augment: random training augmentation (train loader only; ``dataset("train")`` stays deterministic).
         predict_split: the split ``predict_dataloader`` serves (not shuffled).

@@ -20,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from datamodules.base import holdout_split, register_datamodule, _Sources, TensorSource, VisionDataModule
+from vitfl.datamodules.base import holdout_split, register_datamodule, _Sources, TensorSource, VisionDataModule
 
 __all__ = ["CIFAR100DataModule", "CifarUnpickler", "ForbiddenPickleError", "CIFAR_PICKLE_GLOBALS"]
 
@@ -57,7 +57,7 @@ class CifarUnpickler(pickle.Unpickler):
 class CIFAR100DataModule(VisionDataModule):
     """CIFAR-100 (fine labels) as ``(image [3, S, S], label, index)`` items, ``S = image_size`` (default 224).
 
-    Args (besides :class:`~datamodules.base.VisionDataModule`'s):
+    Args (besides :class:`~vitfl.datamodules.base.VisionDataModule`'s):
         root: the folder that contains ``cifar-100-python/`` (or that folder itself).
         val_fraction: share of the 50000 training images held out as ``val`` (default 0.1; 0 = no val).
     """

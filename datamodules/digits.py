@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from datamodules.base import holdout_split, register_datamodule, _Sources, TensorSource, VisionDataModule
+from vitfl.datamodules.base import holdout_split, register_datamodule, _Sources, TensorSource, VisionDataModule
 
 __all__ = ["DigitsDataModule", "DIGITS_MEAN", "DIGITS_STD"]
 
@@ -26,7 +26,7 @@ DIGITS_STD = (0.3760,)
 class DigitsDataModule(VisionDataModule):
     """``load_digits`` as ``(image [1, S, S], label, index)`` items; ``S = image_size`` (default 8).
 
-    Args (besides :class:`~datamodules.base.VisionDataModule`'s; ``root`` is accepted and ignored):
+    Args (besides :class:`~vitfl.datamodules.base.VisionDataModule`'s; ``root`` is accepted and ignored):
         train_fraction: share of the 1797 images in ``train`` (default 0.6).
         val_fraction: share in ``val`` (default 0.1); ``eval`` gets the rest.
     """

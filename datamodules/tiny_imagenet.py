@@ -14,9 +14,9 @@ files in the annotation file's order. Images are opened lazily with PIL (convert
 to ``image_size`` and normalised (default mean/std (0.5, 0.5, 0.5), as the ViT-in21k image processor).
 
 The checks before any training only list folders and read the two text files: no image is opened. A file that
-cannot be decoded raises :class:`~datamodules.base.UnreadableImageError` naming it when a loader reaches it;
+cannot be decoded raises :class:`~vitfl.datamodules.base.UnreadableImageError` naming it when a loader reaches it;
 ``verify_images=True`` decodes all of them in ``setup()`` and lists every unreadable one (see
-:mod:`datamodules.base`).
+:mod:`vitfl.datamodules.base`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from datamodules.base import (holdout_split, register_datamodule, _Sources, SplitSource, UnreadableImageError,
+from vitfl.datamodules.base import (holdout_split, register_datamodule, _Sources, SplitSource, UnreadableImageError,
                               VisionDataModule)
 
 __all__ = ["TinyImageNetDataModule"]
@@ -43,7 +43,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompressio
 
 class FileSource(SplitSource):
     """Images on disk, opened lazily with PIL and fully decoded (converted to RGB). A file that cannot be decoded
-    raises :class:`~datamodules.base.UnreadableImageError` naming it."""
+    raises :class:`~vitfl.datamodules.base.UnreadableImageError` naming it."""
 
     def __init__(self, paths: list[str], labels: list[int]):
         self.paths = list(paths)
@@ -90,7 +90,7 @@ def _is_image(name: str) -> bool:
 class TinyImageNetDataModule(VisionDataModule):
     """Tiny-ImageNet as ``(image [3, S, S], label, index)`` items, ``S = image_size`` (default 224).
 
-    Args (besides :class:`~datamodules.base.VisionDataModule`'s):
+    Args (besides :class:`~vitfl.datamodules.base.VisionDataModule`'s):
         root: the folder that contains ``tiny-imagenet-200/`` (or that folder itself).
         val_fraction: share of the training images held out as ``val`` (default 0.1; 0 = no val).
     """

@@ -1,0 +1,3 @@
+from vitfl import refuse_bare_name
+
+refuse_bare_name(__name__)  # 'import evaluation' stops here with the right name

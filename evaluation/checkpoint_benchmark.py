@@ -4,15 +4,15 @@ epoch e-1, predict which last-FFN weights the next epoch of training changes mos
 Ground truth (:func:`weight_change_ground_truth`): every weight of W_bef and W_aft scored by
 ``|W(e) - W(e-1)|`` (global index W_bef then W_aft), from the per-epoch last-FFN weight files
 (``RunStore.ffn_weights(epoch)``: safetensors ``W_bef``, ``b_bef``, ``W_aft``, ``b_aft``); positives = its top
-``pos_fraction`` (1 %) with ties broken by index (evaluation.ranking_metrics). Biases are not ranked (the
+``pos_fraction`` (1 %) with ties broken by index (vitfl.evaluation.ranking_metrics). Biases are not ranked (the
 published benchmark ranked the two weight matrices only).
 
 Each FL method runs on the epoch e-1 model: its FFN head with the epoch e-1 W_bef / W_aft / biases loaded into a
 copy (:func:`head_at_epoch`) and the states cached for that model, with I_neg / I_pos from that model's own
-misclassifications (``localization.misclf.analyze`` on its states). Its full score vector (neuron scores spread
+misclassifications (``vitfl.localization.misclf.analyze`` on its states). Its full score vector (neuron scores spread
 onto their neurons' weights) is then compared with the ground truth: P@K, R@K, F1@K, top-K overlap for K in
 {0.1, 0.5, 1, 2, 5} % of the weights, AP and Spearman, with random's exact expectation beside each
-(:func:`evaluation.ranking_metrics.evaluate_ranking`).
+(:func:`vitfl.evaluation.ranking_metrics.evaluate_ranking`).
 
 Every row records which inputs the FL used (split, setting, |I_neg|, |I_pos|, the states' model hash) and a
 ``circular`` flag: True when the FL inputs come from the split the model was trained on (the ground truth is
@@ -20,10 +20,10 @@ the training update on those very inputs, so a gradient method would partly re-d
 
 **Which ground truth, which comparison.** A :class:`GroundTruth` names the optimizer whose epoch made it
 (``optimizer``: ``"recorded"``-run's own, e.g. AdamW, or a replayed ``"sgd_momentum"`` epoch from the same W(e-1),
-see :mod:`evaluation.optimizer_replay`) and how its positive count was rounded (``k_rounding``). One FL score vector is
+see :mod:`vitfl.evaluation.optimizer_replay`) and how its positive count was rounded (``k_rounding``). One FL score vector is
 compared with every ground truth and under every comparison (:func:`ranking_row`: ``"corrected"``, the weights
 themselves, or ``"published_positional"``, exp-fl-5-7's position-by-position comparison of sorted rank arrays,
-:func:`evaluation.ranking_metrics.positional_metrics`), so the FL runs once per (setting, method).
+:func:`vitfl.evaluation.ranking_metrics.positional_metrics`), so the FL runs once per (setting, method).
 :func:`worst_possible_scores` is the control ranking (the least-changed weights first): it scores 0 under the
 corrected comparison and about as much as the best ranking under the positional one.
 """
@@ -37,10 +37,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from evaluation.injected_faults import weight_level_scores
-from evaluation.ranking_metrics import (COMPARISONS, DEFAULT_FRACTIONS, evaluate_ranking, positional_metrics,
+from vitfl.evaluation.injected_faults import weight_level_scores
+from vitfl.evaluation.ranking_metrics import (COMPARISONS, DEFAULT_FRACTIONS, evaluate_ranking, positional_metrics,
                                         top_fraction_positives)
-from localization.ffn import FFNHead
+from vitfl.localization.ffn import FFNHead
 
 __all__ = ["WEIGHT_KEYS", "CheckpointMismatchError", "GroundTruth", "load_ffn_weights", "weight_change",
            "weight_change_ground_truth", "head_at_epoch", "is_circular", "evaluate_method_on_checkpoint",
@@ -59,8 +59,8 @@ class CheckpointMismatchError(ValueError):
 
 
 def load_ffn_weights(path: str | Path) -> dict[str, Tensor]:
-    """The last-FFN weights of one epoch (safetensors written by ``callbacks.ffn_weights``)."""
-    from callbacks.ffn_weights import load_ffn_weights as read
+    """The last-FFN weights of one epoch (safetensors written by ``vitfl.callbacks.ffn_weights``)."""
+    from vitfl.callbacks.ffn_weights import load_ffn_weights as read
 
     w = read(path)
     missing = [k for k in WEIGHT_KEYS if k not in w]
@@ -165,7 +165,7 @@ def is_circular(fl_split: str, training_splits: Sequence[str] = TRAINING_SPLITS)
 
 
 def _default_localize(head, x, label, is_neg, method, budget, batch_size, seed, **opts):
-    from localization.ranking import localize
+    from vitfl.localization.ranking import localize
 
     return localize(head, x, label, is_neg, method, budget, batch_size=batch_size, seed=seed, **opts)
 

@@ -1,16 +1,16 @@
-"""Figures of the FL evaluation and the repair sweep, in the one house style (:mod:`core.style`: TrueType
+"""Figures of the FL evaluation and the repair sweep, in the one house style (:mod:`vitfl.core.style`: TrueType
 fonts, single-column sizes, one fixed colour per method). Each function returns a Figure; where there is nothing
-to draw it returns :func:`core.style.nothing_to_plot` (never an empty figure). :func:`save_figure` (the one saver,
-:func:`core.style.save_figure`) writes PNG and PDF atomically and closes the figure; a nothing-to-plot figure
+to draw it returns :func:`vitfl.core.style.nothing_to_plot` (never an empty figure). :func:`save_figure` (the one saver,
+:func:`vitfl.core.style.save_figure`) writes PNG and PDF atomically and closes the figure; a nothing-to-plot figure
 becomes a ``.nothing_to_plot.txt`` note.
 
 Many methods are faceted (one small panel per method, or per group of at most :data:`PER_PANEL` methods, a method
 family kept in one panel where it fits) instead of 24 lines or 48 boxes in one panel. Each method has one colour +
-marker + line style (:func:`core.style.method_styles`: a family shares a hue and a marker, its variants differ in
+marker + line style (:func:`vitfl.core.style.method_styles`: a family shares a hue and a marker, its variants differ in
 line style, marker fill and bar hatch). Legends never cover data: one figure legend under the panels
-(:func:`core.style.legend_outside`) or one legend above a panel (:func:`core.style.legend_above`), with the
+(:func:`vitfl.core.style.legend_outside`) or one legend above a panel (:func:`vitfl.core.style.legend_above`), with the
 constrained layout keeping titles, tick labels and legends apart; every panel shows its own x tick labels; budgets
-are in numeric order, ``avg`` / ``front`` last (:func:`core.style.sort_budgets`).
+are in numeric order, ``avg`` / ``front`` last (:func:`vitfl.core.style.sort_budgets`).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from core import style  # noqa: E402
-from evaluation.ranking_metrics import fraction_label  # noqa: E402
+from vitfl.core import style  # noqa: E402
+from vitfl.evaluation.ranking_metrics import fraction_label  # noqa: E402
 
 __all__ = ["intervention_distributions", "flip_counts", "ranking_curves", "save_figure", "repair_bars",
            "in_sample_vs_held_out", "rates_by_kind", "cost_vs_quality", "fitness_curves", "layer_curve",
@@ -38,7 +38,7 @@ _BASELINE = "#d9d9d9"  # random at the same count (hatched), apart from the rand
 PER_PANEL = 4
 
 
-#: ``{stem}.png`` + ``{stem}.pdf``: the toolkit's one figure saver, :func:`core.style.save_figure` (re-exported)
+#: ``{stem}.png`` + ``{stem}.pdf``: the toolkit's one figure saver, :func:`vitfl.core.style.save_figure` (re-exported)
 save_figure = style.save_figure
 
 
@@ -100,7 +100,7 @@ def intervention_distributions(records: pd.DataFrame, title: str = "", group: st
                                kind: str = "box", value: str = "abs_delta_p"):
     """One small panel per FL method: per mode, the distribution of |delta p| over the inputs of ``group`` for the
     method (its colour) and its random baseline at the same count (all draws pooled, light grey, hatched) side by side.
-    ``records``: the long table of :func:`evaluation.interventions.run_interventions` (columns method,
+    ``records``: the long table of :func:`vitfl.evaluation.interventions.run_interventions` (columns method,
     baseline_of, mode, group, value)."""
     if kind not in ("box", "violin"):
         raise ValueError(f"kind must be 'box' or 'violin', got {kind!r}")
@@ -164,7 +164,7 @@ def intervention_distributions(records: pd.DataFrame, title: str = "", group: st
 def flip_counts(summary: pd.DataFrame, title: str = "", groups: Sequence[str] = ("I_neg", "I_pos", "rest")):
     """One small panel per FL method: prediction flips per input group and mode, the method (its colour) beside
     random at the same count (mean over draws, grey, dotted); the mode is the hatch. ``summary``:
-    :func:`evaluation.interventions.summarize_interventions`. Nothing to plot when no method and no random draw
+    :func:`vitfl.evaluation.interventions.summarize_interventions`. Nothing to plot when no method and no random draw
     flipped any prediction."""
     if not len(summary):
         return style.nothing_to_plot(f"no intervention summary{' (' + title + ')' if title else ''}")
@@ -217,7 +217,7 @@ def ranking_curves(df: pd.DataFrame, fractions: Sequence[float], metric: str = "
     over them (``band``: "range" = min-max, "iqr" = 25-75 %, "none"), random's exact expectation dashed black; at
     most :data:`PER_PANEL` methods per panel (a method family kept together where it fits; panels share both
     axes; each panel has its legend above it). ``df``: rows of
-    :func:`evaluation.ranking_metrics.evaluate_ranking`."""
+    :func:`vitfl.evaluation.ranking_metrics.evaluate_ranking`."""
     if band not in ("range", "iqr", "none"):
         raise ValueError(f"band must be 'range', 'iqr' or 'none', got {band!r}")
     cols = [f"{metric}@{fraction_label(f)}" for f in fractions]
@@ -299,7 +299,7 @@ def _bar_handles(methods, styles):
 def repair_bars(table: pd.DataFrame, title: str = "", methods: Sequence[str] | None = None,
                 budgets: Sequence[str] | None = None):
     """Pooled RR and BR (Wilson 95 % intervals, inside [0, 1]) and mean delta accuracy (bootstrap 95 %) per
-    budget and FL method, from :func:`pipeline.repair.summary_table` rows of one (dataset, repair). A cell with no
+    budget and FL method, from :func:`vitfl.pipeline.repair.summary_table` rows of one (dataset, repair). A cell with no
     denominator (RR without targets) has no bar and is marked "n/a". The title adds how many runs each bar pools
     (the table's ``n_runs``: the settings x repetitions of one FL method and budget) to the caller's ``title``."""
     if not len(table):
@@ -371,7 +371,7 @@ def in_sample_vs_held_out(table: pd.DataFrame, title: str = ""):
 
 def rates_by_kind(table: pd.DataFrame, title: str = ""):
     """RR and BR (pooled, Wilson 95 %) per setting kind (columns) and FL method, at each budget; rows of
-    :func:`pipeline.repair.summary_table` with ``by=("kind",)``."""
+    :func:`vitfl.pipeline.repair.summary_table` with ``by=("kind",)``."""
     if not len(table) or "kind" not in table.columns:
         return style.nothing_to_plot("no per-kind repair table")
     kinds = list(dict.fromkeys(table["kind"]))
@@ -498,7 +498,7 @@ _LAYER_COLORS = {"removed": "#d62728", "zeroed": "#1f77b4", "intact": "#4d4d4d",
 
 
 def layer_curve(blocks: pd.DataFrame, acc: float, title: str = ""):
-    """The per-block layer study (:func:`evaluation.testbed.layer_curve`): left, top-1 with block b's FFN output
+    """The per-block layer study (:func:`vitfl.evaluation.testbed.layer_curve`): left, top-1 with block b's FFN output
     removed from the residual stream (``acc_ffn_removed``, solid) and, where the table has it, with its activations
     zeroed (``acc_zeroed``: the FFN adds only its output bias; dashed) against the block index, the unmodified
     model's top-1 ``acc`` as a dotted grey reference line; right, the FFN output's share of the residual stream

@@ -2,14 +2,14 @@
 against random and one sentence saying whether the benchmark separates any method from random on this run.
 
 Inputs are the benchmark tables the FL evaluation writes (one row per method and setting / seed, with the ranking
-metrics of :mod:`evaluation.ranking_metrics`) and the pooled repair table of the cross-validated repair; outputs are
+metrics of :mod:`vitfl.evaluation.ranking_metrics`) and the pooled repair table of the cross-validated repair; outputs are
 plain DataFrames and Markdown. Nothing here reads or writes files.
 
 **Per benchmark block** (one ground truth x comparison of the checkpoint benchmark, one strength of the injected
 faults), per method:
 
 * ``mean`` of the metric (P@1 % by default) over the rows (settings or seeds) with a bootstrap 95 % interval
-  (:func:`evaluation.intervals.bootstrap_mean`; with few rows the interval is wide, and ``n`` says how many);
+  (:func:`vitfl.evaluation.intervals.bootstrap_mean`; with few rows the interval is wide, and ``n`` says how many);
 * ``E[random]``: random's exact expectation, averaged over the same rows;
 * the test against a random ranking: under the null that the method's ranking is unrelated to the ground truth,
   hits@K of row r follows its own hypergeometric law (the positional comparison: the law of
@@ -41,9 +41,9 @@ import pandas as pd
 from scipy import signal
 from scipy import stats as sps
 
-from evaluation.intervals import bootstrap_mean, wilson_interval
-from evaluation.ranking_metrics import hypergeom_pmf
-from evaluation.stats import holm, wilcoxon_paired
+from vitfl.evaluation.intervals import bootstrap_mean, wilson_interval
+from vitfl.evaluation.ranking_metrics import hypergeom_pmf
+from vitfl.evaluation.stats import holm, wilcoxon_paired
 
 __all__ = ["HeadlineBlock", "repair_verdicts", "pooled_hits_test", "benchmark_block", "repairability_block", "blocks_markdown",
            "ALPHA"]
@@ -297,7 +297,7 @@ _SHOW = ["method", "n", "P@1%", "R@1%", "E[random]", "p_above", "p_below", "p_ho
 
 def blocks_markdown(blocks: Sequence[HeadlineBlock]) -> str:
     """The headline blocks as Markdown: each sentence, then its sorted table."""
-    from evaluation.stats import to_markdown
+    from vitfl.evaluation.stats import to_markdown
 
     out = []
     for b in blocks:
@@ -331,11 +331,11 @@ def repair_verdicts(table: pd.DataFrame, paired: pd.DataFrame, metric: str = "rr
     against ``reference`` on ``metric`` (Wilcoxon signed-rank over runs matched by (setting, rep), Holm-adjusted
     within the cell): "above random", "below random", "not separated" (with p_Holm) or "no paired runs".
 
-    ``table``: :func:`pipeline.repair.summary_table`'s columns (``rr_pooled``, ``rr_lo``, ``rr_hi``,
+    ``table``: :func:`vitfl.pipeline.repair.summary_table`'s columns (``rr_pooled``, ``rr_lo``, ``rr_hi``,
     ``n_test_fixed``, ``n_test_targets``, ``br_pooled``, ``br_lo``, ``br_hi``, ``n_test_broken``,
     ``n_test_correct``); ``paired``: its Wilcoxon table (``question``, ``method_a``, ``method_b``, ``median_diff``,
     ``p_holm``, ``n``)."""
-    from core.style import budget_key
+    from vitfl.core.style import budget_key
 
     rows = []
     for (dataset, repair, budget), g in table.groupby(["dataset", "repair", "budget"], sort=False):

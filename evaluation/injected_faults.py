@@ -26,7 +26,7 @@ re-checked with a full forward pass and the changed set taken from it.
 
 Ground truth = the perturbed weights. Localization uses the perturbed head, the changed inputs as I_neg and the
 unchanged ones as I_pos (:func:`run_injected_benchmark`); ranking metrics as in
-:mod:`evaluation.ranking_metrics` (positives = the perturbed weights; no ground-truth scores, so no top-K
+:mod:`vitfl.evaluation.ranking_metrics` (positives = the perturbed weights; no ground-truth scores, so no top-K
 overlap or Spearman). Neuron-level methods' scores are spread onto their neurons' weights.
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evaluation.ranking_metrics import DEFAULT_FRACTIONS, evaluate_ranking, neuron_to_weight_scores
-from localization.ffn import FFNHead
+from vitfl.evaluation.ranking_metrics import DEFAULT_FRACTIONS, evaluate_ranking, neuron_to_weight_scores
+from vitfl.localization.ffn import FFNHead
 
 __all__ = ["loss_gradient", "InjectedFault", "InjectionError", "inject_faults", "fault_facts", "STRENGTHS",
            "DEFAULT_STRENGTH", "strength_requirement", "strength_label", "inject_with_strength",
@@ -227,7 +227,7 @@ def weight_level_scores(result, index) -> Tensor:
 
 
 def _default_localize(head, x, label, is_neg, method, budget, batch_size, seed, **opts):
-    from localization.ranking import localize
+    from vitfl.localization.ranking import localize
 
     return localize(head, x, label, is_neg, method, budget, batch_size=batch_size, seed=seed, **opts)
 

@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from evaluation.stats import wilcoxon_holm
-from localization.base import FLResult
-from localization.ffn import FFNHead, WeightIndex
+from vitfl.evaluation.stats import wilcoxon_holm
+from vitfl.localization.base import FLResult
+from vitfl.localization.ffn import FFNHead, WeightIndex
 
 __all__ = [
     "MODES",

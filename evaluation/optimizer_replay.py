@@ -20,9 +20,9 @@ optimization, no gradient clipping or accumulation). No Trainer, no validation, 
 changes any of this, or whose training draws random numbers (dropout, drop-path, augmentation), is refused
 (:func:`replay_settings`, :func:`check_deterministic_training`) with an error naming the setting.
 
-Recorded per replayed epoch (:class:`EpochRecord`): the last-FFN weights after it (``callbacks.ffn_weights.
+Recorded per replayed epoch (:class:`EpochRecord`): the last-FFN weights after it (``vitfl.callbacks.ffn_weights.
 ffn_state``), and over the epoch's T steps, per last-FFN weight (W_bef then W_aft, the global index of
-``localization.ffn.WeightIndex``), ``sum_t g_t``, ``sum_t g_t^2`` (float64) and T, where ``g_t`` is the gradient
+``vitfl.localization.ffn.WeightIndex``), ``sum_t g_t``, ``sum_t g_t^2`` (float64) and T, where ``g_t`` is the gradient
 of step t's mean training loss, read from ``.grad`` after the step's own backward (no extra pass). From them the
 mean step gradient and the gradient signal-to-noise ratio ``SNR = |mean_t g_t| / std_t g_t`` (population std;
 see :func:`gradient_snr` for std = 0). For Adam / AdamW the optimizer state after each replayed epoch's last step
@@ -42,7 +42,7 @@ momentum buffer and the run's parameter groups (weight decay as in the run, appl
 ``lr_multiplier`` is the recorded run's schedule at the same global steps (``(e-1) T .. e T - 1``). ``momentum=0``
 is plain SGD.
 
-Nothing here names a path: checkpoints and weight files come from the caller (``core.runstore`` stays above).
+Nothing here names a path: checkpoints and weight files come from the caller (``vitfl.core.runstore`` stays above).
 """
 from __future__ import annotations
 
@@ -57,10 +57,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from callbacks.ffn_weights import ffn_state, load_ffn_weights
-from evaluation.checkpoint_benchmark import weight_change_ground_truth
-from lightning_modules.classifier import ImageClassifier, lr_multiplier
-from localization.ffn import last_ffn_head
+from vitfl.callbacks.ffn_weights import ffn_state, load_ffn_weights
+from vitfl.evaluation.checkpoint_benchmark import weight_change_ground_truth
+from vitfl.lightning_modules.classifier import ImageClassifier, lr_multiplier
+from vitfl.localization.ffn import last_ffn_head
 
 __all__ = ["ReplayError", "ReplayMismatchError", "EpochRecord", "ReplayResult", "replay_settings",
            "check_deterministic_training", "steps_per_epoch", "epoch_batches", "replay_fit", "verify_replay",
@@ -480,7 +480,7 @@ def update_diagnostics(dW: Any, *, grad_train: Any = None, grad_fl: Any = None, 
 
     ``dW``: the signed change W(e) - W(e-1). ``grad_train``: dL/dW at W(e-1), L the mean cross-entropy (no label
     smoothing) over the non-augmented training split, model in eval mode (:func:`training_gradient`; signed).
-    ``grad_fl``: the gradient on the FL inputs (e.g. ``evaluation.injected_faults.loss_gradient`` of the epoch e-1
+    ``grad_fl``: the gradient on the FL inputs (e.g. ``vitfl.evaluation.injected_faults.loss_gradient`` of the epoch e-1
     head on the repair states; its magnitude is used). ``grad_steps``: the mean of the epoch's step gradients
     (signed; :attr:`EpochRecord.grad_mean`). ``grad_snr``: :func:`gradient_snr` over the epoch's steps.
     ``adam_ratio_start`` / ``adam_ratio_end``: Adam's ``|m_hat| / (sqrt(v_hat) + eps)`` (:func:`adam_ratio`) in the
@@ -517,7 +517,7 @@ def update_diagnostics(dW: Any, *, grad_train: Any = None, grad_fl: Any = None, 
 def training_gradient(model: torch.nn.Module, datamodule: Any, batch_size: int = 512) -> tuple[Tensor, int]:
     """(dL/dW over W_bef then W_aft ``[total]`` float64 signed, N): L = the mean cross-entropy on logits (no label
     smoothing) over the N images of the non-augmented training split, the model in eval mode, as
-    ``evaluation.testbed.checkpoint_diagnostics`` defines it. Only the last-FFN weights need gradients here (the
+    ``vitfl.evaluation.testbed.checkpoint_diagnostics`` defines it. Only the last-FFN weights need gradients here (the
     others are frozen for the pass and restored); the model's weights are unchanged."""
     import torch.nn.functional as F
 
@@ -577,9 +577,9 @@ def optimizer_ground_truths(run_cfg: Mapping[str, Any], datamodule: Any, epoch: 
     """The SGD ground truth of epoch ``epoch`` and the diagnostics of both optimizers, for the FL evaluation step.
 
     ``run_cfg``: the run's ``run_config.yaml`` as a dict (:func:`replay_settings`); ``datamodule``: built from it
-    (``lightning_modules.runs.datamodule_from_run``); ``checkpoint_path(e)`` / ``ffn_weights_path(e)``: the run's
+    (``vitfl.lightning_modules.runs.datamodule_from_run``); ``checkpoint_path(e)`` / ``ffn_weights_path(e)``: the run's
     per-epoch checkpoint and last-FFN weight file of epoch e (``RunStore.checkpoint`` / ``RunStore.ffn_weights``);
-    ``load_model(path)``: default ``lightning_modules.runs.load_classifier``. ``fl_grad``: optional ``[total]``
+    ``load_model(path)``: default ``vitfl.lightning_modules.runs.load_classifier``. ``fl_grad``: optional ``[total]``
     gradient on the FL inputs at W(e-1) (its magnitude is correlated).
 
     Steps: (1) with ``replay_recorded``, replay the recorded optimizer from W(0) through epoch e (e epochs of
@@ -590,13 +590,13 @@ def optimizer_ground_truths(run_cfg: Mapping[str, Any], datamodule: Any, epoch: 
 
     Returns a dict: ``optimizer`` (the recorded optimizer's name, e.g. "adamw"), ``epoch``, ``replay`` (``max_diff``
     per epoch, ``tol``, per-epoch ``train_acc`` / ``train_loss``, ``seconds``; None without ``replay_recorded``),
-    ``sgd`` (``name``: :func:`sgd_name`; ``weights``: W_sgd(e) with the keys of ``callbacks.ffn_weights.ffn_state``;
+    ``sgd`` (``name``: :func:`sgd_name`; ``weights``: W_sgd(e) with the keys of ``vitfl.callbacks.ffn_weights.ffn_state``;
     ``settings``, ``train_acc``, ``train_loss``, ``seconds``), ``ground_truth_sgd`` (a
-    :class:`~evaluation.checkpoint_benchmark.GroundTruth` of ``|W_sgd(e) - W(e-1)|``), ``accuracy`` (eval-mode
+    :class:`~vitfl.evaluation.checkpoint_benchmark.GroundTruth` of ``|W_sgd(e) - W(e-1)|``), ``accuracy`` (eval-mode
     accuracy on ``eval_split`` of W(e-1), the recorded W(e) and W_sgd(e), if ``eval_split``), ``diagnostics``
     (``recorded`` and ``sgd``), ``timing`` (seconds per part and total) and ``summary`` (one line per optimizer)."""
     if load_model is None:
-        from lightning_modules.runs import load_classifier as load_model
+        from vitfl.lightning_modules.runs import load_classifier as load_model
     t_all = time.perf_counter()
     e = int(epoch)
     if e < 1:

@@ -344,7 +344,7 @@ def positional_metrics(scores: Tensor, gt_scores: Tensor, n_first: int, n_pos: i
 
 def neuron_to_weight_scores(neuron_scores: Tensor, index) -> Tensor:
     """Spread neuron scores ``[d_ff]`` onto every weight of the neuron (row j of W_bef, column j of W_aft):
-    ``[total]`` in the global order. ``index``: a :class:`localization.ffn.WeightIndex`."""
+    ``[total]`` in the global order. ``index``: a :class:`vitfl.localization.ffn.WeightIndex`."""
     s = torch.as_tensor(neuron_scores).reshape(-1)
     if s.numel() != index.d_ff:
         raise ValueError(f"neuron scores have {s.numel()} entries, the FFN has {index.d_ff} neurons")

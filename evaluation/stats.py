@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from core import style
-from core.io import atomic_write_text
+from vitfl.core import style
+from vitfl.core.io import atomic_write_text
 
 __all__ = [
     "holm",

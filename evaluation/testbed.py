@@ -5,7 +5,7 @@ needs, and what the checkpoint benchmark's ground truth follows.
 top-1 as is, with every post-GELU activation of the last FFN set to 0 (``acc_zeroed``: the FFN then adds only its
 output bias), and ``ffn_ratio`` = mean over inputs of ||FFN out|| / ||x||.
 
-**The per-block curve** (:func:`layer_curve`, through :func:`localization.ffn.ffn_head` on the states entering
+**The per-block curve** (:func:`layer_curve`, through :func:`vitfl.localization.ffn.ffn_head` on the states entering
 each block's FFN, captured in one forward of the full model). For every transformer block ``b`` and every input
 ``n``, with ``x`` the residual stream entering block b's FFN (every token), ``a`` its post-GELU activation and
 ``o = ls(W_aft a + b_aft)`` its output (after LayerScale, before the residual add), ``r = x + o``:
@@ -19,7 +19,7 @@ each block's FFN, captured in one forward of the full model). For every transfor
   reads**, averaged over inputs: ``mean_n ||o_n|| / ||x_n + o_n||`` with ``o_n``, ``x_n`` at the CLS token (token
   pooling: HF ViT, timm ``global_pool='token'``); for average / max / attention pooling the per-token share averaged
   over the tokens the pool reads, for a DeiT distillation token over tokens 0 and 1 (the head's ``readout`` token
-  statistic, :meth:`localization.ffn.TokenFFNHead.reduce_tokens`). 0 means the FFN writes nothing; it is usually
+  statistic, :meth:`vitfl.localization.ffn.TokenFFNHead.reduce_tokens`). 0 means the FFN writes nothing; it is usually
   below 1, but not bounded by 1: an output that points against the incoming stream shrinks ``||x + o||``.
 * ``ffn_ratio``: the same with ``||x_n||`` in the denominator (:func:`layer_matters`' quantity; the last block's
   entry is that number).
@@ -31,8 +31,8 @@ full model (tests/test_testbed.py: zeroed fc2 weights in a float64 copy of the m
 **Checkpoint diagnostics** (:func:`checkpoint_diagnostics`): Spearman's rho of the ground truth |W(e) - W(e-1)|
 with |W(e-1)| and with |dL/dW at W(e-1)|.
 
-:func:`testbed_checks` runs all three on a run (the testbed step, :mod:`pipeline.testbed`, writes its result to ``report/testbed.json``, which
-:mod:`pipeline.report` reads and draws with :func:`evaluation.figures.layer_curve`).
+:func:`testbed_checks` runs all three on a run (the testbed step, :mod:`vitfl.pipeline.testbed`, writes its result to ``report/testbed.json``, which
+:mod:`vitfl.pipeline.report` reads and draws with :func:`vitfl.evaluation.figures.layer_curve`).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from localization.ffn import FFNHead, capture_ffn_states, ffn_head, num_ffn_blocks
+from vitfl.localization.ffn import FFNHead, capture_ffn_states, ffn_head, num_ffn_blocks
 
 __all__ = ["ffn_effects", "layer_matters", "layer_curve", "step_layer_matters", "step_layer_curve",
            "checkpoint_diagnostics", "testbed_checks", "LAYER_MATTERS_KEYS", "CURVE_KEYS"]
@@ -55,7 +55,7 @@ CURVE_KEYS = ("acc_ffn_removed", "drop_ffn_removed", "residual_share")
 
 def ffn_effects(head: FFNHead, x: Tensor) -> dict[str, Tensor]:
     """Per input (``[N]``), for the FFN of ``head`` on the states ``x`` entering it (``[N, d]`` for the last-block
-    CLS head, ``[N, T, d]`` for a :class:`~localization.ffn.TokenFFNHead`): the predicted class as is (``pred``),
+    CLS head, ``[N, T, d]`` for a :class:`~vitfl.localization.ffn.TokenFFNHead`): the predicted class as is (``pred``),
     with the FFN's activations zeroed (``pred_zeroed``: ``o = ls(b_aft)``), with its output removed
     (``pred_removed``: ``o = 0``), ``ffn_ratio`` = ||o|| / ||x|| and ``residual_share`` = ||o|| / ||x + o||, the
     two ratios on the readout token (the CLS token for token pooling; the head's ``readout`` token statistic
@@ -133,7 +133,7 @@ def _block_indices(model, blocks: Sequence[int] | None) -> list[int]:
 def layer_curve(model: torch.nn.Module, batches: Iterable, blocks: Sequence[int] | None = None) -> dict[str, Any]:
     """The per-block layer study of ``model`` (an HF / timm ViT or a module wrapping one) on ``batches`` (an iterable
     of ``(images, labels, ...)``, e.g. a DataLoader): for each transformer block (``blocks``: indices as in
-    :func:`~localization.ffn.ffn_head`, default all) the numbers of the module docstring, computed through
+    :func:`~vitfl.localization.ffn.ffn_head`, default all) the numbers of the module docstring, computed through
     ``ffn_head(model, b)`` on the states entering block b's FFN (every block's states are captured in one forward
     of the full model per batch).
 
@@ -173,7 +173,7 @@ def layer_curve(model: torch.nn.Module, batches: Iterable, blocks: Sequence[int]
 # ------------------------------------------------------------------------------------------------ on a run
 def step_layer_matters(layout) -> dict[str, dict]:
     """:func:`layer_matters` of the run's last checkpoint on the cached test fold, repair fold and both."""
-    from lightning_modules.runs import load_run
+    from vitfl.lightning_modules.runs import load_run
 
     run = load_run(layout)
     head = run.head
@@ -190,7 +190,7 @@ def step_layer_matters(layout) -> dict[str, dict]:
 def step_layer_curve(layout, split: str = "test", batch_size: int = 256) -> dict[str, Any]:
     """:func:`layer_curve` of the run's last checkpoint on the images of ``split`` (the held-out test fold by
     default), with ``split`` and ``epoch`` added; prints one line per block."""
-    from lightning_modules.runs import datamodule_from_run, load_run_model
+    from vitfl.lightning_modules.runs import datamodule_from_run, load_run_model
 
     model, epoch = load_run_model(layout)
     dm = datamodule_from_run(layout)
@@ -213,9 +213,9 @@ def checkpoint_diagnostics(layout, epoch: int | None = None, batch_size: int = 5
     import torch.nn.functional as F
     from scipy.stats import spearmanr
 
-    from callbacks.ffn_weights import load_ffn_weights
-    from lightning_modules.runs import datamodule_from_run, last_epoch, load_run_model
-    from localization.ffn import last_ffn_head
+    from vitfl.callbacks.ffn_weights import load_ffn_weights
+    from vitfl.lightning_modules.runs import datamodule_from_run, last_epoch, load_run_model
+    from vitfl.localization.ffn import last_ffn_head
 
     e = last_epoch(layout) if epoch is None else epoch
     prev, nxt = load_ffn_weights(layout.ffn_weights(e - 1)), load_ffn_weights(layout.ffn_weights(e))

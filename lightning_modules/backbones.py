@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.registry import Registry, UnknownNameError
+from vitfl.core.registry import Registry, UnknownNameError
 
 
 class UnknownBackboneError(UnknownNameError):
@@ -21,7 +21,7 @@ class UnknownBackboneError(UnknownNameError):
 
 #: every backbone builder (name -> ``fn(num_classes, **kwargs) -> nn.Module``): the ViTs here, the CNNs of the
 #: adequacy part in ``lightning_modules/cnn.py``, third-party ones under the ``vitfl.backbones`` entry point
-BACKBONES = Registry("backbone", modules=("lightning_modules.backbones", "lightning_modules.cnn"),
+BACKBONES = Registry("backbone", modules=("vitfl.lightning_modules.backbones", "vitfl.lightning_modules.cnn"),
                      entry_points="vitfl.backbones", error=UnknownBackboneError)
 
 

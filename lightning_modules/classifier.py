@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.backbones import architecture_kwargs, build_backbone
-from localization.ffn import UnsupportedModelError, capture_ffn_states
+from vitfl.lightning_modules.backbones import architecture_kwargs, build_backbone
+from vitfl.localization.ffn import UnsupportedModelError, capture_ffn_states
 
 
 class ImageClassifier(L.LightningModule):
@@ -115,7 +115,7 @@ class ImageClassifier(L.LightningModule):
     def build_optimizer(self, total_steps: int, epochs: int):
         """(AdamW over :meth:`param_groups` at ``lr``, a ``LambdaLR`` of :func:`lr_multiplier` to be stepped once per
         optimizer step): what ``configure_optimizers`` returns for a fit of ``total_steps`` steps over ``epochs``
-        epochs (and what ``evaluation.optimizer_replay`` replays)."""
+        epochs (and what ``vitfl.evaluation.optimizer_replay`` replays)."""
         opt = torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr)
         total, warmup, floor = self.schedule_args(total_steps, epochs)
 

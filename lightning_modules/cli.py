@@ -32,13 +32,13 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from callbacks.checkpoints import LAST_CHECKPOINT, PerEpochCheckpoint, ResumeCheckpoint
-from callbacks.ffn_weights import LastFFNWeightsWriter
-from datamodules.base import VisionDataModule
-from core.io import atomic_write_text, sha256_file
-from core.runstore import RunStore
-from lightning_modules.classifier import ImageClassifier
-from lightning_modules.runs import CHECKPOINT_SAFE_GLOBALS, resolve_datamodule_class, safe_torch_load
+from vitfl.callbacks.checkpoints import LAST_CHECKPOINT, PerEpochCheckpoint, ResumeCheckpoint
+from vitfl.callbacks.ffn_weights import LastFFNWeightsWriter
+from vitfl.datamodules.base import VisionDataModule
+from vitfl.core.io import atomic_write_text, sha256_file
+from vitfl.core.runstore import RunStore
+from vitfl.lightning_modules.classifier import ImageClassifier
+from vitfl.lightning_modules.runs import CHECKPOINT_SAFE_GLOBALS, resolve_datamodule_class, safe_torch_load
 
 
 class FitOptionError(ValueError):
@@ -252,7 +252,7 @@ def _check_trainer_options(t) -> None:
 def _check_fresh_start(layout: RunStore) -> None:
     """A fresh fit would overwrite the run's checkpoints: refused once the run has trained anything (a last.ckpt or
     a checkpoint after epoch 0; the untrained start ``epoch=000.ckpt`` alone is rewritten)."""
-    from lightning_modules.runs import checkpoint_epochs
+    from vitfl.lightning_modules.runs import checkpoint_epochs
 
     trained = [e for e in checkpoint_epochs(layout) if e > 0]
     last = layout.last_checkpoint

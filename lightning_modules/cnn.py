@@ -11,7 +11,7 @@ and only Conv2d / Linear / ReLU / MaxPool2d / AdaptiveAvgPool2d modules are used
 - ``small_cnn``: [conv 3x3 32 - ReLU] x2 - maxpool 2 - [conv 3x3 64 - ReLU] x2 - maxpool 2 - global average pool -
   fc 128 - ReLU - fc classes (any input size >= 4).
 
-Neuron layers (``adequacy.activations.candidate_layers``) are the ReLU modules: a conv neuron is a channel of a
+Neuron layers (``vitfl.adequacy.activations.candidate_layers``) are the ReLU modules: a conv neuron is a channel of a
 ReLU output (its spatial mean), a dense neuron a unit of a ReLU output.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.backbones import register_backbone
+from vitfl.lightning_modules.backbones import register_backbone
 
 __all__ = ["LeNet5", "SmallCNN", "lenet5", "small_cnn"]
 

@@ -16,11 +16,11 @@ Sharding and batching:
   ``*_reptran`` family, ``ours_fl5``, ``bl_fl5``): the I_neg rows are fed first in the order given (the runner
   gives the published order), then the I_pos rows in the order given (ascending sample index). Each set is cut
   as ``np.array_split(S, ceil(|S| / b))``
-  (:func:`localization.methods._common.compat_groups`); :class:`CompatBatchSampler` gives each process whole
+  (:func:`vitfl.localization.methods._common.compat_groups`); :class:`CompatBatchSampler` gives each process whole
   parts only and never cuts a part across loader batches (a loader batch holds whole parts up to ``batch_size``
   rows, or one part if it is longer), and ``test_step`` passes the part ids as ``update(..., group=ids)``. The
   scores are then independent of ``batch_size`` and of the number of processes, and equal
-  :func:`localization.ranking.localize`'s.
+  :func:`vitfl.localization.ranking.localize`'s.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from localization.base import get_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import compat_groups, neg_first_order, whole_group_batches
+from vitfl.localization.base import get_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import compat_groups, neg_first_order, whole_group_batches
 
 
 class ContiguousShardSampler(Sampler[int]):

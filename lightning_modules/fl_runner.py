@@ -1,10 +1,10 @@
-"""The one FL runner: every FL score the toolkit computes comes from :class:`lightning_modules.fl.FLModule` under a
+"""The one FL runner: every FL score the toolkit computes comes from :class:`vitfl.lightning_modules.fl.FLModule` under a
 Lightning Trainer (``test`` loop), through :func:`compute_scores`. The localize step, the checkpoint and
 injected-fault benchmarks, the interventions and the repair sweep all call it (the step modules in ``pipeline/``
 add naming, saving and resuming through the run store).
 
 * :func:`setting_rows` turns a misclassification setting into the rows a method reads, honouring the method's
-  metadata (``localization.base.FL_METHODS``): I_neg first, in the published order for methods whose formula
+  metadata (``vitfl.localization.base.FL_METHODS``): I_neg first, in the published order for methods whose formula
   depends on batching (``batching``), then I_pos (all correct inputs, or a seeded sample of |I_neg| of them for
   ``pos_sample = "n_neg"``), plus ``true_label`` for methods that ask for it (``uses_true_label``).
 * :func:`compute_scores` runs the method and measures *this run's* wall time and peak memory (the resident-set
@@ -24,11 +24,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from core.quiet import quiet_lightning
-from lightning_modules.fl import FLModule
-from localization.base import FLResult, method_meta
-from localization.ffn import FFNHead
-from localization.ranking import select
+from vitfl.core.quiet import quiet_lightning
+from vitfl.lightning_modules.fl import FLModule
+from vitfl.localization.base import FLResult, method_meta
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.ranking import select
 
 __all__ = ["setting_rows", "true_label_of", "compute_scores", "ScoresRun", "localize_with_trainer",
            "quiet_lightning", "PeakMemory"]
@@ -49,7 +49,7 @@ def setting_rows(states, setting: Mapping[str, Any], method: str | None = None, 
                  ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any], dict[str, Any]]:
     """(x, label, is_neg, extra constructor options, a description of the inputs) of a setting for ``method``.
 
-    ``states``: a :class:`core.states.StateCache` of the split the setting was made on; ``setting``: one
+    ``states``: a :class:`vitfl.core.states.StateCache` of the split the setting was made on; ``setting``: one
     entry of ``misclf_info.json``'s settings (sample indices)."""
     meta = method_meta(method) if method is not None else {}
     published = bool(meta.get("batching"))
@@ -58,7 +58,7 @@ def setting_rows(states, setting: Mapping[str, Any], method: str | None = None, 
     desc = {"i_neg": "published order" if published and setting.get("i_neg_published") else "ascending index",
             "i_pos": "all correct inputs of the split"}
     if meta.get("pos_sample") == "n_neg":
-        from localization.methods.reptran_compat import sample_correct_inputs
+        from vitfl.localization.methods.reptran_compat import sample_correct_inputs
 
         if setting.get("kind") in ("tgt_fp", "tgt_fn", "tgt") and setting.get("label") is not None:
             # exp-fl-5-5 drew from the target label's correct inputs for the label-targeted settings

@@ -11,13 +11,13 @@ holds anything else is refused with :class:`UnsafeCheckpointError`). A checkpoin
 the run's config is :class:`ArchitectureMismatchError`, naming the differing settings and tensor shapes.
 
 Integrity: torch does not check a checkpoint's zip CRC, so flipped bytes would load silently. Every checkpoint the
-training callbacks write has its sha256 in ``<name>.ckpt.sha256`` (:mod:`callbacks.checkpoints`), verified here
+training callbacks write has its sha256 in ``<name>.ckpt.sha256`` (:mod:`vitfl.callbacks.checkpoints`), verified here
 before the file is unpickled (once per process and file version); a mismatch is :class:`CorruptCheckpointError`
 ("restore it from a backup or retrain"). A checkpoint without a recorded hash (an older run) still loads, with one
 :class:`UnverifiedCheckpointWarning` per file and process; nothing is recorded for it, so a corrupt file is never
 adopted.
 
-Paths in ``run_config.yaml`` are relative to the run root (:mod:`lightning_modules.cli`); :func:`run_path` resolves
+Paths in ``run_config.yaml`` are relative to the run root (:mod:`vitfl.lightning_modules.cli`); :func:`run_path` resolves
 one against the run root, so a moved run reads only its own files.
 """
 from __future__ import annotations
@@ -33,10 +33,10 @@ import lightning as L
 import torch
 import yaml
 
-from callbacks.state_cache import StateCacheWriter
-from lightning_modules.classifier import ImageClassifier
-from core.io import CorruptFileError, verify_file
-from core.runstore import RunStore, require_store
+from vitfl.callbacks.state_cache import StateCacheWriter
+from vitfl.lightning_modules.classifier import ImageClassifier
+from vitfl.core.io import CorruptFileError, verify_file
+from vitfl.core.runstore import RunStore, require_store
 
 
 class RunError(RuntimeError):
@@ -122,7 +122,7 @@ def run_path(layout: RunStore, value: Any) -> Path | None:
 CHECKPOINT_SAFE_GLOBALS: list[Any] = []
 
 #: the one model class a run's config may name (LightningCLI writes none: the model is always this class)
-MODEL_CLASS_PATH = "lightning_modules.classifier.ImageClassifier"
+MODEL_CLASS_PATH = "vitfl.lightning_modules.classifier.ImageClassifier"
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 
@@ -143,38 +143,40 @@ def run_config(layout: RunStore) -> dict[str, Any]:
 
 
 def resolve_datamodule_class(class_path: Any, source: str = "the config") -> type:
-    """The data-module class named by ``class_path``, which must be ``datamodules.<module>.<Class>`` (or
-    ``datamodules.<Class>``) for a module file inside the toolkit's ``datamodules`` package and a subclass of
-    :class:`~datamodules.base.VisionDataModule` defined there. The text is checked before anything is imported; any
-    other path (``subprocess.run``, ``os.system``, a class elsewhere) raises :class:`UnsafeConfigError`."""
-    import datamodules
-    from datamodules.base import VisionDataModule
+    """The data-module class named by ``class_path``, which must be ``vitfl.datamodules.<module>.<Class>`` (or
+    ``vitfl.datamodules.<Class>``) for a module file inside the toolkit's data-module package and a subclass of
+    :class:`~vitfl.datamodules.base.VisionDataModule` defined there. Runs written before the ``vitfl`` namespace
+    spell it without the prefix (``vitfl.datamodules.digits.DigitsDataModule``); that spelling names the same class. The
+    text is checked before anything is imported; any other path (``subprocess.run``, ``os.system``, a class
+    elsewhere) raises :class:`UnsafeConfigError`."""
+    import vitfl.datamodules as package
+    from vitfl.datamodules.base import VisionDataModule
 
     def refuse(why: str) -> UnsafeConfigError:
         return UnsafeConfigError(
             f"{source}: data class_path {class_path!r} {why}; expected one of the toolkit's data modules, "
-            f"datamodules.<module>.<Class> (e.g. datamodules.digits.DigitsDataModule, "
-            f"datamodules.cifar100.CIFAR100DataModule, datamodules.tiny_imagenet.TinyImageNetDataModule). Refusing "
-            f"to import or call it")
+            f"vitfl.datamodules.<module>.<Class> (e.g. vitfl.datamodules.digits.DigitsDataModule, "
+            f"vitfl.datamodules.cifar100.CIFAR100DataModule, vitfl.datamodules.tiny_imagenet.TinyImageNetDataModule). "
+            f"Refusing to import or call it")
 
-    if not isinstance(class_path, str) or not re.fullmatch(rf"datamodules(\.{_IDENT}){{1,2}}", class_path):
-        raise refuse("is not a class of the toolkit's datamodules package")
-    parts = class_path.split(".")
+    if not isinstance(class_path, str) or not re.fullmatch(rf"(vitfl\.)?datamodules(\.{_IDENT}){{1,2}}", class_path):
+        raise refuse("is not a class of the toolkit's data-module package")
+    parts = class_path.removeprefix("vitfl.").split(".")
     if len(parts) == 3:
-        if parts[1].startswith("_") or not (Path(datamodules.__file__).parent / f"{parts[1]}.py").is_file():
-            raise refuse(f"names no module of the datamodules package (no datamodules/{parts[1]}.py)")
-        module = importlib.import_module(f"datamodules.{parts[1]}")
+        if parts[1].startswith("_") or not (Path(package.__file__).parent / f"{parts[1]}.py").is_file():
+            raise refuse(f"names no module of the data-module package (no datamodules/{parts[1]}.py)")
+        module = importlib.import_module(f"vitfl.datamodules.{parts[1]}")
     else:
-        module = datamodules
+        module = package
     cls = getattr(module, parts[-1], None)
     if not (isinstance(cls, type) and issubclass(cls, VisionDataModule) and cls is not VisionDataModule
-            and cls.__module__.split(".")[0] == "datamodules"):
-        raise refuse("is not a VisionDataModule subclass defined in the datamodules package")
+            and cls.__module__.startswith("vitfl.datamodules.")):
+        raise refuse("is not a VisionDataModule subclass defined in the data-module package")
     return cls
 
 
 def build_from_spec(spec: Any, source: str = "the config", **override: Any):
-    """Instantiate a data module from ``{"class_path": "datamodules.mod.Class", "init_args": {...}}`` (the class
+    """Instantiate a data module from ``{"class_path": "vitfl.datamodules.mod.Class", "init_args": {...}}`` (the class
     path checked by :func:`resolve_datamodule_class`; ``init_args`` must be a mapping)."""
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise RunError(f"{source}: expected 'data' as a mapping with class_path and init_args, got {spec!r}")
@@ -209,7 +211,7 @@ def model_spec_from_run(layout: RunStore) -> dict[str, Any] | None:
     if not isinstance(model, dict):
         raise RunError(f"{layout.run_config}: expected 'model' as a mapping, got {type(model).__name__}")
     if "class_path" in model:
-        if model["class_path"] != MODEL_CLASS_PATH:
+        if model["class_path"] not in (MODEL_CLASS_PATH, MODEL_CLASS_PATH.removeprefix("vitfl.")):  # runs before vitfl
             raise UnsafeConfigError(f"{layout.run_config}: model class_path {model['class_path']!r} is not the "
                                     f"toolkit's classifier; expected {MODEL_CLASS_PATH}. Refusing to import it")
         model = model.get("init_args") or {}
@@ -217,7 +219,7 @@ def model_spec_from_run(layout: RunStore) -> dict[str, Any] | None:
 
 
 def checkpoint_epochs(layout: RunStore) -> list[int]:
-    """Epochs with a per-epoch checkpoint, ascending (:meth:`core.runstore.RunStore.checkpoint_epochs`)."""
+    """Epochs with a per-epoch checkpoint, ascending (:meth:`vitfl.core.runstore.RunStore.checkpoint_epochs`)."""
     return layout.checkpoint_epochs()
 
 
@@ -350,7 +352,7 @@ class LoadedRun:
     def __init__(self, store: RunStore, epoch: int | None = None):
         self.store = store
         self.model, self.epoch = load_run_model(store.model_store(), epoch)
-        from localization.ffn import model_fingerprint
+        from vitfl.localization.ffn import model_fingerprint
 
         self.model_hash = model_fingerprint(self.model)
         self._head = None
@@ -360,7 +362,7 @@ class LoadedRun:
     def head(self):
         """The last FFN's head (eval mode)."""
         if self._head is None:
-            from localization.ffn import last_ffn_head
+            from vitfl.localization.ffn import last_ffn_head
 
             self._head = last_ffn_head(self.model).eval()
         return self._head
@@ -368,7 +370,7 @@ class LoadedRun:
     def states(self, split: str = "repair", tag: str = ""):
         """The state cache of ``split`` (``tag``: another checkpoint's), checked to be this model's."""
         if (split, tag) not in self._states:
-            from core.states import load_states
+            from vitfl.core.states import load_states
 
             self._states[split, tag] = load_states(self.store.states(split, tag), expected_hash=self.model_hash)
         return self._states[split, tag]
@@ -423,9 +425,9 @@ def cache_states(layout: RunStore, model: ImageClassifier, splits: list[str], ta
     and made by this model). A stale or unreadable cache is kept until its replacement is complete (the new file is
     renamed over it), so a failed pass never loses the old one. The model must fit the data (channels, image size,
     classes: :func:`check_model_fits_data`), checked before any pass."""
-    from datamodules.base import SPLITS
-    from core.states import CacheError, load_states
-    from localization.ffn import model_fingerprint
+    from vitfl.datamodules.base import SPLITS
+    from vitfl.core.states import CacheError, load_states
+    from vitfl.localization.ffn import model_fingerprint
 
     bad = [s for s in splits if s not in SPLITS]
     if not splits or bad:

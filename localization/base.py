@@ -28,8 +28,8 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from core.registry import Derived, Registry, UnknownNameError
-from localization.ffn import FFNHead, WeightIndex
+from vitfl.core.registry import Derived, Registry, UnknownNameError
+from vitfl.localization.ffn import FFNHead, WeightIndex
 
 class UnknownMethodError(UnknownNameError):
     """An FL method name no file registered."""
@@ -39,7 +39,7 @@ def _has_own_selection(cls) -> bool:
     return callable(getattr(cls, "own_selection", None))
 
 
-#: Every FL method, found by importing each module of ``localization.methods`` (no hand-kept list) and the
+#: Every FL method, found by importing each module of ``vitfl.localization.methods`` (no hand-kept list) and the
 #: ``vitfl.fl_methods`` entry points. Metadata the runners read instead of testing names:
 #: ``level`` ("weight" | "neuron"), ``needs_inputs`` (False: no data pass), ``own_selection`` (True: the method
 #: picks its own set, like BL's Pareto front: budget "front"), ``reseed_per_rep`` (True: redrawn with the
@@ -49,7 +49,7 @@ def _has_own_selection(cls) -> bool:
 #: the setting's true label), ``pos_sample`` (None or "n_neg": the runner gives a seeded sample of |I_neg|
 #: correct inputs as I_pos).
 FL_METHODS = Registry(
-    "FL method", packages=("localization.methods",), entry_points="vitfl.fl_methods", error=UnknownMethodError,
+    "FL method", packages=("vitfl.localization.methods",), entry_points="vitfl.fl_methods", error=UnknownMethodError,
     meta_fields={"level": "weight", "needs_inputs": True, "own_selection": Derived(_has_own_selection),
                  "reseed_per_rep": False, "batching": None, "uses_true_label": False, "pos_sample": None})
 
@@ -136,7 +136,7 @@ class Localizer(torchmetrics.Metric):
 
     def materialize_states(self) -> None:
         """Give every lazily allocated state that is still a zero view its own zero tensor (on its device); an
-        ``update`` calls this before writing into its states (:class:`~localization.methods._common.SetLocalizer`
+        ``update`` calls this before writing into its states (:class:`~vitfl.localization.methods._common.SetLocalizer`
         does)."""
         for name, shape in getattr(self, "_lazy_states", {}).items():
             t = getattr(self, name)
@@ -172,7 +172,7 @@ class Localizer(torchmetrics.Metric):
 
 @dataclass
 class FLResult:
-    """What an FL run produces (plain tensors; the run store, ``core.runstore``, writes and reads it).
+    """What an FL run produces (plain tensors; the run store, ``vitfl.core.runstore``, writes and reads it).
 
     ``scores``: the full score vector (``[d_ff]`` or ``[total weights]``), for rank-based benchmarks.
     ``weights``: ``[n, 3]`` (matrix, row, col) of the located weights, most suspicious first.

@@ -1,4 +1,4 @@
-"""Published batching of the RepTran compat formulas, shared by the methods and by :func:`localization.ranking.localize`:
+"""Published batching of the RepTran compat formulas, shared by the methods and by :func:`vitfl.localization.ranking.localize`:
 each set S is cut as ``np.array_split(S, ceil(|S| / b))`` (balanced parts), and a batch of rows never splits a part.
 """
 from __future__ import annotations

@@ -467,7 +467,7 @@ def _timm_parts(model: nn.Module):
         raise UnsupportedModelError(
             f"timm {type(model).__name__} has a distillation token: its logits average head(token 0) and "
             "head_dist(token 1), so the CLS-token FFN head cannot reproduce them. Use "
-            "localization.ffn.ffn_head(model, block=-1), which carries every token.")
+            "vitfl.localization.ffn.ffn_head(model, block=-1), which carries every token.")
     block = model.blocks[-1]
     mlp = block.mlp
     if not hasattr(block, "norm2") or not hasattr(mlp, "fc1") or not hasattr(mlp, "fc2"):

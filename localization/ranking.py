@@ -12,7 +12,7 @@ Conventions used by every caller (FL LightningModule, FL evaluation, repair swee
   :func:`budget_size`), or ``"front"`` / ``None``: the method's own selection (BL's Pareto front, IG's paper
   rule), whose size the method decides; ``"avg"`` (N_avg, the mean front size of BL) is resolved by the FL step;
   a budget *label* as given (canonical) and the number *n* of weights it selects are resolved together, once per
-  (run, method), into a :class:`ResolvedBudget` (:func:`pipeline.localize.resolve_budgets`) that callers carry;
+  (run, method), into a :class:`ResolvedBudget` (:func:`vitfl.pipeline.localize.resolve_budgets`) that callers carry;
 * a neuron-level method's weights for a weight budget N are the weights of its top neurons, neuron by neuron in
   rank order, each neuron contributing its 2d weights in the order (row j of W_bef by column, then column j of
   W_aft by row), until N weights are filled; the last neuron may be cut (its first weights in that order).
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.quiet import COMPUTE_BEFORE_UPDATE
-from localization.base import FLResult, Localizer, get_localizer
-from localization.ffn import FFNHead, WeightIndex
+from vitfl.core.quiet import COMPUTE_BEFORE_UPDATE
+from vitfl.localization.base import FLResult, Localizer, get_localizer
+from vitfl.localization.ffn import FFNHead, WeightIndex
 
 __all__ = [
     "top_n",
@@ -112,7 +112,7 @@ class ResolvedBudget:
     """A budget resolved for one run and method: ``label``, the budget as given in canonical form
     (:func:`parse_budget`: ``236``, ``"0.01%"``, ``"avg"``, ``"front"``; what tables and result records show), and
     ``n``, the number of weights it selects (``None`` only for ``"front"``, whose size the method decides per
-    setting). :func:`pipeline.localize.resolve_budgets` makes them once per (run, method); callers carry them.
+    setting). :func:`vitfl.pipeline.localize.resolve_budgets` makes them once per (run, method); callers carry them.
 
     >>> [ResolvedBudget.resolve(b, 4_718_592, n_avg=17).value for b in (236, "0.01%", "avg", "front")]
     [236, 472, 17, 'front']
@@ -140,13 +140,13 @@ class ResolvedBudget:
     def resolve(cls, label: Any, total: int, n_avg: int | None = None) -> "ResolvedBudget":
         """``label`` (any form :func:`parse_budget` takes) against a layer of ``total`` weights: an int or a share
         ``"P%"`` -> :func:`budget_size`; ``"avg"`` -> ``n_avg`` (N_avg of the run, required then); ``"front"`` ->
-        no size. Use :func:`pipeline.localize.resolve_budgets` for a run's budgets (it finds N_avg)."""
+        no size. Use :func:`vitfl.pipeline.localize.resolve_budgets` for a run's budgets (it finds N_avg)."""
         label = parse_budget(label)
         if label == "front":
             return cls(label, None)
         if label == "avg":
             if n_avg is None:
-                raise BudgetError("budget 'avg' (N_avg) needs the run's N_avg (pipeline.localize.resolve_budgets)")
+                raise BudgetError("budget 'avg' (N_avg) needs the run's N_avg (vitfl.pipeline.localize.resolve_budgets)")
             return cls(label, int(n_avg))
         return cls(label, budget_size(label, total))
 
@@ -368,7 +368,7 @@ def localize(head: FFNHead, x: Tensor | None, label: Tensor | None, is_neg: Tens
     formulas whose value depends on their batches (a localizer with ``batching`` = b, the ``*_reptran`` family,
     ``ours_fl5``, ``bl_fl5``) the I_neg rows (in the order given: the published one) are fed first, then the
     I_pos rows (in the order given: ascending sample index); each set is cut as
-    ``np.array_split(S, ceil(|S| / b))`` (:func:`localization.methods._common.compat_groups`), and every
+    ``np.array_split(S, ceil(|S| / b))`` (:func:`vitfl.localization.methods._common.compat_groups`), and every
     ``update`` holds whole parts only (a part longer than ``batch_size`` gets an update of its own), with
     ``group=`` the part ids. Larger batches amortise the per-batch work on the 4.7M-entry per-weight states.
     """
@@ -395,7 +395,7 @@ def localize(head: FFNHead, x: Tensor | None, label: Tensor | None, is_neg: Tens
             for s in range(0, n, batch_size):
                 loc.update(x[s:s + batch_size], label[s:s + batch_size], is_neg[s:s + batch_size])
         else:
-            from localization.batching import compat_groups, neg_first_order, whole_group_batches
+            from vitfl.localization.batching import compat_groups, neg_first_order, whole_group_batches
 
             order = neg_first_order(is_neg)  # each set keeps the order given (the published one, from the runner)
             if not torch.equal(order, torch.arange(n)):

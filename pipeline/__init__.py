@@ -1,5 +1,5 @@
 """The steps of an experiment, one module each, in data-flow order; each is a function of a run store (a
-:class:`core.runstore.RunStore`) that the thin scripts and the experiment runner (``experiment``, which also runs
+:class:`vitfl.core.runstore.RunStore`) that the thin scripts and the experiment runner (``experiment``, which also runs
 the main job) call:
 
 ==================  ===============================================================================
@@ -19,3 +19,7 @@ module              step
 ``context.RunContext`` holds what the steps after training share (the model, its FFN head, the state caches, the
 settings and the hashes that make result identities). Nothing here reads argv; scripts decide the run directory.
 """
+
+from vitfl import refuse_bare_name
+
+refuse_bare_name(__name__)  # 'import pipeline' stops here with the right name

@@ -62,9 +62,9 @@ def _split_tensors(dm, split: str, max_n: int | None, seed: int, desc: str) -> t
 def load_data(name: str = "digits", root: str | None = None, image_size: int | None = None, seed: int = 0,
               max_train: int | None = None, max_test: int | None = None, test_split: str = "eval",
               batch_size: int = 64) -> AdequacyData:
-    """A registered data module (``datamodules.build_datamodule``: digits, cifar100, tiny_imagenet) as tensors.
+    """A registered data module (``vitfl.datamodules.build_datamodule``: digits, cifar100, tiny_imagenet) as tensors.
     ``max_train`` / ``max_test`` cap the splits by a seeded random subset (large data sets)."""
-    from datamodules import build_datamodule
+    from vitfl.datamodules import build_datamodule
 
     kw = {"root": root, "seed": seed, "batch_size": batch_size}
     if image_size is not None:
@@ -86,7 +86,7 @@ def train_classifier(data: AdequacyData, backbone: str = "lenet5", backbone_kwar
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_modules.classifier import ImageClassifier
+    from vitfl.lightning_modules.classifier import ImageClassifier
 
     L.seed_everything(seed, workers=True, verbose=False)
     kwargs = dict(backbone_kwargs or {})
@@ -110,14 +110,14 @@ def train_classifier(data: AdequacyData, backbone: str = "lenet5", backbone_kwar
 
 def load_classifier(checkpoint: str) -> nn.Module:
     """The backbone of an ``ImageClassifier`` Lightning checkpoint, on CPU in eval mode."""
-    from lightning_modules.runs import load_classifier as load
+    from vitfl.lightning_modules.runs import load_classifier as load
 
     return load(checkpoint).backbone.eval()
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    from adequacy.activations import predict
+    from vitfl.adequacy.activations import predict
 
     return float((predict(model, x, batch_size).argmax(1) == y).float().mean())
 
@@ -185,7 +185,7 @@ def _attr_kw(cfg: Mapping) -> dict:
 
 
 def _methods(model, methods) -> list[str]:
-    from adequacy.attribution import _is_vit
+    from vitfl.adequacy.attribution import _is_vit
 
     methods = list(methods)
     if _is_vit(model) and "lrp" in methods:
@@ -195,7 +195,7 @@ def _methods(model, methods) -> list[str]:
 
 
 def _suite(cfg, data, model, progress):
-    from adequacy.experiments import CoverageSuite
+    from vitfl.adequacy.experiments import CoverageSuite
 
     return CoverageSuite(model, data.train_x, data.train_y, cfg.get("layer"), cfg.get("criteria"), cfg.get("idc"),
                          method=cfg.get("attribution", {}).get("method"),
@@ -220,7 +220,7 @@ def run_rq(rq: str, cfg: Mapping, out_dir: str | Path, progress: bool = True) ->
 
 
 def _run_rq(rq: str, cfg: Mapping, out_dir: str | Path, progress: bool) -> dict:
-    from adequacy import experiments as ex
+    from vitfl.adequacy import experiments as ex
 
     t0 = time.perf_counter()
     data, model, info = prepare(cfg, progress)
@@ -271,9 +271,9 @@ def step_coverage(layout, quick: bool = False, attack: str = "fgsm", n_train: in
     printed. ``n_train`` / ``n_clean``: seeded samples of the training and evaluation splits (quick: 300 / 100;
     default: all); ``batch_size``: the attack's batch (small for a ViT-B on a CPU). Skipped when the table of the same
     checkpoint (content hash) and options exists (``adequacy/coverage.done.json``)."""
-    from adequacy.attacks import adversarial_examples
-    from adequacy.experiments import coverage_table, report_coverage_table
-    from lightning_modules.runs import datamodule_from_run, load_run_model
+    from vitfl.adequacy.attacks import adversarial_examples
+    from vitfl.adequacy.experiments import coverage_table, report_coverage_table
+    from vitfl.lightning_modules.runs import datamodule_from_run, load_run_model
 
     epochs = layout.checkpoint_epochs()
     identity = {"kind": "coverage", "checkpoint": layout.file_hash(layout.checkpoint(epochs[-1])) if epochs else None,

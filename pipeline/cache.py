@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from core.runstore import RunStore
+from vitfl.core.runstore import RunStore
 
 __all__ = ["step_cache"]
 
@@ -14,8 +14,8 @@ def step_cache(store: RunStore, splits: Sequence[str] = ("repair", "test"), epoc
     ``states/{split}.safetensors``, another epoch's ``states/{split}.epoch=NNN.safetensors``. A cache made by that
     checkpoint is kept (skipped); a missing, stale or unreadable one is made, and a stale one replaced only once the
     new one is complete. Returns the counts (done / skipped) of splits."""
-    from lightning_modules.runs import cache_run_states, cache_tag, load_run
-    from core.states import CacheError
+    from vitfl.lightning_modules.runs import cache_run_states, cache_tag, load_run
+    from vitfl.core.states import CacheError
 
     run = load_run(store, epoch)
     tag = cache_tag(store, epoch)

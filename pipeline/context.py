@@ -1,16 +1,16 @@
 """What every step after training shares: the run's model and FFN head, its state caches, its misclassification
-settings, and the input hashes that go into result identities (:mod:`core.runstore`).
+settings, and the input hashes that go into result identities (:mod:`vitfl.core.runstore`).
 
 Setting names become parts of paths (``fl/{setting}/...``, ``repair/{setting}/...``), so :func:`load_misclf`
-checks every one against :data:`core.runstore.NAME_PATTERN` where it is read (a run's and a fold run's
+checks every one against :data:`vitfl.core.runstore.NAME_PATTERN` where it is read (a run's and a fold run's
 ``misclf/misclf_info.json``): a name that is not one is an error naming the file and the name, never skipped."""
 from __future__ import annotations
 
 from functools import cached_property
 from typing import Any
 
-from core.io import read_json
-from core.runstore import ResultError, RunStore, check_name, identity_key
+from vitfl.core.io import read_json
+from vitfl.core.runstore import ResultError, RunStore, check_name, identity_key
 
 __all__ = ["RunContext", "load_misclf", "SETTING_KEYS", "SettingsFileError", "SettingsModelMismatchError"]
 
@@ -29,7 +29,7 @@ class SettingsModelMismatchError(ResultError, ValueError):
 
 def load_misclf(store: RunStore) -> dict[str, Any]:
     """The run's settings JSON, with a clear error when it is missing or malformed; every setting name is checked
-    (:func:`core.runstore.check_name`: :class:`core.runstore.UnsafeNameError` naming the file and the name)."""
+    (:func:`vitfl.core.runstore.check_name`: :class:`vitfl.core.runstore.UnsafeNameError` naming the file and the name)."""
     if not store.misclf_info.is_file():
         raise FileNotFoundError(f"no {store.misclf_info}: run `python scripts/analyze_misclf.py --run_dir "
                                 f"{store.root}` first")
@@ -48,7 +48,7 @@ class RunContext:
     """The final (or ``epoch``'s) model of a run, its FFN head and the caches made by it."""
 
     def __init__(self, store: RunStore, epoch: int | None = None):
-        from lightning_modules.runs import load_run
+        from vitfl.lightning_modules.runs import load_run
 
         self.run = load_run(store, epoch)
         self.store, self.model, self.epoch, self.model_hash = store, self.run.model, self.run.epoch, self.run.model_hash

@@ -1,7 +1,7 @@
 """Cross-validated repair: the held-out repair rate estimated over the k folds of the evaluation split.
 
 For each fold k: the repair split is the other k - 1 folds, the test split is fold k. Each fold is a *fold run*
-(``cv/fold=K/`` inside the run, :meth:`core.runstore.RunStore.fold`) that holds that fold's state caches (rows of
+(``cv/fold=K/`` inside the run, :meth:`vitfl.core.runstore.RunStore.fold`) that holds that fold's state caches (rows of
 the run's evaluation-split cache, so sample indices are the same in every fold), its own misclassification
 settings (analysed on its repair split) and its own FL and repair results; the model is the run's own (a fold run
 names its parent). The ordinary localize and repair steps run on each fold run, so every fold's results are
@@ -11,7 +11,7 @@ Pooling (:func:`pooled_table`): per (repair method, FL method, budget, setting k
 folds, settings and repetitions: RR = sum fixed / sum targets (so the pooled RR is the target-count-weighted mean
 of the per-run RRs), BR = sum broken / sum correct, each with its Wilson 95% interval and its n; runs whose test fold
 holds no target are counted and shown, never dropped in silence. Only results made from each fold run's current
-inputs are pooled (:func:`pipeline.repair.collect_results`): stale ones are left out and counted (the note of
+inputs are pooled (:func:`vitfl.pipeline.repair.collect_results`): stale ones are left out and counted (the note of
 ``crossval.md`` and the ``provenance`` of the return value), or with ``include_stale`` kept and labelled.
 """
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import Any, Sequence
 
 import torch
 
-from core.runstore import RunStore, require_store
+from vitfl.core.runstore import RunStore, require_store
 
 __all__ = ["prepare_folds", "run_crossval", "step_crossval", "collect_crossval", "pooled_table", "wilson"]
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
-    """95% Wilson interval of k in n (:func:`evaluation.intervals.wilson_interval`); (NaN, NaN) when n = 0."""
-    from evaluation.intervals import wilson_interval
+    """95% Wilson interval of k in n (:func:`vitfl.evaluation.intervals.wilson_interval`); (NaN, NaN) when n = 0."""
+    from vitfl.evaluation.intervals import wilson_interval
 
     ci = wilson_interval(int(k), int(n))
     return (float("nan"), float("nan")) if ci is None else ci
@@ -37,10 +37,10 @@ def prepare_folds(store: RunStore, trainer_kwargs: dict[str, Any] | None = None,
                   misclf_options: dict[str, Any] | None = None) -> list[RunStore]:
     """The k fold runs of ``store`` (made where missing): fold caches cut from the run's evaluation-split cache and
     each fold's misclassification settings."""
-    from datamodules.folds import kfold_split
-    from lightning_modules.runs import cache_run_states, datamodule_from_run, load_run
-    from core.states import load_states, save_states
-    from localization.misclf import analyze
+    from vitfl.datamodules.folds import kfold_split
+    from vitfl.lightning_modules.runs import cache_run_states, datamodule_from_run, load_run
+    from vitfl.core.states import load_states, save_states
+    from vitfl.localization.misclf import analyze
 
     dm = datamodule_from_run(require_store(store, "prepare_folds"))
     n_folds, fold_seed = int(dm.n_folds), int(dm.fold_seed)
@@ -79,9 +79,9 @@ def run_crossval(store: RunStore, methods: Sequence[str], settings: Sequence[str
     """The repair sweep on every fold run (settings each fold has; those it lacks are reported by the sweep):
     this ``shard`` of each fold's grid, on ``workers`` processes (``pipeline/parallel.py``; the fold runs are
     made first, here). ``logger``: TensorBoard runs under each fold run's ``tb/repair``."""
-    from pipeline.context import load_misclf
-    from pipeline.parallel import resolve_workers, run_sharded
-    from pipeline.repair import run_sweep
+    from vitfl.pipeline.context import load_misclf
+    from vitfl.pipeline.parallel import resolve_workers, run_sharded
+    from vitfl.pipeline.repair import run_sweep
 
     folds = prepare_folds(store, trainer_kwargs)
     n_workers = resolve_workers(workers)
@@ -131,14 +131,14 @@ def step_crossval(store: RunStore, methods: Sequence[str] = ("ours", "arachne_w"
 
 
 def collect_crossval(store: RunStore, include_stale: bool = False):
-    """One row per current repair run of every fold run (``fold`` = k), as :func:`pipeline.repair.collect_results`
+    """One row per current repair run of every fold run (``fold`` = k), as :func:`vitfl.pipeline.repair.collect_results`
     (``include_stale``: stale ones too, labelled in ``stale``); ``df.attrs["provenance"]``: the stale counts summed
     over the folds."""
     require_store(store, "collect_crossval")
     import pandas as pd
 
-    from pipeline.localize import count_stale
-    from pipeline.repair import collect_results
+    from vitfl.pipeline.localize import count_stale
+    from vitfl.pipeline.repair import collect_results
 
     parts = []
     prov = {**count_stale([]), "included": bool(include_stale)}
@@ -200,7 +200,7 @@ def aggregate_crossval(store: RunStore, include_stale: bool = False) -> dict[str
     """Write ``repair/summary/crossval.csv|md`` (pooled over folds) and return the table and its Markdown, with
     ``provenance`` (stale results left out, or kept with ``include_stale``) and ``stale_note`` (one sentence, "" if
     none)."""
-    from pipeline.localize import stale_note
+    from vitfl.pipeline.localize import stale_note
 
     df = collect_crossval(store, include_stale=include_stale)
     prov = dict(df.attrs.get("provenance") or {})
@@ -220,7 +220,7 @@ def aggregate_crossval(store: RunStore, include_stale: bool = False) -> dict[str
     out = {"n_runs": len(df), "table": table, "markdown": (f"Provenance: {note}.\n\n" if note else "") + md,
            "runs": df, "provenance": prov, "stale_note": note}
     if "lp" in set(table["repair"]):  # repairability@N: the LP optimiser's RR on each FL method's weights
-        from evaluation.headline import blocks_markdown, repairability_block
+        from vitfl.evaluation.headline import blocks_markdown, repairability_block
 
         block = repairability_block(table, what=f"{n_eval} folds, {df['setting'].nunique()} settings")
         store.write_text(store.path("repairability", ext="csv"), block.table.to_csv(index=False))

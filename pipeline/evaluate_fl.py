@@ -1,10 +1,10 @@
 """The FL evaluation step of one run directory: interventions on every FL result in the run store, the checkpoint
 benchmark and the injected-fault benchmark, with statistics, figures, TensorBoard and a headline table.
 
-Reads what the earlier steps wrote (through :class:`core.runstore.RunStore`): the checkpoints and last-FFN weight
+Reads what the earlier steps wrote (through :class:`vitfl.core.runstore.RunStore`): the checkpoints and last-FFN weight
 files, the repair split's state cache, the misclassification settings and the FL results. Every FL score computed
 here (the benchmarks run the methods on other models) comes from the one FL runner
-(:func:`lightning_modules.fl_runner.localize_with_trainer`). Writes under ``fl_eval/``::
+(:func:`vitfl.lightning_modules.fl_runner.localize_with_trainer`). Writes under ``fl_eval/``::
 
     interventions/{setting}/{result}.csv           per input (``result`` = ``{method}_n{N}-{key}``): prediction and true-class p before / after, for
                                                    the FL result ("fl") and each random draw, per mode (wide)
@@ -34,29 +34,29 @@ import numpy as np
 import pandas as pd
 import torch
 
-from evaluation import figures as figs
-from evaluation.checkpoint_benchmark import (WORST_POSSIBLE, GroundTruth, fl_facts, head_at_epoch, is_circular,
+from vitfl.evaluation import figures as figs
+from vitfl.evaluation.checkpoint_benchmark import (WORST_POSSIBLE, GroundTruth, fl_facts, head_at_epoch, is_circular,
                                              load_ffn_weights, localize_on_checkpoint, ranking_row,
                                              weight_change_ground_truth, worst_possible_scores)
-from evaluation.injected_faults import (DEFAULT_STRENGTH, InjectionError, evaluate_method_on_fault, fault_facts,
+from vitfl.evaluation.injected_faults import (DEFAULT_STRENGTH, InjectionError, evaluate_method_on_fault, fault_facts,
                                         inject_with_strength, loss_gradient, strength_label, strength_requirement)
-from evaluation.interventions import (MODES, compare_to_random, records_to_wide, run_interventions,
+from vitfl.evaluation.interventions import (MODES, compare_to_random, records_to_wide, run_interventions,
                                       summarize_interventions, wide_to_records)
-from evaluation.ranking_metrics import COMPARISONS, DEFAULT_FRACTIONS, K_ROUNDINGS, fraction_label
-from evaluation.headline import HeadlineBlock, benchmark_block, blocks_markdown
-from evaluation.stats import holm, wilcoxon_holm, write_stats_table
-from core.io import provenance, read_json
-from core.runstore import RunStore, require_store
-from core.runstore import identity_key
-from lightning_modules.fl_runner import localize_with_trainer, setting_rows
-from pipeline.context import load_misclf
-from pipeline.localize import current_fl_results, load_fl_result, stale_note
+from vitfl.evaluation.ranking_metrics import COMPARISONS, DEFAULT_FRACTIONS, K_ROUNDINGS, fraction_label
+from vitfl.evaluation.headline import HeadlineBlock, benchmark_block, blocks_markdown
+from vitfl.evaluation.stats import holm, wilcoxon_holm, write_stats_table
+from vitfl.core.io import provenance, read_json
+from vitfl.core.runstore import RunStore, require_store
+from vitfl.core.runstore import identity_key
+from vitfl.lightning_modules.fl_runner import localize_with_trainer, setting_rows
+from vitfl.pipeline.context import load_misclf
+from vitfl.pipeline.localize import current_fl_results, load_fl_result, stale_note
 
 __all__ = ["PARTS", "OPTIMIZERS", "QUICK_METHODS", "run_evaluation", "headline_blocks"]
 
 PARTS = ("interventions", "checkpoint", "injected")
 #: the checkpoint benchmark's ground truths: the run's own optimizer ("recorded") and an SGD + momentum replay of the
-#: same epoch ("sgd", :mod:`evaluation.optimizer_replay`)
+#: same epoch ("sgd", :mod:`vitfl.evaluation.optimizer_replay`)
 OPTIMIZERS = ("recorded", "sgd")
 #: the methods the main job's quick mode localizes with
 QUICK_METHODS = ("random", "grad_loss", "arachne_w", "ours", "bl")
@@ -77,7 +77,7 @@ class _Ctx:
     not_applicable: list = field(default_factory=list)
 
     def figure(self, fig, name: str) -> None:
-        from core.style import is_nothing_to_plot
+        from vitfl.core.style import is_nothing_to_plot
 
         if self.writer is not None and not is_nothing_to_plot(fig):
             self.writer.add_figure(f"fl_eval/{name}", fig, close=False)
@@ -112,7 +112,7 @@ def _log_default(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------ loading
 def _load_final(layout: RunStore, split: str):
-    from lightning_modules.runs import load_run
+    from vitfl.lightning_modules.runs import load_run
 
     run = load_run(layout)
     return run.model, run.epoch, run.head, run.states(split)
@@ -126,8 +126,8 @@ def _fl_results(layout: RunStore, methods, settings, budgets, include_stale: boo
                 ) -> tuple[list[tuple[str, str, dict]], dict[str, Any]]:
     """(setting, result name, record) of every FL result in the store that passes the filters and was made from the
     run's current model, repair-split cache and settings (``include_stale``: the others too, each record's
-    ``stale`` saying why it is not current), and the counts of the stale ones (``pipeline.localize.count_stale``)."""
-    from pipeline.context import RunContext
+    ``stale`` saying why it is not current), and the counts of the stale ones (``vitfl.pipeline.localize.count_stale``)."""
+    from vitfl.pipeline.context import RunContext
 
     recs, counts = current_fl_results(RunContext(layout), methods, settings, budgets, include_stale)
     return [(rec["setting"], f"{rec['method']}_n{rec['budget']}-{rec['key']}", rec) for rec in recs], counts
@@ -226,9 +226,9 @@ def _ckpt_epochs(layout: RunStore) -> int | None:
 def _states_for(layout: RunStore, model, split: str, tag: str, log):
     """States of ``split`` made by ``model``: the untagged cache if it is this model's, else ``{split}.{tag}``
     (made now with one predict pass if missing)."""
-    from lightning_modules.runs import cache_states
-    from core.states import CacheError, load_states, read_metadata
-    from localization.ffn import model_fingerprint
+    from vitfl.lightning_modules.runs import cache_states
+    from vitfl.core.states import CacheError, load_states, read_metadata
+    from vitfl.localization.ffn import model_fingerprint
 
     h = model_fingerprint(model)
     for path in (layout.states(split), layout.states(split, tag)):
@@ -245,7 +245,7 @@ def _states_for(layout: RunStore, model, split: str, tag: str, log):
 
 def _bench_key(method: str, options, seed: int, states_hash: str, what) -> str:
     """The identity of one benchmark row: the method and all its options, seed, the states and the ground truth."""
-    from pipeline.localize import resolved_options
+    from vitfl.pipeline.localize import resolved_options
 
     return identity_key({"method": method, "options": resolved_options(method, options), "seed": seed,
                          "states": states_hash, "what": what})
@@ -253,8 +253,8 @@ def _bench_key(method: str, options, seed: int, states_hash: str, what) -> str:
 
 def _not_applicable_reason(ex: BaseException) -> str | None:
     """The reason an FL method cannot run on these inputs (a V-score method on one I_neg input, a setting without
-    I_neg), as the localize step recognises it (``pipeline.localize.NOT_APPLICABLE_MARKERS``); None for a failure."""
-    from pipeline.localize import NOT_APPLICABLE_MARKERS
+    I_neg), as the localize step recognises it (``vitfl.pipeline.localize.NOT_APPLICABLE_MARKERS``); None for a failure."""
+    from vitfl.pipeline.localize import NOT_APPLICABLE_MARKERS
 
     msg = str(ex)
     return msg if isinstance(ex, ValueError) and any(m in msg for m in NOT_APPLICABLE_MARKERS) else None
@@ -308,11 +308,11 @@ def _recorded_optimizer(model) -> str:
 def _replayed_ground_truths(ctx: _Ctx, e: int, pos_fraction: float, k_rounding: str, replay: dict[str, Any],
                             fl_grad, log) -> tuple[list[GroundTruth], dict[str, Any]]:
     """The replayed ground truths of epoch e (SGD + momentum from the recorded W(e-1), the same batches and schedule
-    shape; :mod:`evaluation.optimizer_replay`) and the diagnostics of what |dW| follows under each optimizer. The
+    shape; :mod:`vitfl.evaluation.optimizer_replay`) and the diagnostics of what |dW| follows under each optimizer. The
     SGD weights and the diagnostics are stored under ``fl_eval/checkpoint/epoch=NNN/`` (keyed by the replay's
     options and the input files' hashes), so a rerun replays nothing."""
-    from evaluation.optimizer_replay import optimizer_ground_truths, sgd_name
-    from lightning_modules.runs import datamodule_from_run, run_config
+    from vitfl.evaluation.optimizer_replay import optimizer_ground_truths, sgd_name
+    from vitfl.lightning_modules.runs import datamodule_from_run, run_config
 
     layout = ctx.layout
     opts = {"sgd_lr": float(replay.get("sgd_lr", 0.02)), "momentum": float(replay.get("momentum", 0.9)),
@@ -361,9 +361,9 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
     with every ground truth (the recorded optimizer's |W(e) - W(e-1)|, and with ``"sgd"`` in ``optimizers`` the SGD
     replay's) under every comparison; plus the worst-possible ranking as a control row per ground truth and
     comparison."""
-    from lightning_modules.runs import load_classifier
-    from localization.ffn import last_ffn_head, model_fingerprint
-    from localization.misclf import analyze
+    from vitfl.lightning_modules.runs import load_classifier
+    from vitfl.localization.ffn import last_ffn_head, model_fingerprint
+    from vitfl.localization.misclf import analyze
 
     layout = ctx.layout
     bad = [c for c in comparisons if c not in COMPARISONS]
@@ -395,8 +395,8 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
     spath_hash = layout.file_hash(spath)
     replay_info = None
     if "sgd" in optimizers:
-        from evaluation.optimizer_replay import ReplayError
-        from lightning_modules.runs import RunError
+        from vitfl.evaluation.optimizer_replay import ReplayError
+        from vitfl.lightning_modules.runs import RunError
 
         fl_grad = loss_gradient(head_prev, states.x, states.label, batch_size=max(1024, batch_size))
         try:
@@ -617,7 +617,7 @@ def _wilcoxon_of(stats: pd.DataFrame | None, metric: str, **where: str) -> dict[
 
 def headline_blocks(results: dict[str, pd.DataFrame], pos_fraction: float = 0.01,
                     meta: dict[str, Any] | None = None) -> list[HeadlineBlock]:
-    """The FL evaluation's headline (:mod:`evaluation.headline`): one block per checkpoint ground truth (optimizer) x
+    """The FL evaluation's headline (:mod:`vitfl.evaluation.headline`): one block per checkpoint ground truth (optimizer) x
     comparison (corrected first) and per injected-fault strength, methods sorted by P@1% with their interval and the
     test against random (the Wilcoxon results of the benchmark's statistics tables are reused)."""
     lab = fraction_label(pos_fraction)
@@ -691,9 +691,9 @@ def run_evaluation(store: RunStore, methods: Iterable[str] | None = None, quick:
     for the benchmarks, which methods to run (default every registered method; quick: :data:`QUICK_METHODS`).
     ``quick``: a smoke run (1 random draw, 1 injection seed, only the ``all`` setting in the checkpoint
     benchmark, interventions only on the ``all`` setting).
-    ``strengths``: the injected faults' strengths (``evaluation.injected_faults.strength_requirement``: 30 changed
+    ``strengths``: the injected faults' strengths (``vitfl.evaluation.injected_faults.strength_requirement``: 30 changed
     predictions, and the published 0.1 %). ``comparisons``, ``k_rounding``: how the checkpoint benchmark compares
-    rankings (``evaluation.ranking_metrics``); ``optimizers``: its ground truths ("recorded", and "sgd": an SGD +
+    rankings (``vitfl.evaluation.ranking_metrics``); ``optimizers``: its ground truths ("recorded", and "sgd": an SGD +
     momentum replay of the same epoch, options in ``replay``: ``sgd_lr``, ``momentum``, ``nesterov``, ``verify``).
     ``num_threads``: torch's intra-op threads while this runs (restored after): ``"auto"`` uses 1 thread when the
     cached activations are small (N x d_ff < 4M, e.g. the digits ViT: thousands of tiny ops, where thread
@@ -703,7 +703,7 @@ def run_evaluation(store: RunStore, methods: Iterable[str] | None = None, quick:
     model, repair-split cache and settings (by default they are left out, counted in the log and in
     ``interventions_meta.json``), labelled in a ``stale`` column.
     """
-    from localization.base import registered_localizers
+    from vitfl.localization.base import registered_localizers
 
     log = log or _log_default
     layout = require_store(store, "run_evaluation")

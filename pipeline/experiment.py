@@ -5,7 +5,7 @@ An experiment config names its data sets (one run directory each, with how to tr
 options of each step (the step functions' own keyword names). Every step skips what the run store already holds,
 so a rerun resumes where the last one stopped and a finished experiment reruns in seconds. A case that cannot run
 (e.g. a V-score method on a setting with one input) is recorded once in the store as "not applicable"
-(:meth:`core.runstore.RunStore.mark_not_applicable`); later runs count it and do not print it again.
+(:meth:`vitfl.core.runstore.RunStore.mark_not_applicable`); later runs count it and do not print it again.
 
 Phases and sharding (``shard=(k, n)``; ``scripts/run_experiment.py --shard k/n``):
 
@@ -18,10 +18,10 @@ final           ``evaluate_fl``, ``crossval``, ``aggregate``,  not sharded: run 
                 ``coverage``
 ==============  =============================================  ==========================================
 
-``train`` fits (optionally after pretraining and exporting a backbone) and tests (:mod:`pipeline.train`);
-``testbed`` writes the layer study and checkpoint diagnostics (:mod:`pipeline.testbed`); ``crossval`` is the
-cross-validated repair (:func:`pipeline.crossval.step_crossval`); ``coverage`` the coverage table, clean vs
-adversarial (:func:`pipeline.adequacy.step_coverage`). The main job is the experiment
+``train`` fits (optionally after pretraining and exporting a backbone) and tests (:mod:`vitfl.pipeline.train`);
+``testbed`` writes the layer study and checkpoint diagnostics (:mod:`vitfl.pipeline.testbed`); ``crossval`` is the
+cross-validated repair (:func:`vitfl.pipeline.crossval.step_crossval`); ``coverage`` the coverage table, clean vs
+adversarial (:func:`vitfl.pipeline.adequacy.step_coverage`). The main job is the experiment
 ``configs/experiment/main_job_mnist.yaml``.
 
 With one shard (the default) every step of ``steps`` runs in order. A shard never waits for another: the grid of
@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from core.quiet import quiet  # the one list of known warnings (``quiet``: part of this module's API)
-from core.runstore import RunStore
+from vitfl.core.quiet import quiet  # the one list of known warnings (``quiet``: part of this module's API)
+from vitfl.core.runstore import RunStore
 
 __all__ = ["STEPS", "PHASES", "ExperimentConfigError", "quiet", "check_experiment", "check_fl_options", "run_experiment",
            "experiment_results",
@@ -189,8 +189,8 @@ def _expand_steps(steps: Iterable[str]) -> list[str]:
 
 
 def _check_budgets(budgets, where: str) -> None:
-    from localization.ranking import BudgetError
-    from pipeline.localize import check_budgets
+    from vitfl.localization.ranking import BudgetError
+    from vitfl.pipeline.localize import check_budgets
 
     if budgets is None:
         return
@@ -201,11 +201,11 @@ def _check_budgets(budgets, where: str) -> None:
 
 
 def check_fl_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """An FL method's options checked by the one options rule (:meth:`core.registry.Registry.check_options`, as
-    the API's ``pipeline.localize.resolved_options``): its constructor's own keyword options (not what it passes on
+    """An FL method's options checked by the one options rule (:meth:`vitfl.core.registry.Registry.check_options`, as
+    the API's ``vitfl.pipeline.localize.resolved_options``): its constructor's own keyword options (not what it passes on
     with ``**kwargs``), of their types and declared ranges; returns them normalised. Raises
-    :class:`core.registry.OptionError` (a ValueError) naming the method and the option."""
-    from localization.base import FL_METHODS
+    :class:`vitfl.core.registry.OptionError` (a ValueError) naming the method and the option."""
+    from vitfl.localization.base import FL_METHODS
 
     FL_METHODS.check([method])
     return FL_METHODS.check_options(method, options)
@@ -215,11 +215,11 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
     """Check every name in an experiment config before any work: steps, step options, FL methods and their
     options, repair methods and their options, misclassification options, budgets, shards. Returns the steps to
     run (in data-flow order); raises :class:`ExperimentConfigError` naming what is wrong."""
-    from lightning_modules.repair import REPAIRS
-    from localization.base import FL_METHODS
-    from localization.misclf import ALL_KINDS, NO_TRUE_INPUT_RULES, TIE_ORDERS
-    from pipeline.localize import resolved_options
-    from pipeline.repair import resolved_repair_options
+    from vitfl.lightning_modules.repair import REPAIRS
+    from vitfl.localization.base import FL_METHODS
+    from vitfl.localization.misclf import ALL_KINDS, NO_TRUE_INPUT_RULES, TIE_ORDERS
+    from vitfl.pipeline.localize import resolved_options
+    from vitfl.pipeline.repair import resolved_repair_options
 
     check_shapes(cfg, "", "")
     if not cfg.get("name"):
@@ -297,7 +297,7 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
     if "methods" in ev:
         fl_methods(ev["methods"], "evaluate_fl.methods")
     fl_options(ev.get("method_opts"), "evaluate_fl.method_opts")
-    from pipeline.evaluate_fl import PARTS
+    from vitfl.pipeline.evaluate_fl import PARTS
 
     bad_parts = [p for p in ev.get("parts", ()) if p not in PARTS]
     if bad_parts:
@@ -330,7 +330,7 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
         except (KeyError, ValueError) as e:
             raise ExperimentConfigError(f"{where}: {e}") from None
     ad = step_options(cfg, "adequacy")
-    from pipeline.adequacy import RQS
+    from vitfl.pipeline.adequacy import RQS
 
     bad_rqs = [r for r in ad.get("rqs", ()) if r not in RQS]
     if bad_rqs:
@@ -404,21 +404,21 @@ def _trainer_kwargs(block: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _cache(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
-    from pipeline.cache import step_cache
+    from vitfl.pipeline.cache import step_cache
 
     return step_cache(store, list(opts.get("splits", ("repair", "test"))), trainer_kwargs=_trainer_kwargs(opts))
 
 
 def _misclf(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
-    from pipeline.misclf import ensure_misclf
+    from vitfl.pipeline.misclf import ensure_misclf
 
     return ensure_misclf(store, **opts)
 
 
 def _localize(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tuple[int, int], log: _Log) -> None:
-    from localization.base import FL_METHODS
-    from pipeline.context import load_misclf
-    from pipeline.localize import run_localization, status_table
+    from vitfl.localization.base import FL_METHODS
+    from vitfl.pipeline.context import load_misclf
+    from vitfl.pipeline.localize import run_localization, status_table
 
     kw = {k: v for k, v in opts.items() if k not in ("accelerator", "devices")}
     methods = FL_METHODS.check(kw.pop("methods", None) or FL_METHODS.names())
@@ -452,7 +452,7 @@ def _localize(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tu
 
 
 def _evaluate(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) -> None:
-    from pipeline.evaluate_fl import run_evaluation
+    from vitfl.pipeline.evaluate_fl import run_evaluation
 
     kw = dict(opts)
     want_epoch = kw.pop("ckpt_epoch", None)
@@ -484,7 +484,7 @@ def _sweep_rows_na(store: RunStore, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _repair(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tuple[int, int], log: _Log) -> None:
-    from pipeline.repair import run_sweep
+    from vitfl.pipeline.repair import run_sweep
 
     run_dirs = {name: s.root for name, s in stores.items()}
     for i, sw in enumerate(opts.get("sweeps") or []):
@@ -505,7 +505,7 @@ def _repair(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tupl
 
 
 def _crossval(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) -> None:
-    from pipeline.crossval import step_crossval
+    from vitfl.pipeline.crossval import step_crossval
 
     t0 = time.perf_counter()
     before = store.not_applicable()
@@ -518,7 +518,7 @@ def _crossval(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) ->
 def experiment_results(cfg: Mapping[str, Any], store: RunStore) -> list[dict[str, Any]]:
     """The repair results in ``store`` that this experiment's sweeps made (FL method, repair method and its resolved
     options, setting, budget, repetition all match), out of whatever else the run directory holds."""
-    from pipeline.repair import resolved_repair_options
+    from vitfl.pipeline.repair import resolved_repair_options
 
     sweeps = []
     for sw in (cfg.get("repair") or {}).get("sweeps") or []:
@@ -544,7 +544,7 @@ def experiment_results(cfg: Mapping[str, Any], store: RunStore) -> list[dict[str
 
 
 def _aggregate(cfg: Mapping[str, Any], stores: Mapping[str, RunStore], log: _Log) -> dict[str, Any]:
-    from pipeline.repair import aggregate
+    from vitfl.pipeline.repair import aggregate
 
     t0 = time.perf_counter()
     first = next(iter(stores.values()))
@@ -580,7 +580,7 @@ def _adequacy(store: RunStore, name: str, tag: str, opts: Mapping[str, Any], ds_
               shard: tuple[int, int], root: Path, log: _Log) -> None:
     """The adequacy RQs of this experiment into ``adequacy/<tag>/`` (``tag``: the experiment's name and variant), so
     experiments that share a run directory (a published config and its corrected twin) keep their own tables."""
-    from pipeline.adequacy import RQS, _merge, build_config, run_rq
+    from vitfl.pipeline.adequacy import RQS, _merge, build_config, run_rq
 
     configs = [p if Path(p).is_absolute() else root / p for p in opts.get("configs") or
                ["configs/adequacy/default.yaml"]]
@@ -620,7 +620,7 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
     ``"k/n"`` or (k, n); ``root``: the folder relative config paths (training and adequacy configs) are read
     from (default: the current directory). Returns ``{"steps", "summary", "aggregate"}``; ``summary`` holds one
     row per step and data set with the counts of done / skipped / not applicable / failed tasks."""
-    from pipeline.repair import parse_shard
+    from vitfl.pipeline.repair import parse_shard
 
     quiet()
     k, n = parse_shard(shard)
@@ -647,19 +647,19 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
     log(f"experiment {cfg['name']} ({cfg.get('variant', '')}): steps {', '.join(todo)}"
         + (f"; shard {k}/{n}" if n > 1 else ""))
     _save_config(cfg, stores)
-    from pipeline.parallel import set_step
+    from vitfl.pipeline.parallel import set_step
 
     for step in todo:
         set_step(f"{step}" + (f" (shard {k}/{n})" if n > 1 else ""))  # named by an interrupted run's message
         t0 = time.perf_counter()
         if step == "train":
-            from pipeline.train import train
+            from vitfl.pipeline.train import train
 
             for name, store in stores.items():
                 c = train(store, cfg["datasets"][name].get("train"), root, log)
                 L.step("train", name, c, time.perf_counter() - t0, {})
         elif step == "testbed":
-            from pipeline.testbed import step_testbed
+            from vitfl.pipeline.testbed import step_testbed
 
             for name, store in stores.items():
                 L.step("testbed", name, step_testbed(store, log), time.perf_counter() - t0, {})
@@ -682,7 +682,7 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
         elif step == "aggregate":
             out["aggregate"] = _aggregate(cfg, stores, L)
         elif step == "coverage":
-            from pipeline.adequacy import step_coverage
+            from vitfl.pipeline.adequacy import step_coverage
 
             for name, store in stores.items():
                 step_coverage(store, **step_options(cfg, "coverage"))
@@ -692,7 +692,7 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
                 _adequacy(store, name, f"{cfg['name']}_{cfg.get('variant') or 'run'}", step_options(cfg, "adequacy"),
                           cfg["datasets"][name].get("adequacy"), (k, n), root, L)
     if n == 1 and any(s in todo for s in PHASES["final"]):  # one report per run, after the final steps
-        from pipeline.report import write_report
+        from vitfl.pipeline.report import write_report
 
         set_step("report")
         out["reports"] = {}

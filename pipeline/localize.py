@@ -1,7 +1,7 @@
 """The localize step: FL methods x settings x budgets over a run's repair split, through the one FL runner
-(:func:`lightning_modules.fl_runner.compute_scores`), into the run store.
+(:func:`vitfl.lightning_modules.fl_runner.compute_scores`), into the run store.
 
-A result's identity (:mod:`core.runstore`) is the method with *all* its options (the constructor's defaults merged
+A result's identity (:mod:`vitfl.core.runstore`) is the method with *all* its options (the constructor's defaults merged
 with what was given), the seed, the setting, the budget (the resolved N, or "front" for a method that selects its
 own set) and the hashes of the model, the state cache and the setting's input sets. Scores are computed once per
 identity and shared by its budgets; an identity on disk is skipped; a case that cannot run (e.g. a V-score method on
@@ -12,7 +12,7 @@ methods with ``own_selection``, e.g. BL) and ``"avg"`` = N_avg, the mean size of
 settings (the 9 benchmark settings the run has, else every setting), resolved once per (run, FL inputs) by
 :func:`resolve_n_avg`, saved, and used by every reader. :func:`check_budgets` checks the labels as given (before any
 work); :func:`resolve_budgets`, the one resolver, turns a run's labels for a method into
-:class:`localization.ranking.ResolvedBudget` (label, n) once; the localize step and the repair sweep carry those.
+:class:`vitfl.localization.ranking.ResolvedBudget` (label, n) once; the localize step and the repair sweep carry those.
 
 Readers that list results (FL evaluation, the repair aggregation) keep only those made from the run's *current*
 inputs (:func:`stale_reasons`: the recorded model, state-cache and setting hashes against the run's own now), and
@@ -28,11 +28,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from core.io import provenance
-from core.runstore import RunStore, identity_key
-from localization.base import FL_METHODS, FLResult, method_meta, selects_own
-from localization.ranking import DEFAULT_BUDGETS, BudgetError, ResolvedBudget, budget_size, parse_budget, select
-from pipeline.context import RunContext
+from vitfl.core.io import provenance
+from vitfl.core.runstore import RunStore, identity_key
+from vitfl.localization.base import FL_METHODS, FLResult, method_meta, selects_own
+from vitfl.localization.ranking import DEFAULT_BUDGETS, BudgetError, ResolvedBudget, budget_size, parse_budget, select
+from vitfl.pipeline.context import RunContext
 
 __all__ = ["BENCHMARK_SETTINGS", "N_AVG_METHOD", "fl_identity", "run_method", "resolve_n_avg", "resolve_budgets",
            "run_localization", "load_fl_result", "fl_results", "current_fl_results", "check_budgets",
@@ -52,7 +52,7 @@ NOT_APPLICABLE_MARKERS = ("needs at least", "needs >= ", "at least 2 inputs", "n
 
 def resolved_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The method's constructor defaults merged with ``options`` checked by the one options rule
-    (:meth:`core.registry.Registry.check_options`: names, types, declared ranges; the same check as the command
+    (:meth:`vitfl.core.registry.Registry.check_options`: names, types, declared ranges; the same check as the command
     lines' and the experiment configs')."""
     defaults = FL_METHODS.options(method)
     defaults.pop("seed", None)
@@ -68,7 +68,7 @@ def fl_identity(ctx: RunContext, method: str, setting: str, options: Mapping[str
 
 def check_budgets(budgets: Iterable[int | str], total: int | None = None) -> list[int | str]:
     """Budget labels as given (ints, shares ``"P%"`` of the layer, "avg", "front") in canonical form
-    (:func:`localization.ranking.parse_budget`), deduplicated, checked before any work: a list, positive, at most
+    (:func:`vitfl.localization.ranking.parse_budget`), deduplicated, checked before any work: a list, positive, at most
     the layer's size (``total``, when known: the scripts and configs check without a model). A share stays a share
     here; :func:`resolve_budgets` turns the labels into their sizes (and checks them against the layer)."""
     if isinstance(budgets, (str, int)):
@@ -94,7 +94,7 @@ def _record(res: FLResult, identity: Mapping[str, Any], scores_rel: str, setting
 
 def load_fl_result(store: RunStore, rec: Mapping[str, Any]) -> FLResult:
     """An :class:`FLResult` from a stored record (weights from the JSON, scores from its safetensors file)."""
-    from core.io import load_tensors
+    from vitfl.core.io import load_tensors
 
     tensors, _ = load_tensors(store.abs(rec["scores_file"]))
     return FLResult(method=rec["method"], level=rec["level"], budget=rec["budget"], scores=tensors["scores"],
@@ -111,7 +111,7 @@ def run_method(ctx: RunContext, method: str, setting: str, budgets: Sequence[int
     """One method on one setting at resolved budgets (ints or "front"): (results by budget, a status row).
 
     Results on disk with the same identity are read, not recomputed. ``save=False`` computes without writing."""
-    from lightning_modules.fl_runner import compute_scores, setting_rows
+    from vitfl.lightning_modules.fl_runner import compute_scores, setting_rows
 
     store = ctx.store
     meta = method_meta(method)
@@ -190,7 +190,7 @@ def _status_kind(status: str) -> str:
 
 
 def _sort_budgets(budgets):
-    from core.style import sort_budgets
+    from vitfl.core.style import sort_budgets
 
     return sort_budgets(budgets)
 
@@ -265,7 +265,7 @@ def resolve_budgets(ctx: RunContext, method: str, budgets: Sequence[int | str], 
     """The one resolver: a run's budget labels for ``method`` as :class:`ResolvedBudget` (label, n), one per
     label in the order given. Made once per (run, method) and carried (no caller derives n from a label again).
 
-    * an int or a share ``"P%"`` -> its count of the run's layer (:func:`localization.ranking.budget_size`; a
+    * an int or a share ``"P%"`` -> its count of the run's layer (:func:`vitfl.localization.ranking.budget_size`; a
       budget larger than the layer is a :class:`BudgetError` for every method, before N_avg is looked up);
     * ``"avg"`` -> N_avg (:func:`resolve_n_avg` of :data:`N_AVG_METHOD` with ``n_avg_options``, ``n_avg_seed``,
       ``batch_size``, ``trainer_kwargs``: read from the store, computed only when missing);

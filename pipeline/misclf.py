@@ -1,4 +1,4 @@
-"""The misclassification step: the settings of the repair split (``localization.misclf.analyze``) and the
+"""The misclassification step: the settings of the repair split (``vitfl.localization.misclf.analyze``) and the
 confusion-matrix figure, written to the run store."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from core.runstore import RunStore
-from lightning_modules.runs import UnsafeConfigError, datamodule_from_run, load_run
-from localization.misclf import DEFAULT_KINDS, analyze
+from vitfl.core.runstore import RunStore
+from vitfl.lightning_modules.runs import UnsafeConfigError, datamodule_from_run, load_run
+from vitfl.localization.misclf import DEFAULT_KINDS, analyze
 
 __all__ = ["step_misclf", "ensure_misclf", "plot_confusion"]
 
@@ -19,7 +19,7 @@ def step_misclf(store: RunStore, split: str = "repair", ranks: int = 3, seed: in
                 pos_fraction: float = 0.05, tie_order: str = "pred_true", no_true_input: str = "skip",
                 kinds=DEFAULT_KINDS) -> dict[str, Any]:
     """Write ``misclf/misclf_info.json`` and the confusion figure; ``tie_order``, ``no_true_input`` and ``kinds``
-    are :func:`localization.misclf.analyze`'s options (recorded in the JSON under ``options``)."""
+    are :func:`vitfl.localization.misclf.analyze`'s options (recorded in the JSON under ``options``)."""
     states = load_run(store).states(split)
     info = analyze(states.label, states.pred, states.index, num_classes=states.logits.shape[1], ranks=ranks,
                    pos_fraction=pos_fraction, seed=seed, split=split, tie_order=tie_order,
@@ -32,7 +32,7 @@ def step_misclf(store: RunStore, split: str = "repair", ranks: int = 3, seed: in
         raise
     except Exception:  # noqa: BLE001 - class names are decoration only (e.g. the data folder is not mounted)
         names = None
-    from core.style import save_figure
+    from vitfl.core.style import save_figure
 
     stem = store.path("misclf_figure", ext="png").with_suffix("")
     save_figure(plot_confusion(info, names), stem, dpi=150, writer=store.save_figure)
@@ -46,9 +46,9 @@ def ensure_misclf(store: RunStore, split: str = "repair", kinds=DEFAULT_KINDS, *
     asked for, so experiments that share a run directory but need different kinds do not rebuild it in turn
     (settings are content-hashed in every result identity, so a rebuilt analysis never mixes results of other input
     sets). Returns the counts (done / skipped)."""
-    from core.io import read_json
-    from core.states import read_metadata
-    from localization.misclf import ALL_KINDS
+    from vitfl.core.io import read_json
+    from vitfl.core.states import read_metadata
+    from vitfl.localization.misclf import ALL_KINDS
 
     kinds = list(kinds)
     if store.misclf_info.is_file():
@@ -67,11 +67,11 @@ def ensure_misclf(store: RunStore, split: str = "repair", kinds=DEFAULT_KINDS, *
 
 def plot_confusion(info: dict[str, Any], class_names: list[str] | None = None):
     """A confusion-matrix figure (counts, log colour scale; rows = true class) of an ``analyze`` result or any
-    ``{"confusion", "split", "n", "accuracy"}`` dict, in the house style (:mod:`core.style`): single-column
+    ``{"confusion", "split", "n", "accuracy"}`` dict, in the house style (:mod:`vitfl.core.style`): single-column
     width up to 20 classes (counts printed), wider for more."""
     from matplotlib.colors import LogNorm
 
-    from core import style
+    from vitfl.core import style
 
     c = np.asarray(info["confusion"])
     k = c.shape[0]

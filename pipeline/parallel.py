@@ -6,7 +6,7 @@ the caller's shard: worker i runs shard ``(k + n i, n workers)``. Each worker st
 OpenMP state inherited), gets ``threads`` intra-op threads (default: this process's threads split evenly, at
 least 1: the testbed's small matrix products use 2 processes x 1 thread better than 1 x 2) and returns its rows,
 which are concatenated in worker order. Workers start with passive OpenMP waiting in their environment
-(:data:`core.threads.OPENMP_DEFAULTS`, unless the user chose a wait policy; :func:`core.threads.openmp_env`): their
+(:data:`vitfl.core.threads.OPENMP_DEFAULTS`, unless the user chose a wait policy; :func:`vitfl.core.threads.openmp_env`): their
 idle OpenMP threads sleep instead of spinning on cores that the other workers or processes need (results do not
 change). An exception in a worker is raised here after the others finished (what they wrote stays on disk, so a
 rerun resumes).
@@ -237,7 +237,7 @@ def run_sharded(fn: Callable[..., list], kwargs: Mapping[str, Any], workers: int
 
     if workers == 1:
         return list(fn(**kwargs, shard=shard))
-    from core.threads import openmp_env
+    from vitfl.core.threads import openmp_env
 
     threads = threads or max(1, torch.get_num_threads() // workers)
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,

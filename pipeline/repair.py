@@ -2,15 +2,15 @@
 run store, then tables, figures and statistics.
 
 A run (:class:`RepairTask`) repairs one setting of one run directory ("dataset") with the weights one FL method
-located at one budget, seeded by its repetition. Its identity (:mod:`core.runstore`) is the FL result's identity
+located at one budget, seeded by its repetition. Its identity (:mod:`vitfl.core.runstore`) is the FL result's identity
 (method, all its options, seed, setting, resolved budget, input hashes), the repair method and *all* its options
 (generations, fitness, update mode, ... as resolved), the repetition and seed, and the hashes of the test cache:
 two sweeps that differ in one option write two results and both are reported; a rerun with the same identity is
 skipped. FL methods that are redrawn per repetition (``reseed_per_rep``, e.g. random) use the repetition as their
 seed; the others are localized once. A task carries its budget resolved (:class:`ResolvedBudget`: the label as
 given, for tables, and the number n of weights, for the identity), made once per (run directory, FL method) by
-:func:`build_grid` through ``pipeline.localize.resolve_budgets``: methods that select their own set
-(``own_selection``, e.g. BL) get "front"; ``"avg"`` = N_avg of the run (``pipeline.localize.resolve_n_avg``: one
+:func:`build_grid` through ``vitfl.pipeline.localize.resolve_budgets``: methods that select their own set
+(``own_selection``, e.g. BL) get "front"; ``"avg"`` = N_avg of the run (``vitfl.pipeline.localize.resolve_n_avg``: one
 value per run, whatever settings the sweep covers).
 
 Concurrent workers on one run claim each task (a lock file in the store), so no task runs twice; ``shard=(k, n)``
@@ -32,14 +32,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from core.io import provenance
-from core.runstore import RunStore, UnsafePathError, identity_key
-from lightning_modules.repair import REPAIRS
-from localization.base import FL_METHODS, method_meta
-from localization import ranking
-from localization.ranking import ResolvedBudget
-from pipeline.context import RunContext
-from pipeline.localize import (N_AVG_METHOD, STALE_WHY, check_budgets, count_stale, disk_full_names, fl_identity,
+from vitfl.core.io import provenance
+from vitfl.core.runstore import RunStore, UnsafePathError, identity_key
+from vitfl.lightning_modules.repair import REPAIRS
+from vitfl.localization.base import FL_METHODS, method_meta
+from vitfl.localization import ranking
+from vitfl.localization.ranking import ResolvedBudget
+from vitfl.pipeline.context import RunContext
+from vitfl.pipeline.localize import (N_AVG_METHOD, STALE_WHY, check_budgets, count_stale, disk_full_names, fl_identity,
                                resolve_budgets, run_method, stale_note, stale_reasons)
 
 __all__ = ["RepairTask", "DEFAULT_METHODS", "DEFAULT_BUDGETS", "parse_shard", "dataset_dirs", "build_grid",
@@ -111,13 +111,13 @@ def dataset_dirs(run_dirs: Mapping[str, str | Path] | Sequence[str | Path]) -> d
 
 
 def _budget_key(b: int | str) -> tuple:
-    from core.style import budget_key
+    from vitfl.core.style import budget_key
 
     return budget_key(b)
 
 
 def _available_settings(root: Path) -> dict[str, Any]:
-    from pipeline.context import load_misclf
+    from vitfl.pipeline.context import load_misclf
 
     info = load_misclf(RunStore(root))
     return info
@@ -132,10 +132,10 @@ def build_grid(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Ite
     setting a run directory has neither made nor reported as skipped are errors.
 
     Each task carries its budget resolved once per (run directory, FL method) by
-    :func:`pipeline.localize.resolve_budgets` (shares against the run's layer; ``"avg"``: the run's N_avg, from
+    :func:`vitfl.pipeline.localize.resolve_budgets` (shares against the run's layer; ``"avg"``: the run's N_avg, from
     the store or computed with ``fl_options[N_AVG_METHOD]``, seed 0 and ``fl_batch_size``). ``contexts``: the
     runs' :class:`RunContext` by run directory, used and filled (the sweep passes its own: one model load)."""
-    from pipeline.localize import BENCHMARK_SETTINGS
+    from vitfl.pipeline.localize import BENCHMARK_SETTINGS
 
     dirs = dataset_dirs(run_dirs)
     methods = FL_METHODS.check(list(dict.fromkeys(methods)))
@@ -185,7 +185,7 @@ def shard_tasks(tasks: Sequence[RepairTask], shard: str | tuple[int, int] | None
 # ------------------------------------------------------------------------------------------------- one run
 def resolved_repair_options(repair: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The repair method's constructor defaults merged with ``options`` checked by the one options rule
-    (:meth:`core.registry.Registry.check_options`: unknown names, wrong types and values outside the method's
+    (:meth:`vitfl.core.registry.Registry.check_options`: unknown names, wrong types and values outside the method's
     declared ranges are errors, naming the option; ints stay ints, an int for a float option becomes a float)."""
     defaults = REPAIRS.options(repair)
     defaults.pop("seed", None)
@@ -218,9 +218,9 @@ def run_task(task: RepairTask, ctx: RunContext, identity: Mapping[str, Any], pat
              fl_batch_size: int = 512, logger: bool = False, progress_bar: bool = False, accelerator: str = "cpu",
              config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One repair run; returns the result record (also written, atomically, to ``path``)."""
-    from lightning_modules.repair.base import fit_repair
-    from lightning_modules.repair.metrics import evaluate_patch
-    from localization.misclf import target_mask
+    from vitfl.lightning_modules.repair.base import fit_repair
+    from vitfl.lightning_modules.repair.metrics import evaluate_patch
+    from vitfl.localization.misclf import target_mask
 
     t_start = time.perf_counter()
     store = ctx.store
@@ -296,7 +296,7 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
     worker 0 first)."""
     if on_error not in ("continue", "raise"):
         raise ValueError(f"on_error must be 'continue' or 'raise', got {on_error!r}")
-    from pipeline.parallel import resolve_workers, run_sharded
+    from vitfl.pipeline.parallel import resolve_workers, run_sharded
 
     # every option checked once, before any work (and the checked values are the ones every run uses and records)
     REPAIRS.check([repair])
@@ -480,7 +480,7 @@ def _method_order(methods: Iterable[str]) -> list[str]:
 
 
 def _budget_order(budgets: Iterable[str]) -> list[str]:
-    from core.style import sort_budgets
+    from vitfl.core.style import sort_budgets
 
     return sort_budgets(budgets)
 
@@ -497,7 +497,7 @@ def summary_table(df, by: Sequence[str] = (), confidence: float = 0.95) -> "pd.D
     * ``rr_mean`` / ``rr_std`` etc.: the per-run means and standard deviations over the runs that have the value
       (the published tables' mean over repetitions), ``runs_with_rr``, and ``runs_without_target`` (runs with no
       target in the test fold: counted, never dropped in silence); ``n_runs``, ``n_weights``."""
-    from evaluation.intervals import bootstrap_mean, pooled_rate
+    from vitfl.evaluation.intervals import bootstrap_mean, pooled_rate
 
     keys = ["dataset", "repair", "fl_method", "budget", *by]
     g = df.groupby(keys, sort=False)
@@ -554,7 +554,7 @@ def _markdown(table, by: Sequence[str] = ()) -> str:
     """The headline table: the header of each column says the split and n (totals over the table's runs)."""
     import pandas as pd
 
-    from evaluation.stats import to_markdown
+    from vitfl.evaluation.stats import to_markdown
 
     n_runs = int(table["n_runs"].sum())
     head_rr = (f"RR (test fold, n = {int(table['n_test_targets'].sum())} targets over {n_runs} runs; pooled, "
@@ -638,14 +638,14 @@ def fitness_curves(run_dirs, df) -> "pd.DataFrame":  # noqa: F821
 def _plots(store: RunStore, df, table, by_kind, curves, out_dir: Path) -> tuple[list[Path], dict[str, str]]:
     """The repair figures (PNG + PDF) per (dataset, repair); returns (files, {stem: reason} for the figures with
     nothing to plot)."""
-    from evaluation import figures as figs
+    from vitfl.evaluation import figures as figs
 
     paths, empty = [], {}
 
     def save(fig, stem):
         made = figs.save_figure(fig, out_dir / stem, writer=store.save_figure)
         if not made:
-            from core.style import is_nothing_to_plot
+            from vitfl.core.style import is_nothing_to_plot
 
             empty[stem] = is_nothing_to_plot(fig) or "nothing to plot"
         paths.extend(made)
@@ -680,7 +680,7 @@ def statistics(df, pairs: Sequence[tuple[str, str]] | None = None):
     comparison; the tables' ``n`` / ``n_a`` / ``n_b`` columns say how many runs each row used."""
     import pandas as pd
 
-    from evaluation.stats import mann_whitney_holm, wilcoxon_holm
+    from vitfl.evaluation.stats import mann_whitney_holm, wilcoxon_holm
 
     paired, unpaired = [], []
     order = {b: i for i, b in enumerate(_budget_order(df["budget"]))}
@@ -722,7 +722,7 @@ def aggregate(run_dirs, summary_dir: str | Path | None = None,
     written to ``summary_dir`` (default: the first run directory's ``repair/summary``), plus ``manifest.json``: for
     each table and figure its file, split, n and a caption (what the report links), and ``provenance``: how many
     results were left out as stale, and why. The return value's ``stale_note`` says the same in one sentence."""
-    from evaluation.stats import write_stats_table
+    from vitfl.evaluation.stats import write_stats_table
 
     dirs = dataset_dirs(run_dirs)
     store = RunStore(next(iter(dirs.values())))

@@ -9,7 +9,7 @@ listed as "nothing to plot" (with the reason), never drawn empty. Sections (each
 
 0. the headline: what the checkpoint benchmark's ground truth follows under each optimizer, each FL benchmark's
    methods sorted by score with intervals, exact tests against random and a sentence saying whether it separates
-   any method from random (``fl_eval/headline.md``, :mod:`evaluation.headline`), and repairability@N
+   any method from random (``fl_eval/headline.md``, :mod:`vitfl.evaluation.headline`), and repairability@N
    (``repair/summary/repairability.md``);
 1. the experiment config (the ``config`` passed in, else the run's ``run_config.yaml``), the model, the splits;
 2. FL: links to the statistics, the FL evaluation figures, cost vs quality (FL time per method from
@@ -35,8 +35,8 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from core.io import FileFormatError, read_json
-from core.runstore import RunStore, require_store
+from vitfl.core.io import FileFormatError, read_json
+from vitfl.core.runstore import RunStore, require_store
 
 __all__ = ["write_report", "report_links", "check_report", "markdown_to_html"]
 
@@ -168,8 +168,8 @@ def _repair_headline(page: _Page, folder: Path) -> None:
     BR, and the paired verdict against random (from one repair summary and its Wilcoxon / Holm table)."""
     import pandas as pd
 
-    from evaluation.headline import repair_verdicts
-    from evaluation.stats import to_markdown
+    from vitfl.evaluation.headline import repair_verdicts
+    from vitfl.evaluation.stats import to_markdown
 
     store = page.store
     table_csv = store.summary_file("summary", folder, ext="csv")
@@ -205,7 +205,7 @@ def _fl_headline(page: _Page) -> None:
 
 
 def _fl_cost_vs_quality(page: _Page) -> None:
-    from evaluation import figures as figs
+    from vitfl.evaluation import figures as figs
 
     store = page.store
     timing, bench = store.fl_timing, store.fl_eval("checkpoint_benchmark.csv")
@@ -235,7 +235,7 @@ def _fl_cost_vs_quality(page: _Page) -> None:
                                y_lo="min", y_hi="max")
     stem = store.path("report", name="fl_cost_vs_quality")
     made = figs.save_figure(fig, stem, writer=store.save_figure)
-    from core.style import is_nothing_to_plot
+    from vitfl.core.style import is_nothing_to_plot
 
     page.figure(stem.with_suffix(".png"), "FL cost vs quality (bars: min-max over settings)",
                 "FL time on the repair split's settings; P@1% on the checkpoint benchmark",
@@ -308,7 +308,7 @@ def _crossval(page: _Page) -> None:
 
 def _testbed(page: _Page) -> None:
     """Which block's FFN the model needs (the last block's numbers on the cached states; the per-block curve of
-    :func:`evaluation.testbed.layer_curve`, drawn as ``report/layer_curve.png|pdf``), and what the checkpoint
+    :func:`vitfl.evaluation.testbed.layer_curve`, drawn as ``report/layer_curve.png|pdf``), and what the checkpoint
     benchmark's ground truth follows."""
     info = _read_json(page.store.path("testbed"))
     if not info:
@@ -339,7 +339,7 @@ def _testbed(page: _Page) -> None:
 
 def _layer_curve(page: _Page, curve: Mapping[str, Any]) -> None:
     """The per-block layer study: a table (one row per block) and its figure, each stating split and n."""
-    from evaluation import figures as figs
+    from vitfl.evaluation import figures as figs
 
     store = page.store
     name = str(curve.get("split", "test"))
@@ -358,7 +358,7 @@ def _layer_curve(page: _Page, curve: Mapping[str, Any]) -> None:
     stem = store.path("report", name="layer_curve")
     fig = figs.layer_curve(pd.DataFrame(curve["blocks"]), float(curve["acc"]), f"{split}, n={curve['n']}")
     made = figs.save_figure(fig, stem, writer=store.save_figure)
-    from core.style import is_nothing_to_plot
+    from vitfl.core.style import is_nothing_to_plot
 
     page.figure(stem.with_suffix(".png"), "Layer study: top-1 with each block's FFN removed, and the FFN output's "
                 "share of the residual stream, per block", split, n,
@@ -369,7 +369,7 @@ def _layer_curve(page: _Page, curve: Mapping[str, Any]) -> None:
 def confusion_of_split(store: RunStore, split: str = "test") -> dict[str, Any] | None:
     """The confusion matrix of the cached ``split`` states (torchmetrics ``MulticlassConfusionMatrix``, rows =
     true class) as ``{"confusion", "split", "n", "accuracy"}``; None without a cache."""
-    from core.states import CacheError, load_states
+    from vitfl.core.states import CacheError, load_states
     from torchmetrics.classification import MulticlassConfusionMatrix
 
     path = store.states(split)
@@ -387,8 +387,8 @@ def confusion_of_split(store: RunStore, split: str = "test") -> dict[str, Any] |
 
 
 def _confusion(page: _Page) -> None:
-    from evaluation import figures as figs
-    from pipeline.misclf import plot_confusion
+    from vitfl.evaluation import figures as figs
+    from vitfl.pipeline.misclf import plot_confusion
 
     store = page.store
     info = confusion_of_split(store)
@@ -408,7 +408,7 @@ def _confusion(page: _Page) -> None:
 
 # ----------------------------------------------------------------------------------------------------- adequacy
 def _adequacy(page: _Page) -> None:
-    from adequacy.experiments import ARTIFACTS
+    from vitfl.adequacy.experiments import ARTIFACTS
 
     store = page.store
     # the run's own adequacy folder (scripts, the coverage step) and one per experiment (adequacy/<name>_<variant>/)

@@ -1,11 +1,11 @@
 """The testbed step: what the model's last FFN does for its predictions and what the checkpoint benchmark
-measures (:mod:`evaluation.testbed`), written once per set of checkpoints to ``report/testbed.json``, which the
+measures (:mod:`vitfl.evaluation.testbed`), written once per set of checkpoints to ``report/testbed.json``, which the
 report draws."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from core.runstore import RunStore
+from vitfl.core.runstore import RunStore
 
 __all__ = ["step_testbed"]
 
@@ -14,7 +14,7 @@ def step_testbed(store: RunStore, log: Callable[[str], None] = print) -> dict[st
     """Layer study (test accuracy with each block's FFN removed), the per-block curve and, with two or more
     checkpoints, the checkpoint diagnostics; skipped when ``report/testbed.json`` was made from the same checkpoint
     files (their content hashes are its identity). Returns counts (done / skipped) for the experiment log."""
-    from evaluation.testbed import testbed_checks
+    from vitfl.evaluation.testbed import testbed_checks
 
     epochs = store.checkpoint_epochs()
     if not epochs:

@@ -13,7 +13,7 @@ A data set's ``train`` block::
         epochs: 30
         args: []
 
-Training runs through :class:`lightning_modules.cli.ToolkitCLI` (``scripts/train.py`` is the same CLI). An
+Training runs through :class:`vitfl.lightning_modules.cli.ToolkitCLI` (``scripts/train.py`` is the same CLI). An
 interrupted fit resumes from the run's ``checkpoints/last.ckpt``. Paths written into the run (the fine-tune model
 config's ``pretrained_path``) are relative to the run root, so a moved run resumes.
 """
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from core.runstore import RunStore
+from vitfl.core.runstore import RunStore
 
 __all__ = ["fit", "pretrain", "export_pretrained", "finetune_model_config", "train", "test"]
 
@@ -40,7 +40,7 @@ def fit(store: RunStore, configs: Sequence[str | Path], epochs: int, args: Seque
     one); skipped when that epoch's checkpoint exists. Returns whether it trained."""
     if epochs in store.checkpoint_epochs():
         return False
-    from lightning_modules.cli import ToolkitCLI
+    from vitfl.lightning_modules.cli import ToolkitCLI
 
     root = Path(root or Path.cwd())
     argv = ["fit"]
@@ -61,10 +61,10 @@ def export_pretrained(ckpt_path: str | Path, out_dir: Path) -> Path:
     ``google/vit-base-patch16-224-in21k``); timm: ``out_dir/model.safetensors`` with every ``head.*`` entry dropped.
 
     Atomic: the HF folder is written beside ``out_dir`` and renamed into place (a kill never leaves a folder whose
-    ``config.json`` says "done" beside partial weights); the timm file through :mod:`core.io` (with its content
+    ``config.json`` says "done" beside partial weights); the timm file through :mod:`vitfl.core.io` (with its content
     hash)."""
-    from core.io import atomic_save_tensors
-    from lightning_modules.runs import load_classifier
+    from vitfl.core.io import atomic_save_tensors
+    from vitfl.lightning_modules.runs import load_classifier
 
     model = load_classifier(ckpt_path)
     out_dir = Path(out_dir)
@@ -163,9 +163,9 @@ def train(store: RunStore, spec: Mapping[str, Any] | None, root: Path | None = N
 def test(store: RunStore, log: Callable[[str], None] = print) -> dict[str, float]:
     """Test the run's last epoch on its held-out fold (``test_metrics``; TensorBoard ``tb/test``); skipped when that
     epoch's metrics exist (no second TensorBoard run)."""
-    from core.io import read_json
+    from vitfl.core.io import read_json
 
-    from lightning_modules.runs import load_run_model
+    from vitfl.lightning_modules.runs import load_run_model
 
     model, epoch = load_run_model(store)
     done = store.path("test_metrics", epoch=epoch)
@@ -175,7 +175,7 @@ def test(store: RunStore, log: Callable[[str], None] = print) -> dict[str, float
         import lightning as L
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        from lightning_modules.runs import datamodule_from_run
+        from vitfl.lightning_modules.runs import datamodule_from_run
 
         tb = TensorBoardLogger(save_dir=str(store.root), name="tb", version="test", default_hp_metric=False)
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=tb, enable_progress_bar=False,

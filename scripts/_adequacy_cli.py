@@ -153,8 +153,8 @@ def _with_quick(argv: List[str]) -> List[str]:
 
 def _run(rq: str, a) -> None:
     _cli.quiet()
-    from core.runstore import RunStore
-    from pipeline.adequacy import run_rq
+    from vitfl.core.runstore import RunStore
+    from vitfl.pipeline.adequacy import run_rq
 
     out = run_rq(rq, config_dict(a), RunStore(a.run_dir).adequacy_dir, progress=a.progress != "none")
     for name, df in ((k, v) for k, v in out["results"].items() if k != "detail"):

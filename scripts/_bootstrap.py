@@ -8,6 +8,6 @@ if ROOT not in sys.path:
 
 # idle OpenMP threads sleep instead of spinning (a shared machine slowed the DE 11x, now 4x; results unchanged):
 # must happen before torch is imported; a wait policy the user set wins (core/threads.py, docs/benchmarks.md)
-from core.threads import configure_openmp  # noqa: E402
+from vitfl.core.threads import configure_openmp  # noqa: E402
 
 configure_openmp()

@@ -17,7 +17,7 @@ nothing heavy (no torch): the scripts import the pipeline after parsing.
 
 Signals: a script stopped by SIGTERM or SIGINT (:func:`guard`) exits with status 128 + the signal's number (143,
 130) after one paragraph naming the step it stopped in and the command that resumes it (every step skips what the
-run store holds); worker processes (``pipeline.parallel``) pass the interruption back instead of ending as a
+run store holds); worker processes (``vitfl.pipeline.parallel``) pass the interruption back instead of ending as a
 success."""
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ import _bootstrap  # noqa: F401
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 #: a budget: a positive number of weights, a share of the layer "P%" (e.g. "0.01%"), "avg" (N_avg) or "front"
-#: (the method's own selection); each step checks it (localization.ranking.parse_budget) before any work
+#: (the method's own selection); each step checks it (vitfl.localization.ranking.parse_budget) before any work
 Budget = Union[int, str]
-#: the default budgets (pipeline.repair.DEFAULT_BUDGETS: localization.ranking.DEFAULT_BUDGETS + "avg", spelled out so
+#: the default budgets (vitfl.pipeline.repair.DEFAULT_BUDGETS: localization.ranking.DEFAULT_BUDGETS + "avg", spelled out so
 #: --help imports no torch; tests/test_cli_vocabulary.py compares them): the published 236 / 472 / 944 of ViT-B/16's
 #: 4,718,592 weights as shares, so a smaller model gets the same shares
 DEFAULT_BUDGETS = ["0.005%", "0.01%", "0.02%", "avg"]
@@ -212,8 +212,8 @@ def add_method_options(p: StepParser, help: str, key: str = "--method_options") 
 
 def __getattr__(name):
     if name == "RUN_ERRORS":
-        from lightning_modules.runs import RunError
-        from core.states import CacheError
+        from vitfl.lightning_modules.runs import RunError
+        from vitfl.core.states import CacheError
 
         return (FileNotFoundError, KeyError, ValueError, RunError, CacheError)
     if name == "KNOWN_ERRORS":
@@ -225,12 +225,12 @@ def known_errors() -> tuple[type[BaseException], ...]:
     """The failures a script reports with a message (a file, a value, a run state the user can fix), not with a
     traceback: bad values and files, unreadable or stale results, missing files and full disks (OSError), a run
     that cannot be loaded, a fault that cannot be injected, a non-finite fitness, a patch of another head."""
-    from core.runstore import ResultError
-    from evaluation.injected_faults import InjectionError
-    from evaluation.optimizer_replay import ReplayError
-    from lightning_modules.repair.patch import PatchMismatchError
-    from lightning_modules.runs import RunError
-    from core.states import CacheError
+    from vitfl.core.runstore import ResultError
+    from vitfl.evaluation.injected_faults import InjectionError
+    from vitfl.evaluation.optimizer_replay import ReplayError
+    from vitfl.lightning_modules.repair.patch import PatchMismatchError
+    from vitfl.lightning_modules.runs import RunError
+    from vitfl.core.states import CacheError
 
     return (ValueError, KeyError, OSError, RunError, CacheError, ResultError, InjectionError, ReplayError,
             PatchMismatchError, FloatingPointError)
@@ -249,7 +249,7 @@ _DEBUG: dict[str, bool | None] = {"on": None}
 
 
 def _is_disk_full(err: BaseException) -> bool:
-    from pipeline.localize import is_disk_full
+    from vitfl.pipeline.localize import is_disk_full
 
     return is_disk_full(err)
 
@@ -257,7 +257,7 @@ def _is_disk_full(err: BaseException) -> bool:
 def message(err: BaseException) -> str:
     """One paragraph (no blank line) saying what went wrong, what to do, and where."""
     if _is_disk_full(err):
-        from pipeline.localize import DiskFullError
+        from vitfl.pipeline.localize import DiskFullError
 
         path = getattr(err, "filename", None)
         where = Path(path).parent if path else None
@@ -303,7 +303,7 @@ def resume_command(argv: list[str] | None = None) -> str:
 
 def interrupted_message(script: str, stop: BaseException, argv: list[str] | None = None) -> str:
     """One paragraph: which signal stopped ``script`` in which step, what is kept, and the command that resumes."""
-    from pipeline.parallel import current_step
+    from vitfl.pipeline.parallel import current_step
 
     step = current_step() or getattr(stop, "step", None) or script
     cmd = resume_command(argv)
@@ -325,14 +325,14 @@ def guard(script: str | Callable[..., str]) -> Callable[[Callable[..., Any]], Ca
     keeps its traceback. ``script``: the name the message starts with (or a function of ``main``'s arguments
     giving it).
 
-    SIGTERM / SIGINT while ``main`` runs (``pipeline.parallel.interrupt_handlers``): one paragraph naming the step
+    SIGTERM / SIGINT while ``main`` runs (``vitfl.pipeline.parallel.interrupt_handlers``): one paragraph naming the step
     it stopped in and the command that resumes it (:func:`interrupted_message`), exit status 128 + the signal's
     number (143 / 130), with or without ``--debug``."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
-            from pipeline.parallel import as_interrupted, interrupt_handlers
+            from vitfl.pipeline.parallel import as_interrupted, interrupt_handlers
 
             argv = kwargs.get("argv")
             if argv is None:
@@ -367,7 +367,7 @@ def guard(script: str | Callable[..., str]) -> Callable[[Callable[..., Any]], Ca
 
 
 def quiet() -> None:
-    """The toolkit's one list of known warnings and info loggers silenced (core.quiet)."""
-    from core.quiet import quiet as _quiet
+    """The toolkit's one list of known warnings and info loggers silenced (vitfl.core.quiet)."""
+    from vitfl.core.quiet import quiet as _quiet
 
     _quiet()

@@ -41,9 +41,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     _cli.quiet()
-    from core.runstore import RunStore
-    from localization.misclf import ALL_KINDS, DEFAULT_KINDS, NO_TRUE_INPUT_RULES, TIE_ORDERS
-    from pipeline.misclf import step_misclf
+    from vitfl.core.runstore import RunStore
+    from vitfl.localization.misclf import ALL_KINDS, DEFAULT_KINDS, NO_TRUE_INPUT_RULES, TIE_ORDERS
+    from vitfl.pipeline.misclf import step_misclf
 
     no_true_input = a.no_true_input or ("recall_zero" if a.published else "skip")
     kinds = a.kinds or (ALL_KINDS if a.published else DEFAULT_KINDS)

@@ -37,7 +37,7 @@ def parse(argv=None):
         p.error(f"--devices must be >= 1, got {a.devices}")
     if a.epoch is not None and a.epoch < 0:
         p.error(f"--epoch must be >= 0, got {a.epoch}")
-    from core.runstore import RunStore
+    from vitfl.core.runstore import RunStore
 
     if not RunStore(a.run_dir).root.is_dir():
         p.error(f"--run_dir {a.run_dir} is not a directory (train first: scripts/train.py fit ... "
@@ -49,8 +49,8 @@ def parse(argv=None):
 def main(argv=None) -> int:
     a = parse(argv)
     _cli.quiet()
-    from core.runstore import RunStore
-    from lightning_modules.runs import cache_run_states
+    from vitfl.core.runstore import RunStore
+    from vitfl.lightning_modules.runs import cache_run_states
 
     kw = {"accelerator": a.accelerator, "devices": a.devices}
     if a.devices > 1:

@@ -65,11 +65,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     _cli.quiet()
-    from core.runstore import RunStore
-    from evaluation.interventions import MODES
-    from localization.base import FL_METHODS
-    from pipeline.evaluate_fl import PARTS, run_evaluation
-    from pipeline.experiment import check_fl_options
+    from vitfl.core.runstore import RunStore
+    from vitfl.evaluation.interventions import MODES
+    from vitfl.localization.base import FL_METHODS
+    from vitfl.pipeline.evaluate_fl import PARTS, run_evaluation
+    from vitfl.pipeline.experiment import check_fl_options
 
     try:
         for name, given, allowed in (("parts", a.parts, PARTS), ("modes", a.modes, MODES)):
@@ -81,16 +81,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         FL_METHODS.check(list(a.methods or []) + list(a.method_options))
         method_opts = {m: check_fl_options(m, o) for m, o in a.method_options.items()}
         if a.budgets is not None:
-            from pipeline.localize import check_budgets
+            from vitfl.pipeline.localize import check_budgets
 
             check_budgets(a.budgets)
         if a.n_random is not None and a.n_random < 1:
             raise ValueError(f"--n_random must be >= 1, got {a.n_random}")
         if not 0 < a.pos_fraction <= 1:
             raise ValueError(f"--pos_fraction must be in (0, 1], got {a.pos_fraction}")
-        from evaluation.injected_faults import strength_requirement
-        from evaluation.ranking_metrics import COMPARISONS, K_ROUNDINGS
-        from pipeline.evaluate_fl import OPTIMIZERS
+        from vitfl.evaluation.injected_faults import strength_requirement
+        from vitfl.evaluation.ranking_metrics import COMPARISONS, K_ROUNDINGS
+        from vitfl.pipeline.evaluate_fl import OPTIMIZERS
 
         for name, given, allowed in (("comparisons", a.comparisons, COMPARISONS), ("optimizers", a.optimizers,
                                                                                    OPTIMIZERS),

@@ -35,17 +35,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     _cli.quiet()
-    from localization.base import FL_METHODS
+    from vitfl.localization.base import FL_METHODS
 
     if a.list:
         print(FL_METHODS.listing(verbose=a.verbose))
         return 0
-    from core.io import is_rank_zero
-    from core.runstore import RunStore
-    from localization.ranking import BudgetError
-    from pipeline.experiment import summarize_rows
-    from pipeline.experiment import check_fl_options
-    from pipeline.localize import check_budgets, run_localization
+    from vitfl.core.io import is_rank_zero
+    from vitfl.core.runstore import RunStore
+    from vitfl.localization.ranking import BudgetError
+    from vitfl.pipeline.experiment import summarize_rows
+    from vitfl.pipeline.experiment import check_fl_options
+    from vitfl.pipeline.localize import check_budgets, run_localization
 
     try:
         FL_METHODS.check(list(a.methods or []) + list(a.method_options))

@@ -110,17 +110,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     _cli.quiet()
-    from lightning_modules.repair import REPAIRS
+    from vitfl.lightning_modules.repair import REPAIRS
 
     if a.list:
         print(REPAIRS.listing(verbose=a.verbose))
         return 0
-    from localization.base import FL_METHODS
-    from localization.ranking import BudgetError
-    from pipeline.experiment import summarize_rows
-    from pipeline.experiment import check_fl_options
-    from pipeline.localize import check_budgets
-    from pipeline.repair import aggregate, parse_shard, resolved_repair_options, run_sweep
+    from vitfl.localization.base import FL_METHODS
+    from vitfl.localization.ranking import BudgetError
+    from vitfl.pipeline.experiment import summarize_rows
+    from vitfl.pipeline.experiment import check_fl_options
+    from vitfl.pipeline.localize import check_budgets
+    from vitfl.pipeline.repair import aggregate, parse_shard, resolved_repair_options, run_sweep
     try:
         opts = repair_options(a, argv)
         REPAIRS.check([a.repair])
@@ -134,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--reps must be >= 1, got {a.reps}")
         if a.on_error not in ("continue", "raise"):
             raise ValueError(f"--on_error must be 'continue' or 'raise', got {a.on_error!r}")
-        from pipeline.parallel import resolve_workers
+        from vitfl.pipeline.parallel import resolve_workers
 
         resolve_workers(a.workers)
     except (KeyError, ValueError, BudgetError) as e:

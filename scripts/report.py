@@ -1,5 +1,5 @@
 """(Re)build a run's report: aggregate its repair results (tables, figures, statistics under repair/summary; on by
-default), then write report/report.md and report/report.html (pipeline.report.write_report: the FL headline and
+default), then write report/report.md and report/report.html (vitfl.pipeline.report.write_report: the FL headline and
 statistics, the repair summary, confusion matrices, adequacy, the cases recorded as not applicable).
 
     python scripts/report.py --run_dir outputs/digits
@@ -29,14 +29,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     _cli.quiet()
-    from core.runstore import RunStore
-    from pipeline.report import check_report, write_report
+    from vitfl.core.runstore import RunStore
+    from vitfl.pipeline.report import check_report, write_report
 
     store = RunStore(a.run_dir)
     if not store.root.is_dir():
         p.error(f"--run_dir {a.run_dir} is not a directory")
     if a.aggregate and store.list_results("repair_result"):
-        from pipeline.repair import aggregate
+        from vitfl.pipeline.repair import aggregate
 
         agg = aggregate({store.root.name: store.root}, None, include_stale=a.include_stale)
         if agg.get("stale_note"):

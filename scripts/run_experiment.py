@@ -121,7 +121,7 @@ def build_parser():
     return p
 
 
-#: the steps and phases ``--only`` takes (pipeline.experiment.STEPS / PHASES; tests/test_cli_vocabulary.py checks)
+#: the steps and phases ``--only`` takes (vitfl.pipeline.experiment.STEPS / PHASES; tests/test_cli_vocabulary.py checks)
 STEPS = ("train", "cache", "testbed", "misclf", "localize", "evaluate_fl", "repair", "adequacy", "crossval",
          "aggregate", "coverage")
 PHASES = ("prepare", "work", "final")
@@ -200,8 +200,8 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         return 0
     _cli.quiet()
-    from pipeline.experiment import ExperimentConfigError, check_experiment, run_experiment
-    from pipeline.repair import parse_shard
+    from vitfl.pipeline.experiment import ExperimentConfigError, check_experiment, run_experiment
+    from vitfl.pipeline.repair import parse_shard
 
     try:
         cfg = experiment_dict(ns)

@@ -98,7 +98,7 @@ def cli_class():
     unknown one (main parser and subcommand parsers)."""
     from lightning.pytorch.cli import LightningArgumentParser
 
-    from lightning_modules.cli import ToolkitCLI
+    from vitfl.lightning_modules.cli import ToolkitCLI
 
     class Parser(_cli.SuggestingParser, LightningArgumentParser):
         def __init__(self, *args, **kwargs):

@@ -51,7 +51,7 @@ def tiny_timm_vit(seed: int = 0, randomize: bool = True, **kw):
 
 
 def tiny_classifier(backbone: str = "hf_vit", seed: int = 0, randomize: bool = True, **extra):
-    from lightning_modules.classifier import ImageClassifier
+    from vitfl.lightning_modules.classifier import ImageClassifier
 
     torch.manual_seed(seed)
     kw = dict(HF_KW if backbone == "hf_vit" else TIMM_KW, **extra)
@@ -99,9 +99,9 @@ def make_classifier():
 def _fit_tiny_run(root: Path, backbone: str, epochs: int = 2, **extra) -> dict:
     import lightning as L
 
-    from callbacks.checkpoints import PerEpochCheckpoint
-    from callbacks.ffn_weights import LastFFNWeightsWriter
-    from datamodules import DigitsDataModule
+    from vitfl.callbacks.checkpoints import PerEpochCheckpoint
+    from vitfl.callbacks.ffn_weights import LastFFNWeightsWriter
+    from vitfl.datamodules import DigitsDataModule
 
     L.seed_everything(0, verbose=False)
     model = tiny_classifier(backbone, seed=0, randomize=False, **extra).train()

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from adequacy.activations import candidate_layers, collect_activations, default_layer, reduce_output
-from adequacy.attribution import (UnsupportedAttributionError, input_attributions, layer_attributions,
+from vitfl.adequacy.activations import candidate_layers, collect_activations, default_layer, reduce_output
+from vitfl.adequacy.attribution import (UnsupportedAttributionError, input_attributions, layer_attributions,
                                   neuron_importance, rank_vote, top_neurons)
-from lightning_modules.cnn import LeNet5, SmallCNN
+from vitfl.lightning_modules.cnn import LeNet5, SmallCNN
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -94,7 +94,7 @@ def test_small_cnn_lrp_runs():
 def hf_vit():
     from transformers import ViTConfig, ViTForImageClassification
 
-    from lightning_modules.backbones import HFLogits
+    from vitfl.lightning_modules.backbones import HFLogits
 
     torch.manual_seed(0)
     cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
@@ -103,7 +103,7 @@ def hf_vit():
 
 
 def test_vit_layers_and_ig_completeness_at_cls(hf_vit):
-    from localization.ffn import last_ffn_head
+    from vitfl.localization.ffn import last_ffn_head
 
     layers = candidate_layers(hf_vit)
     assert len(layers) == 2

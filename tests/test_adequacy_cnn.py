@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from lightning_modules.backbones import build_backbone, registered_backbones
-from lightning_modules.cnn import LeNet5, SmallCNN
+from vitfl.lightning_modules.backbones import build_backbone, registered_backbones
+from vitfl.lightning_modules.cnn import LeNet5, SmallCNN
 
 
 def test_registered_and_shapes():
@@ -26,7 +26,7 @@ def test_bad_arguments():
 
 
 def test_image_classifier_trains_lenet():
-    from lightning_modules.classifier import ImageClassifier
+    from vitfl.lightning_modules.classifier import ImageClassifier
 
     torch.manual_seed(0)
     module = ImageClassifier(backbone="lenet5", num_classes=3, backbone_kwargs={"in_channels": 1, "image_size": 8})

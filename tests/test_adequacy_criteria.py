@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from adequacy.criteria import CC, DSC, KMNC, LSC, MDSC, NBC, NC, NLC, SNAC, TKNC, TKNP, make_criterion
+from vitfl.adequacy.criteria import CC, DSC, KMNC, LSC, MDSC, NBC, NC, NLC, SNAC, TKNC, TKNP, make_criterion
 
 # training table: 3 neurons, lo = [0, 0, 0], hi = [2, 4, 8]
 TRAIN = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 4.0], [2.0, 4.0, 8.0]])

@@ -9,11 +9,11 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from adequacy.attacks import adversarial_examples
-from adequacy.experiments import (CoverageSuite, coverage_table, idc_by_mode, normalized_coverage_change,
+from vitfl.adequacy.attacks import adversarial_examples
+from vitfl.adequacy.experiments import (CoverageSuite, coverage_table, idc_by_mode, normalized_coverage_change,
                                   output_impartiality, perturb_pixels, prune_neurons, random_pixel_mask, rq1_pruning,
                                   stratified_sample, top_pixel_mask)
-from lightning_modules.cnn import LeNet5
+from vitfl.lightning_modules.cnn import LeNet5
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -164,7 +164,7 @@ def test_fgsm_within_budget_and_range(lenet, digits):
 
 
 def test_build_config_merges_quick_and_flags(tmp_path):
-    from pipeline.adequacy import build_config
+    from vitfl.pipeline.adequacy import build_config
 
     base = tmp_path / "a.yaml"
     base.write_text("seed: 0\ndata: {name: digits, root: null}\nrq1: {ns: [6, 8], random_reps: 20}\n")
@@ -182,7 +182,7 @@ def test_build_config_merges_quick_and_flags(tmp_path):
 def test_rq1_script_quick_end_to_end(tmp_path):
     from pathlib import Path
 
-    from pipeline.adequacy import build_config, run_rq
+    from vitfl.pipeline.adequacy import build_config, run_rq
 
     root = Path(__file__).resolve().parents[1] / "configs" / "adequacy"
     cfg = build_config([root / "default.yaml"], root / "quick.yaml")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from adequacy.attribution import neuron_importance
-from adequacy.idc import IDC, choose_k, cluster_neuron, idc_coverage, nearest_centroids
+from vitfl.adequacy.attribution import neuron_importance
+from vitfl.adequacy.idc import IDC, choose_k, cluster_neuron, idc_coverage, nearest_centroids
 
 
 def _clustered(centres, n_per, rng, spread=0.05):

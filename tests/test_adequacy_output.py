@@ -1,5 +1,5 @@
 """The adequacy tables and figures go through the toolkit's one Markdown writer and one figure saver
-(core.style.markdown_table, core.style.save_figure), under the file names adequacy.experiments.ARTIFACTS gives."""
+(vitfl.core.style.markdown_table, core.style.save_figure), under the file names adequacy.experiments.ARTIFACTS gives."""
 from __future__ import annotations
 
 import ast
@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adequacy import experiments as ex
-from core import style
+from vitfl.adequacy import experiments as ex
+from vitfl.core import style
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,9 +64,9 @@ def test_adequacy_writes_markdown_only_through_the_writer(tmp_path, monkeypatch)
                   "big": [123456.0, -1e-6], "neurons": ["1 2 3", "a\nb"]}),
 ], ids=["small", "rq1-like"])
 def test_the_writer_agrees_with_evaluation_stats(df):
-    """evaluation.stats.to_markdown writes the same text (until it simply is core.style.markdown_table); tables
+    """vitfl.evaluation.stats.to_markdown writes the same text (until it simply is core.style.markdown_table); tables
     with rows only: without rows tabulate drops the column alignment, the writer keeps it."""
-    from evaluation.stats import to_markdown
+    from vitfl.evaluation.stats import to_markdown
 
     assert style.markdown_table(df) == to_markdown(df)
 

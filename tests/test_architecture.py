@@ -19,7 +19,7 @@ def _py_files(*roots: str):
 
 
 def test_import_contracts_hold():
-    out = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports; "
+    out = subprocess.run([sys.executable, "-c", "import sys, vitfl; from importlinter.cli import lint_imports; "
                           "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True))"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
@@ -28,10 +28,10 @@ def test_import_contracts_hold():
 def test_contracts_can_fail(tmp_path):
     """The checker itself catches a forbidden import (so the test above can fail)."""
     cfg = tmp_path / "contracts.toml"
-    cfg.write_text('[tool.importlinter]\nroot_packages = ["localization", "core"]\n\n'
-                   '[[tool.importlinter.contracts]]\nname = "core must not import localization"\n'
-                   'type = "forbidden"\nsource_modules = ["localization"]\nforbidden_modules = ["core"]\n')
-    out = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports; "
+    cfg.write_text('[tool.importlinter]\nroot_packages = ["vitfl"]\n\n'
+                   '[[tool.importlinter.contracts]]\nname = "localization must not import core"\n'
+                   'type = "forbidden"\nsource_modules = ["vitfl.localization"]\nforbidden_modules = ["vitfl.core"]\n')
+    out = subprocess.run([sys.executable, "-c", "import sys, vitfl; from importlinter.cli import lint_imports; "
                           f"sys.exit(lint_imports(config_filename={str(cfg)!r}, no_cache=True))"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "broken" in out.stdout.lower()
@@ -143,7 +143,7 @@ def test_optional_parts_say_which_extra_they_need(monkeypatch):
 
     import pytest
 
-    from adequacy import require
+    from vitfl.adequacy import require
 
     real = builtins.__import__
 

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import repair_speed  # noqa: E402
 
-from lightning_modules.repair.fitness import SparseFitness  # noqa: E402
+from vitfl.lightning_modules.repair.fitness import SparseFitness  # noqa: E402
 
 
 def test_product_seconds_counts_the_products_of_a_run():

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from localization.ranking import DEFAULT_BUDGETS, BudgetError, budget_size, parse_budget
+from vitfl.localization.ranking import DEFAULT_BUDGETS, BudgetError, budget_size, parse_budget
 
 
 def test_shares_resolve_to_the_published_counts_on_vit_b_and_scale_down():
@@ -45,7 +45,7 @@ def test_bad_budgets_are_refused_with_the_accepted_forms(bad):
 
 
 def test_check_budgets_names_the_layer_and_refuses_a_single_value():
-    from pipeline.localize import check_budgets
+    from vitfl.pipeline.localize import check_budgets
 
     assert check_budgets(["1%", 5, "avg", "1%"], 100) == ["1%", 5, "avg"]
     with pytest.raises(BudgetError, match=r"outside \[1, 100\]"):
@@ -59,8 +59,8 @@ def test_a_share_and_its_count_are_one_result(tmp_path, make_classifier):
     second run finds every result on disk."""
     from test_repair_sweep import make_run
 
-    from pipeline.context import RunContext
-    from pipeline.localize import fl_results, run_localization
+    from vitfl.pipeline.context import RunContext
+    from vitfl.pipeline.localize import fl_results, run_localization
 
     run = make_run(tmp_path / "run", make_classifier)[0]
     total = RunContext(run).head.index.total
@@ -76,7 +76,7 @@ def test_a_share_and_its_count_are_one_result(tmp_path, make_classifier):
 
 # ---------------------------------------------------------------------------------------------- resolution
 def test_a_resolved_budget_is_a_label_and_its_size():
-    from localization.ranking import ResolvedBudget
+    from vitfl.localization.ranking import ResolvedBudget
 
     vit_b, testbed = 4_718_592, 2 * 64 * 256
     assert [ResolvedBudget.resolve(b, vit_b) for b in DEFAULT_BUDGETS] == [
@@ -103,7 +103,7 @@ def _fake_run(total, monkeypatch, n_avg=300):
     """A run context with a layer of ``total`` weights and N_avg = ``n_avg`` (counted calls)."""
     from types import SimpleNamespace
 
-    import pipeline.localize as loc
+    import vitfl.pipeline.localize as loc
 
     calls = []
     monkeypatch.setattr(loc, "resolve_n_avg", lambda ctx, **kw: calls.append(kw) or {"n_avg": n_avg})
@@ -111,8 +111,8 @@ def _fake_run(total, monkeypatch, n_avg=300):
 
 
 def test_resolve_budgets_for_a_method_against_the_run(monkeypatch):
-    from localization.ranking import ResolvedBudget
-    from pipeline.localize import N_AVG_METHOD, resolve_budgets
+    from vitfl.localization.ranking import ResolvedBudget
+    from vitfl.pipeline.localize import N_AVG_METHOD, resolve_budgets
 
     ctx, calls = _fake_run(4_718_592, monkeypatch)
     got = resolve_budgets(ctx, "random", ["0.005%", 472, "avg", "front", "0.02%"], n_avg_options={"x": 1},
@@ -148,11 +148,11 @@ def test_a_sweep_resolves_each_budget_once_per_run_and_method(tmp_path, make_cla
     carries its resolved value into its identity, and the localize step resolves once per method too."""
     from test_repair_sweep import make_run
 
-    import localization.ranking as ranking
-    import pipeline.localize as loc
-    import pipeline.repair as rep
+    import vitfl.localization.ranking as ranking
+    import vitfl.pipeline.localize as loc
+    import vitfl.pipeline.repair as rep
 
-    from pipeline.context import RunContext
+    from vitfl.pipeline.context import RunContext
 
     store = make_run(tmp_path / "run", make_classifier)[0]
     total = RunContext(store).head.index.total
@@ -192,10 +192,10 @@ def test_resolved_budgets_keep_the_identities_of_labels(tmp_path, make_classifie
     results are found."""
     from test_repair_sweep import DE, make_run
 
-    from core.runstore import identity_key
-    from pipeline.context import RunContext
-    from pipeline.localize import fl_identity, resolve_n_avg
-    from pipeline.repair import resolved_repair_options, run_sweep
+    from vitfl.core.runstore import identity_key
+    from vitfl.pipeline.context import RunContext
+    from vitfl.pipeline.localize import fl_identity, resolve_n_avg
+    from vitfl.pipeline.repair import resolved_repair_options, run_sweep
 
     store = make_run(tmp_path / "run", make_classifier)[0]
     ctx = RunContext(store)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from evaluation.checkpoint_benchmark import (CheckpointMismatchError, evaluate_method_on_checkpoint, head_at_epoch,
+from vitfl.evaluation.checkpoint_benchmark import (CheckpointMismatchError, evaluate_method_on_checkpoint, head_at_epoch,
                                              load_ffn_weights, weight_change, weight_change_ground_truth)
-from evaluation.ranking_metrics import k_of_fraction
-from localization.base import FLResult
-from localization.ffn import last_ffn_head
+from vitfl.evaluation.ranking_metrics import k_of_fraction
+from vitfl.localization.base import FLResult
+from vitfl.localization.ffn import last_ffn_head
 
 TINY = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64)
@@ -106,15 +106,15 @@ def _save_ckpt(path, module):
 def tiny_run(tmp_path_factory):
     """A run directory as the pipeline leaves it: checkpoints of epochs 0 and 1, their last-FFN weights, the
     repair states of both models, misclf_info.json and two FL results."""
-    pytest.importorskip("localization.methods")
-    from callbacks.ffn_weights import ffn_state
-    from lightning_modules.classifier import ImageClassifier
-    from core.io import atomic_write_json
-    from core.runstore import RunStore as RunLayout
-    from core.states import atomic_save_safetensors, save_states
-    from localization.ffn import capture_ffn_states, model_fingerprint
-    from localization.misclf import analyze
-    from pipeline.localize import run_localization
+    pytest.importorskip("vitfl.localization.methods")
+    from vitfl.callbacks.ffn_weights import ffn_state
+    from vitfl.lightning_modules.classifier import ImageClassifier
+    from vitfl.core.io import atomic_write_json
+    from vitfl.core.runstore import RunStore as RunLayout
+    from vitfl.core.states import atomic_save_safetensors, save_states
+    from vitfl.localization.ffn import capture_ffn_states, model_fingerprint
+    from vitfl.localization.misclf import analyze
+    from vitfl.pipeline.localize import run_localization
 
     root = tmp_path_factory.mktemp("run")
     layout = RunLayout(root)
@@ -137,7 +137,7 @@ def tiny_run(tmp_path_factory):
         path = layout.states("repair") if epoch == 1 else layout.states("repair", "epoch=000")
         save_states(path, st["x"], st["a"], logits, label, torch.arange(60),
                     {"model_hash": model_fingerprint(m), "split": "repair", "backbone": "hf"})
-    from core.states import load_states
+    from vitfl.core.states import load_states
 
     states = load_states(layout.states("repair"))
     info = analyze(states.label, states.pred, states.index, 10, ranks=1)
@@ -151,8 +151,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_run_evaluation_end_to_end_and_resumes(tiny_run, capsys):
-    from core.runstore import RunStore
-    from pipeline.evaluate_fl import run_evaluation
+    from vitfl.core.runstore import RunStore
+    from vitfl.pipeline.evaluate_fl import run_evaluation
 
     layout = RunStore(tiny_run)
     out = run_evaluation(RunStore(tiny_run), methods=["random", "grad_loss", "vdiff"], inject_seeds=[0, 1], n_random=2,

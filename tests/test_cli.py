@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from conftest import REPO
-from lightning_modules.cli import ToolkitCLI
-from lightning_modules.runs import RunError, checkpoint_epochs, datamodule_from_run, load_run_model, run_config
-from core.runstore import RunStore
+from vitfl.lightning_modules.cli import ToolkitCLI
+from vitfl.lightning_modules.runs import RunError, checkpoint_epochs, datamodule_from_run, load_run_model, run_config
+from vitfl.core.runstore import RunStore
 
 # pytest's own argv is in sys.argv; the CLI is given its args explicitly
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -32,7 +32,7 @@ def test_print_config():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "fit", *config_args(),
                            "--print_config"], capture_output=True, text=True, cwd=str(REPO), env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "class_path: datamodules.digits.DigitsDataModule" in proc.stdout
+    assert "class_path: vitfl.datamodules.digits.DigitsDataModule" in proc.stdout
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["model"]["backbone"] == "hf_vit" and cfg["model"]["backbone_kwargs"]["hidden_size"] == 64
     assert cfg["trainer"]["max_epochs"] == 40
@@ -63,7 +63,7 @@ def test_run_config_rebuilds_the_data(cli_run):
     cli, layout = cli_run
     cfg = run_config(layout)
     assert "__path__" not in json.dumps(cfg)
-    assert cfg["data"]["class_path"] == "datamodules.digits.DigitsDataModule"
+    assert cfg["data"]["class_path"] == "vitfl.datamodules.digits.DigitsDataModule"
     assert cfg["data"]["init_args"]["folds_path"] == "folds.json"  # relative to the run root (issue 29, item 8)
     assert cfg["trainer"]["max_epochs"] == 1 and cfg["trainer"]["default_root_dir"] == "."
     dm = datamodule_from_run(layout)
@@ -92,11 +92,11 @@ def test_missing_run_config(tmp_path):
 
 def test_steps_after_training(cli_run):
     """cache -> misclassification analysis -> FL on the CLI's run (shrunk: one setting, two methods)."""
-    from pipeline.cache import step_cache
-    from pipeline.localize import run_localization
-    from pipeline.misclf import step_misclf
-    from core.states import load_states, save_states
-    from localization.ffn import last_ffn_head, model_fingerprint
+    from vitfl.pipeline.cache import step_cache
+    from vitfl.pipeline.localize import run_localization
+    from vitfl.pipeline.misclf import step_misclf
+    from vitfl.core.states import load_states, save_states
+    from vitfl.localization.ffn import last_ffn_head, model_fingerprint
 
     _, layout = cli_run
     model, _ = load_run_model(layout)

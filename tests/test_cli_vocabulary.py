@@ -117,11 +117,11 @@ def test_help_imports_nothing_heavy(name):
 
 def test_spelled_out_choices_match_the_libraries():
     """The scripts spell out a few constants so that --help imports no torch; they must agree with the libraries."""
-    from datamodules.base import SPLITS
-    from evaluation.interventions import MODES
-    from localization.misclf import DEFAULT_KINDS
-    from pipeline.evaluate_fl import PARTS
-    from pipeline.experiment import PHASES, STEPS
+    from vitfl.datamodules.base import SPLITS
+    from vitfl.evaluation.interventions import MODES
+    from vitfl.localization.misclf import DEFAULT_KINDS
+    from vitfl.pipeline.evaluate_fl import PARTS
+    from vitfl.pipeline.experiment import PHASES, STEPS
 
     assert tuple(script("evaluate_fl").PARTS) == tuple(PARTS)
     assert tuple(script("evaluate_fl").MODES) == tuple(MODES)
@@ -129,8 +129,8 @@ def test_spelled_out_choices_match_the_libraries():
     assert tuple(script("cache_states").SPLITS) == tuple(SPLITS)
     run = script("run_experiment")
     assert tuple(run.STEPS) == tuple(STEPS) and tuple(run.PHASES) == tuple(PHASES)
-    from localization.ranking import DEFAULT_BUDGETS
-    from pipeline.repair import DEFAULT_BUDGETS as REPAIR_DEFAULT
+    from vitfl.localization.ranking import DEFAULT_BUDGETS
+    from vitfl.pipeline.repair import DEFAULT_BUDGETS as REPAIR_DEFAULT
 
     assert script("_cli").DEFAULT_BUDGETS == [*DEFAULT_BUDGETS, "avg"] == list(REPAIR_DEFAULT)
 
@@ -276,7 +276,7 @@ def test_lightning_sigterm_exit_is_an_interruption_not_a_success(capsys):
     Old behaviour: a script ended by it exited 0 without a word."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from pipeline.parallel import set_step
+    from vitfl.pipeline.parallel import set_step
 
     cli = script("_cli")
 
@@ -346,7 +346,7 @@ WORKERS = """
 import sys
 sys.path[:0] = [{repo!r}, {scripts!r}, {tests!r}]
 import _cli
-from pipeline.parallel import run_sharded
+from vitfl.pipeline.parallel import run_sharded
 import test_cli_vocabulary as t
 
 @_cli.guard("sweep")

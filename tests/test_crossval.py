@@ -8,8 +8,8 @@ import torch
 from scipy.stats import binomtest
 
 from conftest import REPO
-from core.runstore import RunStore
-from lightning_modules.cli import ToolkitCLI
+from vitfl.core.runstore import RunStore
+from vitfl.lightning_modules.cli import ToolkitCLI
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 CONFIGS = ["configs/data/digits.yaml", "configs/model/vit_digits.yaml", "configs/trainer/cpu.yaml"]
@@ -27,7 +27,7 @@ def run(tmp_path_factory):
 
 
 def test_wilson_matches_scipy_and_stays_in_unit_interval():
-    from pipeline.crossval import wilson
+    from vitfl.pipeline.crossval import wilson
 
     for k, n in ((0, 10), (3, 10), (10, 10), (1, 1), (17, 412), (0, 1)):
         lo, hi = wilson(k, n)
@@ -38,8 +38,8 @@ def test_wilson_matches_scipy_and_stays_in_unit_interval():
 
 
 def test_folds_test_every_eval_input_once_and_pool_by_counts(run):
-    from core.states import load_states
-    from pipeline.crossval import aggregate_crossval, collect_crossval, prepare_folds, run_crossval
+    from vitfl.core.states import load_states
+    from vitfl.pipeline.crossval import aggregate_crossval, collect_crossval, prepare_folds, run_crossval
 
     folds = prepare_folds(run, trainer_kwargs={"enable_progress_bar": False})
     ev = load_states(run.states("eval"))

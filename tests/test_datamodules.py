@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import (DATAMODULES, CIFAR100DataModule, DatasetFormatError, DigitsDataModule, FoldsFileError,
+from vitfl.datamodules import (DATAMODULES, CIFAR100DataModule, DatasetFormatError, DigitsDataModule, FoldsFileError,
                          TinyImageNetDataModule, VisionDataModule, build_datamodule, kfold_split,
                          load_or_create_folds)
-from datamodules.base import SPLITS
+from vitfl.datamodules.base import SPLITS
 
 # the tiny fake CIFAR has fewer images than classes: its train/val hold-out cannot be stratified (tested once below)
 pytestmark = pytest.mark.filterwarnings("ignore:cannot stratify")
@@ -264,7 +264,7 @@ def test_tiny_validation_opens_no_image(tiny_root):
     dm.prepare_data()
     dm.setup()
     assert dm.dataset("eval")[0][0].shape == (3, 16, 16)
-    from datamodules.base import UnreadableImageError
+    from vitfl.datamodules.base import UnreadableImageError
 
     with pytest.raises(UnreadableImageError, match="val_5.JPEG") as e:
         dm.dataset("eval")[5]
@@ -316,10 +316,10 @@ def test_folds_written_once_and_read_back(cifar_root, tmp_path, monkeypatch):
     assert obj["test"] == test_idx.tolist() and "provenance" in obj
     # read back, not recomputed: a stored (valid) partition wins over what KFold would give now
     obj["test"], obj["repair"] = [0, 1, 2, 3, 4], list(range(5, 15))
-    from core.io import atomic_write_json
+    from vitfl.core.io import atomic_write_json
 
     atomic_write_json(path, obj, checksum=True)  # a partition written by the toolkit (its hash recorded)
-    import datamodules.folds as folds_mod
+    import vitfl.datamodules.folds as folds_mod
 
     monkeypatch.setattr(folds_mod, "kfold_split", lambda *a, **k: pytest.fail("folds recomputed"))
     dm2 = _cifar(cifar_root, folds_path=str(path), fold_seed=5)

@@ -59,7 +59,7 @@ def test_every_experiment_has_vit_and_digits_files_and_a_corrected_twin():
 def test_the_main_job_is_an_experiment_config_with_overlays(overlays, tmp_path):
     """main_job_mnist.yaml (+ an overlay) passes every check of the runner, runs every step and the report's steps,
     and main_job.py stands for exactly that run_experiment.py command line; --run_dir replaces the run directory."""
-    from pipeline.experiment import STEPS, check_experiment
+    from vitfl.pipeline.experiment import STEPS, check_experiment
 
     extra = [a for o in overlays for a in ("--config", str(EXP_DIR / f"{o}.yaml"))]
     parser, ns = load(MAIN_JOB, *extra, "--run_dir", str(tmp_path / "r"))
@@ -96,12 +96,12 @@ def test_run_dir_needs_one_dataset(tmp_path):
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
 def test_config_loads_round_trips_and_names_existing_options(path, tmp_path):
-    from lightning_modules.repair import REPAIRS
-    from localization.base import FL_METHODS
-    from localization.misclf import ALL_KINDS, NO_TRUE_INPUT_RULES, TIE_ORDERS
-    from pipeline.adequacy import RQS
-    from pipeline.evaluate_fl import run_evaluation
-    from pipeline.experiment import STEPS, check_experiment
+    from vitfl.lightning_modules.repair import REPAIRS
+    from vitfl.localization.base import FL_METHODS
+    from vitfl.localization.misclf import ALL_KINDS, NO_TRUE_INPUT_RULES, TIE_ORDERS
+    from vitfl.pipeline.adequacy import RQS
+    from vitfl.pipeline.evaluate_fl import run_evaluation
+    from vitfl.pipeline.experiment import STEPS, check_experiment
 
     parser, ns = load(path)
     cfg = RUN.experiment_dict(ns)
@@ -223,7 +223,7 @@ def test_bad_values_exit_non_zero_with_a_clear_message(override, message, capsys
 
 
 def test_sharded_run_refuses_unsharded_steps():
-    from pipeline.experiment import ExperimentConfigError, run_experiment
+    from vitfl.pipeline.experiment import ExperimentConfigError, run_experiment
 
     cfg = RUN.experiment_dict(load(EXP_DIR / "exp_repair_4_digits.yaml")[1])
     with pytest.raises(ExperimentConfigError, match="not sharded"):
@@ -272,7 +272,7 @@ def test_shrunk_digits_exp_repair_4_end_to_end_and_rerun_skips(tmp_path):
     assert rep["done"] + rep.get("not applicable", 0) == 3 * 2 and rep["done"] >= 1
     assert "Tip:" not in out and "GPU available" not in out
     assert "repair 0/1" in first.stderr  # the sweep shows its progress bar (tqdm, with an ETA)
-    from core.runstore import RunStore
+    from vitfl.core.runstore import RunStore
 
     store = RunStore(run_dir)
     results = store.list_results("repair_result")
@@ -283,8 +283,8 @@ def test_shrunk_digits_exp_repair_4_end_to_end_and_rerun_skips(tmp_path):
     assert (store.path("repair_summary", name="exp_repair_4_published") / "summary.md").is_file()
     saved = yaml.safe_load(store.path("report", name="experiments/exp_repair_4_published.yaml").read_text())
     assert saved["repair"]["sweeps"][0]["repair_options"]["generations"] == 3  # the config as run
-    from pipeline.experiment import experiment_results
-    from pipeline.repair import run_sweep
+    from vitfl.pipeline.experiment import experiment_results
+    from vitfl.pipeline.repair import run_sweep
 
     cfg = RUN.experiment_dict(load(EXP_DIR / "exp_repair_4_digits.yaml", "--config", str(over))[1])
     assert {r["key"] for r in experiment_results(cfg, store)} == {r["key"] for r in results}
@@ -323,7 +323,7 @@ def test_shards_split_the_localize_work_and_a_full_rerun_skips_it(tmp_path, make
     in the store. A setting the analysis skipped is counted as not applicable, recorded once, not re-printed."""
     from test_repair_sweep import make_run
 
-    from pipeline.experiment import run_experiment
+    from vitfl.pipeline.experiment import run_experiment
 
     store, _, info = make_run(tmp_path / "digits", make_classifier)
     settings = sorted(info["settings"])[:2]
@@ -350,7 +350,7 @@ def test_shards_split_the_localize_work_and_a_full_rerun_skips_it(tmp_path, make
 
 
 def test_only_selects_among_the_experiments_own_steps(tmp_path):
-    from pipeline.experiment import ExperimentConfigError, run_experiment
+    from vitfl.pipeline.experiment import ExperimentConfigError, run_experiment
 
     cfg = RUN.experiment_dict(load(EXP_DIR / "exp_repair_4_digits.yaml")[1])
     cfg["datasets"] = {"digits": {"run_dir": str(tmp_path / "none"), "train": None}}
@@ -365,7 +365,7 @@ def test_checkpoint_epochs_are_a_config_value_checked_before_work(tmp_path, make
     """exp-fl-5's pair of epochs comes from the config: a pair the run does not have is a clear error."""
     from test_repair_sweep import make_run
 
-    from pipeline.experiment import ExperimentConfigError, run_experiment
+    from vitfl.pipeline.experiment import ExperimentConfigError, run_experiment
 
     store, _, _ = make_run(tmp_path / "digits", make_classifier)  # one checkpoint, no per-epoch FFN weights
     cfg = RUN.experiment_dict(load(EXP_DIR / "exp_fl_5_digits.yaml")[1])
@@ -398,9 +398,9 @@ def test_two_experiments_in_one_run_keep_their_own_adequacy_results(tmp_path, mo
     """A published adequacy config and its corrected twin in one run directory: each writes adequacy/<name>_<variant>/
     with its own markers (before: one adequacy/rq1.done.json, and the twin stopped with "another identity"); a
     rerun of either is skipped."""
-    import pipeline.adequacy as pa
-    from core.runstore import RunStore
-    from pipeline.experiment import _adequacy, _Log
+    import vitfl.pipeline.adequacy as pa
+    from vitfl.core.runstore import RunStore
+    from vitfl.pipeline.experiment import _adequacy, _Log
 
     calls = []
 

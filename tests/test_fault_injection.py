@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import io as core_io
-from core.io import read_json
-from core.runstore import RunStore
+from vitfl.core import io as core_io
+from vitfl.core.io import read_json
+from vitfl.core.runstore import RunStore
 
 STEPS_DE = {"pop_size": 4, "generations": 2}
 
 
 def _steps(root: str) -> None:
     torch.set_num_threads(1)
-    from pipeline.evaluate_fl import run_evaluation
-    from pipeline.localize import run_localization
-    from pipeline.repair import aggregate, run_sweep
+    from vitfl.pipeline.evaluate_fl import run_evaluation
+    from vitfl.pipeline.localize import run_localization
+    from vitfl.pipeline.repair import aggregate, run_sweep
 
     store = RunStore(root)
     run_localization(store, ["grad_loss", "bl"], settings=["all"], budgets=[6, "avg"], progress=False)

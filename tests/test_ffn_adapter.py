@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import D, D_FF, images, rel_err, tiny_classifier, tiny_hf_vit, tiny_timm_vit
-from localization.ffn import (FFNHead, UnsupportedModelError, WeightIndex, capture_ffn_states, last_ffn_head,
+from vitfl.localization.ffn import (FFNHead, UnsupportedModelError, WeightIndex, capture_ffn_states, last_ffn_head,
                               model_fingerprint)
 
 MODELS = {

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import C, images, randomize_, tiny_classifier
-from localization.ffn import (TOKEN_STATISTICS, BlockIndexError, FFNHead, TokenFFNHead, TokenPost,
+from vitfl.localization.ffn import (TOKEN_STATISTICS, BlockIndexError, FFNHead, TokenFFNHead, TokenPost,
                               UnsupportedModelError, capture_ffn_states, ffn_head, last_ffn_head, model_fingerprint,
                               num_ffn_blocks)
 
@@ -211,7 +211,7 @@ PATCH_CASES = [("hf", 1), ("timm_token_layerscale", 0), ("timm_avg_fc_norm", DEP
 def test_patched_block_weights_match_full_model(name, b, pixels):
     """A repair writes located weights of block b into (a copy of) the head: the head's logits must equal the full
     model with the same weights changed."""
-    from lightning_modules.repair.patch import Patch
+    from vitfl.lightning_modules.repair.patch import Patch
 
     model = MODELS[name][0]()
     x, _, before = own_capture(model, b, pixels)

@@ -8,8 +8,8 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from evaluation import figures as figs
-from core import style
+from vitfl.evaluation import figures as figs
+from vitfl.core import style
 
 
 def pdf_font_subtypes(data: bytes) -> list[str]:
@@ -70,8 +70,8 @@ def test_pdfs_embed_truetype_never_type3(tmp_path):
 def test_every_pdf_of_a_report_run_has_no_type3(tmp_path):
     from test_report import fake_run
 
-    from pipeline.repair import aggregate
-    from pipeline.report import write_report
+    from vitfl.pipeline.repair import aggregate
+    from vitfl.pipeline.report import write_report
 
     store, _ = fake_run(tmp_path / "digits", reps=1, tb=False)
     aggregate({"digits": store.root})
@@ -84,7 +84,7 @@ def test_every_pdf_of_a_report_run_has_no_type3(tmp_path):
 
 
 def test_method_colours_are_fixed_and_unique():
-    from localization.base import registered_localizers
+    from vitfl.localization.base import registered_localizers
 
     methods = registered_localizers()
     c = style.method_colors(methods)
@@ -144,7 +144,7 @@ def test_nothing_to_plot_writes_a_note_not_an_empty_figure(tmp_path):
 
 
 def test_coverage_table_states_split_and_n(tmp_path):
-    from adequacy.experiments import report_coverage_table
+    from vitfl.adequacy.experiments import report_coverage_table
 
     df = pd.DataFrame({"criterion": ["NC"], "params": ["t=0.75"], "clean": [0.5], "adversarial": [0.6],
                        "delta": [0.1], "kind": ["ratio"], "fit_s": [0.0], "eval_s": [0.1]})
@@ -167,7 +167,7 @@ import hashlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from evaluation.ranking_metrics import fraction_label  # noqa: E402
+from vitfl.evaluation.ranking_metrics import fraction_label  # noqa: E402
 
 #: the FL methods of the testbed's run (registered_localizers() at the time), in the order its CSVs list them
 FL25 = ["arachne_w", "arachne_w_reptran", "bl_fl5", "bl", "bl_reptran", "dstar", "forward_impact_2s", "forward_impact",

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from localization.base import get_localizer
-from localization.ffn import FFNHead
-from localization.ranking import localize, top_n
+from vitfl.localization.base import get_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.ranking import localize, top_n
 
 
 def tiny_head(d=3, d_ff=6, c=4, seed=0):

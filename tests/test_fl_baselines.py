@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from localization.base import get_localizer
-from localization.ffn import FFNHead
-from localization.ranking import localize
+from vitfl.localization.base import get_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.ranking import localize
 
 
 def tiny_head():

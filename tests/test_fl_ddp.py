@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from localization.base import get_localizer
-from localization.ffn import FFNHead
+from vitfl.localization.base import get_localizer
+from vitfl.localization.ffn import FFNHead
 
 METHODS = ("grad_loss", "vdiff", "forward_impact", "ours", "ig", "tarantula", "bl")
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from localization.base import get_localizer
-from localization.ffn import FFNHead
-from localization.methods.forward_impact import fi_back_sum, fi_front_sum, forward_impact
+from vitfl.localization.base import get_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods.forward_impact import fi_back_sum, fi_front_sum, forward_impact
 
 
 class Scale(nn.Module):  # a LayerScale (timm ls2)

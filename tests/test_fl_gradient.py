@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from localization.base import get_localizer
-from localization.ffn import FFNHead, capture_ffn_states, last_ffn_head
-from localization.methods.gradient import grad_loss_sums
+from vitfl.localization.base import get_localizer
+from vitfl.localization.ffn import FFNHead, capture_ffn_states, last_ffn_head
+from vitfl.localization.methods.gradient import grad_loss_sums
 
 
 @pytest.fixture(scope="module")

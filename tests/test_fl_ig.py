@@ -7,10 +7,10 @@ import torch
 from captum.attr import IntegratedGradients as CaptumIG
 from torch import nn
 
-from localization.base import get_localizer
-from localization.ffn import FFNHead
-from localization.methods.ig import ig_attributions, paper_selection
-from localization.ranking import localize
+from vitfl.localization.base import get_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods.ig import ig_attributions, paper_selection
+from vitfl.localization.ranking import localize
 
 
 def tiny_head(d=4, d_ff=8, c=5, seed=0):

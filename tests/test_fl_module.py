@@ -1,5 +1,5 @@
 """The FL LightningModule (lightning_modules/fl.py): the Trainer's test loop gives the scores of
-``localization.ranking.localize`` and of independent references, only W_bef / W_aft take gradients, a 2-process
+``vitfl.localization.ranking.localize`` and of independent references, only W_bef / W_aft take gradients, a 2-process
 CPU DDP run gives the scores of one process, and the shard sampler covers every row once."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import D, retry_spawn_teardown_abort, tiny_hf_vit, tiny_timm_vit
-from lightning_modules.fl import ContiguousShardSampler, FLModule
-from localization.ffn import last_ffn_head
+from vitfl.lightning_modules.fl import ContiguousShardSampler, FLModule
+from vitfl.localization.ffn import last_ffn_head
 
 N = 37
 
@@ -64,7 +64,7 @@ HEADS = {"hf": lambda: last_ffn_head(tiny_hf_vit(seed=31)),
 @pytest.mark.parametrize("head_name", list(HEADS))
 @pytest.mark.parametrize("method", ["grad_loss", "vdiff"])
 def test_module_matches_localize_and_reference(head_name, method):
-    from localization.ranking import localize
+    from vitfl.localization.ranking import localize
 
     head = HEADS[head_name]()
     x, label, is_neg = inputs(seed=1)
@@ -157,7 +157,7 @@ def test_ddp_spawn_matches_single_process(tmp_path, method):
 
 @pytest.mark.parametrize("method", ["random", "magnitude"])
 def test_input_free_methods(method):
-    from localization.ranking import localize
+    from vitfl.localization.ranking import localize
 
     head = HEADS["hf"]()
     x, label, is_neg = inputs(seed=4)

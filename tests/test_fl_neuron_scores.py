@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from localization.base import get_localizer
-from localization.ffn import FFNHead
-from localization.methods.neuron_scores import v_score
+from vitfl.localization.base import get_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods.neuron_scores import v_score
 
 
 def tiny_head(d=4, d_ff=10, c=3, seed=0):
@@ -80,7 +80,7 @@ def test_sets_too_small_raise():
 
 def test_second_moment_float32_keeps_covariance_accurate_with_large_means():
     """Raw float32 moments lose the covariance when means dwarf the spread; the centred product does not."""
-    from localization.methods.neuron_scores import second_moment, v_score_from_moments
+    from vitfl.localization.methods.neuron_scores import second_moment, v_score_from_moments
 
     rng = np.random.default_rng(0)
     a32 = (rng.normal(size=(300, 8)) * 0.05 + rng.uniform(20, 60, size=8)).astype(np.float32)
@@ -100,7 +100,7 @@ def test_second_moment_float32_keeps_covariance_accurate_with_large_means():
 def test_blocked_second_moment_and_its_sum_match_float64(dtype, monkeypatch):
     """Above GRAM_MIN_WIDTH c^T c is formed from its upper blocks (each added with its transpose); widths that do
     not divide into the blocks included. The moment and the batch sum it adds match numpy float64."""
-    import localization.methods.neuron_scores as ns
+    import vitfl.localization.methods.neuron_scores as ns
 
     monkeypatch.setattr(ns, "GRAM_MIN_WIDTH", 8)  # small widths through the blocked path
     rng = np.random.default_rng(3)
@@ -120,7 +120,7 @@ def test_blocked_second_moment_and_its_sum_match_float64(dtype, monkeypatch):
 
 def test_gram_blocks_are_used_at_vit_width():
     """ViT-B's d_ff = 3072 is above the threshold: the blocked path is the one that runs there."""
-    import localization.methods.neuron_scores as ns
+    import vitfl.localization.methods.neuron_scores as ns
 
     assert 3072 >= ns.GRAM_MIN_WIDTH and ns.GRAM_BLOCKS > 1
 
@@ -128,7 +128,7 @@ def test_gram_blocks_are_used_at_vit_width():
 @pytest.mark.parametrize("vscore", ["abs_sum", "abs_mean", "signed_mean", "signed_sum"])
 def test_v_score_from_moments_in_several_bands_matches_numpy(vscore):
     """d_ff = 2.5 bands of V_BAND_ROWS rows (the last one partial): every variant against np.cov, written out."""
-    from localization.methods import neuron_scores as ns
+    from vitfl.localization.methods import neuron_scores as ns
 
     d_ff = 2 * ns.V_BAND_ROWS + ns.V_BAND_ROWS // 2
     rng = np.random.default_rng(5)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from localization.base import get_localizer, registered_localizers
-from localization.ranking import localize
+from vitfl.localization.base import get_localizer, registered_localizers
+from vitfl.localization.ranking import localize
 from test_fl_reptran_compat import (C, D, D_FF, activations, assert_well_conditioned, backward, flat, forward,
                                     ln_back, make_data, make_head, params, reference, softmax, up_pareto, up_two_sided,
                                     up_vscore)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from localization.ffn import FFNHead, WeightIndex
-from localization.ranking import (BudgetError, localize, minmax, neurons_to_weights, pareto_front, select,
+from vitfl.localization.ffn import FFNHead, WeightIndex
+from vitfl.localization.ranking import (BudgetError, localize, minmax, neurons_to_weights, pareto_front, select,
                                   top_n)
 
 

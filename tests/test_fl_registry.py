@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from localization.base import (Localizer, UnknownMethodError, get_localizer, is_lazy_zeros, lazy_zeros,
+from vitfl.localization.base import (Localizer, UnknownMethodError, get_localizer, is_lazy_zeros, lazy_zeros,
                                registered_localizers)
-from localization.ffn import FFNHead
-from localization.ranking import localize
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.ranking import localize
 
 EXPECTED = {"random", "random_neuron", "vdiff", "mean_act", "vdiff_x_mean_act", "grad_loss", "grad_loss_2s",
             "gradient_only", "magnitude", "forward_impact", "forward_impact_2s", "bl", "arachne_w", "ours",

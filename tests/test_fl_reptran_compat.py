@@ -23,11 +23,11 @@ from scipy.special import erf
 from torch import nn
 
 from conftest import randomize_, retry_spawn_teardown_abort
-from localization.base import get_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import array_split_sizes, compat_groups
-from localization.methods.reptran_compat import sample_correct_inputs
-from localization.ranking import localize
+from vitfl.localization.base import get_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import array_split_sizes, compat_groups
+from vitfl.localization.methods.reptran_compat import sample_correct_inputs
+from vitfl.localization.ranking import localize
 
 D, D_FF, C = 8, 32, 6
 N_NEG, N_POS = 45, 70
@@ -313,7 +313,7 @@ def trainer(**kw):
 
 
 def module_scores(head, name, x, y, neg, opts, batch_size, **kw):
-    from lightning_modules.fl import FLModule
+    from vitfl.lightning_modules.fl import FLModule
 
     module = FLModule(head, name, x, y, neg, method_options=opts, batch_size=batch_size)
     trainer(**kw).test(module, verbose=False)
@@ -412,7 +412,7 @@ def test_sample_correct_inputs():
     assert np.array_equal(sample_correct_inputs(pool[::-1], 500, seed=1), pool)  # n >= |pool|: all of them
     with pytest.raises(ValueError, match="repeated"):
         sample_correct_inputs([1, 1, 2], 1, seed=0)
-    from localization.base import method_meta
+    from vitfl.localization.base import method_meta
 
     assert method_meta("bl_fl5")["pos_sample"] == "n_neg" and method_meta("bl_fl5")["batching"] == 32
     assert method_meta("ours")["uses_true_label"] and method_meta("ours_reptran")["uses_true_label"]
@@ -451,7 +451,7 @@ def test_compat_two_processes_match_upstream(case, tmp_path):
 @pytest.mark.parametrize("batch_size", [1, 7, 40, 512])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_compat_batch_sampler_keeps_parts_whole_and_covers_each_row_once(n_neg, n_pos, batch_size, world):
-    from lightning_modules.fl import CompatBatchSampler
+    from vitfl.lightning_modules.fl import CompatBatchSampler
 
     group = compat_groups(torch.tensor([True] * n_neg + [False] * n_pos), 32)
     batches = [b for r in range(world) for b in CompatBatchSampler(group, batch_size, r, world)]
@@ -485,7 +485,7 @@ def test_published_fi_in_row_bands_matches_upstream(monkeypatch, band_bytes, nam
     weight as the rows (W_aft's sum formed transposed); forced small here (960 bytes: bands of 5 rows with a last
     band of 2 of both [32, 8] sums; 1: every band one row), the scores must still match the upstream
     re-derivation."""
-    from localization.methods import _reptran
+    from vitfl.localization.methods import _reptran
 
     monkeypatch.setattr(_reptran, "CPU_BAND_BYTES", band_bytes)
     head = make_head(seed=4, layer_scale=True)
@@ -502,7 +502,7 @@ def test_published_fi_in_row_bands_matches_upstream(monkeypatch, band_bytes, nam
 def test_part_products_match_a_loop_over_the_parts(monkeypatch, shape, band_bytes):
     """acc += sum_b (r_b^T o_b) * (g_b^T o_b) / B_b, formed with either side of the weight as the rows and in any
     band size, equals a float64 loop over the parts written from the formula (random inputs, uneven parts)."""
-    from localization.methods import _reptran
+    from vitfl.localization.methods import _reptran
 
     monkeypatch.setattr(_reptran, "CPU_BAND_BYTES", band_bytes)
     out, inn = shape

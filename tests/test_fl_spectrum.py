@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from localization.base import get_localizer
-from localization.ffn import FFNHead
-from localization.methods.spectrum import dstar, ochiai, tarantula
+from vitfl.localization.base import get_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods.spectrum import dstar, ochiai, tarantula
 
 
 def test_formulas_on_hand_counts():

@@ -13,8 +13,8 @@ def run(tmp_path, make_classifier):
 
 
 def test_status_summary_counts_the_real_status_rows(run):
-    from pipeline.context import RunContext
-    from pipeline.localize import run_localization, status_summary
+    from vitfl.pipeline.context import RunContext
+    from vitfl.pipeline.localize import run_localization, status_summary
 
     n = len(RunContext(run).settings)
     first = {r["method"]: r for r in status_summary(run_localization(run, ["grad_loss", "random"], budgets=[6],
@@ -34,7 +34,7 @@ def test_status_summary_counts_the_real_status_rows(run):
 
 
 def test_status_summary_names_not_applicable_and_failed_and_refuses_unknown_status():
-    from pipeline.localize import status_summary
+    from vitfl.pipeline.localize import status_summary
 
     rows = [{"method": "vdiff", "setting": "s1", "budgets": "6", "status": "not applicable: needs 2 I_neg"},
             {"method": "vdiff", "setting": "s2", "budgets": "6", "status": "error: boom"}]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from evaluation.headline import benchmark_block, blocks_markdown, pooled_hits_test, repairability_block
-from evaluation.ranking_metrics import evaluate_ranking, positional_metrics
+from vitfl.evaluation.headline import benchmark_block, blocks_markdown, pooled_hits_test, repairability_block
+from vitfl.evaluation.ranking_metrics import evaluate_ranking, positional_metrics
 
 
 def _row(total, n_pos, k, hits):
@@ -135,7 +135,7 @@ def test_repair_verdicts_sort_by_rr_and_read_the_paired_test_per_cell():
     import numpy as np
     import pandas as pd
 
-    from evaluation.headline import repair_verdicts
+    from vitfl.evaluation.headline import repair_verdicts
 
     def cell(m, rr, n_t=10, budget="0.5%"):
         fixed = int(round(rr * n_t)) if n_t else 0

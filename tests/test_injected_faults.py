@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from evaluation.injected_faults import (InjectionError, inject_faults, loss_gradient, run_injected_benchmark,
+from vitfl.evaluation.injected_faults import (InjectionError, inject_faults, loss_gradient, run_injected_benchmark,
                                         weight_level_scores)
-from localization.base import FLResult
-from localization.ffn import FFNHead
+from vitfl.localization.base import FLResult
+from vitfl.localization.ffn import FFNHead
 
 
 def make_head(d=8, c=4, seed=0, post_ln=True):
@@ -121,7 +121,7 @@ def test_grad_loss_beats_random_on_injected_faults():
     where GELU and its derivative vanish), so only their 3 x 2d = 48 weights have a non-zero loss gradient; the
     injection picks among them, and GL on the changed inputs scores every other weight 0. So GL's top 10 %
     (51 of 512 weights) holds every perturbed weight, whereas random's expected recall there is 10 %."""
-    pytest.importorskip("localization.methods")
+    pytest.importorskip("vitfl.localization.methods")
     head = make_head(d=8)
     with torch.no_grad():
         head.fc_bef.bias.fill_(-30.0)
@@ -147,7 +147,7 @@ def _setup():
 
 
 def test_strength_requirement_and_labels():
-    from evaluation.injected_faults import strength_label, strength_requirement
+    from vitfl.evaluation.injected_faults import strength_label, strength_requirement
 
     assert strength_requirement("published") == (0.001, 2)
     assert strength_requirement(30) == (0.0, 30) and strength_requirement("30") == (0.0, 30)
@@ -162,7 +162,7 @@ def test_strength_requirement_and_labels():
 def test_a_strength_yields_at_least_its_changed_count(strength):
     import math
 
-    from evaluation.injected_faults import inject_with_strength, strength_requirement
+    from vitfl.evaluation.injected_faults import inject_with_strength, strength_requirement
 
     head, x, label = _setup()
     fault = inject_with_strength(head, x, label, seed=1, strength=strength)
@@ -176,7 +176,7 @@ def test_a_strength_yields_at_least_its_changed_count(strength):
 
 
 def test_an_unreachable_strength_is_an_error_naming_it():
-    from evaluation.injected_faults import inject_with_strength
+    from vitfl.evaluation.injected_faults import inject_with_strength
 
     head, x, label = _setup()
     with pytest.raises(InjectionError, match="strength '90'"):

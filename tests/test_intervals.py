@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from evaluation.intervals import bootstrap_mean, fmt_rate, pooled_rate, wilson_interval
+from vitfl.evaluation.intervals import bootstrap_mean, fmt_rate, pooled_rate, wilson_interval
 
 
 @pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (0, 19), (19, 19), (8, 19), (1, 412), (411, 412), (50, 100)])

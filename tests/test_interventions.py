@@ -3,10 +3,10 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from evaluation.interventions import (Target, compare_to_random, edited_logits, patched_head, random_target,
+from vitfl.evaluation.interventions import (Target, compare_to_random, edited_logits, patched_head, random_target,
                                       run_interventions, summarize_interventions)
-from localization.base import FLResult
-from localization.ffn import capture_ffn_states, last_ffn_head
+from vitfl.localization.base import FLResult
+from vitfl.localization.ffn import capture_ffn_states, last_ffn_head
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_random_target_same_count_and_level(tiny):
 
 
 def test_wide_roundtrip(tiny):
-    from evaluation.interventions import records_to_wide, wide_to_records
+    from vitfl.evaluation.interventions import records_to_wide, wide_to_records
 
     model, _, x, logits = tiny
     head = last_ffn_head(model)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.io import load_tensors
-from core.runstore import RunStore
+from vitfl.core.io import load_tensors
+from vitfl.core.runstore import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["grad_loss", "vdiff", "ours", "bl"]

@@ -54,7 +54,7 @@ def test_main_job_quick_writes_every_artifact(tmp_path):
                for r in fl_rows.values()), lines[head:head + 8]
     assert all(int(fl_rows[m][1]) == len(info["settings"]) for m in ("random", "grad_loss"))
     assert (run / "repair" / "summary" / "crossval.md").is_file() and "cross-validated repair" in out.stdout
-    from pipeline.report import check_report
+    from vitfl.pipeline.report import check_report
 
     report = run / "report" / "report.md"
     assert report.is_file() and (run / "report" / "report.html").is_file() and f"report (mnist): {report}" in out.stdout

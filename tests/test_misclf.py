@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from localization.misclf import ALL_KINDS, analyze, confusion, stratified_positive_sample, target_mask
+from vitfl.localization.misclf import ALL_KINDS, analyze, confusion, stratified_positive_sample, target_mask
 
 
 def table(rows):
@@ -245,7 +245,7 @@ def test_confusion_and_plot(tmp_path):
     label, pred = table(ROWS)
     c = confusion(label, pred, 5)
     assert c.sum() == 28 and c[0, 1] == 3 and c[4, 0] == 2 and c[4, 4] == 0
-    from pipeline.misclf import plot_confusion
+    from vitfl.pipeline.misclf import plot_confusion
 
     info = analyze(label, pred, torch.arange(len(label)), num_classes=5)
     fig = plot_confusion(info, [f"c{i}" for i in range(5)])
@@ -518,7 +518,7 @@ def test_options_pass_through_step_misclf(monkeypatch):
     """step_misclf hands its options to analyze (the model, states and files stubbed out)."""
     from types import SimpleNamespace
 
-    import pipeline.misclf as pl
+    import vitfl.pipeline.misclf as pl
 
     seen = {}
 

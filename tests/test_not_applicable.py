@@ -38,13 +38,13 @@ def _save_ckpt(path: Path, module) -> None:
 def make_two_epoch_run(root: Path) -> Path:
     """Checkpoints and last-FFN weight files of epochs 0 and 1 and the repair states of both models; the epoch-0
     model misclassifies 3 inputs as one (true, pred) pair, 2 as another and 1 as a third (src_tgt_r1..r3)."""
-    from callbacks.ffn_weights import ffn_state
-    from core.io import atomic_write_json
-    from core.runstore import RunStore
-    from lightning_modules.classifier import ImageClassifier
-    from core.states import atomic_save_safetensors, save_states
-    from localization.ffn import capture_ffn_states, last_ffn_head, model_fingerprint
-    from localization.misclf import analyze
+    from vitfl.callbacks.ffn_weights import ffn_state
+    from vitfl.core.io import atomic_write_json
+    from vitfl.core.runstore import RunStore
+    from vitfl.lightning_modules.classifier import ImageClassifier
+    from vitfl.core.states import atomic_save_safetensors, save_states
+    from vitfl.localization.ffn import capture_ffn_states, last_ffn_head, model_fingerprint
+    from vitfl.localization.misclf import analyze
 
     store = RunStore(root)
     torch.manual_seed(0)
@@ -92,8 +92,8 @@ def two_epoch_run(tmp_path_factory):
 def test_checkpoint_benchmark_records_a_method_that_cannot_run_as_not_applicable(two_epoch_run):
     """Old behaviour: vdiff on src_tgt_r3 (1 I_neg) was an error row of checkpoint_benchmark.csv and a "failed"
     line, retried on every run."""
-    from core.runstore import RunStore
-    from pipeline.evaluate_fl import run_evaluation
+    from vitfl.core.runstore import RunStore
+    from vitfl.pipeline.evaluate_fl import run_evaluation
 
     store = RunStore(two_epoch_run)
     logs: list[str] = []
@@ -143,7 +143,7 @@ def test_experiment_counts_not_applicable_and_exits_zero(tmp_path, capsys):
     assert "1 not applicable" in line and "failed" not in line, out
     assert out.count("not applicable (recorded, not retried)") == 1, out
     assert "/ 1 n/a" in out.splitlines()[-1] and "failed" not in out.splitlines()[-1]
-    from core.runstore import RunStore
+    from vitfl.core.runstore import RunStore
 
     na = RunStore(root).not_applicable()
     assert any("src_tgt_r3" in k and "vdiff" in k for k in na), na
@@ -159,8 +159,8 @@ def test_experiment_counts_not_applicable_and_exits_zero(tmp_path, capsys):
 def test_report_script_lists_the_not_applicable_cases(two_epoch_run, capsys):
     """scripts/report.py --run_dir RUN rebuilds the report after step-by-step work; the recorded cases are listed.
     Old behaviour: no such script (the report was written by run_experiment.py's final phase only)."""
-    from core.runstore import RunStore
-    from pipeline.evaluate_fl import run_evaluation
+    from vitfl.core.runstore import RunStore
+    from vitfl.pipeline.evaluate_fl import run_evaluation
     from test_cli_steps import script
 
     run_evaluation(RunStore(two_epoch_run), log=lambda m: None, **EVAL)  # read back if the test above ran

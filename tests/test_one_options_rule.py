@@ -1,11 +1,11 @@
-"""One rule for an FL method's options (core.registry.Registry.check_options): the API (pipeline.localize
+"""One rule for an FL method's options (vitfl.core.registry.Registry.check_options): the API (vitfl.pipeline.localize
 .resolved_options), the command line (scripts/localize.py --method_options) and an experiment config
-(pipeline.experiment.check_experiment) accept exactly the same options, for every registered method."""
+(vitfl.pipeline.experiment.check_experiment) accept exactly the same options, for every registered method."""
 
 import pytest
 
-import localization.methods  # noqa: F401 - registers the methods
-from localization.base import FL_METHODS
+import vitfl.localization.methods  # noqa: F401 - registers the methods
+from vitfl.localization.base import FL_METHODS
 
 
 def _localize_script():
@@ -21,8 +21,8 @@ class Accepted(Exception):
 def accepted_by(method: str, options: dict, tmp_path, monkeypatch) -> dict[str, bool]:
     import json
 
-    from pipeline import localize
-    from pipeline.experiment import ExperimentConfigError, check_experiment
+    from vitfl.pipeline import localize
+    from vitfl.pipeline.experiment import ExperimentConfigError, check_experiment
 
     out = {}
     try:

@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from callbacks.checkpoints import PerEpochCheckpoint
-from callbacks.ffn_weights import LastFFNWeightsWriter, load_ffn_weights
+from vitfl.callbacks.checkpoints import PerEpochCheckpoint
+from vitfl.callbacks.ffn_weights import LastFFNWeightsWriter, load_ffn_weights
 from conftest import HF_KW, TIMM_KW, C
-from core.runstore import RunStore
-from datamodules import DigitsDataModule
-from evaluation.optimizer_replay import (ReplayError, ReplayMismatchError, epoch_batches, gradient_snr,
+from vitfl.core.runstore import RunStore
+from vitfl.datamodules import DigitsDataModule
+from vitfl.evaluation.optimizer_replay import (ReplayError, ReplayMismatchError, epoch_batches, gradient_snr,
                                          optimizer_ground_truths, replay_fit, replay_settings, training_gradient,
                                          update_diagnostics, verify_replay)
-from lightning_modules.classifier import ImageClassifier
-from lightning_modules.runs import load_classifier
-from localization.ffn import last_ffn_head
+from vitfl.lightning_modules.classifier import ImageClassifier
+from vitfl.lightning_modules.runs import load_classifier
+from vitfl.localization.ffn import last_ffn_head
 
 EPOCHS, LIMIT, LR = 2, 6, 2e-3
 HPARAMS = dict(lr=LR, weight_decay=0.05, warmup_epochs=0.5, label_smoothing=0.1, min_lr_ratio=0.01)

@@ -17,7 +17,7 @@ FL_FILE = '''
 """my_fl: |W| of the located weights times the I_neg count (a toy method for the plugin test)."""
 import torch
 
-from localization.base import Localizer, register_localizer
+from vitfl.localization.base import Localizer, register_localizer
 
 
 @register_localizer("my_fl")
@@ -44,8 +44,8 @@ class MyFL(Localizer):
 
 REPAIR_FILE = '''
 """my_repair: set every located weight to half its value (a toy repair for the plugin test)."""
-from lightning_modules.repair import register_repair
-from lightning_modules.repair.base import RepairModule
+from vitfl.lightning_modules.repair import register_repair
+from vitfl.lightning_modules.repair.base import RepairModule
 
 
 @register_repair("my_repair", optimises="nothing: halves the located weights")

@@ -4,10 +4,10 @@ import torch
 from scipy import stats as sps
 from sklearn.metrics import average_precision_score
 
-from evaluation.ranking_metrics import (average_precision, evaluate_ranking, expected_random_ap, hits_at,
+from vitfl.evaluation.ranking_metrics import (average_precision, evaluate_ranking, expected_random_ap, hits_at,
                                         k_of_fraction, neuron_to_weight_scores, random_expectation, rank_order,
                                         top_fraction_positives, topk_overlap)
-from localization.ffn import WeightIndex
+from vitfl.localization.ffn import WeightIndex
 
 
 def test_hand_made_ranking():
@@ -185,7 +185,7 @@ def _published_topk_metrics(fl_rank, gt_rank, ks, top_gt):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_positional_comparison_reproduces_exp_fl_5_7_on_sorted_rank_arrays(seed):
-    from evaluation.ranking_metrics import positional_metrics
+    from vitfl.evaluation.ranking_metrics import positional_metrics
 
     rng = np.random.default_rng(seed)
     n_first, n_second = (int(v) for v in rng.integers(500, 3000, size=2))
@@ -207,7 +207,7 @@ def test_positional_comparison_reproduces_exp_fl_5_7_on_sorted_rank_arrays(seed)
 
 
 def test_positional_random_expectation_vs_monte_carlo():
-    from evaluation.ranking_metrics import positional_metrics
+    from vitfl.evaluation.ranking_metrics import positional_metrics
 
     rng = np.random.default_rng(0)
     total, n_first = 900, 300
@@ -222,7 +222,7 @@ def test_positional_random_expectation_vs_monte_carlo():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_worst_ranking_scores_high_positionally_and_not_above_random_corrected(seed):
-    from evaluation.checkpoint_benchmark import ranking_row, weight_change_ground_truth, worst_possible_scores
+    from vitfl.evaluation.checkpoint_benchmark import ranking_row, weight_change_ground_truth, worst_possible_scores
 
     g = torch.Generator().manual_seed(seed)
     d, d_ff = 32, 128
@@ -253,7 +253,7 @@ def test_k_rounding_floor_gives_the_published_counts():
 
 
 def test_hypergeom_pmf_equals_scipy():
-    from evaluation.ranking_metrics import hypergeom_pmf
+    from vitfl.evaluation.ranking_metrics import hypergeom_pmf
 
     for total, n, k in ((50, 7, 12), (65_536, 32_768, 3_277), (4_718_592, 47_186, 47_186), (10, 10, 3)):
         support = np.arange(0, min(n, k) + 3)

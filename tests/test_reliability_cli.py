@@ -63,10 +63,10 @@ def test_stale_results_are_left_out_and_counted_by_every_reader(run, make_classi
     """Old behaviour: after the checkpoint was swapped and the steps rerun, the interventions evaluated the FL results
     of the old model as well (4 instead of 2 here) and the aggregation tabulated the old model's repair results
     beside the new one's (2 runs instead of 1), with no warning."""
-    from pipeline.crossval import aggregate_crossval
-    from pipeline.evaluate_fl import run_evaluation
-    from pipeline.localize import run_localization
-    from pipeline.repair import aggregate, collect_results, run_sweep
+    from vitfl.pipeline.crossval import aggregate_crossval
+    from vitfl.pipeline.evaluate_fl import run_evaluation
+    from vitfl.pipeline.localize import run_localization
+    from vitfl.pipeline.repair import aggregate, collect_results, run_sweep
 
     kw = dict(repair_options=DE, progress=False, on_error="raise")
     fold = run.fold(0)  # a fold run of the cross-validated repair: the run's model, its own caches and settings
@@ -131,7 +131,7 @@ def test_stale_results_are_left_out_and_counted_by_every_reader(run, make_classi
 
 def test_results_of_a_run_without_a_model_are_kept_and_counted_unverified(tmp_path):
     """A store of results only (no checkpoint to compare with) is tabulated as before, and says so."""
-    from pipeline.repair import aggregate
+    from vitfl.pipeline.repair import aggregate
     from test_report import fake_run
 
     store, recs = fake_run(tmp_path / "d", tb=False, reps=1)
@@ -160,8 +160,8 @@ def test_a_bad_repair_option_is_one_error_everywhere_before_any_work(run, opts, 
     """Old behaviour: generations=2.5 ran 2 generations under an identity recording 2.5, generations=0 stored a
     zero-generation repair, 'abc' failed every run late with "invalid literal for int()", a population of 3 failed
     per run inside the DE. Now the API, the command line and an experiment config give the same error up front."""
-    from pipeline.experiment import ExperimentConfigError, check_experiment
-    from pipeline.repair import run_sweep
+    from vitfl.pipeline.experiment import ExperimentConfigError, check_experiment
+    from vitfl.pipeline.repair import run_sweep
 
     with pytest.raises(ValueError, match="repair method 'de'") as e:
         run_sweep([run.root], ["random"], ["all"], [6], 1, repair_options=opts, progress=False)
@@ -181,8 +181,8 @@ def test_a_bad_repair_option_is_one_error_everywhere_before_any_work(run, opts, 
 
 def test_integers_stay_integers_and_one_value_has_one_key():
     """Old behaviour: cr=1 and cr=1.0 were two identities of one computation; generations=2.5 was truncated."""
-    from core.runstore import identity_key
-    from pipeline.repair import resolved_repair_options
+    from vitfl.core.runstore import identity_key
+    from vitfl.pipeline.repair import resolved_repair_options
 
     a, b = resolved_repair_options("de", {"cr": 1}), resolved_repair_options("de", {"cr": 1.0})
     assert a == b and isinstance(a["cr"], float) and identity_key(a) == identity_key(b)
@@ -218,8 +218,8 @@ def test_an_option_given_twice_is_an_error_naming_both(run, capsys, tmp_path):
 def test_fl_options_follow_the_same_rule_in_the_api_and_on_the_command_line(run, capsys):
     """Old behaviour: ``ours`` accepted ``two_sided`` through the API (its parent class takes it, though ours fixes
     it) and rejected it on the command line; ``p: "0.5"`` reached the method as a string."""
-    from pipeline.experiment import check_fl_options
-    from pipeline.localize import resolved_options, run_localization
+    from vitfl.pipeline.experiment import check_fl_options
+    from vitfl.pipeline.localize import resolved_options, run_localization
 
     for opts, message in (({"two_sided": False}, "no option(s) ['two_sided']"), ({"p": "0.5"}, "p='0.5' must be"),
                           ({"true_label": 1.5}, "true_label=1.5 must be"), ({"sides": ["neg"]}, "no option")):
@@ -256,7 +256,7 @@ def test_a_config_value_of_the_wrong_shape_names_the_key_and_type(name, text, ke
 def test_an_experiment_config_of_the_wrong_shape_names_the_key_and_type():
     """Old behaviour: ``localize.budgets: 9`` -> TypeError "'int' object is not iterable"; ``methods: random``
     -> the letters of 'random' as unknown methods."""
-    from pipeline.experiment import ExperimentConfigError, check_experiment
+    from vitfl.pipeline.experiment import ExperimentConfigError, check_experiment
 
     base = {"name": "t", "variant": "corrected", "datasets": {"d": {"run_dir": "r"}}}
     for extra, message in (({"localize": {"budgets": 9}}, "localize.budgets must be a list of budgets"),
@@ -276,7 +276,7 @@ def test_an_experiment_config_of_the_wrong_shape_names_the_key_and_type():
 
 # ------------------------------------------------------------------------------------------- 6. no tracebacks
 def _localized(run):
-    from pipeline.localize import run_localization
+    from vitfl.pipeline.localize import run_localization
 
     run_localization(run, ["grad_loss", "bl"], settings=["all"], budgets=[6, "avg"], progress=False)
     return run
@@ -290,7 +290,7 @@ def _truncate(path: Path, keep: int = 40) -> Path:
 def test_truncated_results_end_with_one_paragraph_and_status_1(run, capsys):
     """Old behaviour: a truncated FL result JSON, scores file, N_avg file or repair result (--aggregate_only) named
     the file inside an uncaught ResultError traceback."""
-    from pipeline.repair import run_sweep
+    from vitfl.pipeline.repair import run_sweep
 
     _localized(run)
     run_sweep([run.root], ["grad_loss"], ["all"], [6], 1, repair_options=DE, progress=False, on_error="raise")
@@ -320,7 +320,7 @@ def test_truncated_results_end_with_one_paragraph_and_status_1(run, capsys):
     path = _truncate(run.abs(next(r for r in run.list_results("fl_result") if r["method"] == "bl")["path"]))
     fails(ev.main, ["--run_dir", str(run.root), "--parts", "interventions", "--no_figures"], "evaluate_fl", path)
     # --debug and VITFL_DEBUG=1 show the traceback (the exception itself)
-    from core.runstore import ResultError
+    from vitfl.core.runstore import ResultError
 
     with pytest.raises(ResultError, match=str(path)):
         ev.main(["--run_dir", str(run.root), "--parts", "interventions", "--no_figures", "--debug"])
@@ -356,8 +356,8 @@ def test_disk_full_during_localize_names_the_file_and_leaves_nothing_half_writte
 
 def test_a_broken_plugin_is_a_warning_and_the_rest_keeps_working(run, tmp_path, capsys):
     """Old behaviour: an entry point whose module does not import crashed every script, even --methods random."""
-    from core.registry import PluginLoadWarning
-    from localization.base import FL_METHODS
+    from vitfl.core.registry import PluginLoadWarning
+    from vitfl.localization.base import FL_METHODS
 
     site = tmp_path / "site"
     dist = site / "vitfl_broken-0.1.dist-info"
@@ -408,7 +408,7 @@ def test_training_cli_failures_end_with_one_paragraph(extra, data, message, tmp_
 def test_the_script_itself_prints_one_paragraph_and_exits_1(run):
     """The real command line (a process, not main() in this one): a truncated repair result under
     --aggregate_only. Old behaviour: a ResultError traceback."""
-    from pipeline.repair import run_sweep
+    from vitfl.pipeline.repair import run_sweep
 
     run_sweep([run.root], ["random"], ["all"], [6], 1, repair_options=DE, progress=False, on_error="raise")
     path = _truncate(run.abs(run.list_results("repair_result")[0]["path"]))
@@ -457,7 +457,7 @@ def test_workers_die_with_their_killed_parent(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]
-        from pipeline.parallel import run_sharded
+        from vitfl.pipeline.parallel import run_sharded
         import test_reliability_cli as t
         run_sharded(t.sleepy_task, {{"pid_dir": {str(tmp_path)!r}}}, workers=2, threads=1)
     """)

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from conftest import HF_KW
-from datamodules import CIFAR100DataModule, DatasetFormatError, TinyImageNetDataModule
-from datamodules.base import UnreadableImageError
-from datamodules.cifar100 import CifarUnpickler
+from vitfl.datamodules import CIFAR100DataModule, DatasetFormatError, TinyImageNetDataModule
+from vitfl.datamodules.base import UnreadableImageError
+from vitfl.datamodules.cifar100 import CifarUnpickler
 from test_datamodules import WNIDS, make_cifar, make_tiny
 
 
@@ -78,7 +78,7 @@ def test_clean_data_verifies(tmp_path):
 
 @pytest.mark.parametrize("num_workers", [0, 1])  # 1: raised in a worker process, re-raised by the loader
 def test_unreadable_image_inside_a_training_epoch_names_the_file(tiny_with_bad_files, tmp_path, num_workers):
-    from lightning_modules.classifier import ImageClassifier
+    from vitfl.lightning_modules.classifier import ImageClassifier
 
     root, bad = tiny_with_bad_files
     dm = _tiny(root, folds_path=str(tmp_path / "folds.json"), num_workers=num_workers)

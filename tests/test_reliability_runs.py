@@ -17,14 +17,14 @@ import torch
 import yaml
 
 from conftest import HF_KW, REPO, _fit_tiny_run, tiny_classifier
-from lightning_modules.runs import (
+from vitfl.lightning_modules.runs import (
     ArchitectureMismatchError, RunError, UnsafeCheckpointError, UnsafeConfigError, cache_run_states, cache_tag,
     check_model_fits_data, datamodule_from_run, load_classifier, load_run_model)
-from core.runstore import RunStore
-from core.states import StaleCacheError, load_states, read_metadata
-from localization.ffn import model_fingerprint
+from vitfl.core.runstore import RunStore
+from vitfl.core.states import StaleCacheError, load_states, read_metadata
+from vitfl.localization.ffn import model_fingerprint
 
-DATA = {"class_path": "datamodules.digits.DigitsDataModule",
+DATA = {"class_path": "vitfl.datamodules.digits.DigitsDataModule",
         "init_args": {"batch_size": 32, "eval_batch_size": 128, "seed": 0}}
 KW = {"enable_progress_bar": False}
 
@@ -54,10 +54,10 @@ def _set_config(layout: RunStore, section: str, value) -> None:
 
 
 # ------------------------------------------------------------------------------------------- run_config payloads
-@pytest.mark.parametrize("class_path", ["subprocess.run", "os.system", "datamodules.base.subprocess.run",
-                                        "datamodules.base.DataLoader", "datamodules.base.VisionDataModule",
-                                        "datamodules.folds.atomic_write_json", "lightning.pytorch.Trainer",
-                                        "datamodules._evil.Mod", "datamodules.digits.DigitsDataModule.__init__"])
+@pytest.mark.parametrize("class_path", ["subprocess.run", "os.system", "vitfl.datamodules.base.subprocess.run",
+                                        "vitfl.datamodules.base.DataLoader", "vitfl.datamodules.base.VisionDataModule",
+                                        "vitfl.datamodules.folds.atomic_write_json", "lightning.pytorch.Trainer",
+                                        "vitfl.datamodules._evil.Mod", "vitfl.datamodules.digits.DigitsDataModule.__init__"])
 def test_config_class_path_payload_does_not_run(copied_run, tmp_path, class_path):
     marker = tmp_path / "marker"
     _set_config(copied_run, "data", {"class_path": class_path,
@@ -68,7 +68,7 @@ def test_config_class_path_payload_does_not_run(copied_run, tmp_path, class_path
     assert not marker.exists()
     msg = str(e.value)
     assert str(copied_run.run_config) in msg and repr(class_path) in msg
-    assert "datamodules.digits.DigitsDataModule" in msg  # what is expected instead
+    assert "vitfl.datamodules.digits.DigitsDataModule" in msg  # what is expected instead
 
 
 def test_the_payload_is_live(tmp_path):
@@ -81,7 +81,7 @@ def test_the_payload_is_live(tmp_path):
 
 
 def test_config_names_the_toolkits_data_modules(copied_run):
-    for class_path in ("datamodules.digits.DigitsDataModule", "datamodules.DigitsDataModule"):
+    for class_path in ("vitfl.datamodules.digits.DigitsDataModule", "vitfl.datamodules.DigitsDataModule"):
         _set_config(copied_run, "data", {**DATA, "class_path": class_path})
         assert type(datamodule_from_run(copied_run)).__name__ == "DigitsDataModule"
     _set_config(copied_run, "data", {**DATA, "init_args": {"no_such_option": 1}})
@@ -92,7 +92,7 @@ def test_config_names_the_toolkits_data_modules(copied_run):
 def test_model_class_path_payload_is_refused(copied_run, tmp_path):
     marker = tmp_path / "marker"
     _set_config(copied_run, "model", {"class_path": "subprocess.run", "init_args": {"args": ["touch", str(marker)]}})
-    with pytest.raises(UnsafeConfigError, match="lightning_modules.classifier.ImageClassifier"):
+    with pytest.raises(UnsafeConfigError, match="vitfl.lightning_modules.classifier.ImageClassifier"):
         load_run_model(copied_run)
     assert not marker.exists()
 
@@ -122,7 +122,7 @@ def test_checkpoint_payload_does_not_run(copied_run, tmp_path):
 
 
 def test_real_checkpoints_load_weights_only(run_dir):
-    from lightning_modules.runs import CHECKPOINT_SAFE_GLOBALS, safe_torch_load
+    from vitfl.lightning_modules.runs import CHECKPOINT_SAFE_GLOBALS, safe_torch_load
 
     assert CHECKPOINT_SAFE_GLOBALS == []  # torch's default allow-list covers everything our checkpoints hold
     for epoch in (0, 1, 2):
@@ -156,7 +156,7 @@ def test_architecture_mismatch_is_its_own_error_and_keeps_the_cache(copied_run):
 
 
 def test_model_that_does_not_fit_the_data_is_refused(run_dir):
-    from datamodules import DigitsDataModule
+    from vitfl.datamodules import DigitsDataModule
 
     dm = DigitsDataModule()
     rgb = tiny_classifier("hf_vit", num_channels=3)
@@ -229,7 +229,7 @@ def test_cache_states_script_checks_options(run_dir):
     ("data: [unclosed\n", "cannot read the run config as YAML"),
     ("- just\n- a list\n", "expected a YAML mapping"),
     ("model: {}\n", "no 'data' section"),
-    ("data: {class_path: datamodules.digits.DigitsDataModule, init_args: [1, 2]}\n", "init_args must be a mapping"),
+    ("data: {class_path: vitfl.datamodules.digits.DigitsDataModule, init_args: [1, 2]}\n", "init_args must be a mapping"),
 ])
 def test_an_invalid_run_config_names_the_file(copied_run, text, message):
     copied_run.run_config.write_text(text)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.io import FileFormatError
+from vitfl.core.io import FileFormatError
 
 
 @pytest.fixture
@@ -14,8 +14,8 @@ def run(tmp_path, make_classifier):
 
 
 def test_bad_localize_options_fail_before_any_work(run):
-    from localization.ranking import BudgetError
-    from pipeline.localize import run_localization
+    from vitfl.localization.ranking import BudgetError
+    from vitfl.pipeline.localize import run_localization
 
     bad = [({"batch_size": 0}, ValueError, "batch_size"), ({"batch_size": True}, ValueError, "batch_size"),
            ({"trainer_kwargs": {"devices": 0}}, ValueError, "devices"),
@@ -30,7 +30,7 @@ def test_bad_localize_options_fail_before_any_work(run):
 
 
 def test_an_invalid_settings_file_is_named(run):
-    from pipeline.localize import run_localization
+    from vitfl.pipeline.localize import run_localization
 
     run.misclf_info.write_text('{"settings": {"all": NaN')
     with pytest.raises(FileFormatError, match="misclf_info.json"):
@@ -41,8 +41,8 @@ def test_an_invalid_settings_file_is_named(run):
 
 
 def test_a_folder_where_a_result_belongs_is_an_error_not_done(run):
-    from core.runstore import ResultError
-    from pipeline.repair import run_sweep
+    from vitfl.core.runstore import ResultError
+    from vitfl.pipeline.repair import run_sweep
 
     kw = dict(repair_options={"pop_size": 4, "generations": 2}, progress=False, on_error="raise")
     rows = run_sweep([run.root], ["random"], ["all"], [6], 1, **kw)

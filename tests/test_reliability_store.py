@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from conftest import REPO
-from core.io import CorruptFileError, LogDamagedWarning, atomic_write_json, read_json
-from core.runstore import ResultError, RunStore, UnsafeNameError, UnsafePathError
+from vitfl.core.io import CorruptFileError, LogDamagedWarning, atomic_write_json, read_json
+from vitfl.core.runstore import ResultError, RunStore, UnsafeNameError, UnsafePathError
 
 pytestmark = [pytest.mark.filterwarnings("ignore:LightningCLI's args parameter",
                                          "ignore:.*has no recorded content hash"),
@@ -77,8 +77,8 @@ def _flip_checkpoint_tensor_data(path: Path, n: int = 64) -> None:
 def _fl_error(store: RunStore, methods: list[str], **kw) -> str:
     """The error of a localize run: raised, or reported in its status rows (the step goes on with the other
     methods and settings, and the script exits non-zero)."""
-    from core.states import CacheError
-    from pipeline.localize import run_localization
+    from vitfl.core.states import CacheError
+    from vitfl.pipeline.localize import run_localization
 
     try:
         rows = run_localization(store, methods, progress=False, **kw)
@@ -104,8 +104,8 @@ def _plant_setting(store: RunStore, name: str) -> None:
 def test_a_setting_name_from_misclf_info_cannot_reach_outside_the_run(run, tmp_path):
     """The issue: ``localize.py --methods random --budgets 9`` (no --settings) wrote scores and results to
     ``$X/../../ESCAPE_dir``; ``repair_sweep.py`` its result and TensorBoard run likewise."""
-    from pipeline.localize import run_localization
-    from pipeline.repair import run_sweep
+    from vitfl.pipeline.localize import run_localization
+    from vitfl.pipeline.repair import run_sweep
 
     _plant_setting(run, ESCAPE)
     with pytest.raises(UnsafeNameError) as e:
@@ -120,7 +120,7 @@ def test_a_setting_name_from_misclf_info_cannot_reach_outside_the_run(run, tmp_p
 
 
 def test_a_fold_runs_settings_are_checked_where_read(run):
-    from pipeline.context import load_misclf
+    from vitfl.pipeline.context import load_misclf
 
     fold = run.fold(0)
     info = read_json(run.misclf_info)
@@ -132,8 +132,8 @@ def test_a_fold_runs_settings_are_checked_where_read(run):
 
 def test_a_method_name_cannot_reach_outside_the_run(run, tmp_path):
     """A plugin registering a method named like a path: the store refuses to build its paths."""
-    from localization.base import FL_METHODS
-    from localization.methods.random_ import RandomWeights
+    from vitfl.localization.base import FL_METHODS
+    from vitfl.localization.methods.random_ import RandomWeights
 
     bad = "../../../ESCAPE_method"
     try:
@@ -210,8 +210,8 @@ def test_a_fold_runs_parent_pointer_must_be_its_run(tmp_path):
 def test_flipped_bytes_in_a_state_cache_are_refused(run):
     """The issue: 64 flipped bytes in ``states/repair.safetensors``: localize computed and stored a new result from
     them (rc 0)."""
-    from core.states import CacheError, CorruptCacheError, load_states
-    from pipeline.localize import run_localization
+    from vitfl.core.states import CacheError, CorruptCacheError, load_states
+    from vitfl.pipeline.localize import run_localization
 
     path = run.states("repair")
     _flip_safetensors_data(path)
@@ -227,7 +227,7 @@ def test_flipped_bytes_in_a_state_cache_are_refused(run):
 
 def test_flipped_bytes_in_an_fl_scores_file_are_refused(run):
     """The issue: 64 flipped bytes in an FL scores file: localize at a new budget selected from them (rc 0)."""
-    from pipeline.localize import run_localization
+    from vitfl.pipeline.localize import run_localization
 
     run_localization(run, ["grad_loss"], settings=["all"], budgets=[6], progress=False)
     (scores,) = [p for p in run.fl_dir.rglob("*.scores.safetensors")]
@@ -241,7 +241,7 @@ def test_flipped_bytes_in_an_fl_scores_file_are_refused(run):
 
 
 def test_an_edited_result_json_is_refused(run):
-    from pipeline.localize import run_localization
+    from vitfl.pipeline.localize import run_localization
 
     run_localization(run, ["random"], settings=["all"], budgets=[6], progress=False)
     (rec,) = run.list_results("fl_result")
@@ -268,7 +268,7 @@ def test_a_text_artifact_has_a_sidecar_and_a_kill_before_it_leaves_it_unverified
     with pytest.raises(CorruptFileError, match="summary.csv is corrupt"):
         store.read_text(p)
     store.write_text(p, "a,b\n1,2\n")
-    code = ("from core.runstore import RunStore\n"
+    code = ("from vitfl.core.runstore import RunStore\n"
             f"RunStore({str(tmp_path)!r}).write_text({str(p)!r}, 'a,b\\n5,6\\n')\n")
     env = {**os.environ, "VITFL_FAULT_AT": "2", "PYTHONPATH": str(REPO)}  # 1: the file, 2: its sidecar
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == -9
@@ -279,8 +279,8 @@ def test_a_text_artifact_has_a_sidecar_and_a_kill_before_it_leaves_it_unverified
 
 
 def test_a_large_file_is_hashed_once_per_process(tmp_path, monkeypatch):
-    from core import io as core_io
-    from core.states import load_states, save_states
+    from vitfl.core import io as core_io
+    from vitfl.core.states import load_states, save_states
 
     calls = []
     real = core_io.tensors_content_hash
@@ -312,7 +312,7 @@ def trained(tmp_path_factory):
 def test_flipped_bytes_in_a_checkpoint_are_refused(trained, tmp_path):
     """The issue: torch skips the zip CRC, so flipped bytes in ``epoch=NNN.ckpt`` loaded silently, and the error
     that followed invited the user to adopt the corrupt model ("rerun analyze_misclf")."""
-    from lightning_modules.runs import (CorruptCheckpointError, RunError, load_classifier, load_run_model,
+    from vitfl.lightning_modules.runs import (CorruptCheckpointError, RunError, load_classifier, load_run_model,
                                         safe_torch_load)
 
     shutil.copytree(trained.root, tmp_path / "run")
@@ -331,7 +331,7 @@ def test_flipped_bytes_in_a_checkpoint_are_refused(trained, tmp_path):
 
 
 def test_a_checkpoint_without_a_recorded_hash_loads_with_one_warning(trained, tmp_path):
-    from lightning_modules.runs import UnverifiedCheckpointWarning, load_classifier
+    from vitfl.lightning_modules.runs import UnverifiedCheckpointWarning, load_classifier
 
     shutil.copytree(trained.root, tmp_path / "run")
     path = RunStore(tmp_path / "run").checkpoint(1)
@@ -348,7 +348,7 @@ def test_a_checkpoint_without_a_recorded_hash_loads_with_one_warning(trained, tm
 def test_a_damaged_last_ffn_weight_file_is_named(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from callbacks.ffn_weights import load_ffn_weights
+    from vitfl.callbacks.ffn_weights import load_ffn_weights
 
     shutil.copytree(trained.root, tmp_path / "run")
     store = RunStore(tmp_path / "run")
@@ -365,7 +365,7 @@ def test_a_damaged_last_ffn_weight_file_is_named(trained, tmp_path):
 
 
 def test_settings_of_another_model_do_not_invite_adopting_it(run):
-    from pipeline.context import RunContext, SettingsModelMismatchError
+    from vitfl.pipeline.context import RunContext, SettingsModelMismatchError
 
     info = read_json(run.misclf_info)
     info["model_hash"] = "0123456789abcdef"
@@ -423,7 +423,7 @@ def test_a_log_cut_mid_line_is_set_aside_not_glued(tmp_path):
 def test_a_garbage_log_never_fails_an_fl_run(run):
     """The issue: a garbage ``timing.csv`` made a new FL run fail with a bare ``'utf-8' codec can't decode`` after
     its scores were saved, so its selection was never written."""
-    from pipeline.localize import run_localization
+    from vitfl.pipeline.localize import run_localization
 
     run.fl_timing.parent.mkdir(parents=True, exist_ok=True)
     run.fl_timing.write_bytes(bytes(range(256)) * 4)
@@ -458,7 +458,7 @@ def test_the_report_reads_a_damaged_timing_log(tmp_path):
     """``pd.read_csv`` failed on a glued row; the report now leaves damaged lines out and says so."""
     import pandas as pd
 
-    from pipeline.report import _fl_cost_vs_quality, _Page
+    from vitfl.pipeline.report import _fl_cost_vs_quality, _Page
 
     store = RunStore(tmp_path)
     store.fl_timing.parent.mkdir(parents=True)
@@ -486,10 +486,10 @@ def _fit_args(root: Path, epochs: int = 1, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """A 1-epoch run made by the training CLI (TensorBoard logger on), then cached, analysed and localized."""
-    from lightning_modules.cli import ToolkitCLI
-    from lightning_modules.runs import cache_run_states
-    from pipeline.localize import run_localization
-    from pipeline.misclf import step_misclf
+    from vitfl.lightning_modules.cli import ToolkitCLI
+    from vitfl.lightning_modules.runs import cache_run_states
+    from vitfl.pipeline.localize import run_localization
+    from vitfl.pipeline.misclf import step_misclf
 
     root = tmp_path_factory.mktemp("origin") / "run"
     ToolkitCLI(args=_fit_args(root))
@@ -530,8 +530,8 @@ def test_run_config_holds_no_path_of_the_machine(cli_run):
 def test_a_relative_pretrained_path_is_read_from_the_run(tmp_path, monkeypatch):
     """The train step records a pretraining export relative to the run (``finetune_model.yaml``), and the training
     CLI reads such a path from the run directory, wherever the run lies and whatever the working directory."""
-    from lightning_modules.cli import _pretrained_in_run, run_relative_config
-    from pipeline.train import finetune_model_config
+    from vitfl.lightning_modules.cli import _pretrained_in_run, run_relative_config
+    from vitfl.pipeline.train import finetune_model_config
 
     root = tmp_path / "run"
     (root / "pretrain" / "export").mkdir(parents=True)
@@ -592,9 +592,9 @@ seen.clear()
 
 import torch
 torch.set_num_threads(1)
-from core.runstore import RunStore
-from lightning_modules.runs import cache_run_states, datamodule_from_run, load_run_model
-from pipeline.localize import run_localization
+from vitfl.core.runstore import RunStore
+from vitfl.lightning_modules.runs import cache_run_states, datamodule_from_run, load_run_model
+from vitfl.pipeline.localize import run_localization
 
 store = RunStore(NEW)
 cache_run_states(store, ["repair", "test"], trainer_kwargs={"enable_progress_bar": False})
@@ -603,7 +603,7 @@ rows = run_localization(store, ["random", "grad_loss"], settings=["all"], budget
 datamodule_from_run(store).setup()
 statuses = [r["status"] for r in rows]
 before_resume = list(seen)
-from lightning_modules.cli import ToolkitCLI
+from vitfl.lightning_modules.cli import ToolkitCLI
 cfgs = ["configs/data/digits.yaml", "configs/model/vit_digits.yaml", "configs/trainer/cpu.yaml"]
 ToolkitCLI(args=["fit", *[a for c in cfgs for a in ("--config", os.path.join(REPO, c))],
                  "--trainer.default_root_dir", NEW, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",

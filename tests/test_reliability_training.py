@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from lightning_modules.cli import FitOptionError, ToolkitCLI
-from lightning_modules.runs import checkpoint_epochs, load_classifier, safe_torch_load
-from core.runstore import RunStore
+from vitfl.lightning_modules.cli import FitOptionError, ToolkitCLI
+from vitfl.lightning_modules.runs import checkpoint_epochs, load_classifier, safe_torch_load
+from vitfl.core.runstore import RunStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter", "ignore:.*does not have many workers",
                                         "ignore:The number of training batches")
@@ -121,7 +121,7 @@ def test_a_fresh_fit_never_overwrites_trained_checkpoints(uninterrupted):
 def test_a_corrupt_resume_checkpoint_is_named(uninterrupted, tmp_path):
     import shutil
 
-    from lightning_modules.runs import RunError
+    from vitfl.lightning_modules.runs import RunError
 
     shutil.copytree(uninterrupted.checkpoints, tmp_path / "checkpoints")
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -155,13 +155,13 @@ def test_bad_data_options_fail_before_any_work(tmp_path, option, message):
 
 def test_failed_fit_leaves_run_config_as_it_was(tmp_path):
     """A typo in the data root: the fit fails in the data module's checks and the run's config is untouched."""
-    from datamodules.base import DatasetFormatError
+    from vitfl.datamodules.base import DatasetFormatError
 
     layout = RunStore(tmp_path)
-    layout.run_config.write_text("data: {class_path: datamodules.digits.DigitsDataModule}\n# the good config\n")
+    layout.run_config.write_text("data: {class_path: vitfl.datamodules.digits.DigitsDataModule}\n# the good config\n")
     before = layout.run_config.read_bytes()
     with pytest.raises(DatasetFormatError, match="tiny-imagenet-200"):
-        cli(tmp_path, "--data", "datamodules.tiny_imagenet.TinyImageNetDataModule",
+        cli(tmp_path, "--data", "vitfl.datamodules.tiny_imagenet.TinyImageNetDataModule",
             "--data.init_args.root", str(tmp_path / "no_such_data_root"), "--data.init_args.image_size=8",
             "--data.init_args.mean=[0.5,0.5,0.5]", "--data.init_args.std=[0.5,0.5,0.5]")
     assert layout.run_config.read_bytes() == before
@@ -202,7 +202,7 @@ class _Payload:
 def test_a_resume_checkpoint_with_a_payload_is_refused(uninterrupted, tmp_path):
     import shutil
 
-    from lightning_modules.runs import UnsafeCheckpointError
+    from vitfl.lightning_modules.runs import UnsafeCheckpointError
 
     shutil.copytree(uninterrupted.checkpoints, tmp_path / "checkpoints")
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -216,9 +216,9 @@ def test_a_resume_checkpoint_with_a_payload_is_refused(uninterrupted, tmp_path):
 
 
 def _ddp_fit(root, ckpt_path=None, kill=False):
-    from callbacks.checkpoints import PerEpochCheckpoint, ResumeCheckpoint
+    from vitfl.callbacks.checkpoints import PerEpochCheckpoint, ResumeCheckpoint
     from conftest import tiny_classifier
-    from datamodules import DigitsDataModule
+    from vitfl.datamodules import DigitsDataModule
 
     L.seed_everything(0, verbose=False)
     model = tiny_classifier("hf_vit", seed=0, randomize=False, hidden_dropout_prob=0.1).train()

@@ -9,13 +9,13 @@ from lightning.pytorch.loggers import CSVLogger
 from scipy.optimize import differential_evolution
 from torch import nn
 
-from lightning_modules.repair import UnknownRepairError, get_repair, registered_repairs
-from lightning_modules.repair.base import fit_repair
-from lightning_modules.repair.de import (DERepair, DifferentialEvolution, default_patience, donors, greedy_select,
+from vitfl.lightning_modules.repair import UnknownRepairError, get_repair, registered_repairs
+from vitfl.lightning_modules.repair.base import fit_repair
+from vitfl.lightning_modules.repair.de import (DERepair, DifferentialEvolution, default_patience, donors, greedy_select,
                                          make_trials, matrix_bounds)
-from lightning_modules.repair.fitness import NonFiniteFitnessError
-from lightning_modules.repair.patch import RepairInputError
-from localization.ffn import FFNHead
+from vitfl.lightning_modules.repair.fitness import NonFiniteFitnessError
+from vitfl.lightning_modules.repair.patch import RepairInputError
+from vitfl.localization.ffn import FFNHead
 
 D, C = 8, 5
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_modules.repair.fitness import (EPILOGUES, FullBatchFitness, LoopFitness, NonFiniteFitnessError,
+from vitfl.lightning_modules.repair.fitness import (EPILOGUES, FullBatchFitness, LoopFitness, NonFiniteFitnessError,
                                               SparseFitness, fused_scores, make_fitness, repair_fitness)
-from lightning_modules.repair.patch import RepairInputError, read_values
-from localization.ffn import FFNHead
+from vitfl.lightning_modules.repair.patch import RepairInputError, read_values
+from vitfl.localization.ffn import FFNHead
 
 D, C = 8, 5
 
@@ -218,7 +218,7 @@ def test_nan_fitness_from_a_bad_head_raises(evaluator):
 def test_doctests():
     import doctest
 
-    import lightning_modules.repair.fitness as fitness_module
+    import vitfl.lightning_modules.repair.fitness as fitness_module
 
     r = doctest.testmod(fitness_module)
     assert r.attempted > 0 and r.failed == 0
@@ -321,7 +321,7 @@ def test_fused_correctness_breaks_ties_like_argmax():
 def test_de_trajectory_with_the_fused_fitness_equals_the_full_head(kind, update):
     """A fixed seed gives the same search with the fused evaluator as with the full head: best and mean fitness
     after every generation (float64, <= 1e-10) and the same final population."""
-    from lightning_modules.repair.de import DifferentialEvolution, matrix_bounds, matrix_init_stats
+    from vitfl.lightning_modules.repair.de import DifferentialEvolution, matrix_bounds, matrix_init_stats
 
     h = head("plain", seed=9)
     w = placement(kind, seed=1, n=30)
@@ -419,7 +419,7 @@ def test_deferred_de_generation_syncs_a_fixed_number_of_times():
     """A deferred DE generation on the GPU path reads back once for the fitness check and once for its statistics
     (plus F, drawn on the CPU): the count does not grow with the population or the number of chunks, and the
     statistics equal those recomputed from the population."""
-    from lightning_modules.repair.de import DifferentialEvolution
+    from vitfl.lightning_modules.repair.de import DifferentialEvolution
 
     h = head("plain", seed=9)
     w = placement("random", seed=1, n=30)

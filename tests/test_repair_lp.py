@@ -12,15 +12,15 @@ from lightning.pytorch.loggers import CSVLogger
 from scipy.optimize import linprog
 from torch import nn
 
-from lightning_modules.repair import REPAIRS, get_repair, registered_repairs
-from lightning_modules.repair import lp as lp_mod
-from lightning_modules.repair.base import fit_repair
-from lightning_modules.repair.de import matrix_bounds, matrix_init_stats
-from lightning_modules.repair.finetune import fitness_weights
-from lightning_modules.repair.lp import (LPRepair, _margins, frozen_sigma_logits, input_weights, linearize,
+from vitfl.lightning_modules.repair import REPAIRS, get_repair, registered_repairs
+from vitfl.lightning_modules.repair import lp as lp_mod
+from vitfl.lightning_modules.repair.base import fit_repair
+from vitfl.lightning_modules.repair.de import matrix_bounds, matrix_init_stats
+from vitfl.lightning_modules.repair.finetune import fitness_weights
+from vitfl.lightning_modules.repair.lp import (LPRepair, _margins, frozen_sigma_logits, input_weights, linearize,
                                          solve_margin_lp)
-from lightning_modules.repair.patch import Patch, RepairInputError, read_values
-from localization.ffn import FFNHead
+from vitfl.lightning_modules.repair.patch import Patch, RepairInputError, read_values
+from vitfl.localization.ffn import FFNHead
 
 D, DFF, C = 12, 48, 6
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.repair import get_repair
-from lightning_modules.repair.base import fit_repair
-from lightning_modules.repair.de import matrix_init_stats
-from lightning_modules.repair.patch import RepairInputError
-from localization.ffn import FFNHead
+from vitfl.lightning_modules.repair import get_repair
+from vitfl.lightning_modules.repair.base import fit_repair
+from vitfl.lightning_modules.repair.de import matrix_init_stats
+from vitfl.lightning_modules.repair.patch import RepairInputError
+from vitfl.localization.ffn import FFNHead
 
 D, C = 8, 4
 
@@ -121,7 +121,7 @@ def test_bad_options():
 # ------------------------------------------------------------------------------------------- tuned defaults
 def _fitness_ref(h, weights, values, x, y, is_neg, alpha=10.0):
     """Arachne's fitness written out: sum over I_pos of (1 if correct else 1/(CE+1)) + alpha * the same on I_neg."""
-    from lightning_modules.repair.patch import write_values
+    from vitfl.lightning_modules.repair.patch import write_values
 
     hh = h.copy().double()
     write_values(hh, weights, values.double())
@@ -147,7 +147,7 @@ def _toy(seed=0):
 
 @pytest.mark.parametrize("variant", ["arachne", "reptran"])
 def test_finetune_loss_weights_inputs_as_the_fitness(variant):
-    from lightning_modules.repair.finetune import fitness_weights
+    from vitfl.lightning_modules.repair.finetune import fitness_weights
 
     h, st, x, y, is_neg = _toy()
     m = get_repair("finetune")(h, WEIGHTS, *st, fitness=variant, alpha=10.0)

@@ -11,11 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import lightning_modules.repair.metrics as metrics_module
-from lightning_modules.repair.metrics import (BreakRate, RepairAccuracy, RepairRate, break_rate, evaluate_patch,
+import vitfl.lightning_modules.repair.metrics as metrics_module
+from vitfl.lightning_modules.repair.metrics import (BreakRate, RepairAccuracy, RepairRate, break_rate, evaluate_patch,
                                               repair_rate)
-from lightning_modules.repair.patch import Patch
-from localization.ffn import FFNHead
+from vitfl.lightning_modules.repair.patch import Patch
+from vitfl.localization.ffn import FFNHead
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

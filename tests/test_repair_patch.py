@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-import lightning_modules.repair.patch as patch_module
-from lightning_modules.repair.patch import Patch, PatchMismatchError, RepairInputError
-from localization.ffn import capture_ffn_states, last_ffn_head
+import vitfl.lightning_modules.repair.patch as patch_module
+from vitfl.lightning_modules.repair.patch import Patch, PatchMismatchError, RepairInputError
+from vitfl.localization.ffn import capture_ffn_states, last_ffn_head
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,7 +99,7 @@ def test_patched_ffn_head_predicts_like_the_patched_full_model():
 
 
 def test_patch_applies_through_the_lightning_classifier():
-    from lightning_modules.classifier import ImageClassifier
+    from vitfl.lightning_modules.classifier import ImageClassifier
 
     clf = ImageClassifier("hf_vit", num_classes=10, backbone_kwargs=dict(
         image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from core.io import atomic_write_json, read_json
-from core.runstore import RunStore
-from lightning_modules.repair.patch import Patch
-from core.states import save_states
-from localization.ffn import capture_ffn_states, last_ffn_head, model_fingerprint
-from localization.misclf import analyze
-from pipeline.repair import aggregate, build_grid, collect_results, parse_shard, run_sweep, shard_tasks
+from vitfl.core.io import atomic_write_json, read_json
+from vitfl.core.runstore import RunStore
+from vitfl.lightning_modules.repair.patch import Patch
+from vitfl.core.states import save_states
+from vitfl.localization.ffn import capture_ffn_states, last_ffn_head, model_fingerprint
+from vitfl.localization.misclf import analyze
+from vitfl.pipeline.repair import aggregate, build_grid, collect_results, parse_shard, run_sweep, shard_tasks
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 DE = {"pop_size": 6, "generations": 3}
@@ -131,8 +131,8 @@ def test_killed_sweep_resumes_with_exactly_the_remaining_runs(run_dir):
     assert {"fl_s", "repair_s", "eval_s", "total_s"} <= set(r["timings"])
     assert r["provenance"]["model_hash"] == model_fingerprint(model) and "versions" in r["provenance"]
     # the stored metrics agree with applying the patch to the head on the cached test states
-    from core.states import load_states
-    from localization.misclf import target_mask
+    from vitfl.core.states import load_states
+    from vitfl.localization.misclf import target_mask
 
     test = load_states(store.states("test"))
     head = last_ffn_head(model).copy()
@@ -186,8 +186,8 @@ def test_two_sweeps_differing_in_one_option_keep_both_results(run_dir):
 
 
 def test_n_avg_is_resolved_once_and_used_everywhere(run_dir):
-    from pipeline.context import RunContext
-    from pipeline.localize import n_avg_settings, resolve_n_avg, run_localization
+    from vitfl.pipeline.context import RunContext
+    from vitfl.pipeline.localize import n_avg_settings, resolve_n_avg, run_localization
 
     store, _, info = run_dir
     rows = run_localization(store, ["bl", "random"], budgets=["avg"], progress=False)
@@ -259,7 +259,7 @@ def test_script_runs_a_shard_and_aggregates(run_dir):
 
 
 def test_sub_shards_partition_a_shard():
-    from pipeline.parallel import resolve_workers, sub_shards
+    from vitfl.pipeline.parallel import resolve_workers, sub_shards
 
     tasks = list(range(53))
     for shard in ((0, 1), (1, 3), (2, 4)):

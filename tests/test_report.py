@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from core.runstore import RunStore
+from vitfl.core.runstore import RunStore
 
 SETTINGS = {"src_tgt_r1": ("src_tgt", 1), "tgt_fp_r1": ("tgt_fp", 1), "tgt_fn_r2": ("tgt_fn", 2)}
 METHODS = ("ours", "arachne_w", "random")
@@ -50,7 +50,7 @@ def fake_run(root, seed: int = 0, reps: int = 3, targetless_every: int = 3, tb: 
         if tb:
             from torch.utils.tensorboard import SummaryWriter
 
-            from pipeline.repair import _tb_run_dir
+            from vitfl.pipeline.repair import _tb_run_dir
 
             w = SummaryWriter(str(_tb_run_dir(store, {"setting": setting, "label": m, "budget_n": n, "rep": rep,
                                                       "key": r["key"]})))
@@ -64,7 +64,7 @@ def fake_run(root, seed: int = 0, reps: int = 3, targetless_every: int = 3, tb: 
         for s in SETTINGS:
             store.append_row(store.fl_timing, {"method": m, "setting": s, "wall_s": float(rng.uniform(0.01, 2)),
                                                "peak_mb": 1.0})
-    from evaluation.headline import benchmark_block, blocks_markdown
+    from vitfl.evaluation.headline import benchmark_block, blocks_markdown
 
     rows = []
     for m in ("ours", "arachne_w", "random"):
@@ -81,7 +81,7 @@ def fake_run(root, seed: int = 0, reps: int = 3, targetless_every: int = 3, tb: 
     block = benchmark_block(bench, "Checkpoint benchmark", "synthetic ground truth", "P@1%", "settings",
                             split="FL inputs: the repair split's settings")
     store.write_text(store.fl_eval("headline.md"), blocks_markdown([block]))
-    from core.states import save_states
+    from vitfl.core.states import save_states
 
     n = 60
     label = torch.as_tensor(rng.integers(0, n_classes, n))
@@ -95,7 +95,7 @@ def fake_run(root, seed: int = 0, reps: int = 3, targetless_every: int = 3, tb: 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One synthetic run, aggregated once (figures cost ~1 s each on a loaded machine)."""
-    from pipeline.repair import aggregate
+    from vitfl.pipeline.repair import aggregate
 
     store, recs = fake_run(tmp_path_factory.mktemp("report") / "digits", reps=2)
     agg = aggregate({"digits": store.root})
@@ -103,7 +103,7 @@ def run(tmp_path_factory):
 
 
 def test_summary_rates_are_pooled_wilson_and_targetless_runs_are_counted(run):
-    from pipeline.repair import collect_results
+    from vitfl.pipeline.repair import collect_results
 
     store, recs, agg = run
     df = collect_results({"digits": store.root})
@@ -132,7 +132,7 @@ def test_summary_rates_are_pooled_wilson_and_targetless_runs_are_counted(run):
 
 
 def test_a_cell_without_targets_is_na_never_zero(tmp_path):
-    from pipeline.repair import aggregate
+    from vitfl.pipeline.repair import aggregate
 
     store, recs = fake_run(tmp_path / "d", targetless_every=1, tb=False, reps=1)  # no run has a test target
     agg = aggregate({"d": store.root})
@@ -147,7 +147,7 @@ def test_a_cell_without_targets_is_na_never_zero(tmp_path):
 
 
 def test_report_links_resolve_and_tables_state_split_and_n(run):
-    from pipeline.report import check_report, report_links, write_report
+    from vitfl.pipeline.report import check_report, report_links, write_report
     store, _, _ = run
     md_path = write_report(store, {"experiment": "synthetic", "reps": 3})
     assert md_path == store.path("report", name="report.md") and md_path.is_file()
@@ -176,8 +176,8 @@ def test_report_links_resolve_and_tables_state_split_and_n(run):
     assert srcs and all((store.report_dir / s).resolve().is_file() for s in srcs), srcs
     assert '<details>' in html and "<summary>" in html and "<table>" in html  # folded figures, real tables
     # the test-fold confusion matrix equals a plain count
-    from pipeline.report import confusion_of_split
-    from core.states import load_states
+    from vitfl.pipeline.report import confusion_of_split
+    from vitfl.core.states import load_states
 
     s = load_states(store.states("test"))
     ref = np.zeros((5, 5), int)
@@ -187,7 +187,7 @@ def test_report_links_resolve_and_tables_state_split_and_n(run):
 
 
 def test_check_report_finds_broken_links_and_tables_without_n(tmp_path):
-    from pipeline.report import check_report
+    from vitfl.pipeline.report import check_report
 
     store = RunStore(tmp_path / "r")
     p = store.path("report", name="report.md")
@@ -197,7 +197,7 @@ def test_check_report_finds_broken_links_and_tables_without_n(tmp_path):
 
 
 def test_report_of_an_empty_run_says_so(tmp_path):
-    from pipeline.report import check_report, write_report
+    from vitfl.pipeline.report import check_report, write_report
 
     (tmp_path / "empty").mkdir()
     p = write_report(RunStore(tmp_path / "empty"))

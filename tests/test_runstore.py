@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.io import FileFormatError, atomic_write_json, atomic_write_text, dumps_strict, read_json, to_jsonable
-from core.runstore import LAYOUT, ResultError, RunStore, identity_key, layout_markdown
+from vitfl.core.io import FileFormatError, atomic_write_json, atomic_write_text, dumps_strict, read_json, to_jsonable
+from vitfl.core.runstore import LAYOUT, ResultError, RunStore, identity_key, layout_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_a_kill_at_a_write_point_leaves_the_old_file(tmp_path):
     target = tmp_path / "r.json"
     atomic_write_json(target, {"v": "old"})
     log = tmp_path / "writes.log"
-    code = ("from core.io import atomic_write_json as w\n"
+    code = ("from vitfl.core.io import atomic_write_json as w\n"
             f"w({str(tmp_path / 'first.json')!r}, {{'v': 1}})\n"
             f"w({str(target)!r}, {{'v': 'new'}})\n")
     env = {**os.environ, "VITFL_FAULT_AT": "2", "VITFL_WRITE_LOG": str(log), "PYTHONPATH": str(REPO)}

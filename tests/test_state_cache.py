@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.state_cache import StateCacheWriter
+from vitfl.callbacks.state_cache import StateCacheWriter
 from conftest import C, D, D_FF, images, rel_err, tiny_classifier
-from core.states import (FORMAT, CacheError, StaleCacheError, load_states, merge_shards, read_metadata,
+from vitfl.core.states import (FORMAT, CacheError, StaleCacheError, load_states, merge_shards, read_metadata,
                                 save_states)
-from localization.ffn import last_ffn_head, model_fingerprint
+from vitfl.localization.ffn import last_ffn_head, model_fingerprint
 
 
 def random_states(n: int, seed: int = 0, index=None):

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from evaluation.stats import (cliffs_delta, cliffs_delta_paired, holm, mann_whitney_a12, mann_whitney_holm,
+from vitfl.evaluation.stats import (cliffs_delta, cliffs_delta_paired, holm, mann_whitney_a12, mann_whitney_holm,
                               to_markdown, wilcoxon_holm, wilcoxon_paired, write_stats_table)
 
 
@@ -143,7 +143,7 @@ def test_holm_matches_statsmodels_on_random_pvalues():
 
 
 def test_to_markdown_is_pandas_to_markdown_without_padding():
-    from evaluation.stats import to_markdown
+    from vitfl.evaluation.stats import to_markdown
 
     df = pd.DataFrame({"method": ["ours", "a_very_long_method_name", "x|y"], "p": [0.012345, np.nan, 1.0],
                        "n": [3, 120, 7]})

@@ -2,18 +2,18 @@
 that names the step, before anything is read or written."""
 import pytest
 
-from core.runstore import RunStore, require_store
+from vitfl.core.runstore import RunStore, require_store
 
 
 def _steps():
-    from lightning_modules.runs import load_run
-    from pipeline.cache import step_cache
-    from pipeline.context import RunContext
-    from pipeline.crossval import collect_crossval, prepare_folds
-    from pipeline.evaluate_fl import run_evaluation
-    from pipeline.localize import run_localization
-    from pipeline.misclf import step_misclf
-    from pipeline.report import write_report
+    from vitfl.lightning_modules.runs import load_run
+    from vitfl.pipeline.cache import step_cache
+    from vitfl.pipeline.context import RunContext
+    from vitfl.pipeline.crossval import collect_crossval, prepare_folds
+    from vitfl.pipeline.evaluate_fl import run_evaluation
+    from vitfl.pipeline.localize import run_localization
+    from vitfl.pipeline.misclf import step_misclf
+    from vitfl.pipeline.report import write_report
 
     return {"load_run": load_run, "step_cache": step_cache, "RunContext": RunContext,
             "prepare_folds": prepare_folds, "collect_crossval": collect_crossval, "run_evaluation": run_evaluation,

@@ -9,8 +9,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO
-from core.runstore import RunStore
-from lightning_modules.cli import ToolkitCLI
+from vitfl.core.runstore import RunStore
+from vitfl.lightning_modules.cli import ToolkitCLI
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 CONFIGS = ["configs/data/digits.yaml", "configs/model/vit_digits.yaml", "configs/trainer/cpu.yaml"]
@@ -52,7 +52,7 @@ def test_fit_logs_lr_and_test_logs_hp_metric_in_its_own_folder(tmp_path):
 def test_repair_runs_are_hparams_entries_and_reruns_add_no_event_file(tmp_path, make_classifier):
     from test_repair_sweep import make_run
 
-    from pipeline.repair import run_sweep
+    from vitfl.pipeline.repair import run_sweep
 
     store, _, _ = make_run(tmp_path / "run", make_classifier)
     kw = dict(repair_options={"pop_size": 4, "generations": 2}, progress=False, logger=True, on_error="raise")
@@ -81,8 +81,8 @@ def test_repair_runs_are_hparams_entries_and_reruns_add_no_event_file(tmp_path, 
 def test_fl_evaluation_scalars_and_no_new_event_file_on_rerun(tmp_path, make_classifier):
     from test_repair_sweep import make_run
 
-    from pipeline.evaluate_fl import run_evaluation
-    from pipeline.localize import run_localization
+    from vitfl.pipeline.evaluate_fl import run_evaluation
+    from vitfl.pipeline.localize import run_localization
 
     store, _, _ = make_run(tmp_path / "run", make_classifier)
     run_localization(store, ["grad_loss", "random"], settings=["all"], budgets=[6], progress=False)

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import tiny_classifier, tiny_timm_vit
-from datamodules import DatasetFormatError
-from datamodules.mnist_transfer import MNISTTransferDataModule, _mnist5k_arrays
-from evaluation import testbed
-from localization.ffn import capture_ffn_states, ffn_head, last_ffn_head
+from vitfl.datamodules import DatasetFormatError
+from vitfl.datamodules.mnist_transfer import MNISTTransferDataModule, _mnist5k_arrays
+from vitfl.evaluation import testbed
+from vitfl.localization.ffn import capture_ffn_states, ffn_head, last_ffn_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_missing_mlxtend_is_a_format_error(monkeypatch):
 def test_yaml_configs_build_the_datamodule():
     import yaml
 
-    from lightning_modules.runs import build_from_spec
+    from vitfl.lightning_modules.runs import build_from_spec
 
     for name, phase in (("mnist_pretrain", "pretrain"), ("mnist_finetune", "finetune")):
         spec = yaml.safe_load((ROOT / "configs" / "data" / f"{name}.yaml").read_text())["data"]
@@ -136,7 +136,7 @@ def test_yaml_configs_build_the_datamodule():
 
 # ------------------------------------------------------------------------------------------- layer matters
 def _hf(seed: int, layers: int = 1):
-    from lightning_modules.backbones import build_backbone
+    from vitfl.lightning_modules.backbones import build_backbone
 
     torch.manual_seed(seed)
     return build_backbone("hf_vit", 5, image_size=8, patch_size=4, num_channels=1, hidden_size=16,
@@ -144,7 +144,7 @@ def _hf(seed: int, layers: int = 1):
 
 
 def _timm(seed: int):
-    from lightning_modules.backbones import build_backbone
+    from vitfl.lightning_modules.backbones import build_backbone
 
     torch.manual_seed(seed)
     return build_backbone("timm_vit", 5, model_name="vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1,
@@ -167,7 +167,7 @@ def _direct(model, images, labels):
 @pytest.mark.parametrize("make", [_hf, _timm], ids=["hf", "timm"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_layer_matters_equals_the_full_model_with_a_hook(make, seed):
-    from localization.ffn import capture_ffn_states
+    from vitfl.localization.ffn import capture_ffn_states
 
     model = make(seed)
     with torch.no_grad():  # make the last FFN matter so the two accuracies differ
@@ -337,7 +337,7 @@ def test_residual_share_matches_hooks_on_the_blocks(name):
 
 def test_layer_curve_rejects_bad_input():
     model, images, labels = _curve_case("hf")
-    from localization.ffn import BlockIndexError
+    from vitfl.localization.ffn import BlockIndexError
 
     with pytest.raises(BlockIndexError, match="out of range"):
         testbed.layer_curve(model, [(images, labels)], blocks=[2])
@@ -367,8 +367,8 @@ def _curve_json(blocks: int = 2, n: int = 400, seed: int = 0) -> dict:
 def test_layer_curve_figure_draws_the_curve_without_overlaps(blocks):
     import matplotlib.pyplot as plt
 
-    from core import style
-    from evaluation import figures as figs
+    from vitfl.core import style
+    from vitfl.evaluation import figures as figs
     from test_figures import figure_problems
 
     curve = _curve_json(blocks)
@@ -390,8 +390,8 @@ def test_layer_curve_figure_draws_the_curve_without_overlaps(blocks):
 
 
 def test_report_shows_the_curve_with_split_and_n(tmp_path):
-    from core.runstore import RunStore
-    from pipeline.report import check_report, write_report
+    from vitfl.core.runstore import RunStore
+    from vitfl.pipeline.report import check_report, write_report
 
     store = RunStore(tmp_path / "run")
     store.root.mkdir(parents=True)
@@ -419,9 +419,9 @@ def pooled_cv_target_counts(store, n_folds: int = 5) -> dict[str, int]:
     test part; every eval input is tested exactly once (checked)."""
     import json
 
-    from datamodules.folds import kfold_split
-    from core.states import load_states
-    from localization.misclf import analyze, target_mask
+    from vitfl.datamodules.folds import kfold_split
+    from vitfl.core.states import load_states
+    from vitfl.localization.misclf import analyze, target_mask
 
     rep, tst = load_states(store.states("repair")), load_states(store.states("test"))
     f0 = json.loads(Path(store.folds).read_text())
@@ -449,12 +449,12 @@ def test_testbed_last_ffn_matters_and_cv_counts(tmp_path):
     """The default testbed (pretrain 30 epochs + 2-epoch fine-tune, HF): zeroing the last FFN's activations costs
     >= 20 points of test-fold accuracy, the fine-tuned model is usable (>= 75 % top-1), checkpoints 0, 1, 2 exist,
     and 5-fold cross-validation gives `all` >= 50 and the 9 settings together >= 100 held-out targets."""
-    from core.runstore import RunStore
-    from pipeline.cache import step_cache
+    from vitfl.core.runstore import RunStore
+    from vitfl.pipeline.cache import step_cache
 
     import yaml
 
-    from pipeline.train import train
+    from vitfl.pipeline.train import train
 
     store = RunStore(tmp_path / "run")
     main_job = yaml.safe_load((ROOT / "configs/experiment/main_job_mnist.yaml").read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core import threads as ct
+from vitfl.core import threads as ct
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def wait_policy_of_worker(shard) -> list:
 
 
 def test_workers_start_with_the_passive_policy(no_wait_vars):
-    from pipeline.parallel import run_sharded
+    from vitfl.pipeline.parallel import run_sharded
 
     rows = run_sharded(wait_policy_of_worker, {}, workers=2, threads=1)
     assert rows == [(ct.OPENMP_DEFAULTS, 1, [0, 2]), (ct.OPENMP_DEFAULTS, 1, [1, 2])]
@@ -78,8 +78,8 @@ import hashlib, sys
 sys.path.insert(0, {repo!r})
 import torch
 from torch import nn
-from lightning_modules.repair.fitness import make_fitness
-from localization.ffn import FFNHead
+from vitfl.lightning_modules.repair.fitness import make_fitness
+from vitfl.localization.ffn import FFNHead
 
 torch.set_num_threads(2)
 torch.manual_seed(0)

@@ -7,13 +7,13 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.checkpoints import PerEpochCheckpoint, ResumeCheckpoint
-from callbacks.ffn_weights import LastFFNWeightsWriter, load_ffn_weights
+from vitfl.callbacks.checkpoints import PerEpochCheckpoint, ResumeCheckpoint
+from vitfl.callbacks.ffn_weights import LastFFNWeightsWriter, load_ffn_weights
 from conftest import TIMM_KW, images, retry_spawn_teardown_abort, tiny_classifier, tiny_hf_vit
-from lightning_modules.backbones import PretrainedWeightsError, hf_vit
-from lightning_modules.runs import RunError, checkpoint_epochs, last_epoch, load_classifier
-from core.runstore import RunStore
-from localization.ffn import last_ffn_head, model_fingerprint
+from vitfl.lightning_modules.backbones import PretrainedWeightsError, hf_vit
+from vitfl.lightning_modules.runs import RunError, checkpoint_epochs, last_epoch, load_classifier
+from vitfl.core.runstore import RunStore
+from vitfl.localization.ffn import last_ffn_head, model_fingerprint
 
 
 def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -107,7 +107,7 @@ def test_nan_checkpoint_refused(trained_run, tmp_path):
 # ------------------------------------------------------------------------------------ 2-process CPU DDP
 @pytest.mark.slow  # ~15-35 s: two spawned processes import torch, lightning and transformers
 def test_ddp_spawn_fit(tmp_path):
-    from datamodules import DigitsDataModule
+    from vitfl.datamodules import DigitsDataModule
 
     L.seed_everything(0, verbose=False)
 
@@ -151,7 +151,7 @@ def test_local_pretrained_folder(tmp_path, monkeypatch):
     assert other(pixels).shape == (5, 4)
     assert torch.equal(last_ffn_head(other).fc_bef.weight, last_ffn_head(saved).fc_bef.weight)
     # through the classifier, as configs/model/vit_b16_hf.yaml does
-    from lightning_modules.classifier import ImageClassifier
+    from vitfl.lightning_modules.classifier import ImageClassifier
 
     clf = ImageClassifier(backbone="hf_vit", num_classes=10, backbone_kwargs={"pretrained_path": str(folder)}).eval()
     with torch.no_grad():
@@ -173,7 +173,7 @@ def test_checkpoint_of_a_pretrained_start_loads_without_its_folder(tmp_path, mon
 
     from safetensors.torch import save_file
 
-    from lightning_modules.classifier import ImageClassifier
+    from vitfl.lightning_modules.classifier import ImageClassifier
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     if backbone == "hf_vit":
@@ -204,7 +204,7 @@ def test_checkpoint_of_a_pretrained_start_loads_without_its_folder(tmp_path, mon
 def test_missing_pretrained_folder(tmp_path):
     with pytest.raises(PretrainedWeightsError, match=r"no Hugging Face model folder at .*config\.json"):
         hf_vit(num_classes=10, pretrained_path=str(tmp_path / "absent"))
-    from lightning_modules.backbones import timm_vit
+    from vitfl.lightning_modules.backbones import timm_vit
 
     with pytest.raises(PretrainedWeightsError, match="no timm weights file"):
         timm_vit(num_classes=10, model_name="vit_tiny_patch16_224", pretrained_path=str(tmp_path / "absent.pth"),
@@ -215,7 +215,7 @@ def test_missing_pretrained_folder(tmp_path):
 def test_timm_local_weights_file(tmp_path):
     from safetensors.torch import save_file
 
-    from lightning_modules.backbones import timm_vit
+    from vitfl.lightning_modules.backbones import timm_vit
 
     kw = {k: v for k, v in TIMM_KW.items() if k != "model_name"}
     src = tiny_classifier("timm_vit", seed=5).backbone

@@ -136,7 +136,7 @@ def write_pretrained(kind: str, folder: Path) -> str:
 
 
 def fit(run: Path, data_root: Path, kind: str, pretrained: str) -> None:
-    from lightning_modules.cli import ToolkitCLI
+    from vitfl.lightning_modules.cli import ToolkitCLI
 
     model_cfg = ROOT / "configs" / "model" / ("vit_b16_hf.yaml" if kind == "hf" else "vit_b16_timm.yaml")
     ToolkitCLI(args=[
@@ -162,19 +162,19 @@ def _backbone_kwargs(kind: str, pretrained: str) -> str:
 
 @pytest.mark.parametrize("kind", BACKBONES)
 def test_vit_b16_rehearsal(kind, tmp_path):
-    from callbacks.ffn_weights import load_ffn_weights
-    from core.runstore import RunStore
-    from lightning_modules.runs import load_run_model
-    from localization.base import registered_localizers
-    from core.states import load_states
-    from localization.ffn import capture_ffn_states, last_ffn_head, model_fingerprint
-    from adequacy.criteria import DEFAULT_CRITERIA
-    from pipeline.adequacy import step_coverage
-    from pipeline.cache import step_cache
-    from pipeline.evaluate_fl import run_evaluation
-    from pipeline.localize import run_localization
-    from pipeline.misclf import step_misclf
-    from pipeline.repair import aggregate, run_sweep
+    from vitfl.callbacks.ffn_weights import load_ffn_weights
+    from vitfl.core.runstore import RunStore
+    from vitfl.lightning_modules.runs import load_run_model
+    from vitfl.localization.base import registered_localizers
+    from vitfl.core.states import load_states
+    from vitfl.localization.ffn import capture_ffn_states, last_ffn_head, model_fingerprint
+    from vitfl.adequacy.criteria import DEFAULT_CRITERIA
+    from vitfl.pipeline.adequacy import step_coverage
+    from vitfl.pipeline.cache import step_cache
+    from vitfl.pipeline.evaluate_fl import run_evaluation
+    from vitfl.pipeline.localize import run_localization
+    from vitfl.pipeline.misclf import step_misclf
+    from vitfl.pipeline.repair import aggregate, run_sweep
 
     out_dir = Path(os.environ.get("REHEARSAL_OUT") or tmp_path)
     steps = Steps(kind)
@@ -208,7 +208,7 @@ def test_vit_b16_rehearsal(kind, tmp_path):
     assert sizes["repair"] + sizes["test"] == n_eval and sizes["test"] in (n_test, n_test - 1, n_eval // 5)
 
     def head_vs_full():
-        from datamodules.cifar100 import CIFAR100DataModule
+        from vitfl.datamodules.cifar100 import CIFAR100DataModule
 
         dm = CIFAR100DataModule(root=str(data_root), num_workers=0, batch_size=4, eval_batch_size=4)
         dm.setup()
@@ -240,7 +240,7 @@ def test_vit_b16_rehearsal(kind, tmp_path):
     assert not errors, errors[:3]
     done = [r for r in rows if r["status"].startswith("done")]
     assert done, rows
-    from core.io import load_tensors
+    from vitfl.core.io import load_tensors
 
     files = list(store.fl_dir.rglob("*.safetensors"))
     assert files

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from core.registry import Registry, UnknownNameError
+from vitfl.core.registry import Registry, UnknownNameError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lightning_modules.repair.base import RepairModule
+    from vitfl.lightning_modules.repair.base import RepairModule
 
 
 class UnknownRepairError(UnknownNameError):
@@ -30,12 +30,12 @@ class UnknownRepairError(UnknownNameError):
 
 
 #: every repair method; metadata: ``optimises`` (what the method maximises or minimises, for tables and docs)
-REPAIRS = Registry("repair method", packages=("lightning_modules.repair",), entry_points="vitfl.repair_methods",
+REPAIRS = Registry("repair method", packages=("vitfl.lightning_modules.repair",), entry_points="vitfl.repair_methods",
                    meta_fields={"optimises": ""}, error=UnknownRepairError)
 
 
 def register_repair(name: str, **meta: Any):
-    """Class decorator: register a :class:`~lightning_modules.repair.base.RepairModule` under ``name``."""
+    """Class decorator: register a :class:`~vitfl.lightning_modules.repair.base.RepairModule` under ``name``."""
     return REPAIRS.register(name, **meta)
 
 

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from core.quiet import KNOWN_WARNINGS
-from lightning_modules.repair.fitness import FITNESS_VARIANTS, LOSSES, make_fitness, PopulationFitness
-from lightning_modules.repair.patch import Patch, RepairInputError, check_weights, read_values
-from localization.ffn import FFNHead
+from vitfl.core.quiet import KNOWN_WARNINGS
+from vitfl.lightning_modules.repair.fitness import FITNESS_VARIANTS, LOSSES, make_fitness, PopulationFitness
+from vitfl.lightning_modules.repair.patch import Patch, RepairInputError, check_weights, read_values
+from vitfl.localization.ffn import FFNHead
 
 __all__ = ["RepairModule", "fit_repair"]
 
@@ -58,7 +58,7 @@ class RepairModule(L.LightningModule):
 
     name: ClassVar[str] = "?"
 
-    #: the options' ranges and choices (``core.registry.Registry.check_options``; subclasses add theirs): checked once,
+    #: the options' ranges and choices (``vitfl.core.registry.Registry.check_options``; subclasses add theirs): checked once,
     #: before any work, by the API, the command line and the experiment configs alike
     option_ranges: ClassVar[dict[str, Any]] = {"alpha": (0, None)}
     option_choices: ClassVar[dict[str, tuple]] = {"fitness": FITNESS_VARIANTS, "loss": LOSSES}
@@ -68,7 +68,7 @@ class RepairModule(L.LightningModule):
                  loss: str = "logits"):
         super().__init__()
         if not isinstance(head, FFNHead):
-            raise RepairInputError(f"head must be an FFNHead (localization.ffn.last_ffn_head), got "
+            raise RepairInputError(f"head must be an FFNHead (vitfl.localization.ffn.last_ffn_head), got "
                                    f"{type(head).__name__}")
         self.head = head.copy().eval()
         self.head.requires_grad_(False)

@@ -51,11 +51,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_modules.repair import register_repair
-from lightning_modules.repair.base import RepairModule
-from lightning_modules.repair.fitness import (EPILOGUES, EVALUATORS, FitnessResult, NonFiniteFitnessError,
+from vitfl.lightning_modules.repair import register_repair
+from vitfl.lightning_modules.repair.base import RepairModule
+from vitfl.lightning_modules.repair.fitness import (EPILOGUES, EVALUATORS, FitnessResult, NonFiniteFitnessError,
                                               SparseFitness)
-from lightning_modules.repair.patch import RepairInputError
+from vitfl.lightning_modules.repair.patch import RepairInputError
 
 __all__ = ["EARLY_STOPS", "BESTS", "matrix_bounds", "matrix_init_stats", "donors", "make_trials", "greedy_select",
            "DifferentialEvolution",

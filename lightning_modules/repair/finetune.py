@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from core.registry import Range
-from lightning_modules.repair import register_repair
-from lightning_modules.repair.base import RepairModule
-from lightning_modules.repair.patch import RepairInputError, read_values
+from vitfl.core.registry import Range
+from vitfl.lightning_modules.repair import register_repair
+from vitfl.lightning_modules.repair.base import RepairModule
+from vitfl.lightning_modules.repair.patch import RepairInputError, read_values
 
 __all__ = ["FineTuneRepair", "OPTIMIZERS", "LOSS_WEIGHTINGS", "fitness_weights"]
 

@@ -87,8 +87,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.repair.patch import RepairInputError, check_weights, read_values, write_values
-from localization.ffn import FFNHead
+from vitfl.lightning_modules.repair.patch import RepairInputError, check_weights, read_values, write_values
+from vitfl.localization.ffn import FFNHead
 
 __all__ = ["FITNESS_VARIANTS", "LOSSES", "EPILOGUES", "EVALUATORS", "FitnessResult", "NonFiniteFitnessError",
            "repair_fitness", "combine_scores", "per_input_loss", "fused_scores", "PopulationFitness", "LoopFitness",

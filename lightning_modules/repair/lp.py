@@ -4,7 +4,7 @@ The located weights say *where* to change the head; this method computes *what* 
 linear programs on a first-order model of the FFN head, in the spirit of PRDNN's decoupled networks (Sotoudeh &
 Thakur, PLDI 2021) and PRoViT, and checks every step on the exact head.
 
-**First-order model at the current values w (decoupling).** With the FFN head (:mod:`localization.ffn`)
+**First-order model at the current values w (decoupling).** With the FFN head (:mod:`vitfl.localization.ffn`)
 h = LN_ffn(x), z = W_bef h + b_bef, a = act(z), r = x + ls * (W_aft a + b_aft), logits = W_cls LN(r) + b_cls, the
 final LayerNorm LN(r) = gamma * (r - mean(r)) / sigma + beta with sigma = sqrt(var(r) + eps). Freeze at w
 
@@ -82,14 +82,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.registry import Range
-from lightning_modules.repair import register_repair
-from lightning_modules.repair.base import RepairModule
-from lightning_modules.repair.de import matrix_bounds, matrix_init_stats
-from lightning_modules.repair.finetune import fitness_weights
-from lightning_modules.repair.fitness import _foldable_post, _layer_scale_vector, repair_fitness
-from lightning_modules.repair.patch import RepairInputError, check_weights, write_values
-from localization.ffn import FFNHead
+from vitfl.core.registry import Range
+from vitfl.lightning_modules.repair import register_repair
+from vitfl.lightning_modules.repair.base import RepairModule
+from vitfl.lightning_modules.repair.de import matrix_bounds, matrix_init_stats
+from vitfl.lightning_modules.repair.finetune import fitness_weights
+from vitfl.lightning_modules.repair.fitness import _foldable_post, _layer_scale_vector, repair_fitness
+from vitfl.lightning_modules.repair.patch import RepairInputError, check_weights, write_values
+from vitfl.localization.ffn import FFNHead
 
 __all__ = ["NORMS", "activation_derivative", "head_parts", "frozen_sigma_logits", "Linearization", "linearize",
            "LPSolution", "solve_margin_lp", "input_weights", "LPRepair"]

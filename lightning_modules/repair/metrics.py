@@ -6,7 +6,7 @@ gloo run).
 - break rate   BR = #(correct before -> wrong after) / #(correct before);
 - accuracy before / after and delta = after - before.
 
-A "target misclassification" is one of the setting's (``localization.misclf.target_mask`` on the labels and the
+A "target misclassification" is one of the setting's (``vitfl.localization.misclf.target_mask`` on the labels and the
 predictions *before* repair); with no target given, every misclassification is a target. Empty denominators give
 NaN (e.g. a test fold without the setting's confusion), never an error.
 

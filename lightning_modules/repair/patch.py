@@ -1,13 +1,13 @@
 """A repair patch: the located weights, their old values and their new values (docs/methods.md, section 6).
 
 A patch touches only the located weights ``(matrix, row, col)`` of the last FFN (matrix 0 = W_bef ``[4d, d]``,
-matrix 1 = W_aft ``[d, 4d]``, PyTorch's (out, in) layout, as in :mod:`localization.ffn`). It applies to and reverts
-from an :class:`~localization.ffn.FFNHead` or a full model (through :func:`localization.ffn.last_ffn_head`, whose
+matrix 1 = W_aft ``[d, 4d]``, PyTorch's (out, in) layout, as in :mod:`vitfl.localization.ffn`). It applies to and reverts
+from an :class:`~vitfl.localization.ffn.FFNHead` or a full model (through :func:`vitfl.localization.ffn.last_ffn_head`, whose
 modules are shared with the model), and round-trips through JSON exactly (float32 values are stored as doubles).
 
 >>> import torch
 >>> from torch import nn
->>> from localization.ffn import FFNHead
+>>> from vitfl.localization.ffn import FFNHead
 >>> head = FFNHead(nn.LayerNorm(4), nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 4), None,
 ...                nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3)), "hf")
 >>> p = Patch.from_values(head, torch.tensor([[0, 2, 1], [1, 3, 15]]), torch.tensor([0.5, -0.25]))
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from localization.ffn import FFNHead, WeightIndex, last_ffn_head
+from vitfl.localization.ffn import FFNHead, WeightIndex, last_ffn_head
 
 __all__ = ["Patch", "PatchMismatchError", "RepairInputError", "check_weights", "read_values", "write_values",
            "as_head"]

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_modules.repair import register_repair
-from lightning_modules.repair.base import RepairModule
-from lightning_modules.repair.de import matrix_init_stats
-from lightning_modules.repair.patch import RepairInputError
+from vitfl.lightning_modules.repair import register_repair
+from vitfl.lightning_modules.repair.base import RepairModule
+from vitfl.lightning_modules.repair.de import matrix_init_stats
+from vitfl.lightning_modules.repair.patch import RepairInputError
 
 __all__ = ["PruneRepair", "ReinitRepair", "SELECTS", "best_prefix"]
 

@@ -1,4 +1,4 @@
-"""Every FL method; importing this package registers them all (``localization.base.get_localizer``).
+"""Every FL method; importing this package registers them all (``vitfl.localization.base.get_localizer``).
 
 One file per method family, each stating its formulas (docs/methods.md):
 
@@ -18,7 +18,7 @@ reptran_compat.py      grad_loss_reptran, forward_impact_reptran, arachne_w_rept
                        bl_reptran, ours_reptran, bl_fl5 (the published GL / FI; docs/compat.md)
 =====================  ======================================================================  ==========
 """
-from localization.methods import (  # noqa: F401  (imports register the methods)
+from vitfl.localization.methods import (  # noqa: F401  (imports register the methods)
     arachne,
     baselines,
     forward_impact,

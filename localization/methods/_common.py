@@ -15,7 +15,7 @@ code cut each set S (I_neg, then I_pos) into ``np.array_split(S, ceil(|S| / b))`
 its GL / FI are means of per-part values, so the parts must be the same here whatever the data loader does:
 
 * :func:`compat_groups` gives every row its part ("compat batch") id, from the whole set sizes;
-* the feeders (``localization.ranking.localize`` and the FL LightningModule's batch sampler,
+* the feeders (``vitfl.localization.ranking.localize`` and the FL LightningModule's batch sampler,
   ``lightning_modules/fl.py``) never cut a part across ``update`` calls or processes, and pass the ids as
   ``update(x, label, is_neg, group=ids)``;
 * :meth:`SetLocalizer.update` then hands each side's rows with the part sizes to ``_accumulate(..., batches=)``;
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from localization.base import Localizer, lazy_zeros
-from localization.batching import (array_split_sizes, compat_groups, group_sizes,  # noqa: F401
+from vitfl.localization.base import Localizer, lazy_zeros
+from vitfl.localization.batching import (array_split_sizes, compat_groups, group_sizes,  # noqa: F401
                                    neg_first_order, whole_group_batches)
-from localization.ffn import FFNHead
+from vitfl.localization.ffn import FFNHead
 
 SIDES = ("neg", "pos")
 #: dtype of every state that sums over inputs (float64; no float dtype of a head is wider)
@@ -44,7 +44,7 @@ ACC_DTYPE = torch.float64
 
 def acc_zeros(*shape: int) -> Tensor:
     """A zero float64 state default of ``shape``; a large one is allocated at the first update
-    (:func:`localization.base.lazy_zeros`)."""
+    (:func:`vitfl.localization.base.lazy_zeros`)."""
     return lazy_zeros(*shape, dtype=ACC_DTYPE)
 
 
@@ -52,7 +52,7 @@ def acc_zeros(*shape: int) -> Tensor:
 def check_head(head: FFNHead) -> None:
     """Both FFN weight matrices (and their biases) must be finite."""
     if not isinstance(head, FFNHead):
-        raise TypeError(f"FL methods work on an FFNHead (localization.ffn.last_ffn_head(model)), got "
+        raise TypeError(f"FL methods work on an FFNHead (vitfl.localization.ffn.last_ffn_head(model)), got "
                         f"{type(head).__name__}")
     for name, mod in (("W_bef", head.fc_bef), ("W_aft", head.fc_aft)):
         for pname, t in (("weight", mod.weight), ("bias", mod.bias)):
@@ -210,7 +210,7 @@ class SetLocalizer(Localizer):
             if cut:
                 raise ValueError(f"compat batch(es) {sorted(cut)[:5]} arrived in more than one update: a batch of the "
                                  f"published {self.batching}-row batching must reach update() whole (see "
-                                 "localization.methods._common.compat_groups)")
+                                 "vitfl.localization.methods._common.compat_groups)")
             self._seen_groups |= ids
         for side in self.sides:
             mask = is_neg if side == "neg" else ~is_neg

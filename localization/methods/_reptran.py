@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from localization.ffn import FFNHead
-from localization.methods._common import _no_inference_mode, weights_require_grad
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import _no_inference_mode, weights_require_grad
 
 __all__ = ["EPS", "REPTRAN_BATCH", "ReptranSums", "reptran_sums"]
 

@@ -7,7 +7,7 @@ Algorithm 1 (``two_sided=False``: I_neg only)::
     GL(w) = GL(I_neg) / (1 + GL(I_pos)),   FI(w) = FI(I_neg) / (1 + FI(I_pos))
 
 * **bl**: the first Pareto front of (GL, FI), both maximised, over all 4,718,592 weights
-  (:func:`localization.ranking.pareto_front`, O(n log n), no [n, n] tensor); identical points are all kept
+  (:func:`vitfl.localization.ranking.pareto_front`, O(n log n), no [n, n] tensor); identical points are all kept
   (RepTran), ``keep_identical=False`` keeps the first only (Arachne). Its size is not controllable: use budget
   ``"front"`` (or None). BL's score vector, for rank-based benchmarks and int budgets, is
   ``2 + s(w)`` on the front and ``s(w)`` elsewhere, with s = the ArachneW score below (p = 0.5) in [0, 1]: the
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from localization.base import register_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import FFNPass, SetLocalizer, ffn_pass
-from localization.methods.forward_impact import FIStates
-from localization.methods.gradient import GLStates
-from localization.ranking import minmax, pareto_front
+from vitfl.localization.base import register_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import FFNPass, SetLocalizer, ffn_pass
+from vitfl.localization.methods.forward_impact import FIStates
+from vitfl.localization.methods.gradient import GLStates
+from vitfl.localization.ranking import minmax, pareto_front
 
 __all__ = ["minmax_eps", "arachne_w_score", "bl_scores", "GLFILocalizer", "ArachneW", "BL"]
 

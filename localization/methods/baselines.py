@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from localization.base import register_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import InputFreeLocalizer, check_head
+from vitfl.localization.base import register_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import InputFreeLocalizer, check_head
 
 __all__ = ["magnitude_scores", "Magnitude"]
 

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from localization.base import register_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import FFNPass, SetLocalizer, acc_zeros, ffn_pass
+from vitfl.localization.base import register_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import FFNPass, SetLocalizer, acc_zeros, ffn_pass
 
 __all__ = ["fi_front_sum", "fi_back_sum", "forward_impact_from_sums", "forward_impact", "FIStates",
            "ForwardImpact", "ForwardImpactTwoSided"]

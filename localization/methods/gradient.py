@@ -17,9 +17,9 @@ from typing import Any
 
 from torch import Tensor
 
-from localization.base import register_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import SetLocalizer, acc_zeros, ffn_pass
+from vitfl.localization.base import register_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import SetLocalizer, acc_zeros, ffn_pass
 
 __all__ = ["grad_loss_sums", "grad_loss_score", "GLStates", "GradLoss", "GradLossTwoSided", "GradientOnly"]
 

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from localization.base import register_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import SetLocalizer
+from vitfl.localization.base import register_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import SetLocalizer
 
 __all__ = ["RIEMANN", "ig_alphas", "ig_attributions", "paper_selection", "IntegratedGradients"]
 

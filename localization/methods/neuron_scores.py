@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from localization.base import register_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import FFNPass, SetLocalizer, acc_zeros, ffn_pass
-from localization.ranking import minmax
+from vitfl.localization.base import register_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import FFNPass, SetLocalizer, acc_zeros, ffn_pass
+from vitfl.localization.ranking import minmax
 
 __all__ = ["VSCORE_VARIANTS", "check_vscore", "v_score", "v_score_from_moments", "second_moment",
            "add_second_moment_", "vdiff", "mean_act", "VStates",

@@ -14,7 +14,7 @@ multiplied by the NeuronScore of its intermediate neuron j (row j of W_bef ``[d_
 ``true_label`` (class attribute ``uses_true_label = True``: the runner passes it): the setting's true label (s for
 ``src_tgt`` s -> t, l for ``tgt_fn`` l), None for ``tgt_fp`` / ``all`` / ``tgt``. The V-score is
 Var(a_j) + sum_{k != j} |Cov(a_j, a_k)| by default (``vscore=``: the published variants of
-:data:`localization.methods.neuron_scores.VSCORE_VARIANTS`).
+:data:`vitfl.localization.methods.neuron_scores.VSCORE_VARIANTS`).
 
 **ours_fl5** (RepTran's ``exp-fl-5-6`` with the ``vit_util`` of that time)::
 
@@ -25,7 +25,7 @@ Var(a_j) + sum_{k != j} |Cov(a_j, a_k)| by default (``vscore=``: the published v
            ceil(|I_neg| / 32) parts, published order; signed; min / max joint over both matrices)
     wscore(w) = 0.5 G(w) + 0.5 NS_j(w);   score(w) = |wscore(w)|
 
-Its batching (``batching = 32``) follows ``localization.methods._common``'s compat batching. Both methods need
+Its batching (``batching = 32``) follows ``vitfl.localization.methods._common``'s compat batching. Both methods need
 I_neg and I_pos with >= 2 inputs each (the V-score's covariance).
 """
 from __future__ import annotations
@@ -36,20 +36,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from localization.base import register_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import FFNPass, SetLocalizer, acc_zeros, array_split_sizes, ffn_pass
-from localization.methods._reptran import reptran_sums
-from localization.methods.arachne import GLFILocalizer, minmax_eps
-from localization.methods.neuron_scores import VStates
-from localization.ranking import minmax, top_n
+from vitfl.localization.base import register_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import FFNPass, SetLocalizer, acc_zeros, array_split_sizes, ffn_pass
+from vitfl.localization.methods._reptran import reptran_sums
+from vitfl.localization.methods.arachne import GLFILocalizer, minmax_eps
+from vitfl.localization.methods.neuron_scores import VStates
+from vitfl.localization.ranking import minmax, top_n
 
 __all__ = ["ours_score", "check_true_label", "Ours", "OursFL5"]
 
 
 def ours_score(gl: Tensor, fi: Tensor, neuron_score_per_weight: Tensor, p: float = 0.5, eps: float = 0.0) -> Tensor:
     """(1 - p) minmax(NS * GL) + p minmax(NS * FI), all ``[2 d d_ff]``, float64 (``eps``: see
-    :func:`localization.methods.arachne.minmax_eps`)."""
+    :func:`vitfl.localization.methods.arachne.minmax_eps`)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must lie in [0, 1], got {p}")
     ns = neuron_score_per_weight.double()

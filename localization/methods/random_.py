@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from localization.base import register_localizer
-from localization.methods._common import InputFreeLocalizer
+from vitfl.localization.base import register_localizer
+from vitfl.localization.methods._common import InputFreeLocalizer
 
 __all__ = ["random_scores", "RandomWeights", "RandomNeurons"]
 

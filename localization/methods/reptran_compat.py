@@ -8,7 +8,7 @@ lists every difference from the defaults.
 
 **Batches.** Each set S is cut as ``np.array_split(S, ceil(|S| / 32))`` (balanced: 40 -> 20 + 20, 70 -> 24 + 23 +
 23), I_neg in the published order and I_pos ascending (class attribute ``batching = 32``; the feeders keep every
-part whole, see ``localization.methods._common``). For each part b of B_b inputs::
+part whole, see ``vitfl.localization.methods._common``). For each part b of B_b inputs::
 
     GL_b(w)  = d/dw [ mean_{x in b} L(x) ]                                   signed, no |.|
     front_b  = w_ji * mean_{x in b} o_i(x) / (sum_k w_jk o_k(x) + 1e-8)      signed, no |.|, no bias in the sum
@@ -36,16 +36,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from localization.base import register_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import (FFNPass, SetLocalizer, acc_zeros, array_split_sizes)
-from localization.methods.arachne import BL, ArachneW
-from localization.methods.ours import Ours
+from vitfl.localization.base import register_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import (FFNPass, SetLocalizer, acc_zeros, array_split_sizes)
+from vitfl.localization.methods.arachne import BL, ArachneW
+from vitfl.localization.methods.ours import Ours
 
 __all__ = ["EPS", "REPTRAN_BATCH", "ReptranSums", "reptran_sums", "sample_correct_inputs", "ReptranGLFI",
            "GradLossReptran", "ForwardImpactReptran", "ArachneWReptran", "BLReptran", "OursReptran", "BLFL5"]
 
-from localization.methods._reptran import EPS, REPTRAN_BATCH, ReptranSums, reptran_sums  # noqa: E402,F401
+from vitfl.localization.methods._reptran import EPS, REPTRAN_BATCH, ReptranSums, reptran_sums  # noqa: E402,F401
 
 
 def sample_correct_inputs(pos_indices: Sequence[int] | np.ndarray | Tensor, n: int, seed: int) -> np.ndarray:

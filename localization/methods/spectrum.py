@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from localization.base import register_localizer
-from localization.ffn import FFNHead
-from localization.methods._common import SetLocalizer, ffn_pass
+from vitfl.localization.base import register_localizer
+from vitfl.localization.ffn import FFNHead
+from vitfl.localization.methods._common import SetLocalizer, ffn_pass
 
 __all__ = ["tarantula", "ochiai", "dstar", "Tarantula", "Ochiai", "DStar"]
 
