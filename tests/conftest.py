@@ -4,6 +4,7 @@ shared by the tests that only read it)."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,29 @@ HF_KW = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hid
 TIMM_KW = dict(model_name="vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2,
                num_heads=2, global_pool="token")
 D, D_FF, C = 16, 64, 10
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests run one after another on one pytest-xdist worker (group "slow" under ``--dist loadgroup``):
+    several of them time kills, start 2-process DDP runs or use every core themselves."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("slow"))
+
+
+@pytest.fixture(autouse=True)
+def _share_the_cores(request):
+    """Under pytest-xdist (the default run: ``-n auto`` in pyproject.toml) a fast test gets its worker's share of the
+    cores: n workers with every core's worth of threads each would oversubscribe a small machine. Slow tests keep
+    every thread (they run alone on their worker)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers <= 1 or request.node.get_closest_marker("slow"):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, (os.cpu_count() or 1) // workers)))
+    yield
+    torch.set_num_threads(n)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
