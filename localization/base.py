@@ -35,6 +35,11 @@ class UnknownMethodError(UnknownNameError):
     """An FL method name no file registered."""
 
 
+class UnsupportedHeadError(ValueError):
+    """An FL method that is not defined on a token head (a non-last block or a non-CLS pooling: states
+    ``[N, T, d]``); the message names the method, the block and why."""
+
+
 def _has_own_selection(cls) -> bool:
     return callable(getattr(cls, "own_selection", None))
 
@@ -102,16 +107,28 @@ def is_lazy_zeros(t: Any) -> bool:
 
 class Localizer(torchmetrics.Metric):
     """Base of every FL method. ``update(x [B, d], label [B], is_neg [B] bool)`` on cached CLS states of I_neg and
-    I_pos; ``compute()`` -> scores, ``[d_ff]`` for ``level == "neuron"`` or ``[2 d d_ff]`` (global weight index,
+    I_pos (on a token head, :class:`~vitfl.localization.ffn.TokenFFNHead`: the token states ``x [B, T, d]`` entering
+    its block's FFN; docs/methods.md, section 1, says what each method computes there); ``compute()`` -> scores, ``[d_ff]`` for ``level == "neuron"`` or ``[2 d d_ff]`` (global weight index,
     W_bef then W_aft) for ``level == "weight"``. Higher score = more suspicious."""
 
     name: ClassVar[str] = "?"
     level: ClassVar[str] = "weight"
     #: False for methods that ignore inputs (random, magnitude): the FL module then skips the data pass.
     needs_inputs: ClassVar[bool] = True
+    #: False for a method not defined on a token head (``head.token_axis``: the FFN of a non-last block or of a
+    #: non-CLS-pooled model, states ``[N, T, d]``); constructing it on one raises :class:`UnsupportedHeadError`
+    #: naming the method, the block and ``token_heads_why``. Every built-in method supports token heads.
+    token_heads: ClassVar[bool] = True
+    token_heads_why: ClassVar[str] = ""
     full_state_update = False
 
     def __init__(self, head: FFNHead, seed: int = 0, **kwargs: Any):
+        if getattr(head, "token_axis", False) and not type(self).token_heads:
+            raise UnsupportedHeadError(
+                f"FL method {self.name!r} cannot run on the FFN head of block {head.block} "
+                f"({getattr(head, 'pooling', '?')} pooling, token states [N, T, d]): "
+                f"{self.token_heads_why or 'it is defined on one CLS state per input only'}. It runs on the last "
+                "block of a CLS-pooled model (vitfl.localization.ffn.last_ffn_head).")
         super().__init__(**kwargs)
         # held in a tuple, so nn.Module does not make it a submodule: the head's parameters are not metric state
         self._head_ref = (head,)

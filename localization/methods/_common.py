@@ -60,14 +60,27 @@ def check_head(head: FFNHead) -> None:
                 raise ValueError(f"the FFN head's {name} {pname} holds NaN or inf values")
 
 
+def _check_token_states(head: FFNHead, x: Tensor, method: str | None) -> None:
+    """A token head (:class:`~vitfl.localization.ffn.TokenFFNHead`) takes the token states ``[B, T, d]`` entering
+    its block's FFN: a clear error naming the method and the block otherwise (not a shape error further on)."""
+    try:
+        head.check_states(x)
+    except ValueError as e:
+        who = f"FL method {method!r}" if method else "an FL method"
+        raise ValueError(f"{who} on the FFN head of block {head.block}: {e}") from None
+
+
 def check_batch(head: FFNHead, x: Tensor, label: Tensor, is_neg: Tensor,
-                num_classes: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                num_classes: int | None = None, method: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Validate one batch and move it to the head's device / dtype.
 
-    x ``[B, d]`` finite float, label ``[B]`` integer in [0, C), is_neg ``[B]`` bool (True = I_neg).
+    x ``[B, d]`` finite float (a token head, ``head.token_axis``: the token states ``[B, T, d]``), label ``[B]``
+    integer in [0, C), is_neg ``[B]`` bool (True = I_neg); ``method``: the method's name for the error messages.
     """
     w = head.fc_bef.weight
-    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != head.d:
+    if head.token_axis:
+        _check_token_states(head, x, method)
+    elif not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != head.d:
         shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be [B, d={head.d}] (cached CLS residual streams), got {shape}")
     if not x.is_floating_point():
@@ -115,7 +128,9 @@ def _no_inference_mode() -> None:
 # ------------------------------------------------------------------------------------------------ the head pass
 @dataclass
 class FFNPass:
-    """One forward of the FFN head on ``x [B, d]``, all tensors detached.
+    """One forward of the FFN head on ``x [B, d]``, all tensors detached. On a token head (``x [B, T, d]``) every
+    per-input tensor (h, a, back_a, back_n) is the head's token statistic of the per-token one (:func:`per_input`);
+    gl_bef / gl_aft sum over every input and token (exact).
 
     h ``[B, d]`` = LN(x) (W_bef's input); a ``[B, d_ff]`` post-GELU activation (W_aft's input); logits ``[B, C]``
     (None if not needed); gl_bef ``[d_ff, d]`` / gl_aft ``[d, d_ff]`` = sum_x dL(x)/dW with L the cross-entropy
@@ -144,7 +159,7 @@ def ffn_pass(head: FFNHead, x: Tensor, label: Tensor | None = None, *, gl: bool 
             h = head.norm(x)
             a = head.act(head.fc_bef(h))
             out = head.post(x + head.layer_scale(head.fc_aft(a))) if logits else None
-        return FFNPass(h=h, a=a, logits=out)
+        return per_input(head, FFNPass(h=h, a=a, logits=out))
     if gl and label is None:
         raise ValueError("the loss gradient needs labels")
     _no_inference_mode()
@@ -160,7 +175,21 @@ def ffn_pass(head: FFNHead, x: Tensor, label: Tensor | None = None, *, gl: bool 
                                                      retain_graph=back)
         if back:
             p.back_a, p.back_n = torch.autograd.grad(out.sum(), [a, n])
-    return p
+    return per_input(head, p)
+
+
+def per_input(head: FFNHead, p: FFNPass) -> FFNPass:
+    """A token head's pass (``h [B, T, d]``, ``a [B, T, d_ff]``, ``back_a`` / ``back_n`` per token) reduced to one
+    vector per input by the head's token statistic (:meth:`~vitfl.localization.ffn.TokenFFNHead.reduce_tokens`:
+    the CLS token for token pooling, the mean over the pooled tokens for average pooling, or the head's
+    ``token_statistic``), each tensor reduced as it is (signed); the loss gradients (weight-shaped sums over every
+    input and token, exact through the head) and the logits are kept. The CLS head's pass is returned as it is."""
+    if not head.token_axis:
+        return p
+    red = head.reduce_tokens
+    return FFNPass(h=red(p.h), a=red(p.a), logits=p.logits, gl_bef=p.gl_bef, gl_aft=p.gl_aft,
+                   back_a=None if p.back_a is None else red(p.back_a),
+                   back_n=None if p.back_n is None else red(p.back_n))
 
 
 # ------------------------------------------------------------------------------------------------ base class
@@ -199,7 +228,7 @@ class SetLocalizer(Localizer):
     def update(self, x: Tensor, label: Tensor, is_neg: Tensor, group: Tensor | None = None) -> None:
         """Add a batch: ``x [B, d]``, ``label [B]``, ``is_neg [B]`` bool; ``group [B]`` int: compat batch ids
         (only for methods with ``batching``; :func:`compat_groups`), else ignored."""
-        x, label, is_neg = check_batch(self.head, x, label, is_neg, self.num_classes)
+        x, label, is_neg = check_batch(self.head, x, label, is_neg, self.num_classes, method=self.name)
         self.materialize_states()
         if self.batching is not None and group is not None:
             group = torch.as_tensor(group).reshape(-1).to(is_neg.device).long()

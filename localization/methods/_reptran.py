@@ -43,6 +43,10 @@ def reptran_sums(head: FFNHead, x: Tensor, label: Tensor, sizes: Sequence[int], 
     sums exclude the factor W (the caller multiplies it in once). One forward and two backward passes over all N
     rows give every per-input gradient (rows are independent in the head); only the weight-shaped products run
     per part. GL is linear in the per-input gradients: sum_b GL_b = d/dW sum_x L(x) / B_{b(x)}.
+
+    On a token head (``x [N, T, d]``) GL is the exact gradient through the head (every token); FI is the published
+    formula on per-input vectors: o, its pre-bias product o W^T and G are each reduced over the tokens by the head's
+    token statistic (:meth:`~vitfl.localization.ffn.TokenFFNHead.reduce_tokens`), as are the returned h and a.
     """
     sizes = [int(s) for s in sizes]
     n = x.shape[0]
@@ -65,9 +69,14 @@ def reptran_sums(head: FFNHead, x: Tensor, label: Tensor, sizes: Sequence[int], 
         if fi:
             g_z, g_n = torch.autograd.grad(logits.sum(), [z, nn_out])  # dO/dz: W_bef's output before GELU
     h, a = h.detach(), a.detach()
+    if head.token_axis:  # per-token tensors -> one vector per input (the head's token statistic)
+        h, a = head.reduce_tokens(h), head.reduce_tokens(a)
     if not fi:
         return ReptranSums(gl_bef, gl_aft, None, None, len(sizes), h, a)
     g_z, g_n = g_z.detach(), g_n.detach()
+    if head.token_axis:
+        g_z, g_n = head.reduce_tokens(g_z), head.reduce_tokens(g_n)
+        hw, aw = (None if t is None else head.reduce_tokens(t) for t in (hw, aw))
     w_bef, w_aft = w_bef.detach(), w_aft.detach()
     # R = 1 / (o W^T + 1e-8), signed, no |.|: o W^T is the forward's product before its bias (kept above), or
     # computed again where the layer is not a plain nn.Linear

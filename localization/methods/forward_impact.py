@@ -19,6 +19,10 @@ D = |O| @ |W|^T ``[B, out]``, so the sum over x is the matmul (1/D)^T @ |O| ``[o
 S = sum_x |o_i(x)| / D_j(x) (per weight) and sum_x |g_j(x)| / sum_l |g_l(x)| (per output neuron), per set,
 float64;
 an input whose denominator is 0 (all o or all g zero) contributes 0.
+
+On a token head (states ``[N, T, d]``) o and the per-input gradients are the head's token statistic of the per-token
+tensors (``_common.per_input``: the CLS token for token pooling, the mean over the pooled tokens for average
+pooling), each reduced as it is (signed); docs/methods.md, section 1.
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ For every weight w of W_bef ``[d_ff, d]`` and W_aft ``[d, d_ff]``::
 The signed sums sum_x dL(x)/dw are the states (float64, summed across processes); the absolute value is taken in
 ``compute``, after every input has been added. The gradients come from ``torch.autograd.grad`` on the two weight
 tensors of the FFN head (never the full model): the head reproduces the model's logits from the cached CLS state,
-so they equal the full model's gradients (``tests/test_fl_gradient.py`` checks this).
+so they equal the full model's gradients (``tests/test_fl_gradient.py`` checks this). On a token head (states
+``[N, T, d]`` of any block, docs/methods.md section 1) the same autograd sums over every input and token: exact,
+no token statistic.
 """
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ def ig_alphas(m: int, riemann: str = "left", dtype=torch.float64, device=None) -
 
 def ig_attributions(head: FFNHead, x: Tensor, label: Tensor, m: int = 20, target: str = "prob",
                     max_rows: int = 8192, riemann: str = "left", times_activation: bool = True) -> Tensor:
-    """Attr(x) ``[B, d_ff]`` for ``x [B, d]``, ``label [B]`` (zero baseline, m steps; left Riemann or
+    """Attr(x) ``[B, d_ff]`` for ``x [B, d]`` (a token head: ``x [B, T, d]``, the per-token attributions summed
+    over the tokens, :func:`_token_ig`), ``label [B]`` (zero baseline, m steps; left Riemann or
     ``riemann="linspace"``), Attr_j = a_j / m * sum_k dP/da_j at alpha_k a (``times_activation=False``: the bare
     sum_k dP/da_j, as RepTran's exp-fl-2-1)."""
     if m < 1:
@@ -66,6 +67,8 @@ def ig_attributions(head: FFNHead, x: Tensor, label: Tensor, m: int = 20, target
                            "inference_mode=False")
     with torch.no_grad():
         a = head.activation(x)
+    if head.token_axis:
+        return _token_ig(head, x, a, label, m, target, max_rows, riemann, times_activation)
     out = torch.empty_like(a)
     chunk = max(1, max_rows // m)
     alphas = ig_alphas(m, riemann, dtype=a.dtype, device=a.device)
@@ -81,6 +84,31 @@ def ig_attributions(head: FFNHead, x: Tensor, label: Tensor, m: int = 20, target
             (g,) = torch.autograd.grad(t, scaled)
         gs = g.view(m, b, -1).sum(0)
         out[s:s + b] = aa * gs / m if times_activation else gs
+    return out
+
+
+def _token_ig(head: FFNHead, x: Tensor, a: Tensor, label: Tensor, m: int, target: str, max_rows: int,
+              riemann: str, times_activation: bool) -> Tensor:
+    """:func:`ig_attributions` on a token head (``x [B, T, d]``, ``a [B, T, d_ff]``): the whole layer (every
+    token) is scaled at once, the per-token attributions a_tj / m sum_k dP/da_tj are summed over the tokens (IG is
+    additive, so this is neuron j's attribution as one feature over all tokens; the sum over j keeps IG's
+    completeness); ``times_activation=False``: sum_t sum_k dP/da_tj. ``max_rows`` counts inputs x steps."""
+    b_all, t_len, d_ff = a.shape
+    out = torch.empty(b_all, d_ff, dtype=a.dtype, device=a.device)
+    chunk = max(1, max_rows // m)
+    alphas = ig_alphas(m, riemann, dtype=a.dtype, device=a.device)
+    for s in range(0, b_all, chunk):
+        xa, aa, ya = x[s:s + chunk], a[s:s + chunk], label[s:s + chunk]
+        b = xa.shape[0]
+        with torch.enable_grad():
+            scaled = (alphas.view(m, 1, 1, 1) * aa.unsqueeze(0)).reshape(m * b, t_len, d_ff).requires_grad_(True)
+            logits = head.from_activation(xa.repeat(m, 1, 1), scaled)  # row k*b + i = input i at step k
+            if target == "prob":
+                logits = torch.softmax(logits, dim=-1)
+            t = logits.gather(1, ya.repeat(m).view(-1, 1)).sum()
+            (g,) = torch.autograd.grad(t, scaled)
+        gs = g.view(m, b, t_len, d_ff).sum(0)
+        out[s:s + b] = (aa * gs / m if times_activation else gs).sum(1)
     return out
 
 

@@ -1,5 +1,6 @@
 """Neuron scores from the activations alone (docs/methods.md): V-score difference, mean activation, and their
-product NeuronScore. a_j(x) is the post-GELU activation of intermediate neuron j at the CLS token, ``[B, d_ff]``.
+product NeuronScore. a_j(x) is the post-GELU activation of intermediate neuron j at the CLS token, ``[B, d_ff]``
+(on a token head: the head's token statistic of the per-token activations, ``_common.per_input``).
 
     V_j(I)     = Var(a_j) + sum_{k != j} |Cov(a_j, a_k)| = sum_k |Cov(a_j, a_k)|   (sample covariance, ddof = 1)
                  (``vscore=``: the published variants "abs_mean", "signed_mean", "signed_sum",

@@ -1,6 +1,7 @@
 """DeepFault-style spectrum-based FL on the intermediate neurons (docs/methods.md; a cheap extra).
 
-A neuron j is *activated* by input x when a_j(x) > 0 (post-GELU). Failing inputs are I_neg (F of them), passing
+A neuron j is *activated* by input x when a_j(x) > 0 (post-GELU; on a token head a_j(x) is the head's token
+statistic of the per-token activations, ``_common.per_input``). Failing inputs are I_neg (F of them), passing
 ones I_pos (P of them). Per neuron: e_f = #failing inputs activating it, n_f = F - e_f, e_p = #passing inputs
 activating it, n_p = P - e_p. Scores ``[d_ff]``::
 
