@@ -4,7 +4,6 @@ shared by the tests that only read it)."""
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
@@ -27,21 +26,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.xdist_group("slow"))
-
-
-@pytest.fixture(autouse=True)
-def _share_the_cores(request):
-    """Under pytest-xdist (the default run: ``-n auto`` in pyproject.toml) a fast test gets its worker's share of the
-    cores: n workers with every core's worth of threads each would oversubscribe a small machine. Slow tests keep
-    every thread (they run alone on their worker)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
-    if workers <= 1 or request.node.get_closest_marker("slow"):
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, (os.cpu_count() or 1) // workers)))
-    yield
-    torch.set_num_threads(n)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
