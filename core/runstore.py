@@ -69,6 +69,10 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "folds": ("folds.json", "the repair / test k-fold indices of the evaluation split"),
     "states": ("states/{split}{tag}.safetensors", "CLS state cache of a split (x, a, logits, label, index) of one "
                "checkpoint; `tag` = `.epoch=NNN` for a checkpoint other than the last"),
+    "block_states": ("states/{split}{tag}.block={block}.safetensors", "token state cache of a split for FL on "
+                     "transformer block `block` (0-based) other than the last of a CLS-pooled model (or any block of "
+                     "an average-pooled one): x [N, T, d] and a [N, T, 4d] at every token entering that block's FFN, "
+                     "logits, label, index; `tag` as for `states`"),
     "misclf_info": ("misclf/misclf_info.json", "misclassification settings of the repair split (I_neg, I_pos)"),
     "misclf_figure": ("misclf/confusion.{ext}", "the repair split's confusion matrix"),
     "fl_scores": ("fl/{setting}/{method}-{key}.scores.safetensors", "an FL method's full score vector for one "
@@ -296,8 +300,15 @@ class RunStore:
     def tensorboard(self) -> Path:
         return self.path("tensorboard")
 
-    def states(self, split: str, tag: str = "") -> Path:
-        return self.path("states", split=split, tag=f".{tag}" if tag else "")
+    def states(self, split: str, tag: str = "", block: int | None = None) -> Path:
+        """The state cache of ``split`` (``tag``: another checkpoint's): the CLS cache of the last block
+        (``block`` None), else the token cache of transformer block ``block`` (a non-negative index)."""
+        tag = f".{tag}" if tag else ""
+        if block is None:
+            return self.path("states", split=split, tag=tag)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+            raise ValueError(f"a state cache's block is a non-negative block index, got {block!r}")
+        return self.path("block_states", split=split, tag=tag, block=block)
 
     @property
     def misclf_dir(self) -> Path:

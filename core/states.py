@@ -10,6 +10,13 @@ A cache is one safetensors file per split, ``states/{split}.safetensors``, holdi
 
 and string metadata: ``format`` (= ``FORMAT``), ``model_hash`` (:func:`vitfl.localization.ffn.model_fingerprint` of the
 model that produced it), ``split``, ``backbone``, ``d``, ``d_ff``, ``num_classes``, ``n``.
+
+A **block cache** (``states/{split}.block=L.safetensors``, ``RunStore.states(split, tag, block=L)``) holds the token
+states of transformer block L's FFN instead: ``x [N, T, d]`` (every token entering the FFN's LayerNorm) and
+``a [N, T, 4d]``, the rest as above, plus the metadata ``tokens`` (= T) and ``state_identity`` (the JSON of the
+head's ``state_identity()``: block, pooling, tokens), which :func:`load_states` checks (``expected_states``) so a
+cache of another block or view is never read as this one. The CLS cache of the last block of a CLS-pooled model
+(state identity ``{}``) is the file above, unchanged.
 A multi-process ``predict`` writes one shard per rank (``{split}.rank{r}.safetensors``);
 :func:`merge_shards` joins them in sample order, dropping the duplicates a DistributedSampler pads with.
 Writes are atomic (temp file, then rename): an existing cache is replaced only once its successor is complete.
@@ -22,9 +29,11 @@ A cache belongs to one checkpoint: the last epoch's is ``states/{split}.safetens
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -100,9 +109,13 @@ def save_states(path: str | Path, x: Tensor, a: Tensor, logits: Tensor, label: T
     for name, t in (("a", a), ("logits", logits), ("label", label), ("index", index)):
         if t.shape[0] != n:
             raise CacheError(f"cache tensor {name!r} has {t.shape[0]} rows, x has {n}")
+    if x.dim() == 3 and (a.dim() != 3 or a.shape[1] != x.shape[1]):
+        raise CacheError(f"token states x {list(x.shape)} need per-token activations a [N, {x.shape[1]}, d_ff], "
+                         f"got {list(a.shape)}")
     order = torch.argsort(index)
-    meta = {"format": FORMAT, "n": str(n), "d": str(x.shape[1]), "d_ff": str(a.shape[1]),
-            "num_classes": str(logits.shape[1]), **{k: str(v) for k, v in metadata.items()}}
+    meta = {"format": FORMAT, "n": str(n), "d": str(x.shape[-1]), "d_ff": str(a.shape[-1]),
+            "num_classes": str(logits.shape[1]), **({"tokens": str(x.shape[1])} if x.dim() == 3 else {}),
+            **{k: str(v) for k, v in metadata.items()}}
     atomic_save_safetensors({"x": x.float()[order], "a": a.float()[order], "logits": logits.float()[order],
                              "label": label.long()[order], "index": index.long()[order]}, path, meta)
 
@@ -117,12 +130,25 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CacheError(f"{path} is not a readable safetensors state cache ({e})") from None
 
 
-def load_states(path: str | Path, expected_hash: str | None = None) -> StateCache:
-    """Load a cache; refuse it when ``expected_hash`` is given and differs from the cache's ``model_hash``."""
+def state_identity_text(state_identity: Mapping[str, Any] | None) -> str:
+    """The ``state_identity`` metadata of a cache of a head's states (canonical JSON); "" for the CLS cache."""
+    return json.dumps(dict(state_identity), sort_keys=True, separators=(",", ":")) if state_identity else ""
+
+
+def load_states(path: str | Path, expected_hash: str | None = None,
+                expected_states: Mapping[str, Any] | None = None) -> StateCache:
+    """Load a cache; refuse it when ``expected_hash`` is given and differs from the cache's ``model_hash``, or
+    when its recorded ``state_identity`` is not ``expected_states`` (a head's ``state_identity()``; ``{}`` / None:
+    the CLS cache, which records none)."""
     path = Path(path)
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise CacheError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if expected_states is not None and meta.get("state_identity", "") != state_identity_text(expected_states):
+        raise StaleCacheError(
+            f"state cache {path} holds the states {meta.get('state_identity') or '{} (CLS, last block)'}, not "
+            f"{state_identity_text(expected_states) or '{} (CLS, last block)'}: re-run the cache step for this "
+            "block (`python scripts/cache_states.py --run_dir RUN --block L`)")
     if expected_hash is not None and meta.get("model_hash") != expected_hash:
         raise StaleCacheError(
             f"state cache {path} was made by model {meta.get('model_hash')!r} but the model in use is "

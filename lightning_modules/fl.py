@@ -78,7 +78,9 @@ class FLModule(L.LightningModule):
     def __init__(self, head: FFNHead, method: str, x: torch.Tensor, label: torch.Tensor, is_neg: torch.Tensor,
                  method_options: dict[str, Any] | None = None, seed: int = 0, batch_size: int = 512):
         super().__init__()
-        if x.ndim != 2 or x.shape[1] != head.d:
+        if getattr(head, "token_axis", False):
+            head.check_states(x)  # a token head: x [N, T, d] entering its block's FFN
+        elif x.ndim != 2 or x.shape[1] != head.d:
             raise ValueError(f"cached states x must be [N, {head.d}], got {tuple(x.shape)}")
         if not (len(x) == len(label) == len(is_neg)):
             raise ValueError("x, label and is_neg must have the same number of rows")

@@ -343,42 +343,74 @@ def load_run_model(layout: RunStore, epoch: int | None = None) -> tuple[ImageCla
     return model, epoch
 
 
+def cache_block(head) -> int | None:
+    """The ``block`` of :meth:`RunStore.states` for the states ``head`` takes: None (the CLS cache) for the
+    last-block CLS head (``state_identity() == {}``), else the head's non-negative block index (a block cache)."""
+    return None if not head.state_identity() else int(head.block)
+
+
 class LoadedRun:
     """A run's model as every step after training needs it, loaded through one function (:func:`load_run`): the
     checkpoint of ``epoch`` (checked against the run's config), its fingerprint (the ``model`` hash of result
-    identities), its last-FFN head (built on first use) and its state caches (loaded on first use and checked to be
-    this model's). A fold run loads its parent run's model."""
+    identities), the FFN head of transformer block ``block`` (:func:`vitfl.localization.ffn.ffn_head`; default -1,
+    the last block, whose head on a CLS-pooled model is the last-FFN CLS head of every run before block
+    addressing; an index out of range is a :class:`vitfl.localization.ffn.BlockIndexError` naming the number of
+    blocks) and its state caches (loaded on first use and checked to be this model's and this head's: the CLS cache,
+    or block ``L``'s token cache). A fold run loads its parent run's model."""
 
-    def __init__(self, store: RunStore, epoch: int | None = None):
+    def __init__(self, store: RunStore, epoch: int | None = None, block: int = -1):
         self.store = store
         self.model, self.epoch = load_run_model(store.model_store(), epoch)
         from vitfl.localization.ffn import model_fingerprint
 
         self.model_hash = model_fingerprint(self.model)
+        self.block = block
         self._head = None
         self._states: dict[tuple[str, str], Any] = {}
+        if block != -1:  # an index out of range is an error now, before any work
+            self.head  # noqa: B018
 
     @property
     def head(self):
-        """The last FFN's head (eval mode)."""
+        """The FFN head of block ``block`` (eval mode): for the last block of a CLS-pooled model the last FFN's CLS
+        head (:func:`vitfl.localization.ffn.last_ffn_head`), else a token head."""
         if self._head is None:
-            from vitfl.localization.ffn import last_ffn_head
+            from vitfl.localization.ffn import ffn_head, last_ffn_head
 
-            self._head = last_ffn_head(self.model).eval()
+            self._head = (last_ffn_head(self.model) if self.block == -1 and _cls_pooled(self.model)
+                          else ffn_head(self.model, self.block)).eval()
         return self._head
 
+    def states_path(self, split: str = "repair", tag: str = "") -> Path:
+        """Where the state cache of ``split`` for :attr:`head` lives (:func:`cache_block`)."""
+        return self.store.states(split, tag, block=cache_block(self.head))
+
     def states(self, split: str = "repair", tag: str = ""):
-        """The state cache of ``split`` (``tag``: another checkpoint's), checked to be this model's."""
+        """The state cache of ``split`` (``tag``: another checkpoint's) for :attr:`head`, checked to be this model's
+        and this head's states."""
         if (split, tag) not in self._states:
             from vitfl.core.states import load_states
 
-            self._states[split, tag] = load_states(self.store.states(split, tag), expected_hash=self.model_hash)
+            self._states[split, tag] = load_states(self.states_path(split, tag), expected_hash=self.model_hash,
+                                                   expected_states=self.head.state_identity() or None)
         return self._states[split, tag]
 
 
-def load_run(store: RunStore, epoch: int | None = None) -> LoadedRun:
-    """The one way a step loads a run's model, fingerprint, FFN head and state caches (:class:`LoadedRun`)."""
-    return LoadedRun(require_store(store, "load_run"), epoch)
+def _cls_pooled(model) -> bool:
+    """Whether ``model``'s last block has the CLS head (anything :func:`ffn_head` would not serve keeps the
+    last-FFN head it always had)."""
+    from vitfl.localization.ffn import UnsupportedModelError, ffn_head
+
+    try:
+        return not ffn_head(model, -1).state_identity()
+    except UnsupportedModelError:
+        return True
+
+
+def load_run(store: RunStore, epoch: int | None = None, block: int = -1) -> LoadedRun:
+    """The one way a step loads a run's model, fingerprint, FFN head (of ``block``) and state caches
+    (:class:`LoadedRun`)."""
+    return LoadedRun(require_store(store, "load_run"), epoch, block)
 
 
 def cache_tag(layout: RunStore, epoch: int | None) -> str:
@@ -420,11 +452,16 @@ def check_model_fits_data(model: ImageClassifier, dm, where: str = "the checkpoi
 
 def cache_states(layout: RunStore, model: ImageClassifier, splits: list[str], tag: str = "",
                  trainer_kwargs: dict[str, Any] | None = None, datamodule=None,
-                 extra_metadata: dict[str, str] | None = None) -> list[Path]:
+                 extra_metadata: dict[str, str] | None = None, block: int = -1) -> list[Path]:
     """One ``Trainer.predict`` pass per split writing ``states/{split}[.tag].safetensors`` (skipped if present
     and made by this model). A stale or unreadable cache is kept until its replacement is complete (the new file is
     renamed over it), so a failed pass never loses the old one. The model must fit the data (channels, image size,
-    classes: :func:`check_model_fits_data`), checked before any pass."""
+    classes: :func:`check_model_fits_data`), checked before any pass.
+
+    ``block`` (default -1, the last; Python-style negative allowed): the states of that block's FFN head
+    (:func:`vitfl.localization.ffn.ffn_head`). The last block of a CLS-pooled model is the CLS cache above,
+    unchanged; any other block (or an average-pooled model) writes the token cache
+    ``states/{split}[.tag].block=L.safetensors`` (``L`` the non-negative index; :meth:`RunStore.states`)."""
     from vitfl.datamodules.base import SPLITS
     from vitfl.core.states import CacheError, load_states
     from vitfl.localization.ffn import model_fingerprint
@@ -432,15 +469,22 @@ def cache_states(layout: RunStore, model: ImageClassifier, splits: list[str], ta
     bad = [s for s in splits if s not in SPLITS]
     if not splits or bad:
         raise ValueError(f"splits to cache must be a non-empty list from {list(SPLITS)}, got {list(splits)}")
+    view = None
+    if block != -1 or not _cls_pooled(model):
+        from vitfl.localization.ffn import ffn_head
+
+        view = ffn_head(model, block)  # an index out of range: BlockIndexError naming the number of blocks
+    wblock = None if view is None else cache_block(view)
+    expected = None if wblock is None else view.state_identity()
     dm = datamodule or datamodule_from_run(layout)
     check_model_fits_data(model, dm)
     h = model_fingerprint(model)
     out = []
     for split in splits:
-        path = layout.states(split, tag)
+        path = layout.states(split, tag, block=wblock)
         if path.exists():
             try:
-                load_states(path, expected_hash=h)
+                load_states(path, expected_hash=h, expected_states=expected)
                 out.append(path)
                 continue
             except CacheError:
@@ -448,7 +492,7 @@ def cache_states(layout: RunStore, model: ImageClassifier, splits: list[str], ta
         dm.predict_split = split
         kw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": True,
               **(trainer_kwargs or {})}
-        writer = StateCacheWriter(split, path=str(path), extra_metadata=extra_metadata)
+        writer = StateCacheWriter(split, path=str(path), extra_metadata=extra_metadata, block=wblock)
         trainer = L.Trainer(callbacks=[writer], **kw)
         trainer.predict(model, datamodule=dm, return_predictions=False)
         out.append(path)
@@ -456,10 +500,12 @@ def cache_states(layout: RunStore, model: ImageClassifier, splits: list[str], ta
 
 
 def cache_run_states(layout: RunStore, splits: list[str], epoch: int | None = None,
-                     trainer_kwargs: dict[str, Any] | None = None) -> list[Path]:
+                     trainer_kwargs: dict[str, Any] | None = None, block: int = -1) -> list[Path]:
     """Cache the states of ``epoch``'s checkpoint (default: the last) for ``splits``: the last epoch's cache is
-    ``states/{split}.safetensors``, any other epoch's ``states/{split}.epoch=NNN.safetensors`` (:func:`cache_tag`).
+    ``states/{split}.safetensors``, any other epoch's ``states/{split}.epoch=NNN.safetensors`` (:func:`cache_tag`);
+    ``block`` as in :func:`cache_states` (another block's token cache adds ``.block=L``).
     The checkpoint is checked against the run's config and data before anything is written."""
     model, epoch = load_run_model(layout, epoch)
     return cache_states(layout, model, list(splits), tag=cache_tag(layout, epoch), trainer_kwargs=trainer_kwargs,
-                        extra_metadata={"epoch": str(epoch), "checkpoint": layout.checkpoint(epoch).name})
+                        extra_metadata={"epoch": str(epoch), "checkpoint": layout.checkpoint(epoch).name},
+                        block=block)

@@ -45,20 +45,33 @@ def load_misclf(store: RunStore) -> dict[str, Any]:
 
 
 class RunContext:
-    """The final (or ``epoch``'s) model of a run, its FFN head and the caches made by it."""
+    """The final (or ``epoch``'s) model of a run, the FFN head of transformer block ``block`` and the caches made
+    by it.
 
-    def __init__(self, store: RunStore, epoch: int | None = None):
+    ``block`` is a list index over the blocks (default -1, the last; -n..n-1; out of range: a
+    :class:`vitfl.localization.ffn.BlockIndexError` naming the number of blocks, raised here). It is normalised once,
+    by :func:`vitfl.localization.ffn.ffn_head`, to the head's non-negative ``head.block``, which is what identities
+    and file names record. For the last block of a CLS-pooled model (``-1`` or ``n - 1``) the head is the last-FFN
+    CLS head with ``identity() == {}``: the CLS cache and every identity exactly as before block addressing. Any
+    other block (or an average-pooled model) reads the token cache of that block, and :meth:`view` (the head's
+    ``identity()``: block, pooling, token statistic) joins every FL identity made here."""
+
+    def __init__(self, store: RunStore, epoch: int | None = None, block: int = -1):
         from vitfl.lightning_modules.runs import load_run
 
-        self.run = load_run(store, epoch)
+        self.run = load_run(store, epoch, block)
         self.store, self.model, self.epoch, self.model_hash = store, self.run.model, self.run.epoch, self.run.model_hash
         self.head = self.run.head
+
+    def view(self) -> dict[str, Any]:
+        """What joins an identity made on this head besides the model hash: ``{}`` for the last-block CLS head."""
+        return self.head.identity()
 
     def states(self, split: str = "repair"):
         return self.run.states(split)
 
     def states_hash(self, split: str = "repair") -> str:
-        return self.store.file_hash(self.store.states(split))
+        return self.store.file_hash(self.run.states_path(split))
 
     @cached_property
     def misclf(self) -> dict[str, Any]:

@@ -52,9 +52,10 @@ SHARDED = PHASES["work"]
 
 #: the keys of each step's block (the step function's keyword names; ``accelerator`` / ``devices`` go to its Trainer)
 STEP_KEYS = {
-    "cache": {"splits", "accelerator", "devices"},
+    "cache": {"splits", "block", "accelerator", "devices"},
     "misclf": {"split", "ranks", "seed", "pos_fraction", "tie_order", "no_true_input", "kinds"},
-    "localize": {"methods", "settings", "budgets", "seed", "batch_size", "method_options", "accelerator", "devices"},
+    "localize": {"methods", "settings", "budgets", "seed", "batch_size", "method_options", "block", "accelerator",
+                 "devices"},
     "evaluate_fl": {"parts", "methods", "settings", "budgets", "modes", "where", "n_random", "inject_seeds",
                     "ckpt_settings", "ckpt_epoch", "pos_fraction", "split", "batch_size", "seed", "method_opts",
                     "figures", "tensorboard", "strengths", "comparisons", "k_rounding", "optimizers", "replay",
@@ -87,11 +88,12 @@ SHAPES: dict[str, dict[str, str]] = {
     "dataset": {"run_dir": _STR, "train": _MAP, "adequacy": _MAP},
     "train": {"configs": _LSTR, "args": _LANY, "epochs": _INT, "test": _BOOL, "pretrain": _MAP},
     "pretrain": {"configs": _LSTR, "args": _LANY, "epochs": _INT},
-    "cache": {"splits": _LSTR, "accelerator": _STR, "devices": _DEVICES},
+    "cache": {"splits": _LSTR, "block": _INT, "accelerator": _STR, "devices": _DEVICES},
     "misclf": {"split": _STR, "ranks": _INT, "seed": _INT, "pos_fraction": _NUM, "tie_order": _STR,
                "no_true_input": _STR, "kinds": _LSTR},
     "localize": {"methods": _LSTR, "settings": _LSTR, "budgets": _LBUDGET, "seed": _INT, "batch_size": _INT,
-                 "method_options": "a mapping of FL method -> its options", "accelerator": _STR, "devices": _DEVICES},
+                 "method_options": "a mapping of FL method -> its options", "block": _INT, "accelerator": _STR,
+                 "devices": _DEVICES},
     "evaluate_fl": {"parts": _LSTR, "methods": _LSTR, "settings": _LSTR, "budgets": _LBUDGET, "modes": _LSTR,
                     "where": _STR, "n_random": _INT, "inject_seeds": _LINT, "ckpt_settings": _LSTR, "ckpt_epoch": _INT,
                     "pos_fraction": _NUM, "split": _STR, "batch_size": _INT, "seed": _INT,
@@ -406,7 +408,12 @@ def _trainer_kwargs(block: Mapping[str, Any]) -> dict[str, Any]:
 def _cache(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
     from vitfl.pipeline.cache import step_cache
 
-    return step_cache(store, list(opts.get("splits", ("repair", "test"))), trainer_kwargs=_trainer_kwargs(opts))
+    splits = list(opts.get("splits", ("repair", "test")))
+    out = step_cache(store, splits, trainer_kwargs=_trainer_kwargs(opts))  # the CLS cache: misclf and the rest
+    if opts.get("block", -1) != -1:  # and the token cache of the block `localize.block` names
+        more = step_cache(store, splits, trainer_kwargs=_trainer_kwargs(opts), block=opts["block"])
+        out = {k: out[k] + more[k] for k in out}
+    return out
 
 
 def _misclf(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from vitfl.core.io import provenance
+from vitfl.core.io import provenance, to_jsonable
 from vitfl.core.runstore import RunStore, identity_key
 from vitfl.localization.base import FL_METHODS, FLResult, method_meta, selects_own
 from vitfl.localization.ranking import DEFAULT_BUDGETS, BudgetError, ResolvedBudget, budget_size, parse_budget, select
@@ -61,9 +61,16 @@ def resolved_options(method: str, options: Mapping[str, Any] | None) -> dict[str
 
 def fl_identity(ctx: RunContext, method: str, setting: str, options: Mapping[str, Any] | None = None,
                 seed: int = 0) -> dict[str, Any]:
-    """The identity of a method's score vector on a setting of the run's repair split."""
-    return {"kind": "fl_scores", "method": method, "options": resolved_options(method, options), "seed": int(seed),
-            "setting": setting, "inputs": ctx.inputs(setting)}
+    """The identity of a method's score vector on a setting of the run's repair split. On a head other than the
+    last-block CLS head (``ctx.view()`` not empty) it holds ``"head"``: the head's ``identity()`` (the
+    non-negative ``block``, ``pooling``, ``token_statistic``); on the last-block CLS head it is exactly the identity
+    of every run before block addressing (no ``"head"`` key)."""
+    ident = {"kind": "fl_scores", "method": method, "options": resolved_options(method, options), "seed": int(seed),
+             "setting": setting, "inputs": ctx.inputs(setting)}
+    view = ctx.view()
+    if view:
+        ident["head"] = dict(view)
+    return ident
 
 
 def check_budgets(budgets: Iterable[int | str], total: int | None = None) -> list[int | str]:
@@ -290,15 +297,23 @@ def run_localization(store: RunStore, methods: Sequence[str] | None = None,
                      settings: Sequence[str] | None = None, budgets: Sequence[int | str] = DEFAULT_BUDGETS,
                      seed: int = 0, batch_size: int = 512, trainer_kwargs: Mapping[str, Any] | None = None,
                      method_options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
-                     epoch: int | None = None) -> list[dict[str, Any]]:
-    """Every (method, setting) not yet in the store; one status row per pair. Every option is checked first."""
+                     epoch: int | None = None, block: int = -1) -> list[dict[str, Any]]:
+    """Every (method, setting) not yet in the store; one status row per pair. Every option is checked first.
+
+    ``block``: the transformer block whose FFN is localized (:class:`vitfl.pipeline.context.RunContext`: default
+    -1, the last; Python-style negative allowed; out of range: :class:`vitfl.localization.ffn.BlockIndexError`
+    naming the number of blocks, before any work). The last block of a CLS-pooled model reads the CLS cache and
+    makes the identities of every run before block addressing; another block reads that block's token cache (made by
+    the cache step with the same ``block``) and its identities record the head (``fl_identity``)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise TypeError(f"block must be an int (0 the first block, -1 the last), got {block!r}")
     devices = (trainer_kwargs or {}).get("devices", 1)
     if not (devices == "auto" or devices == -1 or (isinstance(devices, int) and not isinstance(devices, bool)
                                                   and devices >= 1)):
         raise ValueError(f"devices must be a positive int, -1 or 'auto', got {devices!r}")
-    ctx = RunContext(store, epoch)
+    ctx = RunContext(store, epoch, block)
     methods = FL_METHODS.check(methods or FL_METHODS.names())
     method_options = dict(method_options or {})
     for m, o in method_options.items():
@@ -427,9 +442,12 @@ def count_stale(reasons: Iterable[Sequence[str]]) -> dict[str, Any]:
 def current_fl_results(ctx: RunContext, methods: Iterable[str] | None = None, settings: Iterable[str] | None = None,
                        budgets: Iterable[int | str] | None = None, include_stale: bool = False
                        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """:func:`fl_results` of the run made from its current inputs (each record with ``stale``: "" or why not),
+    """:func:`fl_results` of ``ctx``'s head (its block: ``fl_identity``'s ``"head"``) made from its current inputs
+    (each record with ``stale``: "" or why not),
     and the counts of the stale ones (:func:`count_stale`); ``include_stale`` keeps the stale ones too."""
-    recs = fl_results(ctx.store, methods, settings, budgets)
+    view = to_jsonable(ctx.view())  # results of another block's head are not this head's (nor stale)
+    recs = [r for r in fl_results(ctx.store, methods, settings, budgets)
+            if to_jsonable(((r.get("identity") or {}).get("scores") or {}).get("head") or {}) == view]
     reasons = [stale_reasons(ctx, (r.get("identity") or {}).get("scores") or {}) for r in recs]
     counts = count_stale(reasons)
     out = [{**r, "stale": "; ".join(why)} for r, why in zip(recs, reasons) if include_stale or not why]

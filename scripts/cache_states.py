@@ -1,10 +1,12 @@
-"""Cache the CLS states of a trained run's splits (one Trainer.predict pass each).
+"""Cache the FFN states of a trained run's splits (one Trainer.predict pass each).
 
-    python scripts/cache_states.py --run_dir outputs/digits [--splits [repair,test]] [--epoch E] [--devices 2]
+    python scripts/cache_states.py --run_dir outputs/digits [--splits [repair,test]] [--epoch E] [--block L] [--devices 2]
 
 The last epoch's cache is ``states/{split}.safetensors``; ``--epoch E`` for another epoch writes
 ``states/{split}.epoch=EEE.safetensors`` and leaves the last epoch's untouched. An existing cache is replaced only
 once the new one is complete; a checkpoint that does not match the run's config or data is refused first.
+``--block L`` for a block other than the last of a CLS-pooled model caches the token states entering that block's
+FFN in ``states/{split}.block=L.safetensors`` (what ``scripts/localize.py --block L`` reads).
 """
 import sys
 from typing import List, Optional
@@ -22,6 +24,9 @@ def build_parser():
     p.add_argument("--splits", type=List[str], default=["repair", "test"],
                    help=f"splits to cache, some of {list(SPLITS)}")
     p.add_argument("--epoch", type=Optional[int], default=None, help="checkpoint epoch (null: the last)")
+    p.add_argument("--block", type=int, default=-1,
+                   help="transformer block whose FFN states are cached (0 the first, -1 the last); another block than "
+                        "the last of a CLS-pooled model: its token states, states/{split}.block=L.safetensors")
     p.add_argument("--accelerator", type=str, default="cpu", help="Trainer accelerator")
     p.add_argument("--devices", type=int, default=1, help="Trainer devices (> 1: strategy ddp)")
     return p
@@ -55,7 +60,7 @@ def main(argv=None) -> int:
     kw = {"accelerator": a.accelerator, "devices": a.devices}
     if a.devices > 1:
         kw["strategy"] = "ddp"
-    for path in cache_run_states(RunStore(a.run_dir), a.splits, a.epoch, trainer_kwargs=kw):
+    for path in cache_run_states(RunStore(a.run_dir), a.splits, a.epoch, trainer_kwargs=kw, block=a.block):
         print(path)
     return 0
 

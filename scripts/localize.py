@@ -2,6 +2,7 @@
 run is recorded once as not applicable).
 
     python scripts/localize.py --run_dir outputs/digits --methods ours arachne_w bl random --budgets 33 164 328 avg
+    python scripts/localize.py --run_dir outputs/digits --block 0     # block 0's FFN (after cache_states.py --block 0)
     python scripts/localize.py --config my_fl.yaml --print_config     # the merged config
     python scripts/localize.py --list [--verbose]                     # the registered methods
 """
@@ -20,6 +21,9 @@ def build_parser():
                    help="weights, 'avg' (N_avg, the mean size of BL's front) or 'front'")
     _cli.add_method_options(p, "FL method -> its options, e.g. '{ig: {times_activation: false}}' (see --list "
                                "--verbose)")
+    p.add_argument("--block", type=int, default=-1,
+                   help="transformer block whose FFN is localized (0 the first, -1 the last); a block other than the "
+                        "last of a CLS-pooled model needs its token cache: scripts/cache_states.py --block")
     p.add_argument("--seed", type=int, default=0, help="FL seed (random methods)")
     p.add_argument("--batch_size", type=int, default=512, help="loader batch size of the FL pass")
     p.add_argument("--accelerator", type=str, default="cpu", help="Trainer accelerator")
@@ -63,7 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     store = RunStore(a.run_dir)
     before = store.not_applicable()
     rows = run_localization(store, a.methods, a.settings, a.budgets, seed=a.seed, batch_size=a.batch_size,
-                            trainer_kwargs=kw, method_options=a.method_options, progress=a.progress != "none")
+                            trainer_kwargs=kw, method_options=a.method_options, progress=a.progress != "none",
+                            block=a.block)
     if not is_rank_zero():
         return 0
     for r in rows:
