@@ -5,8 +5,8 @@ return_predictions=False)``) and writes ``states/{split}.rank{r}.safetensors``; 
 in sample order (dropping the duplicates a distributed sampler pads with) into ``states/{split}.safetensors``.
 
 With ``block`` (a non-negative block index whose head is a token head) the writer captures, during each predict
-batch, the token states entering that block's FFN (``x [B, T, d]``, ``a [B, T, 4d]``:
-:func:`vitfl.localization.ffn.capture_ffn_states` with ``block``) in place of the CLS states ``predict_step``
+batch, the token states entering that block's FFN (``x [B, T, d]``: :func:`vitfl.localization.ffn.capture_ffn_states`
+with ``block``; no activations, which the head recomputes from ``x``) in place of the CLS states ``predict_step``
 returns, and records the head's ``state_identity()`` in the cache's metadata (the block cache,
 ``RunStore.states(split, tag, block)``).
 """
@@ -45,6 +45,7 @@ class StateCacheWriter(BasePredictionWriter):
         if self.block is not None:
             view = ffn_head(pl_module.backbone, self.block)
             self.extra["state_identity"] = state_identity_text(view.state_identity())
+            self.extra["d_ff"] = str(view.d_ff)
             self._capture = capture_ffn_states(pl_module.backbone, self.block)
             self._captured = self._capture.__enter__()
 
@@ -61,7 +62,7 @@ class StateCacheWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         if self._capture is not None:  # the block's token states of this batch, in place of the CLS ones
-            prediction = {**prediction, **{k: v.float() for k, v in self._captured.items()}}
+            prediction = {**{k: v for k, v in prediction.items() if k != "a"}, "x": self._captured["x"].float()}
         if "x" not in prediction:
             raise RuntimeError("predict_step returned no FFN states: the state cache needs a ViT backbone")
         for k, v in prediction.items():
@@ -72,7 +73,7 @@ class StateCacheWriter(BasePredictionWriter):
         shard = final.with_name(f"{final.stem}.rank{trainer.global_rank}.safetensors")
         cat = {k: torch.cat(v) for k, v in self._rows.items()}
         meta = {"model_hash": self._hash, "split": self.split, "backbone": self._backbone, **self.extra}
-        save_states(shard, cat["x"], cat["a"], cat["logits"], cat["label"], cat["index"], metadata=meta)
+        save_states(shard, cat["x"], cat.get("a"), cat["logits"], cat["label"], cat["index"], metadata=meta)
         self._rows = {}
         trainer.strategy.barrier("state_cache_shards")
         if trainer.is_global_zero:

@@ -71,8 +71,8 @@ LAYOUT: dict[str, tuple[str, str]] = {
                "checkpoint; `tag` = `.epoch=NNN` for a checkpoint other than the last"),
     "block_states": ("states/{split}{tag}.block={block}.safetensors", "token state cache of a split for FL on "
                      "transformer block `block` (0-based) other than the last of a CLS-pooled model (or any block of "
-                     "an average-pooled one): x [N, T, d] and a [N, T, 4d] at every token entering that block's FFN, "
-                     "logits, label, index; `tag` as for `states`"),
+                     "an average-pooled one): x [N, T, d] at every token entering that block's FFN (no activations: "
+                     "the head recomputes them from x), logits, label, index; `tag` as for `states`"),
     "misclf_info": ("misclf/misclf_info.json", "misclassification settings of the repair split (I_neg, I_pos)"),
     "misclf_figure": ("misclf/confusion.{ext}", "the repair split's confusion matrix"),
     "fl_scores": ("fl/{setting}/{method}-{key}.scores.safetensors", "an FL method's full score vector for one "

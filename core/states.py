@@ -12,8 +12,9 @@ and string metadata: ``format`` (= ``FORMAT``), ``model_hash`` (:func:`vitfl.loc
 model that produced it), ``split``, ``backbone``, ``d``, ``d_ff``, ``num_classes``, ``n``.
 
 A **block cache** (``states/{split}.block=L.safetensors``, ``RunStore.states(split, tag, block=L)``) holds the token
-states of transformer block L's FFN instead: ``x [N, T, d]`` (every token entering the FFN's LayerNorm) and
-``a [N, T, 4d]``, the rest as above, plus the metadata ``tokens`` (= T) and ``state_identity`` (the JSON of the
+states of transformer block L's FFN instead: ``x [N, T, d]`` (every token entering the FFN's LayerNorm) and no
+activations (``a`` is None: block L's ``fc1`` recomputes them from ``x``; stored, they would be four times the size of
+``x``), the rest as above, plus the metadata ``tokens`` (= T), ``d_ff`` and ``state_identity`` (the JSON of the
 head's ``state_identity()``: block, pooling, tokens), which :func:`load_states` checks (``expected_states``) so a
 cache of another block or view is never read as this one. The CLS cache of the last block of a CLS-pooled model
 (state identity ``{}``) is the file above, unchanged.
@@ -65,7 +66,7 @@ REBUILD = ("delete it and rerun the cache step (`python scripts/cache_states.py 
 @dataclass
 class StateCache:
     x: Tensor
-    a: Tensor
+    a: Tensor | None  # None in a token cache (x [N, T, d]): the head recomputes the activations from x
     logits: Tensor
     label: Tensor
     index: Tensor
@@ -85,7 +86,7 @@ class StateCache:
     def subset(self, rows: Tensor) -> "StateCache":
         """Rows by position (not by sample index)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return StateCache(self.x[rows], self.a[rows], self.logits[rows], self.label[rows], self.index[rows],
+        return StateCache(self.x[rows], None if self.a is None else self.a[rows], self.logits[rows], self.label[rows], self.index[rows],
                           dict(self.metadata))
 
     def rows_of(self, sample_indices: Tensor) -> Tensor:
@@ -103,21 +104,29 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | Path, metada
     atomic_save_tensors(path, tensors, {k: str(v) for k, v in metadata.items()})
 
 
-def save_states(path: str | Path, x: Tensor, a: Tensor, logits: Tensor, label: Tensor, index: Tensor,
+def save_states(path: str | Path, x: Tensor, a: Tensor | None, logits: Tensor, label: Tensor, index: Tensor,
                 metadata: dict[str, str]) -> None:
+    """Write a cache. A CLS cache (``x [N, d]``) holds the activations ``a [N, d_ff]``; a token cache (``x [N, T,
+    d]``) holds none (``a`` None; ``metadata`` gives ``d_ff``): block L's ``fc1`` recomputes them from ``x``."""
     n = x.shape[0]
+    tokens = x.dim() == 3
+    if tokens and a is not None:
+        raise CacheError(f"a token cache (x {list(x.shape)}) stores no activations: pass a=None (the head "
+                         "recomputes them from x)")
+    if not tokens and a is None:
+        raise CacheError(f"a CLS cache (x {list(x.shape)}) needs the activations a [N, d_ff]")
     for name, t in (("a", a), ("logits", logits), ("label", label), ("index", index)):
-        if t.shape[0] != n:
+        if t is not None and t.shape[0] != n:
             raise CacheError(f"cache tensor {name!r} has {t.shape[0]} rows, x has {n}")
-    if x.dim() == 3 and (a.dim() != 3 or a.shape[1] != x.shape[1]):
-        raise CacheError(f"token states x {list(x.shape)} need per-token activations a [N, {x.shape[1]}, d_ff], "
-                         f"got {list(a.shape)}")
+    d_ff = a.shape[-1] if a is not None else metadata.get("d_ff")
+    if d_ff is None:
+        raise CacheError("a token cache's metadata must give d_ff (its activations are not stored)")
     order = torch.argsort(index)
-    meta = {"format": FORMAT, "n": str(n), "d": str(x.shape[-1]), "d_ff": str(a.shape[-1]),
-            "num_classes": str(logits.shape[1]), **({"tokens": str(x.shape[1])} if x.dim() == 3 else {}),
-            **{k: str(v) for k, v in metadata.items()}}
-    atomic_save_safetensors({"x": x.float()[order], "a": a.float()[order], "logits": logits.float()[order],
-                             "label": label.long()[order], "index": index.long()[order]}, path, meta)
+    meta = {"format": FORMAT, "n": str(n), "d": str(x.shape[-1]), **{k: str(v) for k, v in metadata.items()},
+            "d_ff": str(d_ff), "num_classes": str(logits.shape[1]), **({"tokens": str(x.shape[1])} if tokens else {})}
+    tensors = {"x": x.float()[order], **({"a": a.float()[order]} if a is not None else {}),
+               "logits": logits.float()[order], "label": label.long()[order], "index": index.long()[order]}
+    atomic_save_safetensors(tensors, path, meta)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -160,13 +169,14 @@ def load_states(path: str | Path, expected_hash: str | None = None,
         raise CorruptCacheError(f"state cache {e}") from None
     except (FileFormatError, OSError) as e:
         raise CacheError(f"{path} is not a readable safetensors state cache ({e})") from None
-    missing = [k for k in KEYS if k not in t]
+    needed = [k for k in KEYS if not (k == "a" and meta.get("tokens"))]  # a token cache stores no activations
+    missing = [k for k in needed if k not in t]
     if missing:
         raise CacheError(f"{path} lacks tensors {missing}")
     for k in ("x", "a", "logits"):
-        if not torch.isfinite(t[k]).all():
+        if k in t and not torch.isfinite(t[k]).all():
             raise CacheError(f"{path}: tensor {k!r} holds NaN or inf values")
-    return StateCache(t["x"], t["a"], t["logits"], t["label"], t["index"], meta)
+    return StateCache(t["x"], t.get("a"), t["logits"], t["label"], t["index"], meta)
 
 
 def merge_shards(shards: list[str | Path], path: str | Path, remove: bool = True) -> StateCache:
@@ -175,11 +185,11 @@ def merge_shards(shards: list[str | Path], path: str | Path, remove: bool = True
     hashes = {p.metadata.get("model_hash") for p in parts}
     if len(hashes) != 1:
         raise CacheError(f"shards {shards} come from different models: {hashes}")
-    cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in KEYS}
+    cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in KEYS if getattr(parts[0], k) is not None}
     uniq, first = _first_occurrence(cat["index"])
     meta = {k: v for k, v in parts[0].metadata.items() if k not in ("n",)}
     meta.pop("rank", None)
-    save_states(path, *(cat[k][first] for k in KEYS), metadata=meta)
+    save_states(path, *(cat[k][first] if k in cat else None for k in KEYS), metadata=meta)
     if remove:
         for s in shards:
             os.unlink(s)

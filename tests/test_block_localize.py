@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 import yaml
 
 from conftest import HF_KW, _fit_tiny_run
@@ -85,9 +86,15 @@ def test_block0_cache_holds_the_token_states_of_the_full_model(run, direct, bloc
     assert path.name == "repair.block=0.safetensors"
     st = load_states(path)
     assert st.x.shape == direct["x"].shape and st.x.dim() == 3  # [N, T, d]
-    assert st.x.shape[1] == 17 and st.x.shape[2] == 16 and st.a.shape[2] == 64
+    assert st.x.shape[1] == 17 and st.x.shape[2] == 16 and st.metadata["d_ff"] == "64"
     assert torch.allclose(st.x, direct["x"], atol=1e-6, rtol=0), float((st.x - direct["x"]).abs().max())
-    assert torch.allclose(st.a, direct["a"], atol=1e-6, rtol=0)
+    # no activations stored (a [N, T, 4d] would be four times x): block 0's head recomputes them from x
+    assert st.a is None and "a" not in safe_open(str(path), "pt").keys()
+    from vitfl.localization.ffn import ffn_head
+
+    with torch.no_grad():
+        recomputed = ffn_head(direct["model"].backbone, 0).activation(st.x)
+    assert torch.allclose(recomputed, direct["a"], atol=1e-5, rtol=0)
     assert torch.allclose(st.logits, direct["logits"], atol=1e-5, rtol=0)
     assert torch.equal(st.index, torch.arange(len(st))) and torch.equal(st.label, direct["label"])
     assert st.metadata["tokens"] == "17" and '"block":0' in st.metadata["state_identity"]
