@@ -9,6 +9,7 @@ the state cache is one predict pass (see ``callbacks/state_cache.py``).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import torch
@@ -20,7 +21,7 @@ from vitfl.localization.ffn import UnsupportedModelError, capture_ffn_states
 
 
 class ImageClassifier(L.LightningModule):
-    def __init__(self, backbone: str = "hf_vit", num_classes: int = 10, backbone_kwargs: dict | None = None,
+    def __init__(self, backbone: str = "hf_vit", num_classes: int = 10, backbone_kwargs: dict[str, Any] | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 1.0,
                  label_smoothing: float = 0.0, min_lr_ratio: float = 0.01, backbone_arch: dict | None = None):
         """``backbone_arch`` is recorded by the module itself, never set by hand: the architecture a

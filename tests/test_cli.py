@@ -131,3 +131,16 @@ def test_steps_after_training(cli_run):
     assert layout.fl_timing.is_file()
     rows = run_localization(layout, methods=["grad_loss"], settings=["all"], budgets=[5], progress=False)
     assert [r["status"] for r in rows] == ["exists"]  # resumes
+
+
+def test_a_backbone_option_on_the_command_line_keeps_its_type(tmp_path):
+    """``--model.backbone_kwargs.num_hidden_layers=2`` is the int 2 (it was the string '2', which the ViT config
+    refuses), a float stays a float and a name stays a string."""
+    cli = ToolkitCLI(args=[*config_args(), "--trainer.default_root_dir", str(tmp_path),
+                           "--model.backbone_kwargs.num_hidden_layers=2",
+                           "--model.backbone_kwargs.hidden_dropout_prob=0.25"], run=False)
+    kwargs = cli.model.hparams["backbone_kwargs"]
+    assert kwargs["num_hidden_layers"] == 2 and isinstance(kwargs["num_hidden_layers"], int)
+    assert kwargs["hidden_dropout_prob"] == 0.25 and isinstance(kwargs["hidden_dropout_prob"], float)
+    from vitfl.localization.ffn import num_ffn_blocks
+    assert num_ffn_blocks(cli.model.backbone) == 2
