@@ -60,8 +60,9 @@ LAYOUT: dict[str, tuple[str, str]] = {
                    "start: untrained or pretrained), its sha256 beside it in `epoch={epoch:03d}.ckpt.sha256`"),
     "last_checkpoint": ("checkpoints/last.ckpt", "full checkpoint of the last finished epoch (optimizer, scheduler, "
                         "loops; sha256 in `last.ckpt.sha256`): `fit --ckpt_path last` resumes from it"),
-    "ffn_weights": ("ffn_weights/epoch={epoch:03d}.safetensors", "that epoch's last-FFN weights alone (W_bef, b_bef, "
-                    "W_aft, b_aft)"),
+    "ffn_weights": ("ffn_weights/epoch={epoch:03d}.safetensors", "that epoch's FFN weights alone: the last block's "
+                    "(W_bef, b_bef, W_aft, b_aft) and every other block L's (`block=L.W_bef`, ...; runs trained "
+                    "before per-block weights: the last block's only)"),
     "test_metrics": ("test/epoch={epoch:03d}.json", "the held-out test fold's accuracy of that epoch's model "
                      "(the main job's test step; TensorBoard: tb/test, hp_metric)"),
     "run_config": ("run_config.yaml", "the fit config (data + model + trainer) every later step rebuilds from; "
@@ -87,6 +88,9 @@ LAYOUT: dict[str, tuple[str, str]] = {
                        "recorded once so reruns do not retry them"),
     "fl_eval": ("fl_eval/{name}", "FL evaluation: interventions, checkpoint and injected-fault benchmarks, "
                 "statistics, figures"),
+    "fl_eval_block": ("fl_eval/block={block}/{name}", "the FL evaluation of transformer block `block` (0-based) other "
+                      "than the last of a CLS-pooled model (`evaluate_fl --block`): the files of `fl_eval/{name}`, "
+                      "beside the last block's (its TensorBoard run: `tb/fl_eval.block={block}`)"),
     "repair_result": ("repair/{setting}/{label}_n{budget}_rep{rep}-{key}.json", "one repair run: patch, metrics on "
                       "the held-out test fold and the repair split, fitness summary, timings, identity"),
     "crossval_table": ("repair/summary/crossval.{ext}", "the cross-validated repair's held-out RR / BR pooled over "

@@ -2,8 +2,10 @@
 epoch e-1, predict which last-FFN weights the next epoch of training changes most?
 
 Ground truth (:func:`weight_change_ground_truth`): every weight of W_bef and W_aft scored by
-``|W(e) - W(e-1)|`` (global index W_bef then W_aft), from the per-epoch last-FFN weight files
-(``RunStore.ffn_weights(epoch)``: safetensors ``W_bef``, ``b_bef``, ``W_aft``, ``b_aft``); positives = its top
+``|W(e) - W(e-1)|`` (global index W_bef then W_aft), from the per-epoch FFN weight files
+(``RunStore.ffn_weights(epoch)``: safetensors ``W_bef``, ``b_bef``, ``W_aft``, ``b_aft`` of the last FFN, and of any
+other block L under ``block=L.W_bef``, ...: :func:`load_ffn_weights` with ``block``; for a run trained before
+per-block weight files, :func:`block_weights_of_epoch` reads block L from the epoch's checkpoint); positives = its top
 ``pos_fraction`` (1 %) with ties broken by index (vitfl.evaluation.ranking_metrics). Biases are not ranked (the
 published benchmark ranked the two weight matrices only).
 
@@ -42,7 +44,8 @@ from vitfl.evaluation.ranking_metrics import (COMPARISONS, DEFAULT_FRACTIONS, ev
                                         top_fraction_positives)
 from vitfl.localization.ffn import FFNHead
 
-__all__ = ["WEIGHT_KEYS", "CheckpointMismatchError", "GroundTruth", "load_ffn_weights", "weight_change",
+__all__ = ["WEIGHT_KEYS", "CheckpointMismatchError", "GroundTruth", "load_ffn_weights", "block_weights_of_epoch",
+           "weight_change",
            "weight_change_ground_truth", "head_at_epoch", "is_circular", "evaluate_method_on_checkpoint",
            "localize_on_checkpoint", "ranking_row", "worst_possible_scores", "WORST_POSSIBLE"]
 
@@ -58,15 +61,55 @@ class CheckpointMismatchError(ValueError):
     """Weight files and head disagree (shapes, or the checkpoint is not the epoch the weights claim)."""
 
 
-def load_ffn_weights(path: str | Path) -> dict[str, Tensor]:
-    """The last-FFN weights of one epoch (safetensors written by ``vitfl.callbacks.ffn_weights``)."""
+def load_ffn_weights(path: str | Path, block: int = -1, num_blocks: int | None = None) -> dict[str, Tensor]:
+    """The FFN weights of one epoch (safetensors written by ``vitfl.callbacks.ffn_weights``) under the plain names
+    (``W_bef``, ``b_bef``, ``W_aft``, ``b_aft``, ``ls_gamma``): the last block's (``block`` -1, or the last index of
+    a model of ``num_blocks`` blocks), else block ``block``'s ``block=L.*`` tensors
+    (:class:`vitfl.callbacks.ffn_weights.MissingBlockError` when the file has none: see
+    :func:`block_weights_of_epoch`)."""
+    from vitfl.callbacks.ffn_weights import block_ffn_weights
     from vitfl.callbacks.ffn_weights import load_ffn_weights as read
 
-    w = read(path)
+    w = read(path, all_blocks=True)
+    if block == -1 or num_blocks is None:
+        if block not in (-1, None) and num_blocks is None:
+            raise ValueError(f"block {block}: pass the model's num_blocks to read it from {path}")
+        w = {k: v for k, v in w.items() if not k.startswith("block=")}
+    else:
+        w = block_ffn_weights(w, block, num_blocks, path)
     missing = [k for k in WEIGHT_KEYS if k not in w]
     if missing:
         raise CheckpointMismatchError(f"{path} lacks {missing} (has {sorted(w)})")
     return w
+
+
+def block_weights_of_epoch(weights_path: str | Path, checkpoint_path: str | Path, block: int, num_blocks: int,
+                           load_model: Callable[[str | Path], Any] | None = None
+                           ) -> tuple[dict[str, Tensor], Path]:
+    """Block ``block``'s FFN weights of one epoch and the file they came from: the per-epoch weight file
+    (``weights_path``) where it holds the block (every block's FFN since per-block weights; the last block
+    always), else -- a file written before per-block weights -- that epoch's checkpoint (``checkpoint_path``,
+    ``load_model``: default ``vitfl.lightning_modules.runs.load_classifier``) through
+    :func:`vitfl.localization.ffn.ffn_head`. Neither: a FileNotFoundError naming both and what to do."""
+    from vitfl.callbacks.ffn_weights import MissingBlockError, ffn_state
+    from vitfl.localization.ffn import ffn_head
+
+    weights_path, checkpoint_path = Path(weights_path), Path(checkpoint_path)
+    why = f"there is no {weights_path}"
+    if weights_path.is_file():
+        try:
+            return load_ffn_weights(weights_path, block, num_blocks), weights_path
+        except MissingBlockError as e:
+            why = str(e)
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"block {block}'s FFN weights: {why}, and there is no checkpoint {checkpoint_path} to "
+                                "read them from. Retrain the run (the training callback "
+                                "callbacks.ffn_weights.LastFFNWeightsWriter now writes every block's FFN), restore "
+                                "the checkpoint, or evaluate the last block (block -1)")
+    if load_model is None:
+        from vitfl.lightning_modules.runs import load_classifier as load_model
+    model = load_model(checkpoint_path)
+    return ffn_state(ffn_head(model, block, tokens=True)), checkpoint_path
 
 
 def weight_change(prev: Mapping[str, Tensor], nxt: Mapping[str, Tensor]) -> Tensor:

@@ -1,5 +1,6 @@
-"""The injected-fault benchmark (Arachne's RQ1; docs/methods.md, section 5): perturb a few last-FFN weights of a copy of
-the head until some predictions change, then ask each FL method to find the perturbed weights.
+"""The injected-fault benchmark (Arachne's RQ1; docs/methods.md, section 5): perturb a few FFN weights of a copy of
+the head (the last FFN's, or with a token head block L's) until some predictions change, then ask each FL method to
+find the perturbed weights.
 
 Injection (:func:`inject_faults`), per seed:
 
@@ -133,7 +134,10 @@ def _logits_from_u(head: FFNHead, x: Tensor, u: Tensor) -> Tensor:
 def inject_faults(head: FFNHead, x: Tensor, label: Tensor, seed: int = 0, min_changed_frac: float = 0.001,
                   min_changed: int = 2, max_weights: int | None = None, grad: Tensor | None = None,
                   batch_size: int = 1024) -> InjectedFault:
-    """Perturb weights of a copy of ``head`` until enough predictions on ``x [N, d]`` change (module docstring).
+    """Perturb weights of a copy of ``head`` until enough predictions on ``x [N, d]`` change (module docstring);
+    a token head (any block L, ``x [N, T, d]``): the same steps on every token's intermediates, each step's
+    predictions through the rest of the network (``head.post``), so the fault is exactly a change of block L's
+    weights in the full model.
     ``grad``: a precomputed :func:`loss_gradient` (it does not depend on the seed)."""
     n = x.shape[0]
     if n == 0:
@@ -175,13 +179,13 @@ def inject_faults(head: FFNHead, x: Tensor, label: Tensor, seed: int = 0, min_ch
         old = float(W[m][r, c])
         W[m][r, c] = v
         delta = float(W[m][r, c]) - old  # as stored (the matrix's dtype)
-        if m == 0:
-            z[:, r] += delta * hN[:, c]
-            a_new = faulty.act(z[:, r])
-            u += torch.outer(a_new - a[:, r], W[1][:, r].double())
-            a[:, r] = a_new
+        if m == 0:  # (``...``: a token head's intermediates carry a token axis, [N, T, .])
+            z[..., r] += delta * hN[..., c]
+            a_new = faulty.act(z[..., r])
+            u += (a_new - a[..., r]).unsqueeze(-1) * W[1][:, r].double()
+            a[..., r] = a_new
         else:
-            u[:, r] += delta * a[:, c]
+            u[..., r] += delta * a[..., c]
         chosen.append(flat)
         orig.append(old)
         vals.append(float(W[m][r, c]))

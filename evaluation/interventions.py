@@ -1,7 +1,11 @@
 """Interventions on located neurons or weights (docs/methods.md, section 5): does editing what a method located change
 the model's behaviour more than editing as many random neurons / weights?
 
-Everything runs through the FFN head on cached CLS states, no images and no full model:
+Everything runs through the FFN head on cached states, no images and no full model: the last block's CLS head on
+CLS states ``x [N, d]``, or block L's token head (``vitfl.localization.ffn.TokenFFNHead``, ``--block L``) on the
+token states ``x [N, T, d]`` entering its FFN, where an edited neuron is edited at every token and the logits come
+from the rest of the network (``head.post``), so the edited logits equal the full model's with the same weights of
+block L edited:
 
 * **neuron level** (neuron-level FL results): the located neurons' post-GELU activation a_j (``where="post"``,
   as knowledge neurons did) or pre-GELU value z_j (``where="pre"``, as RepTran scaled before GELU) is set to 0
@@ -131,13 +135,15 @@ def patched_head(head: FFNHead, weights: Tensor, mode: str = "zero", values: Ten
 @torch.no_grad()
 def edited_logits(head: FFNHead, x: Tensor, target: Target, mode: str = "zero", where: str = "post",
                   batch_size: int = 4096) -> Tensor:
-    """Logits ``[N, C]`` of the head on ``x [N, d]`` with ``target`` edited (see the module docstring)."""
+    """Logits ``[N, C]`` of the head on ``x [N, d]`` (a token head: ``[N, T, d]``, the neuron edited at every token)
+    with ``target`` edited (see the module docstring)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if where not in ("post", "pre"):
         raise ValueError(f"where must be 'post' (after GELU) or 'pre' (before GELU), got {where!r}")
-    if x.ndim != 2 or x.shape[1] != head.d:
-        raise ValueError(f"x must be [N, {head.d}], got {tuple(x.shape)}")
+    ndim = 3 if getattr(head, "token_axis", False) else 2
+    if x.ndim != ndim or x.shape[-1] != head.d:
+        raise ValueError(f"x must be [N, {'T, ' if ndim == 3 else ''}{head.d}], got {tuple(x.shape)}")
     f = _FACTOR[mode]
     if target.level == "weight":
         h = patched_head(head, target.weights, mode)
@@ -150,11 +156,11 @@ def edited_logits(head: FFNHead, x: Tensor, target: Target, mode: str = "zero", 
         xb = x[s:s + batch_size]
         z = head.fc_bef(head.norm(xb))
         if where == "pre":
-            z[:, j] = z[:, j] * f
+            z[..., j] = z[..., j] * f
             a = head.act(z)
         else:
             a = head.act(z)
-            a[:, j] = a[:, j] * f
+            a[..., j] = a[..., j] * f
         out.append(head.from_activation(xb, a))
     return torch.cat(out)
 

@@ -42,6 +42,12 @@ momentum buffer and the run's parameter groups (weight decay as in the run, appl
 ``lr_multiplier`` is the recorded run's schedule at the same global steps (``(e-1) T .. e T - 1``). ``momentum=0``
 is plain SGD.
 
+**Any block's FFN** (``block``, default -1 the last): every "last-FFN" above is then block L's FFN
+(``vitfl.localization.ffn.ffn_head(model, block)``): its weights after each replayed epoch, its per-step gradients,
+Adam's state of its parameters, the training gradient, and the recorded weights it is verified against and compared
+with (``load_weights(e)``, the caller's reader of block L's weights of epoch e, e.g. the ``block=L.*`` tensors of the
+per-epoch weight file). ``block=-1`` is the last-FFN replay as it always was.
+
 Nothing here names a path: checkpoints and weight files come from the caller (``vitfl.core.runstore`` stays above).
 """
 from __future__ import annotations
@@ -60,7 +66,7 @@ from torch import Tensor
 from vitfl.callbacks.ffn_weights import ffn_state, load_ffn_weights
 from vitfl.evaluation.checkpoint_benchmark import weight_change_ground_truth
 from vitfl.lightning_modules.classifier import ImageClassifier, lr_multiplier
-from vitfl.localization.ffn import last_ffn_head
+from vitfl.localization.ffn import ffn_head, last_ffn_head
 
 __all__ = ["ReplayError", "ReplayMismatchError", "EpochRecord", "ReplayResult", "replay_settings",
            "check_deterministic_training", "steps_per_epoch", "epoch_batches", "replay_fit", "verify_replay",
@@ -269,8 +275,13 @@ def sgd_name(momentum: float, nesterov: bool = False) -> str:
     return "sgd" if not momentum else "sgd_nesterov" if nesterov else "sgd_momentum"
 
 
-def _ffn_params(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
-    return last_ffn_head(model).weights()
+def _block_head(model: torch.nn.Module, block: int = -1):
+    """The FFN head whose weights the replay follows: the last FFN's (``block`` -1), else block ``block``'s."""
+    return last_ffn_head(model) if block == -1 else ffn_head(model, block, tokens=True)
+
+
+def _ffn_params(model: torch.nn.Module, block: int = -1) -> tuple[Tensor, Tensor]:
+    return _block_head(model, block).weights()
 
 
 def _flat_grad(ws: Sequence[Tensor]) -> Tensor:
@@ -323,7 +334,7 @@ def replay_fit(model: ImageClassifier, datamodule: Any, total_epochs: int, end_e
                optimizer: str = "recorded", sgd_lr: float = DEFAULT_SGD_LR, momentum: float = DEFAULT_MOMENTUM,
                nesterov: bool = False, limit_train_batches: int | float | None = None,
                check_random: bool = True,
-               step_callback: Callable[[dict[str, Any]], None] | None = None) -> ReplayResult:
+               step_callback: Callable[[dict[str, Any]], None] | None = None, block: int = -1) -> ReplayResult:
     """Run the training steps of epochs ``start_epoch+1 .. end_epoch`` on ``model`` (which must hold W(start_epoch);
     trained *in place*) as ``Trainer.fit(max_epochs=total_epochs)`` ran them (module docstring).
 
@@ -335,6 +346,7 @@ def replay_fit(model: ImageClassifier, datamodule: Any, total_epochs: int, end_e
     (:func:`check_deterministic_training`). ``step_callback(info)`` is called after each step with ``epoch``,
     ``step`` (within the epoch), ``global_step``, ``index`` (``batch[2]``), ``loss``, ``lr`` (the step's) and
     ``grad`` (``[total]`` float32, the gradient the step used, of the last-FFN weights, W_bef then W_aft).
+    ``block``: whose FFN weights, gradients and Adam ratios are recorded (default -1, the last; module docstring).
     Returns a :class:`ReplayResult`; the model is left in train mode holding W(end_epoch)."""
     if not 0 <= start_epoch < end_epoch <= total_epochs:
         raise ValueError(f"need 0 <= start_epoch < end_epoch <= total_epochs, got {start_epoch}, {end_epoch}, "
@@ -360,7 +372,7 @@ def replay_fit(model: ImageClassifier, datamodule: Any, total_epochs: int, end_e
     else:
         opt, sched = model.build_optimizer(n_steps * total_epochs, total_epochs)
     name = sgd_name(momentum, nesterov) if optimizer == "sgd" else type(opt).__name__.lower()
-    ws = _ffn_params(model)
+    ws = _ffn_params(model, block)
     device = ws[0].device
     records = []
     for epoch in range(start_epoch + 1, end_epoch + 1):
@@ -390,7 +402,7 @@ def replay_fit(model: ImageClassifier, datamodule: Any, total_epochs: int, end_e
             if step_callback is not None:
                 step_callback({"epoch": epoch, "step": i, "global_step": gstep, "index": indices[-1],
                                "loss": losses[-1], "lr": lr, "grad": out["grad"]})
-        records.append(EpochRecord(epoch, ffn_state(last_ffn_head(model)), gsum, gsq, len(losses),
+        records.append(EpochRecord(epoch, ffn_state(_block_head(model, block)), gsum, gsq, len(losses),
                                    float(np.mean(losses)), correct / max(1, seen), seen, indices, lrs, steps,
                                    time.perf_counter() - te, adam_ratio(opt, ws) if optimizer == "recorded" else None))
     ratio = records[-1].adam_ratio
@@ -404,20 +416,28 @@ def replay_fit(model: ImageClassifier, datamodule: Any, total_epochs: int, end_e
     return ReplayResult(name, records, ratio, schedule, n_steps, start_epoch, time.perf_counter() - t0, settings)
 
 
+def _last_ffn_tensors(path: str | Path) -> dict[str, Tensor]:
+    """The last FFN's tensors (plain names) of a per-epoch weight file (without other blocks' ``block=L.*``)."""
+    return {k: v for k, v in load_ffn_weights(path).items() if not k.startswith("block=")}
+
+
 def _max_diff(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
     keys = [k for k in a if k in b]
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in keys) if keys else float("nan")
 
 
 def verify_replay(result: ReplayResult, ffn_weights_path: Callable[[int], str | Path], tol: float = 1e-6,
-                  raise_on_mismatch: bool = True) -> dict[int, float]:
+                  raise_on_mismatch: bool = True,
+                  load_weights: Callable[[int], Mapping[str, Tensor]] | None = None) -> dict[int, float]:
     """``{epoch: max |W_replay(e) - W_recorded(e)|}`` over every tensor of the recorded last-FFN weight file
     (W_bef, b_bef, W_aft, b_aft, ls_gamma) of each replayed epoch, ``ffn_weights_path(e)`` naming the file.
-    Raises :class:`ReplayMismatchError` (naming the file and the difference) when one exceeds ``tol``."""
+    Raises :class:`ReplayMismatchError` (naming the file and the difference) when one exceeds ``tol``.
+    ``load_weights(e)``: the recorded weights of epoch e (plain names) where the replay follows another block than
+    the last (default: the last FFN's tensors of ``ffn_weights_path(e)``)."""
     out: dict[int, float] = {}
     for rec in result.epochs:
         path = Path(ffn_weights_path(rec.epoch))
-        recorded = load_ffn_weights(path)
+        recorded = dict(load_weights(rec.epoch)) if load_weights is not None else _last_ffn_tensors(path)
         missing = sorted(set(recorded) - set(rec.ffn))
         if missing:
             raise ReplayMismatchError(f"{path} holds {missing}, which the replayed model has not")
@@ -514,7 +534,8 @@ def update_diagnostics(dW: Any, *, grad_train: Any = None, grad_fl: Any = None, 
     return out
 
 
-def training_gradient(model: torch.nn.Module, datamodule: Any, batch_size: int = 512) -> tuple[Tensor, int]:
+def training_gradient(model: torch.nn.Module, datamodule: Any, batch_size: int = 512,
+                      block: int = -1) -> tuple[Tensor, int]:
     """(dL/dW over W_bef then W_aft ``[total]`` float64 signed, N): L = the mean cross-entropy on logits (no label
     smoothing) over the N images of the non-augmented training split, the model in eval mode, as
     ``vitfl.evaluation.testbed.checkpoint_diagnostics`` defines it. Only the last-FFN weights need gradients here (the
@@ -523,7 +544,7 @@ def training_gradient(model: torch.nn.Module, datamodule: Any, batch_size: int =
 
     was = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    ws = _ffn_params(model)
+    ws = _ffn_params(model, block)
     model.eval()
     try:
         for p in model.parameters():
@@ -573,14 +594,17 @@ def optimizer_ground_truths(run_cfg: Mapping[str, Any], datamodule: Any, epoch: 
                             nesterov: bool = False, replay_recorded: bool = True, verify: bool = True,
                             tol: float = 1e-6, fl_grad: Tensor | None = None, train_grad: bool = True,
                             eval_split: str | None = "val", pos_fraction: float = 0.01,
-                            k_rounding: str = "round", batch_size: int = 512) -> dict[str, Any]:
+                            k_rounding: str = "round", batch_size: int = 512, block: int = -1,
+                            load_weights: Callable[[int], Mapping[str, Tensor]] | None = None) -> dict[str, Any]:
     """The SGD ground truth of epoch ``epoch`` and the diagnostics of both optimizers, for the FL evaluation step.
 
     ``run_cfg``: the run's ``run_config.yaml`` as a dict (:func:`replay_settings`); ``datamodule``: built from it
     (``vitfl.lightning_modules.runs.datamodule_from_run``); ``checkpoint_path(e)`` / ``ffn_weights_path(e)``: the run's
     per-epoch checkpoint and last-FFN weight file of epoch e (``RunStore.checkpoint`` / ``RunStore.ffn_weights``);
     ``load_model(path)``: default ``vitfl.lightning_modules.runs.load_classifier``. ``fl_grad``: optional ``[total]``
-    gradient on the FL inputs at W(e-1) (its magnitude is correlated).
+    gradient on the FL inputs at W(e-1) (its magnitude is correlated). ``block``: whose FFN (default -1, the last;
+    module docstring); ``load_weights(e)``: the recorded weights of that block at epoch e (plain names; default the
+    last FFN's tensors of ``ffn_weights_path(e)``), needed for a block other than the last.
 
     Steps: (1) with ``replay_recorded``, replay the recorded optimizer from W(0) through epoch e (e epochs of
     training) and, with ``verify``, check it against the recorded weight files (:func:`verify_replay`, raises above
@@ -607,8 +631,12 @@ def optimizer_ground_truths(run_cfg: Mapping[str, Any], datamodule: Any, epoch: 
         raise ValueError(f"epoch {e} is past the run's {total_epochs} epochs")
     timing: dict[str, float] = {}
     sgd_label = sgd_name(momentum, nesterov)
-    w_prev = load_ffn_weights(ffn_weights_path(e - 1))
-    w_rec = load_ffn_weights(ffn_weights_path(e))
+    if load_weights is None:
+        if block != -1:
+            raise ValueError(f"block {block}: pass load_weights, the reader of that block's recorded weights")
+        load_weights = lambda ep: _last_ffn_tensors(ffn_weights_path(ep))  # noqa: E731
+    w_prev = dict(load_weights(e - 1))
+    w_rec = dict(load_weights(e))
 
     replay = None
     rec_epoch: EpochRecord | None = None
@@ -616,10 +644,11 @@ def optimizer_ground_truths(run_cfg: Mapping[str, Any], datamodule: Any, epoch: 
     optimizer_name = None
     if replay_recorded:
         model0 = load_model(checkpoint_path(0))
-        res = replay_fit(model0, datamodule, total_epochs, e, optimizer="recorded", limit_train_batches=limit)
+        res = replay_fit(model0, datamodule, total_epochs, e, optimizer="recorded", limit_train_batches=limit,
+                         block=block)
         timing["replay_s"] = res.seconds
         optimizer_name = res.optimizer
-        diffs = verify_replay(res, ffn_weights_path, tol, raise_on_mismatch=verify)
+        diffs = verify_replay(res, ffn_weights_path, tol, raise_on_mismatch=verify, load_weights=load_weights)
         rec_epoch, rec_ratio = res.epoch(e), res.adam_ratio
         rec_start = res.epoch(e - 1).adam_ratio if e > 1 else None
         replay = {"max_diff": diffs, "tol": tol, "verified": verify, "steps_per_epoch": res.steps_per_epoch,
@@ -632,14 +661,15 @@ def optimizer_ground_truths(run_cfg: Mapping[str, Any], datamodule: Any, epoch: 
     model = load_model(checkpoint_path(e - 1))
     if optimizer_name is None:
         optimizer_name = type(model.build_optimizer(1, 1)[0]).__name__.lower()
-    diff_prev = _max_diff(ffn_state(last_ffn_head(model)), w_prev)
+    diff_prev = _max_diff(ffn_state(_block_head(model, block)), w_prev)
     if diff_prev > tol:
         raise ReplayMismatchError(f"checkpoint {checkpoint_path(e - 1)} is not the model of {ffn_weights_path(e - 1)}: "
-                                  f"their last-FFN weights differ by up to {diff_prev:.3g}")
+                                  f"their {'last-FFN' if block == -1 else f'block {block} FFN'} weights differ by up "
+                                  f"to {diff_prev:.3g}")
     grad_train = None
     if train_grad:
         t0 = time.perf_counter()
-        grad_train, n_train = training_gradient(model, datamodule, batch_size)
+        grad_train, n_train = training_gradient(model, datamodule, batch_size, block)
         timing["train_grad_s"] = time.perf_counter() - t0
     acc: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -647,7 +677,7 @@ def optimizer_ground_truths(run_cfg: Mapping[str, Any], datamodule: Any, epoch: 
         acc[f"W({e - 1})"] = _split_accuracy(model, datamodule, eval_split, batch_size)
     t_eval = time.perf_counter() - t0
     sgd = replay_fit(model, datamodule, total_epochs, e, start_epoch=e - 1, optimizer="sgd", sgd_lr=sgd_lr,
-                     momentum=momentum, nesterov=nesterov, limit_train_batches=limit)
+                     momentum=momentum, nesterov=nesterov, limit_train_batches=limit, block=block)
     timing["sgd_s"] = sgd.seconds
     sgd_epoch = sgd.epoch(e)
     if eval_split:

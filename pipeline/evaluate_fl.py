@@ -22,6 +22,17 @@ here (the benchmarks run the methods on other models) comes from the one FL runn
 
 Resumable: an output that exists is read back, not recomputed (``overwrite=True`` recomputes). Every write is
 atomic.
+
+**Any block's FFN** (``block``, ``--block``; default -1, the last). Everything above runs on the FFN head of
+transformer block ``block`` (:class:`vitfl.pipeline.context.RunContext`, :func:`vitfl.localization.ffn.ffn_head`):
+for the last block of a CLS-pooled model the CLS head, with every file, identity and number exactly as before block
+addressing; for any other block the token head (``TokenFFNHead``) on the block's token cache
+(``scripts/cache_states.py --block L``), the interventions use only the FL results made on that head (their
+identity's ``"head"`` equals ``head.identity()``), the checkpoint benchmark's ground truth is |W_L(e) - W_L(e-1)| of
+block L's FFN (the ``block=L.*`` tensors of the per-epoch weight files, or, for a run trained before per-block
+weight files, the per-epoch checkpoints; the SGD replay follows block L's parameters), and the injected faults
+perturb block L's weights. Its outputs go to ``fl_eval/block=L/`` (the same names as above; RunStore kind
+``fl_eval_block``), its TensorBoard run to ``tb/fl_eval.block=L``: beside the last block's, never over them.
 """
 from __future__ import annotations
 
@@ -35,9 +46,9 @@ import pandas as pd
 import torch
 
 from vitfl.evaluation import figures as figs
-from vitfl.evaluation.checkpoint_benchmark import (WORST_POSSIBLE, GroundTruth, fl_facts, head_at_epoch, is_circular,
-                                             load_ffn_weights, localize_on_checkpoint, ranking_row,
-                                             weight_change_ground_truth, worst_possible_scores)
+from vitfl.evaluation.checkpoint_benchmark import (WORST_POSSIBLE, GroundTruth, block_weights_of_epoch, fl_facts,
+                                             head_at_epoch, is_circular, load_ffn_weights, localize_on_checkpoint,
+                                             ranking_row, weight_change_ground_truth, worst_possible_scores)
 from vitfl.evaluation.injected_faults import (DEFAULT_STRENGTH, InjectionError, evaluate_method_on_fault, fault_facts,
                                         inject_with_strength, loss_gradient, strength_label, strength_requirement)
 from vitfl.evaluation.interventions import (MODES, compare_to_random, records_to_wide, run_interventions,
@@ -75,6 +86,24 @@ class _Ctx:
     made: list = field(default_factory=list)
     #: cases that cannot run (recorded in the run store's not_applicable.json), new and known, one row each
     not_applicable: list = field(default_factory=list)
+    #: the run context of the evaluated head (:class:`vitfl.pipeline.context.RunContext`; its block)
+    rc: Any = None
+
+    @property
+    def view(self) -> dict[str, Any]:
+        """The evaluated head's identity (``{}``: the last-block CLS head)."""
+        return self.rc.view() if self.rc is not None else {}
+
+    @property
+    def block(self) -> int | None:
+        """The evaluated block (non-negative) where it is not the last-block CLS head, else None."""
+        return int(self.rc.head.block) if self.view else None
+
+    @property
+    def prefix(self) -> str:
+        """The outputs' folder relative to the run root (``fl_eval``, or ``fl_eval/block=L``): what keys recorded in
+        ``not_applicable.json`` start with."""
+        return self.layout.rel(self.out)
 
     def figure(self, fig, name: str) -> None:
         from vitfl.core.style import is_nothing_to_plot
@@ -111,32 +140,40 @@ def _log_default(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ loading
-def _load_final(layout: RunStore, split: str):
-    from vitfl.lightning_modules.runs import load_run
+def eval_dir(layout: RunStore, head) -> Path:
+    """Where the FL evaluation of ``head`` writes: ``fl_eval/`` for the last block (the CLS head, or the last
+    block's token head of an average-pooled model), else ``fl_eval/block=L/`` (RunStore kind ``fl_eval_block``)."""
+    if not head.identity() or head.block is None or head.block == head.num_blocks - 1:
+        return layout.fl_eval_dir
+    return layout.path("fl_eval_block", block=int(head.block), name="headline.csv").parent
 
-    run = load_run(layout)
-    return run.model, run.epoch, run.head, run.states(split)
+
+def _tb_name(layout: RunStore, head) -> str:
+    """The TensorBoard run of the evaluation of ``head``: ``fl_eval`` for the last block, else ``fl_eval.block=L``."""
+    return "fl_eval" if eval_dir(layout, head) == layout.fl_eval_dir else f"fl_eval.block={int(head.block)}"
 
 
 def _misclf(layout: RunStore) -> dict[str, Any]:
     return load_misclf(layout)
 
 
-def _fl_results(layout: RunStore, methods, settings, budgets, include_stale: bool = False
+def _fl_results(layout: RunStore, methods, settings, budgets, include_stale: bool = False, rc=None
                 ) -> tuple[list[tuple[str, str, dict]], dict[str, Any]]:
     """(setting, result name, record) of every FL result in the store that passes the filters and was made from the
     run's current model, repair-split cache and settings (``include_stale``: the others too, each record's
-    ``stale`` saying why it is not current), and the counts of the stale ones (``vitfl.pipeline.localize.count_stale``)."""
+    ``stale`` saying why it is not current), and the counts of the stale ones (``vitfl.pipeline.localize.count_stale``).
+    ``rc``: the run context of the head (its block; default the last block's): only results made on that head."""
     from vitfl.pipeline.context import RunContext
 
-    recs, counts = current_fl_results(RunContext(layout), methods, settings, budgets, include_stale)
+    recs, counts = current_fl_results(rc if rc is not None else RunContext(layout), methods, settings, budgets,
+                                      include_stale)
     return [(rec["setting"], f"{rec['method']}_n{rec['budget']}-{rec['key']}", rec) for rec in recs], counts
 
 
 # ------------------------------------------------------------------------------------------------ interventions
 def _interventions(ctx: _Ctx, head, states, misclf, methods, settings, budgets, modes, where, n_random, seed,
                    batch_size, figure_settings, include_stale: bool = False) -> dict[str, pd.DataFrame]:
-    found, counts = _fl_results(ctx.layout, methods, settings, budgets, include_stale)
+    found, counts = _fl_results(ctx.layout, methods, settings, budgets, include_stale, ctx.rc)
     note = stale_note(counts, "FL results", include_stale)
     if note:
         ctx.log(f"interventions: {note}")
@@ -223,24 +260,30 @@ def _ckpt_epochs(layout: RunStore) -> int | None:
     return None
 
 
-def _states_for(layout: RunStore, model, split: str, tag: str, log):
+def _states_for(layout: RunStore, model, split: str, tag: str, log, block: int | None = None,
+                expected_states: dict[str, Any] | None = None):
     """States of ``split`` made by ``model``: the untagged cache if it is this model's, else ``{split}.{tag}``
-    (made now with one predict pass if missing)."""
+    (made now with one predict pass if missing). ``block``: block ``block``'s token caches (``expected_states``: its
+    head's ``state_identity()``) instead of the CLS caches."""
     from vitfl.lightning_modules.runs import cache_states
     from vitfl.core.states import CacheError, load_states, read_metadata
     from vitfl.localization.ffn import model_fingerprint
 
     h = model_fingerprint(model)
-    for path in (layout.states(split), layout.states(split, tag)):
+    for path in (layout.states(split, block=block), layout.states(split, tag, block=block)):
         try:
             if path.is_file() and read_metadata(path).get("model_hash") == h:
-                return load_states(path, expected_hash=h), path
+                return load_states(path, expected_hash=h, expected_states=expected_states), path
         except CacheError:
             pass
-    log(f"checkpoint benchmark: caching {split} states of the {tag} model")
-    cache_states(layout, model, [split], tag=tag, trainer_kwargs={"enable_progress_bar": False})
-    path = layout.states(split, tag)
-    return load_states(path, expected_hash=h), path
+    log(f"checkpoint benchmark: caching {split} states of the {tag} model"
+        + ("" if block is None else f" (block {block})"))
+    if block is None:
+        cache_states(layout, model, [split], tag=tag, trainer_kwargs={"enable_progress_bar": False})
+    else:
+        cache_states(layout, model, [split], tag=tag, trainer_kwargs={"enable_progress_bar": False}, block=block)
+    path = layout.states(split, tag, block=block)
+    return load_states(path, expected_hash=h, expected_states=expected_states), path
 
 
 def _bench_key(method: str, options, seed: int, states_hash: str, what) -> str:
@@ -305,6 +348,24 @@ def _recorded_optimizer(model) -> str:
         return "recorded"
 
 
+def _epoch_weights(ctx: _Ctx, e: int) -> tuple[dict[str, Any], Path]:
+    """The evaluated block's FFN weights of epoch ``e`` and the file they came from: the last FFN's tensors of
+    ``ffn_weights/epoch=NNN.safetensors``; for another block its ``block=L.*`` tensors there, or (a run trained
+    before per-block weight files) the epoch's checkpoint
+    (:func:`vitfl.evaluation.checkpoint_benchmark.block_weights_of_epoch`)."""
+    layout = ctx.layout
+    if ctx.block is None:
+        return load_ffn_weights(layout.ffn_weights(e)), layout.ffn_weights(e)
+    return block_weights_of_epoch(layout.ffn_weights(e), layout.checkpoint(e), ctx.block, ctx.rc.head.num_blocks)
+
+
+def _head_of(ctx: _Ctx, model):
+    """The evaluated block's FFN head of ``model`` (another epoch's model of the run)."""
+    from vitfl.localization.ffn import ffn_head, last_ffn_head
+
+    return last_ffn_head(model) if ctx.block is None else ffn_head(model, ctx.block)
+
+
 def _replayed_ground_truths(ctx: _Ctx, e: int, pos_fraction: float, k_rounding: str, replay: dict[str, Any],
                             fl_grad, log) -> tuple[list[GroundTruth], dict[str, Any]]:
     """The replayed ground truths of epoch e (SGD + momentum from the recorded W(e-1), the same batches and schedule
@@ -319,9 +380,17 @@ def _replayed_ground_truths(ctx: _Ctx, e: int, pos_fraction: float, k_rounding: 
             "nesterov": bool(replay.get("nesterov", False)), "verify": bool(replay.get("verify", True))}
     if not layout.run_config.is_file():
         raise FileNotFoundError(f"no {layout.run_config}: the replay rebuilds the training data and schedule from it")
-    ident = {"epoch": e, **opts, "ffn_prev": layout.file_hash(layout.ffn_weights(e - 1)),
-             "ffn": layout.file_hash(layout.ffn_weights(e)), "ckpt_prev": layout.file_hash(layout.checkpoint(e - 1)),
-             "run_config": layout.file_hash(layout.run_config)}
+    if ctx.block is None:
+        ident = {"epoch": e, **opts, "ffn_prev": layout.file_hash(layout.ffn_weights(e - 1)),
+                 "ffn": layout.file_hash(layout.ffn_weights(e)),
+                 "ckpt_prev": layout.file_hash(layout.checkpoint(e - 1)), "run_config": layout.file_hash(layout.run_config)}
+        block_kw: dict[str, Any] = {}
+    else:  # block L: its weights' source files (the weight files, or the checkpoints of an older run)
+        src_prev, src = _epoch_weights(ctx, e - 1)[1], _epoch_weights(ctx, e)[1]
+        ident = {"epoch": e, **opts, "block": ctx.block, "ffn_prev": layout.file_hash(src_prev),
+                 "ffn": layout.file_hash(src), "ckpt_prev": layout.file_hash(layout.checkpoint(e - 1)),
+                 "run_config": layout.file_hash(layout.run_config)}
+        block_kw = {"block": ctx.block, "load_weights": lambda ep: _epoch_weights(ctx, ep)[0]}
     key = identity_key(ident)
     d = ctx.out / "checkpoint" / f"epoch={e:03d}"
     info_path, w_path = d / f"replay-{key}.json", d / f"replay-{key}.sgd_weights.safetensors"
@@ -335,7 +404,7 @@ def _replayed_ground_truths(ctx: _Ctx, e: int, pos_fraction: float, k_rounding: 
                                       checkpoint_path=layout.checkpoint, ffn_weights_path=layout.ffn_weights,
                                       sgd_lr=opts["sgd_lr"], momentum=opts["momentum"], nesterov=opts["nesterov"],
                                       replay_recorded=opts["verify"], verify=opts["verify"], fl_grad=fl_grad,
-                                      pos_fraction=pos_fraction, k_rounding=k_rounding)
+                                      pos_fraction=pos_fraction, k_rounding=k_rounding, **block_kw)
         weights = out["sgd"]["weights"]
         info = {"identity": ident, "key": key, "optimizer": out["optimizer"], "sgd_name": out["sgd"]["name"],
                 "replay": out["replay"], "sgd": {k: v for k, v in out["sgd"].items() if k != "weights"},
@@ -344,7 +413,7 @@ def _replayed_ground_truths(ctx: _Ctx, e: int, pos_fraction: float, k_rounding: 
         layout.write_tensors(w_path, weights, {"key": key})
         ctx.write_json(info_path, info)
     log(info["summary"])
-    w_prev = load_ffn_weights(layout.ffn_weights(e - 1))
+    w_prev = _epoch_weights(ctx, e - 1)[0]
     gt = weight_change_ground_truth(w_prev, weights, e, pos_fraction, optimizer=info["sgd_name"],
                                     k_rounding=k_rounding)
     gt.info.update({"source": f"{info['sgd_name']} replay of epoch {e} from W({e - 1})", "replay_key": key,
@@ -362,7 +431,7 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
     replay's) under every comparison; plus the worst-possible ranking as a control row per ground truth and
     comparison."""
     from vitfl.lightning_modules.runs import load_classifier
-    from vitfl.localization.ffn import last_ffn_head, model_fingerprint
+    from vitfl.localization.ffn import model_fingerprint
     from vitfl.localization.misclf import analyze
 
     layout = ctx.layout
@@ -384,14 +453,17 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
         ctx.log("checkpoint benchmark: needs ffn_weights for two consecutive epochs and the earlier checkpoint; "
                 "skipped")
         return {}
-    w_prev, w_next = load_ffn_weights(layout.ffn_weights(e - 1)), load_ffn_weights(layout.ffn_weights(e))
+    (w_prev, src_prev), (w_next, src_next) = _epoch_weights(ctx, e - 1), _epoch_weights(ctx, e)
     model_prev = load_classifier(layout.checkpoint(e - 1))
     recorded = _recorded_optimizer(model_prev)
     gts = [weight_change_ground_truth(w_prev, w_next, e, pos_fraction, optimizer=recorded, k_rounding=k_rounding)]
     gts[0].info["source"] = f"the run's own epoch {e} ({recorded}, recorded)"
-    head_prev = head_at_epoch(last_ffn_head(model_prev), w_prev, check_tol=1e-5).eval()
+    head_prev = head_at_epoch(_head_of(ctx, model_prev), w_prev, check_tol=1e-5).eval()
     tag = f"epoch={e - 1:03d}"
-    states, spath = _states_for(layout, model_prev, split, tag, ctx.log)
+    if ctx.block is None:
+        states, spath = _states_for(layout, model_prev, split, tag, ctx.log)
+    else:
+        states, spath = _states_for(layout, model_prev, split, tag, ctx.log, ctx.block, head_prev.state_identity())
     spath_hash = layout.file_hash(spath)
     replay_info = None
     if "sgd" in optimizers:
@@ -410,7 +482,8 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
     info = analyze(states.label, states.pred, states.index, num_classes=states.logits.shape[1], split=split)
     names = [s for s in info["settings"] if settings is None or s in settings]
     gt = gts[0]
-    ctx.log(f"checkpoint benchmark: ground truths |W({e}) - W({e - 1})| under {[g.optimizer for g in gts]}, top "
+    which = "" if ctx.block is None else f"block {ctx.block}: "
+    ctx.log(f"checkpoint benchmark: {which}ground truths |W({e}) - W({e - 1})| under {[g.optimizer for g in gts]}, top "
             f"{fraction_label(pos_fraction)} = {gt.info['n_pos']} of {gt.info['total']} weights (K {k_rounding}ed); "
             f"comparisons {list(comparisons)}; FL on the epoch {e - 1} model ({split}: {len(states)} inputs, "
             f"accuracy {info['accuracy']:.3f}); settings {names}")
@@ -428,7 +501,7 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
         rows.extend(read_json(paths[v]) for v in paths if v in have)
         if not missing:
             continue
-        na_key = f"fl_eval/checkpoint/epoch={e:03d}/{setting}/{method}-{_bench_key(method, opts, seed, spath_hash, {'checkpoint_fl': e})}"
+        na_key = f"{ctx.prefix}/checkpoint/epoch={e:03d}/{setting}/{method}-{_bench_key(method, opts, seed, spath_hash, {'checkpoint_fl': e})}"
         where = f"{setting} (epoch {e - 1} model)"
         known = _na_case(ctx, na_key, "checkpoint benchmark", method, where)
         if known is not None:  # counted, not retried, not printed again
@@ -437,6 +510,8 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
         x, y, is_neg, extra_opts, desc = setting_rows(states, info["settings"][setting], method, seed)
         fl_inputs = {"split": split, "setting": setting, "states": layout.rel(spath),
                      "model_hash": model_fingerprint(model_prev), "i_neg": desc["i_neg"], "i_pos": desc["i_pos"]}
+        if ctx.block is not None:
+            fl_inputs["block"] = ctx.block
         try:
             scores, level, wall = localize_on_checkpoint(head_prev, x, y, is_neg, method, int(gt.positives.sum()),
                                                          seed, batch_size, {**opts, **extra_opts},
@@ -471,7 +546,7 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
     ctx.write_text(ctx.out / "checkpoint_benchmark.csv", df.to_csv(index=False))
     meta = {"epoch": e, "epoch_prev": e - 1,
             "ground_truth": {**gt.info, "pos_fraction": pos_fraction,
-                             "source": [layout.rel(layout.ffn_weights(e - 1)), layout.rel(layout.ffn_weights(e))]},
+                             "source": [layout.rel(src_prev), layout.rel(src_next)]},
             "ground_truths": [{**g.info, "optimizer": g.optimizer} for g in gts], "recorded_optimizer": recorded,
             "comparisons": list(comparisons), "k_rounding": k_rounding, "replay": replay_info,
             "fl_inputs": {"split": split, "states": layout.rel(spath), "n": len(states), "settings": names,
@@ -484,6 +559,8 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
                                                                  if is_circular(split, training_splits) else
                                                                  " (disjoint from training)"),
             "provenance": provenance(model_hash_prev=model_fingerprint(model_prev))}
+    if ctx.block is not None:
+        meta["head"] = ctx.view
     ctx.write_json(ctx.out / "checkpoint_benchmark_meta.json", meta)
     lab = fraction_label(pos_fraction)
     ok = df[(df["error"] == "") & ~df["control"]]
@@ -498,7 +575,8 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
     st = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     if len(st):
         write_stats_table(st, ctx.out / "stats" / "checkpoint_vs_random",
-                          caption=f"Checkpoint benchmark (epoch {e - 1} -> {e}): each method vs random's exact "
+                          caption=f"Checkpoint benchmark ({which.replace(':', ',')}epoch {e - 1} -> {e}): each method "
+                                  "vs random's exact "
                                   "expectation, paired by setting, per ground truth (optimizer) and comparison")
     for (opt, comp), sub in ok.groupby(["optimizer", "comparison"], sort=False):
         ctx.scalars(sub, fractions, f"checkpoint/{opt}/{comp}", ("P", "R", "overlap"))
@@ -517,7 +595,8 @@ def _checkpoint(ctx: _Ctx, methods, settings, fractions, pos_fraction, split, ba
 def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, strengths,
               method_opts) -> dict[str, pd.DataFrame]:
     """The injected-fault benchmark at every strength (how many predictions the fault must change) and seed."""
-    states_hash = ctx.layout.file_hash(ctx.layout.states("repair"))
+    states_hash = (ctx.rc.states_hash("repair") if ctx.rc is not None
+                   else ctx.layout.file_hash(ctx.layout.states("repair")))
     x, label = states.x, states.label
     grad = None
     rows = []
@@ -546,7 +625,7 @@ def _injected(ctx: _Ctx, head, states, methods, seeds, fractions, batch_size, st
             ctx.log(f"injected faults: strength {sl}, seed {seed}: {len(fault.weights)} weights perturbed, "
                     f"{fault.n_changed} of {len(x)} predictions changed")
             for method in todo:
-                na_key = f"fl_eval/injected/strength={sl}/seed={seed}/{name[method][:-len('.json')]}"
+                na_key = f"{ctx.prefix}/injected/strength={sl}/seed={seed}/{name[method][:-len('.json')]}"
                 where = f"strength {sl}, seed {seed}"
                 known = _na_case(ctx, na_key, "injected faults", method, where)
                 if known is not None:  # counted, not retried, not printed again
@@ -683,7 +762,7 @@ def run_evaluation(store: RunStore, methods: Iterable[str] | None = None, quick:
                    figure_settings: Iterable[str] = FIGURE_SETTINGS, figures: bool = True,
                    tensorboard: bool = True, overwrite: bool = False, num_threads: int | str | None = "auto",
                    log: Callable[[str], None] | None = None, ckpt_epoch: int | None = None,
-                   include_stale: bool = False) -> dict[str, pd.DataFrame]:
+                   include_stale: bool = False, block: int = -1) -> dict[str, pd.DataFrame]:
     """Run the FL evaluation of a run directory and return its tables (DataFrames by name: interventions_summary,
     interventions_stats, checkpoint, checkpoint_stats, injected, injected_stats, headline).
 
@@ -702,7 +781,13 @@ def run_evaluation(store: RunStore, methods: Iterable[str] | None = None, quick:
     ``include_stale``: the interventions also evaluate FL results made from other inputs than the run's current
     model, repair-split cache and settings (by default they are left out, counted in the log and in
     ``interventions_meta.json``), labelled in a ``stale`` column.
+    ``block``: the transformer block whose FFN is evaluated (0 the first, -1 the last, the default; module
+    docstring): another block than the last writes to ``fl_eval/block=L/`` (:func:`eval_dir`) and needs its token
+    cache of ``split`` (``scripts/cache_states.py --block L``) and, for the interventions, FL results made on it
+    (``scripts/localize.py --block L``).
     """
+    from vitfl.pipeline.context import RunContext
+
     from vitfl.localization.base import registered_localizers
 
     log = log or _log_default
@@ -732,21 +817,24 @@ def run_evaluation(store: RunStore, methods: Iterable[str] | None = None, quick:
     inject_seeds = list(inject_seeds) if inject_seeds is not None else ([0] if quick else [0, 1, 2])
     ckpt_settings = list(ckpt_settings) if ckpt_settings is not None else (["all"] if quick else None)
     settings = list(settings) if settings is not None else (["all"] if quick else None)
-    out = layout.fl_eval_dir
+    rc = RunContext(layout, None, block)  # the final model and block's head (an index out of range: an error here)
+    out = eval_dir(layout, rc.head)
     writer = None
     if tensorboard and figures and (overwrite or not (out / "headline.csv").is_file()) and layout.writes():
         from torch.utils.tensorboard import SummaryWriter  # a rerun that finds every output adds no event file
 
-        writer = SummaryWriter(str(layout.path("tb_run", name="fl_eval")))
-    ctx = _Ctx(layout, out, log, overwrite, writer, figures)
+        writer = SummaryWriter(str(layout.path("tb_run", name=_tb_name(layout, rc.head))))
+    ctx = _Ctx(layout, out, log, overwrite, writer, figures, rc=rc)
     results: dict[str, pd.DataFrame] = {}
     t0 = time.perf_counter()
     threads_before = torch.get_num_threads()
     try:
-        _, epoch, head, states = _load_final(layout, split)
-        log(f"FL evaluation of {layout.root} (epoch {epoch} model, {split}: {len(states)} inputs)")
+        epoch, head, states = rc.epoch, rc.head, rc.states(split)
+        log(f"FL evaluation of {layout.root} (epoch {epoch} model, {split}: {len(states)} inputs"
+            + (f"; block {ctx.block}'s FFN, outputs in {layout.rel(out)})" if ctx.block is not None else ")"))
         if num_threads == "auto":
-            if len(states) * head.d_ff < 4_000_000:
+            tokens = states.x.shape[1] if states.x.dim() == 3 else 1
+            if len(states) * tokens * head.d_ff < 4_000_000:
                 torch.set_num_threads(1)
         elif num_threads is not None:
             torch.set_num_threads(int(num_threads))
@@ -772,6 +860,8 @@ def run_evaluation(store: RunStore, methods: Iterable[str] | None = None, quick:
             results["headline"] = head_df
             ctx.write_text(out / "headline.csv", head_df.to_csv(index=False))
             md = blocks_markdown(blocks)
+            if ctx.block is not None and out != layout.fl_eval_dir:
+                md = f"FL evaluation of transformer block {ctx.block}'s FFN ({layout.rel(out)}/).\n\n" + md
             ctx.write_text(out / "headline.md", md)
             if writer is not None:
                 writer.add_text("fl_eval/headline", md)

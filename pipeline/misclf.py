@@ -1,5 +1,9 @@
 """The misclassification step: the settings of the repair split (``vitfl.localization.misclf.analyze``) and the
-confusion-matrix figure, written to the run store."""
+confusion-matrix figure, written to the run store.
+
+The settings do not depend on the FFN block that FL or its evaluation addresses (``--block``): they come from the
+model's predictions (the logits of the run's state cache, which every block's cache of the same model and split
+repeats) and name inputs by sample index, so one ``misclf/misclf_info.json`` serves every block."""
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ headline table. Resumable: outputs already under <run_dir>/fl_eval are read back
     python scripts/evaluate_fl.py --run_dir outputs/digits
     python scripts/evaluate_fl.py --run_dir outputs/digits --parts checkpoint injected --methods random grad_loss ours
     python scripts/evaluate_fl.py --run_dir outputs/digits --quick
+    python scripts/evaluate_fl.py --run_dir outputs/digits --block 0   # block 0's FFN, into <run_dir>/fl_eval/block=0
 """
 from typing import List, Optional
 
@@ -53,6 +54,10 @@ def build_parser():
     p.add_argument("--no_figures", action="store_true", help="no figures (and no TensorBoard)")
     p.add_argument("--overwrite", action="store_true", help="recompute outputs that exist")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 random draw, 1 seed, the 'all' setting only")
+    p.add_argument("--block", type=int, default=-1,
+                   help="transformer block whose FFN is evaluated (0 the first, -1 the last); a block other than the "
+                        "last writes to <run_dir>/fl_eval/block=L and needs its token cache (scripts/cache_states.py "
+                        "--block) and FL results (scripts/localize.py --block)")
     p.add_argument("--include_stale", action="store_true",
                    help="interventions: also evaluate FL results made from other inputs than the run's current "
                         "model, state cache and settings (default: left out and counted), labelled in a 'stale' "
@@ -110,6 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    batch_size=a.batch_size, method_opts=method_opts or None, figures=not a.no_figures,
                    overwrite=a.overwrite, comparisons=a.comparisons, k_rounding=a.k_rounding,
                    optimizers=a.optimizers, replay={"sgd_lr": a.sgd_lr}, include_stale=a.include_stale,
+                   block=a.block,
                    strengths=[s if s == "published" else (float(s) if "." in s else int(s)) for s in a.strengths])
     return 0
 
