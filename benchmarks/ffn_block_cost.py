@@ -14,11 +14,24 @@ per input), and prints the per-input milliseconds. It also states the memory of 
 state (d x 4 bytes), a token cache of x (T x d x 4 bytes = 197 x 768 x 4 = 605,184 bytes) and of the activations
 a (T x d_ff x 4 bytes), and what 10,000 inputs of each take.
 
+**DE fitness on a block** (the repair's cost per candidate): for the same heads it builds the repair fitness
+(``SparseFitness``, ``kernel="auto"``) of ``--located`` random located weights of that block (over both matrices) on
+the batch's states and times one evaluation of ``--population`` candidates (median of ``--repeats``), printed as
+milliseconds per candidate and input (the CLS head, whose per-call overhead would dominate so small a call, is
+timed at a DE run's own size instead: ``--cls-population`` 100 candidates on ``--cls-inputs`` 600 inputs, the
+batch's states repeated), and what one DE run takes at that rate (population 100, 51 evaluation rounds,
+|I_neg| + |I_pos| = 600 inputs). On the last-block CLS head a candidate costs the sparse update plus the final
+norm and classifier; on a token head the sparse update runs on all T tokens and the remaining blocks run per
+candidate (``post``), so the cost is about one forward of the later blocks per candidate and input. Each row also
+gives the largest logit difference against the loop evaluator (the published way: the candidate's values written
+into a copy of the head, the whole head run) on two candidates.
+
 With ``--average-pooling`` the model uses ``global_pool='avg'`` (then even the last block carries tokens).
 ``--depth`` / ``--tokens`` / ``--dim`` shrink the model for a smoke run (the table then states its shapes).
 
     python benchmarks/ffn_block_cost.py                      # ViT-B/16, batch 8
     python benchmarks/ffn_block_cost.py --batch 2 --repeats 2 --threads 2
+    python benchmarks/ffn_block_cost.py --dim 192 --depth 4 --heads 3 --img 64 --batch 4   # smoke shapes
 """
 from __future__ import annotations
 
@@ -87,6 +100,13 @@ def main(argv=None) -> None:
     ap.add_argument("--average-pooling", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_rehearsal.sh runs it on the GPU)")
+    ap.add_argument("--population", type=int, default=4, help="DE fitness: candidates per timed evaluation")
+    ap.add_argument("--located", type=int, default=236,
+                    help="DE fitness: located weights of the block (random over W_bef and W_aft; 236 = 0.005%% of "
+                         "ViT-B's FFN, the sweep's smallest published budget)")
+    ap.add_argument("--cls-population", type=int, default=100, help="DE fitness of the CLS head: candidates")
+    ap.add_argument("--cls-inputs", type=int, default=600, help="DE fitness of the CLS head: inputs (repeated)")
+    ap.add_argument("--no-fitness", action="store_true", help="skip the DE fitness timing")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if args.threads:
@@ -122,8 +142,37 @@ def main(argv=None) -> None:
     if not last.token_axis:
         add("last block, CLS head (today)", last, x_last[:, 0], args.depth - 1)
     add("last block, token head", ffn_head(model, -1, tokens=True), x_last, args.depth - 1)
-    add(f"block {mid}, token head", ffn_head(model, mid), capture(model, mid, pixels), mid)
-    add("block 0, token head", ffn_head(model, 0), capture(model, 0, pixels), 0)
+    x_mid, x_0 = capture(model, mid, pixels), capture(model, 0, pixels)
+    add(f"block {mid}, token head", ffn_head(model, mid), x_mid, mid)
+    add("block 0, token head", ffn_head(model, 0), x_0, 0)
+
+    fit_rows = []
+
+    def add_fitness(name: str, head, x, block: int, inputs: int = n, pop: int = args.population) -> None:
+        from vitfl.lightning_modules.repair.fitness import LoopFitness, SparseFitness
+
+        g = torch.Generator().manual_seed(2)
+        flat = torch.randperm(head.index.total, generator=g)[:args.located]
+        weights = head.index.to_triples(flat)
+        rows = torch.arange(inputs) % n
+        xs, ys = x[rows.to(dev)], label[rows.to(dev)]
+        is_neg = (torch.arange(inputs) < max(1, inputs // 2)).to(dev)
+        ev = SparseFitness(head, weights, xs, ys, is_neg)
+        vals = ev.old + 0.05 * torch.randn(pop, len(weights), generator=g).to(ev.old)
+        t = timed(lambda: ev(vals), args.repeats)
+        loop = LoopFitness(head, weights, xs, ys, is_neg)
+        err = float((ev.logits(vals[:2]) - loop.logits(vals[:2])).abs().max())
+        per = t / (pop * inputs)
+        fit_rows.append((name, block, args.depth - 1 - block, ev.kernel, f"{pop} x {inputs}", per,
+                         per * 100 * 51 * 600, err))
+
+    if not args.no_fitness:
+        if not last.token_axis:
+            add_fitness("last block, CLS head (today)", last, x_last[:, 0], args.depth - 1, args.cls_inputs,
+                        args.cls_population)
+        add_fitness("last block, token head", ffn_head(model, -1, tokens=True), x_last, args.depth - 1)
+        add_fitness(f"block {mid}, token head", ffn_head(model, mid), x_mid, mid)
+        add_fitness("block 0, token head", ffn_head(model, 0), x_0, 0)
 
     T, d = x_last.shape[1], x_last.shape[2]
     d_ff = last.d_ff
@@ -143,6 +192,17 @@ def main(argv=None) -> None:
     for name, numel in (("CLS state x [d] (today)", d), ("token states x [T, d]", T * d),
                         ("CLS activation a [d_ff] (today)", d_ff), ("token activations a [T, d_ff]", T * d_ff)):
         print(f"| {name} | {4 * numel:,} | {4 * numel * 10_000 / 2**20:,.1f} |")
+    if fit_rows:
+        print()
+        print(f"DE fitness (SparseFitness, kernel auto): {args.located} located weights (random, both matrices); "
+              "a DE run = population 100 x 51 rounds x 600 inputs at the measured rate")
+        print()
+        print("| head | block | later blocks | kernel | candidates x inputs timed | fitness ms per candidate and "
+              "input | one DE run | max |logit err| vs loop |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, b, later, kernel, size, per, run_s, err in fit_rows:
+            run = f"{run_s:.1f} s" if run_s < 3600 else f"{run_s / 3600:.1f} h"
+            print(f"| {name} | {b} | {later} | {kernel} | {size} | {1e3 * per:.4f} | {run} | {err:.1e} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ of the per-run RRs), BR = sum broken / sum correct, each with its Wilson 95% int
 holds no target are counted and shown, never dropped in silence. Only results made from each fold run's current
 inputs are pooled (:func:`vitfl.pipeline.repair.collect_results`): stale ones are left out and counted (the note of
 ``crossval.md`` and the ``provenance`` of the return value), or with ``include_stale`` kept and labelled.
+
+**Any block's FFN** (``block``, default -1 = the last): the fold runs also get that block's token caches, cut from
+the run's evaluation-split token cache of the block (made here when missing, by the cache step's
+``cache_run_states(..., block=block)``), and the sweep on each fold repairs that block
+(:func:`vitfl.pipeline.repair.run_sweep` with ``block``). The folds' settings are the same for every block (made
+from the CLS fold caches, as always).
+Results of several blocks in one store are pooled per block (a ``block`` column in the table).
 """
 from __future__ import annotations
 
@@ -34,11 +41,12 @@ def wilson(k: int, n: int) -> tuple[float, float]:
 
 
 def prepare_folds(store: RunStore, trainer_kwargs: dict[str, Any] | None = None,
-                  misclf_options: dict[str, Any] | None = None) -> list[RunStore]:
+                  misclf_options: dict[str, Any] | None = None, block: int = -1) -> list[RunStore]:
     """The k fold runs of ``store`` (made where missing): fold caches cut from the run's evaluation-split cache and
-    each fold's misclassification settings."""
+    each fold's misclassification settings; with ``block`` (not -1) also the block's token caches of each fold,
+    cut from the run's evaluation-split token cache of that block (cached here when missing)."""
     from vitfl.datamodules.folds import kfold_split
-    from vitfl.lightning_modules.runs import cache_run_states, datamodule_from_run, load_run
+    from vitfl.lightning_modules.runs import cache_block, cache_run_states, datamodule_from_run, load_run
     from vitfl.core.states import load_states, save_states
     from vitfl.localization.misclf import analyze
 
@@ -48,18 +56,27 @@ def prepare_folds(store: RunStore, trainer_kwargs: dict[str, Any] | None = None,
     run = load_run(store)
     h = run.model_hash
     ev = run.states("eval")
+    views = [(ev, None)]
+    if block != -1:
+        brun = load_run(store, block=block)  # an index out of range: BlockIndexError naming the number of blocks
+        wblock = cache_block(brun.head)
+        if wblock is not None:  # another FFN than the last-block CLS head's: its token cache, cut per fold too
+            cache_run_states(store, ["eval"], trainer_kwargs=trainer_kwargs, block=block)
+            views.append((brun.states("eval"), wblock))
     folds = []
     for k in range(n_folds):
         fs = store.fold(k)
         split = kfold_split(len(ev), n_folds, fold_seed, k)
-        for name, pos in (("repair", split.repair), ("test", split.test)):
-            path = fs.states(name)
-            if path.is_file():
-                continue
-            rows = ev.rows_of(torch.as_tensor(pos, dtype=torch.long))
-            if fs.writes():
-                save_states(path, ev.x[rows], ev.a[rows], ev.logits[rows], ev.label[rows], ev.index[rows],
-                            {**ev.metadata, "split": name, "fold": str(k), "n_folds": str(n_folds)})
+        for src, wblock in views:
+            for name, pos in (("repair", split.repair), ("test", split.test)):
+                path = fs.states(name) if wblock is None else fs.states(name, block=wblock)
+                if path.is_file():
+                    continue
+                rows = src.rows_of(torch.as_tensor(pos, dtype=torch.long))
+                if fs.writes():
+                    save_states(path, src.x[rows], None if src.a is None else src.a[rows], src.logits[rows],
+                                src.label[rows], src.index[rows],
+                                {**src.metadata, "split": name, "fold": str(k), "n_folds": str(n_folds)})
         if not fs.misclf_info.is_file():
             rep = load_states(fs.states("repair"), expected_hash=h)
             info = analyze(rep.label, rep.pred, rep.index, num_classes=rep.logits.shape[1], split="repair",
@@ -75,22 +92,24 @@ def run_crossval(store: RunStore, methods: Sequence[str], settings: Sequence[str
                  budgets: Sequence[int | str], reps: int, repair: str = "de",
                  repair_options: dict[str, Any] | None = None, progress: bool = False,
                  trainer_kwargs: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1),
-                 workers: int | str | None = 1, logger: bool = False) -> list[dict[str, Any]]:
+                 workers: int | str | None = 1, logger: bool = False, block: int = -1) -> list[dict[str, Any]]:
     """The repair sweep on every fold run (settings each fold has; those it lacks are reported by the sweep):
     this ``shard`` of each fold's grid, on ``workers`` processes (``pipeline/parallel.py``; the fold runs are
-    made first, here). ``logger``: TensorBoard runs under each fold run's ``tb/repair``."""
+    made first, here). ``logger``: TensorBoard runs under each fold run's ``tb/repair``. ``block``: the
+    transformer block whose FFN is repaired (default -1, the last; the module docstring)."""
     from vitfl.pipeline.context import load_misclf
     from vitfl.pipeline.parallel import resolve_workers, run_sharded
     from vitfl.pipeline.repair import run_sweep
 
-    folds = prepare_folds(store, trainer_kwargs)
+    folds = prepare_folds(store, trainer_kwargs, block=block)
     n_workers = resolve_workers(workers)
     if n_workers > 1:
         return run_sharded(run_crossval, dict(store=store, methods=list(methods),
                                               settings=None if settings is None else list(settings),
                                               budgets=list(budgets), reps=reps, repair=repair,
                                               repair_options=repair_options, progress=progress,
-                                              trainer_kwargs=trainer_kwargs, logger=logger), n_workers, shard)
+                                              trainer_kwargs=trainer_kwargs, logger=logger, block=block),
+                           n_workers, shard)
     rows = []
     for fs in folds:
         avail = load_misclf(fs)["settings"]
@@ -98,24 +117,29 @@ def run_crossval(store: RunStore, methods: Sequence[str], settings: Sequence[str
         if not sets:
             continue
         rows += run_sweep({fs.root.name: fs.root}, methods, sets, budgets, reps, shard=shard, repair=repair,
-                          repair_options=repair_options, progress=progress, logger=logger)
+                          repair_options=repair_options, progress=progress, logger=logger, block=block)
     return rows
 
 
 def step_crossval(store: RunStore, methods: Sequence[str] = ("ours", "arachne_w", "random"),
                   settings: Sequence[str] | None = None, budgets: Sequence[int | str] = ("0.5%",), reps: int = 1,
                   repairs: Sequence[dict[str, Any]] = ({"repair": "de"}, {"repair": "lp", "logger": True}),
-                  workers: int | str | None = 1, log=print) -> list[dict[str, Any]]:
+                  workers: int | str | None = 1, log=print, block: int = -1) -> list[dict[str, Any]]:
     """The cross-validated repair step of an experiment: for each entry of ``repairs`` (``{repair, repair_options,
     logger}``) the sweep ``methods`` x ``settings`` x ``budgets`` x ``reps`` on every fold run, then the pooled
     table (``repair/summary/crossval.md``) and, with the LP optimiser among them, repairability@N. Runs already in
-    the fold runs' stores are skipped. Returns the sweep rows."""
+    the fold runs' stores are skipped. Returns the sweep rows. ``block``: the transformer block whose FFN is
+    repaired (default -1, the last): the fold runs get its token caches (the module docstring). A repair method
+    that refuses a token head (``lp`` on a block other than the last-block CLS head) reports each run as an error
+    row naming why, and the other entries of ``repairs`` go on."""
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise TypeError(f"block must be an int (0 the first block, -1 the last), got {block!r}")
     rows: list[dict[str, Any]] = []
     for r in repairs:
         rows += run_crossval(store, methods, settings, budgets, reps, repair=r.get("repair", "de"),
                              progress=True,
                              repair_options=r.get("repair_options") or {}, logger=bool(r.get("logger", False)),
-                             trainer_kwargs={"enable_progress_bar": False}, workers=workers)
+                             trainer_kwargs={"enable_progress_bar": False}, workers=workers, block=block)
     agg = aggregate_crossval(store)
     df = agg.get("runs")
     if df is not None and len(df):
@@ -184,11 +208,13 @@ def pooled_markdown(table) -> str:
     def rate(v, lo, hi):
         return "n/a" if v != v else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
-    lines = ["| repair | FL method | budget | runs (folds) | RR, test folds (95% Wilson) | targets fixed / n | "
-             "BR, test folds (95% Wilson) | broken / n correct | runs without a test target | RR in-sample |",
-             "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    blk = "block" in table.columns
+    lines = [("| block " if blk else "") + "| repair | FL method | budget | runs (folds) | RR, test folds (95% Wilson) "
+             "| targets fixed / n | BR, test folds (95% Wilson) | broken / n correct | runs without a test target | "
+             "RR in-sample |", ("|:---" if blk else "") + "|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table.itertuples(index=False):
-        lines.append(f"| {r.repair} | {r.fl_method} | {r.budget} | {r.runs} ({r.folds}) | "
+        lines.append((f"| {r.block} " if blk else "")
+                     + f"| {r.repair} | {r.fl_method} | {r.budget} | {r.runs} ({r.folds}) | "
                      f"{rate(r.rr, r.rr_lo, r.rr_hi)} | {r.test_fixed} / {r.test_targets} | "
                      f"{rate(r.br, r.br_lo, r.br_hi)} | {r.test_broken} / {r.test_correct} | "
                      f"{r.runs_without_test_target} of {r.runs} | "
@@ -207,7 +233,11 @@ def aggregate_crossval(store: RunStore, include_stale: bool = False) -> dict[str
     note = stale_note(prov, "cross-validated repair results", include_stale)
     if df.empty:
         return {"n_runs": 0, "table": None, "markdown": "", "provenance": prov, "stale_note": note}
-    table = pooled_table(df)
+    blocks = "block" in df.columns and df["block"].astype(str).nunique() > 1
+    if blocks:  # results of several blocks: each block pooled on its own
+        df = df.assign(block=df["block"].astype(str))
+    table = pooled_table(df, by=("block", "repair", "fl_method", "budget") if blocks else
+                         ("repair", "fl_method", "budget"))
     md = pooled_markdown(table)
     n_eval = sum(1 for _ in store.fold_indices())
     store.write_text(store.path("crossval_runs"), df.to_csv(index=False))

@@ -13,6 +13,14 @@ given, for tables, and the number n of weights, for the identity), made once per
 (``own_selection``, e.g. BL) get "front"; ``"avg"`` = N_avg of the run (``vitfl.pipeline.localize.resolve_n_avg``: one
 value per run, whatever settings the sweep covers).
 
+**Any block's FFN** (``block``, default -1 = the last): the sweep repairs the FFN of the transformer block ``block``
+through :class:`RunContext` ``(store, epoch, block)``: the head is ``ffn_head(model, block)`` and the states are that
+block's token caches (made by the cache step with the same ``block``: the repair and test splits). FL results are
+those of that head (their identities hold ``"head"``, so another block's are never used), and a repair identity of
+a head other than the last-block CLS head holds ``"head": ctx.view()`` as well; on the last-block CLS head every
+identity, key and file is exactly what it was before block addressing. Each new record holds ``"block"``, the
+non-negative index of the repaired block (:func:`collect_results`'s ``block`` column).
+
 Concurrent workers on one run claim each task (a lock file in the store), so no task runs twice; ``shard=(k, n)``
 takes every n-th task of the deterministic grid from k, so n SLURM array tasks split the grid with no coordination.
 Repair itself uses I_neg = the setting's ``i_neg`` and I_pos = ``i_pos_repair`` (the stratified 5 % sample) of the
@@ -32,7 +40,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from vitfl.core.io import provenance
+from vitfl.core.io import provenance, to_jsonable
 from vitfl.core.runstore import RunStore, UnsafePathError, identity_key
 from vitfl.lightning_modules.repair import REPAIRS
 from vitfl.localization.base import FL_METHODS, method_meta
@@ -43,7 +51,8 @@ from vitfl.pipeline.localize import (N_AVG_METHOD, STALE_WHY, check_budgets, cou
                                resolve_budgets, run_method, stale_note, stale_reasons)
 
 __all__ = ["RepairTask", "DEFAULT_METHODS", "DEFAULT_BUDGETS", "parse_shard", "dataset_dirs", "build_grid",
-           "shard_tasks", "run_sweep", "collect_results", "aggregate", "summary_table", "statistics", "METRICS"]
+           "shard_tasks", "run_sweep", "collect_results", "record_block", "aggregate", "summary_table", "statistics",
+           "METRICS"]
 
 DEFAULT_METHODS = ("ours", "arachne_w", "random")
 #: the sweep's default budget labels: the published shares and N_avg (the one place "avg" is added to them;
@@ -126,7 +135,8 @@ def _available_settings(root: Path) -> dict[str, Any]:
 def build_grid(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iterable[str] | None = None,
                budgets: Iterable[int | str] = DEFAULT_BUDGETS, reps: int | Iterable[int] = 5,
                repair: str = "de", fl_options: Mapping[str, Mapping[str, Any]] | None = None, *,
-               fl_batch_size: int = 512, contexts: dict[str, RunContext] | None = None) -> list[RepairTask]:
+               fl_batch_size: int = 512, contexts: dict[str, RunContext] | None = None,
+               block: int = -1) -> list[RepairTask]:
     """Every run of the sweep in a deterministic order (dataset, setting, method, budget label, rep), every option
     checked first: unknown FL or repair methods, budgets <= 0 or larger than a run's layer, no repetitions, or a
     setting a run directory has neither made nor reported as skipped are errors.
@@ -134,9 +144,13 @@ def build_grid(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Ite
     Each task carries its budget resolved once per (run directory, FL method) by
     :func:`vitfl.pipeline.localize.resolve_budgets` (shares against the run's layer; ``"avg"``: the run's N_avg, from
     the store or computed with ``fl_options[N_AVG_METHOD]``, seed 0 and ``fl_batch_size``). ``contexts``: the
-    runs' :class:`RunContext` by run directory, used and filled (the sweep passes its own: one model load)."""
+    runs' :class:`RunContext` by run directory, used and filled (the sweep passes its own: one model load).
+    ``block``: the transformer block whose FFN is repaired (default -1, the last; out of range: a
+    :class:`vitfl.localization.ffn.BlockIndexError` naming the number of blocks); the budgets resolve against that
+    block's layer and its FL results."""
     from vitfl.pipeline.localize import BENCHMARK_SETTINGS
 
+    _check_block(block)
     dirs = dataset_dirs(run_dirs)
     methods = FL_METHODS.check(list(dict.fromkeys(methods)))
     if not methods:
@@ -164,7 +178,9 @@ def build_grid(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Ite
     tasks = []
     for name, root in dirs.items():
         if str(root) not in contexts:
-            contexts[str(root)] = RunContext(RunStore(root))
+            contexts[str(root)] = RunContext(RunStore(root), block=block)
+        elif block != -1:
+            _check_context_block(contexts[str(root)], block)
         resolved = {m: resolve_budgets(contexts[str(root)], m, labels, method_options=fl_options.get(m),
                                        n_avg_options=fl_options.get(N_AVG_METHOD), n_avg_seed=0,
                                        batch_size=fl_batch_size)
@@ -175,6 +191,22 @@ def build_grid(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Ite
                     for r in reps:
                         tasks.append(RepairTask(name, str(root), s, m, b, r, repair))
     return tasks
+
+
+def _check_block(block: Any) -> None:
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise TypeError(f"block must be an int (0 the first block, -1 the last), got {block!r}")
+
+
+def _check_context_block(ctx: RunContext, block: int | None) -> None:
+    """A ValueError unless ``ctx``'s head is the FFN of ``block`` (None: any)."""
+    if block is None:
+        return
+    n = ctx.head.num_blocks
+    want = block % n if n else block
+    if ctx.head.block is not None and ctx.head.block != want:
+        raise ValueError(f"the run context holds the FFN head of block {ctx.head.block}, not of block {block}: "
+                         f"build it as RunContext(store, epoch, block={block})")
 
 
 def shard_tasks(tasks: Sequence[RepairTask], shard: str | tuple[int, int] | None) -> list[RepairTask]:
@@ -200,12 +232,23 @@ def _fl_seed(task: RepairTask) -> int:
 def task_identity(ctx: RunContext, task: RepairTask, *, seed: int, repair_options: Mapping[str, Any] | None,
                   fl_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """A repair run's identity: its FL result's (the budget as n, or "front"), the repair method with all its
-    options, the repetition and seed, and the test cache's hash."""
+    options, the repetition and seed, and the test cache's hash; on a head other than the last-block CLS head also
+    ``"head": ctx.view()`` (its FL identity holds it too)."""
     fl_id = {"kind": "fl_result", "scores": fl_identity(ctx, task.method, task.setting, fl_options, _fl_seed(task)),
              "budget": task.budget.value}
-    return {"kind": "repair", "fl": fl_id, "repair": task.repair,
-            "repair_options": resolved_repair_options(task.repair, repair_options), "rep": task.rep,
-            "seed": seed + task.rep, "inputs": {"test_states": ctx.states_hash("test")}}
+    ident = {"kind": "repair", "fl": fl_id, "repair": task.repair,
+             "repair_options": resolved_repair_options(task.repair, repair_options), "rep": task.rep,
+             "seed": seed + task.rep, "inputs": {"test_states": ctx.states_hash("test")}}
+    view = ctx.view()
+    if view:  # another head than the last-block CLS head (whose identities stay what they were)
+        ident["head"] = dict(view)
+    return ident
+
+
+def _record_block(ctx: RunContext) -> dict[str, Any]:
+    """``{"block": L}``: the repaired block's non-negative index (also for the last-block CLS head); {} when the
+    head does not know it (a head built by hand)."""
+    return {} if ctx.head.block is None else {"block": int(ctx.head.block)}
 
 
 def _setting_summary(s: dict[str, Any]) -> dict[str, Any]:
@@ -216,12 +259,15 @@ def _setting_summary(s: dict[str, Any]) -> dict[str, Any]:
 def run_task(task: RepairTask, ctx: RunContext, identity: Mapping[str, Any], path: Path, *, seed: int = 0,
              repair_options: Mapping[str, Any] | None = None, fl_options: Mapping[str, Any] | None = None,
              fl_batch_size: int = 512, logger: bool = False, progress_bar: bool = False, accelerator: str = "cpu",
-             config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One repair run; returns the result record (also written, atomically, to ``path``)."""
+             config: Mapping[str, Any] | None = None, block: int | None = None) -> dict[str, Any]:
+    """One repair run; returns the result record (also written, atomically, to ``path``). The FFN repaired is
+    ``ctx``'s head (``RunContext(store, epoch, block)``); ``block``, when given, must be that head's block (a check:
+    a ValueError otherwise). The record's ``block`` is the repaired block's non-negative index."""
     from vitfl.lightning_modules.repair.base import fit_repair
     from vitfl.lightning_modules.repair.metrics import evaluate_patch
     from vitfl.localization.misclf import target_mask
 
+    _check_context_block(ctx, block)
     t_start = time.perf_counter()
     store = ctx.store
     setting = ctx.setting(task.setting)
@@ -266,7 +312,7 @@ def run_task(task: RepairTask, ctx: RunContext, identity: Mapping[str, Any], pat
     timings = {"fl_s": fl_s, "repair_s": repair_s, "eval_s": eval_s, **summary.pop("timings", {}),
                "total_s": time.perf_counter() - t_start}
     record = {"kind": "repair_result", **task.as_row(), "run_dir": ".", "label": task.label,
-              "n_weights": len(weights), "budget_n": n, "seed": identity["seed"],
+              "n_weights": len(weights), "budget_n": n, "seed": identity["seed"], **_record_block(ctx),
               "setting_info": _setting_summary(setting),
               "fl": {"method": task.method, "key": res.provenance.get("key"), "path": res.provenance.get("path"),
                      "seed": _fl_seed(task), "status": fl_row["status"]},
@@ -284,7 +330,7 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
               fl_options: Mapping[str, Mapping[str, Any]] | None = None, fl_batch_size: int = 512,
               logger: bool = False, progress: bool = True, progress_bar: bool = False, accelerator: str = "cpu",
               on_error: str = "continue", on_result: Callable[[dict[str, Any]], None] | None = None,
-              workers: int | str | None = 1) -> list[dict[str, Any]]:
+              workers: int | str | None = 1, block: int = -1) -> list[dict[str, Any]]:
     """Run this shard's part of the grid, skipping runs whose identity is in the store. Returns one row per task:
     ``status`` in {"done", "exists", "claimed elsewhere", "not applicable: ...", "error: ..."} plus metrics.
 
@@ -293,7 +339,9 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
     hparams and final metrics); ``on_error``: "continue" (report and go on; retried next time) or "raise";
     ``on_result`` is called with each new result (tests use it to simulate a kill); ``workers``: processes on this
     machine, each one sub-shard of ``shard`` (``pipeline/parallel.py``; "auto": the cores, at most 4; rows of
-    worker 0 first)."""
+    worker 0 first); ``block``: the transformer block whose FFN is repaired (default -1, the last; the module
+    docstring), with that block's token caches (the cache step with the same ``block``) and FL results."""
+    _check_block(block)
     if on_error not in ("continue", "raise"):
         raise ValueError(f"on_error must be 'continue' or 'raise', got {on_error!r}")
     from vitfl.pipeline.parallel import resolve_workers, run_sharded
@@ -315,18 +363,20 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
                                            repair=repair, repair_options=repair_options, seed=seed,
                                            fl_options=fl_options, fl_batch_size=fl_batch_size, logger=logger,
                                            progress=progress, progress_bar=progress_bar, accelerator=accelerator,
-                                           on_error=on_error), n_workers, parse_shard(shard))
+                                           on_error=on_error, block=block), n_workers, parse_shard(shard))
     if isinstance(fl_batch_size, bool) or not isinstance(fl_batch_size, int) or fl_batch_size < 1:
         raise ValueError(f"fl_batch_size must be a positive int, got {fl_batch_size!r}")
     fl_options = {m: dict(o) for m, o in (fl_options or {}).items()}
     contexts: dict[str, RunContext] = {}  # budgets resolved once per (run, FL method), checked against its layer
     grid = build_grid(run_dirs, methods, settings, budgets, reps, repair, fl_options, fl_batch_size=fl_batch_size,
-                      contexts=contexts)
+                      contexts=contexts, block=block)
     tasks = shard_tasks(grid, shard)
     config = {"methods": list(methods), "settings": None if settings is None else list(settings),
               "budgets": list(budgets), "reps": reps if isinstance(reps, int) else list(reps), "repair": repair,
               "repair_options": dict(repair_options or {}), "seed": seed, "shard": list(parse_shard(shard)),
               "fl_options": fl_options}
+    if block != -1:  # (the last block's config is what it was)
+        config["block"] = block
     rows = []
     k, n_sh = parse_shard(shard)
     bar = tqdm(tasks, desc=f"repair {k}/{n_sh}", disable=not progress)
@@ -402,16 +452,51 @@ def repair_stale_reasons(ctx: RunContext, rec: Mapping[str, Any]) -> list[str]:
     return why
 
 
+def _record_head(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The head a repair record was made on: its identity's ``"head"`` ({} = the last-block CLS head)."""
+    return dict((rec.get("identity") or {}).get("head") or {})
+
+
+def record_block(rec: Mapping[str, Any]) -> int | str:
+    """The repaired block of a stored repair result (``collect_results``'s ``block`` column): the record's
+    ``block`` (every record since block addressing), else its identity's head's block, else its patch's, else
+    ``"last"`` (a result made before block addressing: the last block's FFN through the CLS head)."""
+    for b in (rec.get("block"), _record_head(rec).get("block"), (rec.get("patch") or {}).get("block")):
+        if b is not None:
+            return int(b)
+    return "last"
+
+
 def _stale_checker(root: Path) -> tuple[Callable[[Mapping[str, Any]], list[str]], str]:
     """(why a record is stale, "") for a run whose current model loads; else (no reason, why nothing can be
     checked): a run without a model to compare with (e.g. a copied store of results only) keeps its results, counted
-    as unverified, never silently."""
+    as unverified, never silently. A record of another head than the last-block CLS head is checked against that
+    head's context (its block's token caches)."""
     try:
         ctx = RunContext(RunStore(root))
     except Exception as e:  # noqa: BLE001 - whatever keeps the check from running: said, not guessed
         first = (str(e).strip().splitlines() or [""])[0]
         return (lambda rec: []), f"the run's model cannot be loaded to compare with ({type(e).__name__}: {first})"
-    return (lambda rec: repair_stale_reasons(ctx, rec)), ""
+    contexts: dict[int, Any] = {}
+
+    def check(rec: Mapping[str, Any]) -> list[str]:
+        head = _record_head(rec)
+        if not head:
+            return repair_stale_reasons(ctx, rec)
+        b = int(head.get("block", -1))
+        if b not in contexts:
+            try:
+                contexts[b] = RunContext(RunStore(root), block=b)
+            except Exception as e:  # noqa: BLE001 - e.g. the block no longer exists in the run's model
+                contexts[b] = f"its head (block {b}) cannot be loaded from the run's model ({type(e).__name__})"
+        c = contexts[b]
+        if isinstance(c, str):
+            return [c]
+        why = repair_stale_reasons(c, rec)
+        if to_jsonable(c.view()) != to_jsonable(head):
+            why.append(f"made on another view of block {b} ({head}) than the run's current one ({c.view()})")
+        return why
+    return check, ""
 
 
 def _collect(run_dirs) -> "pd.DataFrame":  # noqa: F821
@@ -428,7 +513,8 @@ def _collect(run_dirs) -> "pd.DataFrame":  # noqa: F821
             t, rp, f = r["metrics"]["test"], r["metrics"]["repair"], r["fitness"]
             rows.append({"dataset": name, "setting": r["setting"], "kind": r["setting_info"]["kind"],
                          "rank": r["setting_info"]["rank"], "fl_method": r["method"], "repair": r["repair"],
-                         "label": r.get("label", r["method"]), "budget": str(r["budget"]),
+                         "label": r.get("label", r["method"]), "block": record_block(r),
+                         "budget": str(r["budget"]),
                          "budget_n": r.get("budget_n", r["n_weights"]), "n_weights": r["n_weights"],
                          "rep": r["rep"], "seed": r["seed"], "key": r["key"],
                          "options": identity_key(r["identity"]["repair_options"]),
@@ -464,7 +550,9 @@ def _split_stale(df, include_stale: bool):
 
 
 def collect_results(run_dirs, include_stale: bool = False) -> "pd.DataFrame":  # noqa: F821
-    """One row per repair result in each run directory's store (counts of the test fold and of the repair split,
+    """One row per repair result in each run directory's store (``block``: the repaired transformer block, an int
+    >= 0, or ``"last"`` for a result made before block addressing, i.e. the last block's FFN via the CLS head:
+    :func:`record_block`) (counts of the test fold and of the repair split,
     fitness summary, timings) made from the run's current inputs: a result whose recorded model, state-cache or
     setting hashes differ from the run's own now is left out (``include_stale``: kept, with its reason in the
     ``stale`` column). ``df.attrs["provenance"]``: ``{"checked", "stale", "why", "unverified", "unverified_why",
@@ -499,7 +587,8 @@ def summary_table(df, by: Sequence[str] = (), confidence: float = 0.95) -> "pd.D
       target in the test fold: counted, never dropped in silence); ``n_runs``, ``n_weights``."""
     from vitfl.evaluation.intervals import bootstrap_mean, pooled_rate
 
-    keys = ["dataset", "repair", "fl_method", "budget", *by]
+    df, blocks = _by_block(df)
+    keys = ["dataset", *blocks, "repair", "fl_method", "budget", *by]
     g = df.groupby(keys, sort=False)
     out = g[list(METRICS)].agg(["mean", "std"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
@@ -533,7 +622,16 @@ def summary_table(df, by: Sequence[str] = (), confidence: float = 0.95) -> "pd.D
     out = pd.concat([out, ex], axis=1).reset_index()
     out["_m"] = out["fl_method"].map({m: i for i, m in enumerate(_method_order(out["fl_method"]))})
     out["_b"] = out["budget"].map({b: i for i, b in enumerate(_budget_order(out["budget"]))})
-    return out.sort_values(["dataset", "repair", *by, "_b", "_m"]).drop(columns=["_m", "_b"]).reset_index(drop=True)
+    return out.sort_values(["dataset", *blocks, "repair", *by, "_b", "_m"]).drop(columns=["_m", "_b"]).reset_index(
+        drop=True)
+
+
+def _by_block(df):
+    """(df, ["block"]) when the results repair more than one block (each block its own cells, the column as
+    text: ``"last"`` for results made before block addressing), else (df, [])."""
+    if "block" not in df.columns or df["block"].astype(str).nunique() <= 1:
+        return df, []
+    return df.assign(block=df["block"].astype(str)), ["block"]
 
 
 def _rate_cell(rate, lo, hi, k, n, what: str) -> str:
@@ -566,7 +664,8 @@ def _markdown(table, by: Sequence[str] = ()) -> str:
                "runs)")
     rows = []
     for r in table.to_dict("records"):
-        row = {"dataset": r["dataset"], "repair": r["repair"], "FL method": r["fl_method"]}
+        row = {"dataset": r["dataset"], **({"block": r["block"]} if "block" in r else {}), "repair": r["repair"],
+               "FL method": r["fl_method"]}
         row.update({b: r[b] for b in by})
         row.update({"budget": r["budget"], "N": f"{r['n_weights']:.0f}", "runs": int(r["n_runs"]),
                     head_rr: _rate_cell(r["rr_pooled"], r["rr_lo"], r["rr_hi"], r["n_test_fixed"],
@@ -650,26 +749,34 @@ def _plots(store: RunStore, df, table, by_kind, curves, out_dir: Path) -> tuple[
             empty[stem] = is_nothing_to_plot(fig) or "nothing to plot"
         paths.extend(made)
 
-    for (dataset, repair), t in table.groupby(["dataset", "repair"], sort=False):
+    blocks = ["block"] if "block" in table.columns else []  # several blocks: one set of figures per block
+    for key, t in table.groupby(["dataset", *blocks, "repair"], sort=False):
+        dataset, repair = key[0], key[-1]
         methods = _method_order(t["fl_method"])
         budgets = _budget_order(t["budget"])
         sub = df[(df["dataset"] == dataset) & (df["repair"] == repair)]
-        n = len(sub)
-        what = f"{dataset}, {repair}: {n} {repair} runs"  # runs of this repair method only (not the dataset's)
-        save(figs.repair_bars(t, what, methods, budgets), f"bar_{dataset}_{repair}")
-        save(figs.in_sample_vs_held_out(t, f"{what}: RR in-sample vs held out"), f"rr_in_vs_held_{dataset}_{repair}")
         k = by_kind[(by_kind["dataset"] == dataset) & (by_kind["repair"] == repair)]
-        save(figs.rates_by_kind(k, f"{what}: RR / BR per setting kind (pooled, Wilson 95% CI)"),
-             f"by_kind_{dataset}_{repair}")
+        name = f"{dataset}_{repair}"
+        if blocks:
+            sub = sub[sub["block"].astype(str) == key[1]]
+            k = k[k["block"] == key[1]]
+            name = f"{dataset}_block{key[1]}_{repair}"
+        n = len(sub)
+        what = (f"{dataset}{f' (block {key[1]})' if blocks else ''}, {repair}: {n} {repair} runs")  # this method's
+        save(figs.repair_bars(t, what, methods, budgets), f"bar_{name}")
+        save(figs.in_sample_vs_held_out(t, f"{what}: RR in-sample vs held out"), f"rr_in_vs_held_{name}")
+        save(figs.rates_by_kind(k, f"{what}: RR / BR per setting kind (pooled, Wilson 95% CI)"), f"by_kind_{name}")
         cost = sub.groupby(["fl_method", "budget"], sort=False).agg(repair_s=("repair_s", "median")).reset_index()
         cost = cost.merge(t[["fl_method", "budget", "rr_pooled", "rr_lo", "rr_hi"]], on=["fl_method", "budget"])
         save(figs.cost_vs_quality(cost, "repair_s", "rr_pooled", "repair time per run (s, median)",
                                   "RR (test fold, pooled)", f"{what}: repair time vs RR", label_col="fl_method",
-                                  y_lo="rr_lo", y_hi="rr_hi", marker_col="budget"), f"time_vs_rr_{dataset}_{repair}")
+                                  y_lo="rr_lo", y_hi="rr_hi", marker_col="budget"), f"time_vs_rr_{name}")
         if repair == "de":
             c = curves[(curves["dataset"] == dataset) & (curves["repair"] == repair)] if len(curves) else curves
+            if blocks and len(c):
+                c = c[c["run"].isin(set(sub["key"]))]
             save(figs.fitness_curves(c, f"{what}: DE fitness / unpatched fitness, median over runs"),
-                 f"fitness_{dataset}_{repair}")
+                 f"fitness_{name}")
     return paths, empty
 
 
@@ -684,8 +791,12 @@ def statistics(df, pairs: Sequence[tuple[str, str]] | None = None):
 
     paired, unpaired = [], []
     order = {b: i for i, b in enumerate(_budget_order(df["budget"]))}
-    df = df.assign(_b=df["budget"].map(order)).sort_values(["dataset", "repair", "_b"], kind="stable")
-    for (dataset, repair, budget), g in df.groupby(["dataset", "repair", "budget"], sort=False):
+    df, blocks = _by_block(df)
+    df = df.assign(_b=df["budget"].map(order)).sort_values(["dataset", *blocks, "repair", "_b"], kind="stable")
+    for key, g in df.groupby(["dataset", *blocks, "repair", "budget"], sort=False):
+        dataset, repair, budget = key[0], key[-2], key[-1]
+        if blocks:
+            dataset = f"{dataset} (block {key[1]})"
         present = _method_order(g["fl_method"])
         use = [(a, b) for a, b in (pairs or itertools.combinations(present, 2)) if a in present and b in present]
         if not use:

@@ -4,6 +4,7 @@ run store, resumable (existing results are skipped), shardable; then tables, fig
     python scripts/repair_sweep.py --run_dirs c100=outputs/c100_vit_b16 tiny=outputs/tiny_imagenet_vit_b16 \\
         --methods ours arachne_w random --budgets 236 472 944 --reps 5 --shard 3/8
     python scripts/repair_sweep.py --run_dir outputs/digits --repair_options '{generations: 100, fitness: reptran}'
+    python scripts/repair_sweep.py --run_dir outputs/digits --block 0   # block 0's FFN (after --block 0 caching + FL)
     python scripts/repair_sweep.py --run_dirs outputs/c100_vit_b16 --aggregate_only   # tables + figures + statistics
     python scripts/repair_sweep.py --list [--verbose]                                # the registered repair methods
 
@@ -28,6 +29,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="run seed = seed + repetition")
     p.add_argument("--shard", type=str, default="0/1", help="k/n: this process runs every n-th run from k (0-based)")
     p.add_argument("--repair", type=str, default="de", help="repair method (--list)")
+    p.add_argument("--block", type=int, default=-1,
+                   help="transformer block whose FFN is repaired (0 the first, -1 the last); a block other than the "
+                        "last of a CLS-pooled model needs its token caches of the repair and test splits "
+                        "(scripts/cache_states.py --block) and uses that block's FL results (scripts/localize.py "
+                        "--block); 'lp' refuses such a block")
     p.add_argument("--repair_options", type=Dict[str, Any], default={},
                    help="options of the repair method, e.g. '{generations: 50, fitness: reptran}' (--list --verbose)")
     p.add_argument("--generations", type=Optional[int], default=None,
@@ -143,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows = run_sweep(a.run_dirs, a.methods, a.settings, a.budgets, a.reps, shard=shard, repair=a.repair,
                          repair_options=opts, seed=a.seed, fl_options=fl_options, fl_batch_size=a.fl_batch_size,
                          logger=not a.no_tensorboard, progress=a.progress != "none", progress_bar=a.progress == "all",
-                         accelerator=a.accelerator, on_error=a.on_error, workers=a.workers)
+                         accelerator=a.accelerator, on_error=a.on_error, workers=a.workers, block=a.block)
         c = summarize_rows(rows)
         print(f"shard {shard[0]}/{shard[1]}: {c['done']} done, {c['skipped']} skipped (in the store), "
               f"{c['not applicable']} not applicable, {c['error']} failed")

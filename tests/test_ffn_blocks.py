@@ -220,7 +220,8 @@ def test_patched_block_weights_match_full_model(name, b, pixels):
     weights = torch.tensor([[1, 0, 3], [1, 5, 17], [1, D - 1, D_FF - 1], [0, 7, 2], [0, D_FF - 1, 0]])
     g = torch.Generator().manual_seed(b)
     patch = Patch.from_values(head, weights, torch.zeros(len(weights)))
-    patch = Patch(weights, patch.old, patch.old + torch.randn(len(weights), generator=g, dtype=torch.float64))
+    patch = Patch(weights, patch.old, patch.old + torch.randn(len(weights), generator=g, dtype=torch.float64),
+                  block=patch.block)  # a patch of a token head records its block (None: the last-block CLS head)
     patch.apply(head)
     # the same change, written into a copy of the full model by module path
     changed = copy.deepcopy(model)

@@ -1,4 +1,6 @@
-"""Repair of the last FFN's located weights: a registry of repair LightningModules (formulas: docs/methods.md).
+"""Repair of an FFN's located weights (the last block's, or any block's through
+``vitfl.localization.ffn.ffn_head(model, block)``): a registry of repair LightningModules (formulas:
+docs/methods.md, section 6; a method that cannot run exactly on a token head declares ``token_head_refusal``).
 
 Each method is one file in this package (found by the registry: no list to edit), or a module of a plugin package
 advertised under the ``vitfl.repair_methods`` entry point, that registers itself::

@@ -1,8 +1,11 @@
 """The repair LightningModule base (docs/methods.md, section 6).
 
 A repair module holds a *copy* of the FFN head, the located weights ``[K, 3]`` (matrix, row, col) and the cached
-CLS states of I_neg and I_pos; it changes only the located weights and returns a :class:`~.patch.Patch`
-(old and new values). The science lives in plain functions (:mod:`.fitness`, :mod:`.de`); the module feeds them
+states of I_neg and I_pos (CLS states ``[N, d]`` for the last-block CLS head; every token ``[N, T, d]`` for a
+:class:`~vitfl.localization.ffn.TokenFFNHead` of any block, whose copy carries the later blocks); it changes only
+the located weights and returns a :class:`~.patch.Patch` (old and new values, and the block of a token head).
+A method that cannot run exactly on a token head refuses it up front (:meth:`RepairModule.refuse_token_head`).
+The science lives in plain functions (:mod:`.fitness`, :mod:`.de`); the module feeds them
 and logs, and the Trainer supplies the progress bar, TensorBoard logging and checkpoint/resume.
 
 Search methods (DE, prune, reinit) use manual optimisation: one training step = one generation (or one shot),
@@ -24,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from vitfl.core.quiet import KNOWN_WARNINGS
 from vitfl.lightning_modules.repair.fitness import FITNESS_VARIANTS, LOSSES, make_fitness, PopulationFitness
-from vitfl.lightning_modules.repair.patch import Patch, RepairInputError, check_weights, read_values
+from vitfl.lightning_modules.repair.patch import Patch, RepairInputError, check_weights, patch_block, read_values
 from vitfl.localization.ffn import FFNHead
 
 __all__ = ["RepairModule", "fit_repair"]
@@ -48,7 +51,8 @@ class RepairModule(L.LightningModule):
 
     ``head``: the FFN head (copied here, so the caller's model never changes); ``weights [K, 3]`` located weights;
     ``x_neg [N_neg, d]``, ``label_neg [N_neg]``: cached states of I_neg (non-empty); ``x_pos [N_pos, d]``,
-    ``label_pos [N_pos]``: of I_pos. ``alpha``, ``fitness`` ("arachne" | "reptran"), ``loss`` ("logits" |
+    ``label_pos [N_pos]``: of I_pos. On a token head (``ffn_head(model, block)``) the states are ``[N, T, d]``.
+    ``alpha``, ``fitness`` ("arachne" | "reptran"), ``loss`` ("logits" |
     "softmax_ce") define the fitness every method reports (and DE maximises).
 
     After ``Trainer.fit``: :meth:`patch` (old and new values) and :meth:`summary` (JSON-serialisable: options,
@@ -57,6 +61,8 @@ class RepairModule(L.LightningModule):
     """
 
     name: ClassVar[str] = "?"
+    #: why the method cannot run exactly on a token head (None: it can); see :meth:`refuse_token_head`
+    token_head_refusal: ClassVar[str | None] = None
 
     #: the options' ranges and choices (``vitfl.core.registry.Registry.check_options``; subclasses add theirs): checked once,
     #: before any work, by the API, the command line and the experiment configs alike
@@ -70,6 +76,7 @@ class RepairModule(L.LightningModule):
         if not isinstance(head, FFNHead):
             raise RepairInputError(f"head must be an FFNHead (vitfl.localization.ffn.last_ffn_head), got "
                                    f"{type(head).__name__}")
+        self.refuse_token_head(head)
         self.head = head.copy().eval()
         self.head.requires_grad_(False)
         self.weights = check_weights(weights, self.head.index)
@@ -77,13 +84,24 @@ class RepairModule(L.LightningModule):
         x_neg, x_pos = torch.as_tensor(x_neg), torch.as_tensor(x_pos)
         label_neg = torch.as_tensor(label_neg).long().reshape(-1)
         label_pos = torch.as_tensor(label_pos).long().reshape(-1)
-        if x_neg.ndim != 2 or len(x_neg) == 0:
-            raise RepairInputError(f"I_neg is empty (x_neg has shape {tuple(x_neg.shape)}): nothing to repair")
-        if x_pos.ndim != 2 and x_pos.numel() == 0:
-            x_pos = x_pos.reshape(0, x_neg.shape[1])
-        if x_neg.shape[1] != self.head.d or x_pos.shape[1] != self.head.d:
-            raise RepairInputError(f"cached states must be [N, d={self.head.d}], got x_neg {tuple(x_neg.shape)}, "
-                                   f"x_pos {tuple(x_pos.shape)}")
+        if self.head.token_axis:  # token states [N, T, d] of block L's FFN
+            if x_neg.numel() == 0:
+                raise RepairInputError(f"I_neg is empty (x_neg has shape {tuple(x_neg.shape)}): nothing to repair")
+            if x_pos.numel() == 0 and x_neg.ndim == 3:
+                x_pos = x_pos.reshape(0, *x_neg.shape[1:])
+            if (x_neg.ndim != 3 or x_neg.shape[2] != self.head.d or x_pos.shape[1:] != x_neg.shape[1:]
+                    or x_neg.shape[1] < self.head.min_tokens):
+                raise RepairInputError(f"the FFN head of block {self.head.block} takes the token states entering "
+                                       f"that block's FFN, [N, T, d={self.head.d}] (the same T for I_neg and I_pos), "
+                                       f"got x_neg {tuple(x_neg.shape)}, x_pos {tuple(x_pos.shape)}")
+        else:
+            if x_neg.ndim != 2 or len(x_neg) == 0:
+                raise RepairInputError(f"I_neg is empty (x_neg has shape {tuple(x_neg.shape)}): nothing to repair")
+            if x_pos.ndim != 2 and x_pos.numel() == 0:
+                x_pos = x_pos.reshape(0, x_neg.shape[1])
+            if x_neg.shape[1] != self.head.d or x_pos.shape[1] != self.head.d:
+                raise RepairInputError(f"cached states must be [N, d={self.head.d}], got x_neg "
+                                       f"{tuple(x_neg.shape)}, x_pos {tuple(x_pos.shape)}")
         if len(label_neg) != len(x_neg) or len(label_pos) != len(x_pos):
             raise RepairInputError("labels and cached states differ in length")
         self.register_buffer("x", torch.cat([x_neg, x_pos]).to(dt), persistent=False)
@@ -93,7 +111,10 @@ class RepairModule(L.LightningModule):
         self.seed = int(seed)
         self.fitness_options = {"alpha": float(alpha), "variant": fitness, "loss": loss}
         # validates fitness options, labels and states once, up front (clear errors before any Trainer starts)
-        make_fitness("sparse", self.head, self.weights, self.x, self.label, self.is_neg, **self.fitness_options)
+        if self.head.token_axis:  # the checks alone: the sparse set-up over every token is the method's to make
+            PopulationFitness(self.head, self.weights, self.x, self.label, self.is_neg, **self.fitness_options)
+        else:
+            make_fitness("sparse", self.head, self.weights, self.x, self.label, self.is_neg, **self.fitness_options)
         self.timings: dict[str, float] = {}
         self._t0 = None
 
@@ -116,6 +137,20 @@ class RepairModule(L.LightningModule):
         return {}
 
     # ------------------------------------------------------------------ common
+    @classmethod
+    def refuse_token_head(cls, head: FFNHead) -> None:
+        """A :class:`RepairInputError` naming the method, the block and why, when ``head`` is a token head (any
+        block's FFN but the last-block CLS head) and the method declares :attr:`token_head_refusal`."""
+        if getattr(head, "token_axis", False) and cls.token_head_refusal:
+            raise RepairInputError(
+                f"repair {cls.name!r} cannot run on the FFN head of block {head.block} ({head.pooling} pooling, "
+                f"token states): {cls.token_head_refusal}")
+
+    @property
+    def block(self) -> int | None:
+        """The block its patch records: None for the last-block CLS head, else the token head's block."""
+        return patch_block(self.head)
+
     @property
     def n_neg(self) -> int:
         return int(self.is_neg.sum())
@@ -126,7 +161,7 @@ class RepairModule(L.LightningModule):
                             **self.fitness_options, **kwargs)
 
     def patch(self) -> Patch:
-        return Patch(self.weights, self.old_values, self.new_values().detach().cpu())
+        return Patch(self.weights, self.old_values, self.new_values().detach().cpu(), block=patch_block(self.head))
 
     def summary(self) -> dict[str, Any]:
         """Options, fitness before/after (with patched / broken counts), search statistics and timings."""

@@ -406,6 +406,10 @@ class DERepair(RepairModule):
             raise RepairInputError(f"unknown fitness evaluator {evaluator!r}; expected one of {sorted(EVALUATORS)}")
         if epilogue not in EPILOGUES:
             raise RepairInputError(f"unknown fitness epilogue {epilogue!r}; expected one of {EPILOGUES}")
+        if self.head.token_axis and evaluator == "sparse" and kernel == "folded":
+            raise RepairInputError(f"repair 'de': kernel='folded' is not exact on the FFN head of block "
+                                   f"{self.head.block} (its post runs the later blocks / the pooling); use "
+                                   "kernel='auto' or 'explicit'")
         self.de_options = {"pop_size": int(pop_size), "generations": int(generations), "cr": float(cr),
                            "f_range": tuple(float(f) for f in f_range), "update": update,
                            "patience": default_patience(int(generations)) if patience is None else int(patience),

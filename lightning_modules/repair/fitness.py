@@ -77,7 +77,19 @@ Evaluators (all return :class:`FitnessResult` for ``values [P, K]``, the candida
   neurons' new pre-activations z0_J + dz_J come from one grouped product with z0_J as its bias, and an exact GELU
   (or ReLU) is applied in place.
 
-``tests/test_repair_fitness.py`` checks every evaluator and kernel against :class:`LoopFitness` in float64.
+**Any block's FFN** (a :class:`~vitfl.localization.ffn.TokenFFNHead`, ``ffn_head(model, block)``: the cached
+states are every token entering block L's FFN, ``x [N, T, d]``, and ``post`` is the rest of the network). Every
+evaluator gives the exact fitness there too. The FFN acts on each token alone, so the sparse update above is exact
+per token: SparseFitness computes u_J, S_I for all N T token rows and the FFN output's change delta ``[p, N, T, d]``
+(explicit kernel), adds it to the unchanged block output r0 = x + ls(o0) and runs ``post`` (the later blocks, the
+final norm, the pooling and the classifier) per candidate, in chunks of candidates that bound the ``[p N, T, .]``
+work tensors of the later blocks. The folded kernel is not exact there (post is not LayerNorm -> Linear): ``"auto"``
+takes the explicit kernel and ``info()`` records it (``"kernel": "explicit"``, ``"states": "tokens"``);
+``kernel="folded"`` on a token head is an error. The cost per candidate is the later blocks' forward on N T tokens
+(benchmarks/ffn_block_cost.py); the last-block CLS head's path is unchanged.
+
+``tests/test_repair_fitness.py`` checks every evaluator and kernel against :class:`LoopFitness` in float64;
+``tests/test_block_repair.py`` checks them on token heads against the full model.
 """
 from __future__ import annotations
 
@@ -230,7 +242,13 @@ class PopulationFitness:
         self.head = head
         self.weights = check_weights(weights, head.index)
         x = torch.as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != head.d:
+        #: whether the states carry a token axis (a TokenFFNHead: x [N, T, d]); False: CLS states [N, d]
+        self.tokens = bool(getattr(head, "token_axis", False))
+        if self.tokens:
+            if x.ndim != 3 or x.shape[2] != head.d or x.shape[1] < head.min_tokens:
+                raise RepairInputError(f"the FFN head of block {head.block} takes the token states entering that "
+                                       f"block's FFN, [N, T >= {head.min_tokens}, d={head.d}], got {tuple(x.shape)}")
+        elif x.ndim != 2 or x.shape[1] != head.d:
             raise RepairInputError(f"cached states must be [N, d={head.d}], got {tuple(x.shape)}")
         label = torch.as_tensor(label).to(torch.long).reshape(-1)
         is_neg = torch.as_tensor(is_neg).to(torch.bool).reshape(-1)
@@ -239,8 +257,13 @@ class PopulationFitness:
         if not bool(is_neg.any()):
             raise RepairInputError("I_neg is empty: there is nothing to repair")
         if not bool(torch.isfinite(x).all()):
-            raise RepairInputError(f"{int((~torch.isfinite(x)).any(1).sum())} cached states hold NaN or inf")
+            raise RepairInputError(f"{int((~torch.isfinite(x)).reshape(len(x), -1).any(1).sum())} cached states hold "
+                                   "NaN or inf")
         self.x = x.to(self.device, self.dtype)
+        #: the states as FFN rows ``[N T, d]`` (token heads; the FFN acts per token) or ``[N, d]`` (``x`` itself)
+        self.x_rows = self.x.reshape(-1, head.d) if self.tokens else self.x
+        #: the shape of one input's state (post's input per input): ``(T, d)`` or ``(d,)``
+        self.state_shape = tuple(self.x.shape[1:])
         self.label = label.to(self.device)
         self.is_neg = is_neg.to(self.device)
         self.alpha, self.variant, self.loss = float(alpha), variant, loss
@@ -291,9 +314,13 @@ class PopulationFitness:
         return res
 
     def info(self) -> dict[str, Any]:
-        return {"evaluator": self.name, "n_weights": len(self.weights),
-                "n_bef": int((self.weights[:, 0] == 0).sum()), "n_aft": int((self.weights[:, 0] == 1).sum()),
-                "n_inputs": self.n, "n_neg": int(self.is_neg.sum()), "dtype": str(self.dtype).replace("torch.", "")}
+        out = {"evaluator": self.name, "n_weights": len(self.weights),
+               "n_bef": int((self.weights[:, 0] == 0).sum()), "n_aft": int((self.weights[:, 0] == 1).sum()),
+               "n_inputs": self.n, "n_neg": int(self.is_neg.sum()), "dtype": str(self.dtype).replace("torch.", "")}
+        if self.tokens:  # a token head: which block, how many tokens, and that post runs the later blocks
+            out.update({"states": "tokens", "block": self.head.block, "tokens": int(self.x.shape[1]),
+                        "later_blocks": len(getattr(self.head.post, "blocks", ()))})
+        return out
 
 
 class LoopFitness(PopulationFitness):
@@ -324,7 +351,7 @@ class FullBatchFitness(PopulationFitness):
         h = self.head
         with torch.no_grad():
             self._h = h.norm(self.x)
-        d, d_ff, n = h.d, h.d_ff, self.n
+        d, d_ff, n = h.d, h.d_ff, len(self.x_rows)  # n: FFN rows (inputs, or input tokens of a token head)
         # two matrices and z, a per candidate; keep a chunk around 2^25 elements
         self.chunk_size = chunk_size or max(1, (1 << 25) // (2 * d * d_ff + 2 * n * d_ff + 2 * n * d))
         m, r, c = self.weights.to(self.device).unbind(1)
@@ -340,14 +367,17 @@ class FullBatchFitness(PopulationFitness):
                 Wp = W.detach().expand(p, *W.shape).clone()
                 Wp[:, r, c] = v[:, sel]
                 mats.append(Wp)
-            z = torch.bmm(self._h.expand(p, -1, -1), mats[0].mT)
+            if self.tokens:  # token rows [N T, d]; post takes each input's [T, d]
+                z = torch.bmm(self._h.reshape(1, -1, h.d).expand(p, -1, -1), mats[0].mT)
+            else:
+                z = torch.bmm(self._h.expand(p, -1, -1), mats[0].mT)
             if bb is not None:
                 z += bb
             o = torch.bmm(h.act(z), mats[1].mT)
             if ba is not None:
                 o += ba
-            r_ = self.x + h.layer_scale(o)
-            yield h.post(r_.reshape(-1, h.d)).view(p, self.n, -1)
+            r_ = self.x_rows + h.layer_scale(o)
+            yield h.post(r_.reshape(-1, *self.state_shape)).view(p, self.n, -1)
 
 
 class _GroupedProduct:
@@ -438,6 +468,19 @@ def _layer_scale_vector(ls: nn.Module, d: int) -> Tensor | None:
     return None
 
 
+def _post_cost(post: nn.Module, d: int, tokens: int) -> tuple[int, int]:
+    """(widest per-token work tensor, MACs per input) of a token head's ``post``: each later block's attention
+    (q, k, v, proj: 4 d^2 per token, scores and mix: 2 T d) and MLP (2 d d_ff per token), then the readout."""
+    macs, width = 0, d
+    for blk in getattr(post, "blocks", ()):
+        fc = [m for m in blk.modules() if isinstance(m, nn.Linear)]
+        d_ff = max((m.out_features for m in fc), default=d)
+        width = max(width, d_ff, 3 * d)
+        macs += tokens * (4 * d * d + 2 * tokens * d + 2 * d * d_ff)
+    lin = [m for m in post.modules() if isinstance(m, nn.Linear)]
+    return width, macs + (lin[-1].in_features * lin[-1].out_features if lin else 0)
+
+
 def kernel_macs(n_neurons: int, n_rows: int, d: int, num_classes: int) -> dict[str, int]:
     """Multiply-adds per candidate and input of the products of each :class:`SparseFitness` kernel, for
     ``n_neurons`` touched neurons |J| and ``n_rows`` touched output rows |I|: explicit |J| d + d C; folded
@@ -466,22 +509,23 @@ class _ExplicitKernel:
             if not bool((lam == 1).all()):
                 self._WJT *= lam
                 self._lam_I = lam[fit._I, None]
-            self._onto = fit.x + inter["o"]                                  # r = r0 + delta
+            self._onto = fit.x_rows + inter["o"]                             # r = r0 + delta
         else:
             self._onto = fit.head.fc_aft(inter["a"])                        # r = x + ls(o_raw0 + delta)
 
     def terms(self, fit: SparseFitness, v: Tensor) -> tuple[Tensor, None]:
         """The logits ``[p, N, C]`` of one chunk of candidates ``v [p, K]``, and None (no 1 / std)."""
         h, N, d, p = fit.head, fit.n, fit.head.d, len(v)
+        R = fit._rows  # = N for CLS states; N T token rows for a token head
         u, S = fit._features(v - fit.old)
-        delta = u.T @ self._WJT if u is not None else torch.zeros(p * N, d, dtype=fit.dtype, device=fit.device)
+        delta = u.T @ self._WJT if u is not None else torch.zeros(p * R, d, dtype=fit.dtype, device=fit.device)
         if S is not None:
             if self._lam_I is not None:
                 S = S * self._lam_I
             delta.index_add_(1, fit._I, S.T)
-        delta = delta.view(p, N, d).add_(self._onto)
-        r = delta if self._linear_ls else h.layer_scale(delta).add_(fit.x)
-        return h.post(r.view(p * N, d)).view(p, N, -1), None
+        delta = delta.view(p, R, d).add_(self._onto)
+        r = delta if self._linear_ls else h.layer_scale(delta).add_(fit.x_rows)
+        return h.post(r.view(p * N, *fit.state_shape)).view(p, N, -1), None
 
 
 class _FoldedKernel:
@@ -602,6 +646,10 @@ class SparseFitness(PopulationFitness):
         h, dev = self.head, self.device
         d, C, N = h.d, self.num_classes, self.n
         inter = h.intermediates(self.x)
+        #: FFN rows per candidate: the inputs (CLS states) or every token of every input (token states)
+        self._rows = len(self.x_rows)
+        if self.tokens:  # the FFN acts per token: the sparse update runs on the N T token rows
+            inter = {k: (v.reshape(self._rows, v.shape[-1]) if k != "logits" else v) for k, v in inter.items()}
         self._plan_features(inter)
         nJ, nI = len(self._J), len(self._I)
         self._buffers: dict[Any, Tensor] = {}
@@ -615,13 +663,27 @@ class SparseFitness(PopulationFitness):
         macs = kernel_macs(nJ, nI, d, C)  # the products; plus the element-wise work per candidate and input
         cost_explicit = macs["explicit"] + 10 * d
         cost_folded = macs["folded"] + 4 * (nJ + nI)
+        if self.tokens:
+            if kernel == "folded":
+                raise RepairInputError(
+                    f"kernel='folded' is not exact on the FFN head of block {h.block} ({h.pooling} pooling): its "
+                    "post runs the later blocks / the pooling, not LayerNorm -> Linear on the block output; use "
+                    "kernel='auto' or 'explicit' (the exact per-token delta, then post per candidate)")
+            fold = None  # "auto": the explicit kernel, the only exact one on token states
         if kernel == "folded" and fold is None:
             raise RepairInputError("kernel='folded' needs post = LayerNorm -> Linear and a linear layer scale")
         folded = kernel == "folded" or (kernel == "auto" and fold is not None and cost_folded < 1.5 * cost_explicit)
         self.macs_per_input = cost_folded if folded else cost_explicit
         width = max(C + nJ + nI + 1 if folded else d, len(self._ka1), 2 * nJ, 1)
         budget = (self.CHUNK_ELEMENTS if folded else 1 << 23) * (32 if dev.type == "cuda" else 1)
-        self.chunk_size = chunk_size or max(1, budget // (N * width))  # CUDA: the whole population at once
+        if self.tokens:
+            # per candidate: the sparse update on T token rows per input, then post (the later blocks) on [N, T, d]
+            T = self.x.shape[1]
+            post_w, post_macs = _post_cost(h.post, d, T)
+            self.macs_per_input = T * cost_explicit + post_macs
+            self.chunk_size = chunk_size or max(1, budget // (N * T * max(width, post_w)))
+        else:
+            self.chunk_size = chunk_size or max(1, budget // (N * width))  # CUDA: the whole population at once
         lam = lam.to(dev, self.dtype) if lam is not None else None
         self._kernel = _FoldedKernel(self, inter, lam, fold) if folded else _ExplicitKernel(self, inter, lam)
 
@@ -631,6 +693,8 @@ class SparseFitness(PopulationFitness):
         return self._kernel.name
 
     def info(self) -> dict[str, Any]:
+        """The evaluator's set-up: the kernel that runs ("explicit" on every token head), the touched neurons and
+        rows, chunk size and MACs per candidate and input (on a token head: its T token rows plus ``post``)."""
         return {**super().info(), "kernel": self.kernel, "epilogue": self.epilogue, "touched_neurons": len(self._J),
                 "touched_rows": len(self._I), "features": self.m, "chunk_size": self.chunk_size,
                 "macs_per_candidate_input": self.macs_per_input}
@@ -712,7 +776,7 @@ class SparseFitness(PopulationFitness):
                   out_S: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """u_J ``[|J|, p N]`` (activation change of the touched neurons) and S_I ``[|I|, p N]`` (W_aft changes
         times the new activations, summed per output row), written into ``out_u`` / ``out_S`` when given."""
-        p, N = dW.shape[0], self.n
+        p, N = dW.shape[0], self._rows  # FFN rows: inputs (CLS) or input tokens (token head)
         u = aJ = S = None
         if self._dz is not None:
             z = self._dz(dW[:, self._kb], self._buffer("dz", (len(self._J), p, N)) if out_u is not None

@@ -426,6 +426,14 @@ class LPRepair(RepairModule):
     solves per step), ``time_limit`` (seconds per LP solve; None = no limit), ``hinge`` ("relative" |
     "absolute": each input's slack in units of its own hinge at the step's start, or in logits)."""
 
+    #: refused up front on a token head (RepairModule.refuse_token_head)
+    token_head_refusal = (
+        "its linear programs need the logits as LayerNorm -> Linear of the block output (linear in the located "
+        "W_aft weights once the final LayerNorm's sigma is frozen); on a block other than the last (or through the "
+        "pooling of an average-pooled model) the located weights reach the logits through the later blocks' "
+        "attention, LayerNorms and FFNs, so that first-order model is neither exact nor what 'lp' checks "
+        "(repair that block with 'de', 'finetune', 'prune' or 'reinit', which run on the exact head)")
+
     RHO_GOOD = 0.75          # predicted-vs-exact fitness gain ratio above which an accepted step doubles the radius
     RADIUS_CAP = 8.0         # the radius grows to at most this multiple of its initial value
     RADIUS_MIN = 1.0 / 64    # the search stops once the radius falls below this multiple of its initial value

@@ -119,13 +119,17 @@ class RepairAccuracy(_CountMetric):
 @torch.no_grad()
 def evaluate_patch(head, patch, x: Tensor, label: Tensor, target_fn=None, batch_size: int = 4096
                    ) -> dict[str, float]:
-    """RR, BR, accuracy before / after / delta of ``patch`` on cached states ``x [N, d]`` with ``label [N]``.
+    """RR, BR, accuracy before / after / delta of ``patch`` on cached states ``x [N, d]`` with ``label [N]``
+    (a token head's ``x [N, T, d]``, in batches that bound the later blocks' work tensors).
 
     ``head``: the unpatched FFN head (restored on exit); ``target_fn(label, pred_before) -> bool [N]`` names the
     target misclassifications (e.g. ``lambda y, p: target_mask(setting, y, p)``); None: every misclassification.
     Returns floats plus the counts (``n_targets``, ``n_fixed``, ``n_correct_before``, ``n_broken``, ``n``)."""
     rr, br, acc = RepairRate(), BreakRate(), RepairAccuracy()
     dev = head.fc_bef.weight.device
+    x = torch.as_tensor(x)
+    if getattr(head, "token_axis", False) and x.dim() == 3:  # token states: the later blocks run per batch
+        batch_size = max(1, min(batch_size, (1 << 24) // max(1, x.shape[1] * 4 * x.shape[2])))
     for xb, yb in zip(torch.as_tensor(x).split(batch_size), torch.as_tensor(label).split(batch_size)):
         xb = xb.to(dev, head.fc_bef.weight.dtype)
         before = head(xb).argmax(-1).cpu()

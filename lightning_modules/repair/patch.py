@@ -1,9 +1,16 @@
 """A repair patch: the located weights, their old values and their new values (docs/methods.md, section 6).
 
-A patch touches only the located weights ``(matrix, row, col)`` of the last FFN (matrix 0 = W_bef ``[4d, d]``,
+A patch touches only the located weights ``(matrix, row, col)`` of one FFN (matrix 0 = W_bef ``[4d, d]``,
 matrix 1 = W_aft ``[d, 4d]``, PyTorch's (out, in) layout, as in :mod:`vitfl.localization.ffn`). It applies to and reverts
 from an :class:`~vitfl.localization.ffn.FFNHead` or a full model (through :func:`vitfl.localization.ffn.last_ffn_head`, whose
 modules are shared with the model), and round-trips through JSON exactly (float32 values are stored as doubles).
+
+**Which FFN** (``block``): None (the default) is the last block's FFN as the last-block CLS head sees it (every patch
+made before block addressing; its JSON has no ``"block"`` key, byte for byte as before). A patch made on a
+:class:`~vitfl.localization.ffn.TokenFFNHead` (any block of :func:`vitfl.localization.ffn.ffn_head`, or the last
+block of an average-pooled model) records the head's non-negative block index; on a full model it goes through
+``ffn_head(model, block)``. Applying a patch to a head of another block is a :class:`PatchMismatchError`; a
+``block=None`` patch fits the CLS head and a token head of the model's last block.
 
 >>> import torch
 >>> from torch import nn
@@ -26,10 +33,10 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from vitfl.localization.ffn import FFNHead, WeightIndex, last_ffn_head
+from vitfl.localization.ffn import FFNHead, WeightIndex, ffn_head, last_ffn_head
 
 __all__ = ["Patch", "PatchMismatchError", "RepairInputError", "check_weights", "read_values", "write_values",
-           "as_head"]
+           "as_head", "patch_block", "check_block"]
 
 PATCH_FORMAT = "vitfl-patch/1"
 
@@ -70,9 +77,43 @@ def check_weights(weights: Any, index: WeightIndex) -> Tensor:
     return w
 
 
-def as_head(target: nn.Module) -> FFNHead:
-    """The FFN head of ``target`` (itself if it is one; else the adapter's head, sharing the model's modules)."""
-    return target if isinstance(target, FFNHead) else last_ffn_head(target)
+def as_head(target: nn.Module, block: int | None = None) -> FFNHead:
+    """The FFN head of ``target``: itself if it is one (checked to be block ``block``'s when ``block`` is given,
+    :func:`check_block`); else the adapter's head of the model, sharing the model's modules: the last-FFN CLS head
+    (:func:`~vitfl.localization.ffn.last_ffn_head`) for ``block=None``, ``ffn_head(target, block)`` otherwise."""
+    if isinstance(target, FFNHead):
+        if block is not None:
+            check_block(target, block)
+        return target
+    return last_ffn_head(target) if block is None else ffn_head(target, block)
+
+
+def patch_block(head: FFNHead) -> int | None:
+    """The ``block`` a patch made on ``head`` records: None for the last-block CLS head (an :class:`FFNHead`
+    without a token axis: every patch before block addressing), else the token head's non-negative block index."""
+    if not getattr(head, "token_axis", False):
+        return None
+    if head.block is None:
+        raise RepairInputError("a token FFN head without a block index: build it with "
+                               "vitfl.localization.ffn.ffn_head(model, block)")
+    return int(head.block)
+
+
+def check_block(head: FFNHead, block: int | None) -> None:
+    """A :class:`PatchMismatchError` unless ``head`` is the FFN of ``block`` (None: the last block, as the CLS head
+    or a token head of the last block sees it)."""
+    if block is None:
+        last = head.block is not None and head.num_blocks is not None and head.block == head.num_blocks - 1
+        if getattr(head, "token_axis", False) and not last:
+            raise PatchMismatchError(f"this patch is of the last block's FFN (block None: the last-block CLS head), "
+                                     f"but the head is the FFN head of block {head.block}")
+        return
+    if head.block is None:
+        raise PatchMismatchError(f"this patch is of block {block}'s FFN, but the head records no block index (build "
+                                 "it with vitfl.localization.ffn.ffn_head(model, block))")
+    if int(head.block) != int(block):
+        raise PatchMismatchError(f"this patch is of block {block}'s FFN, but the head is the FFN head of block "
+                                 f"{head.block}: a patch applies to its own block only")
 
 
 def read_values(head: FFNHead, weights: Tensor) -> Tensor:
@@ -99,13 +140,21 @@ def write_values(head: FFNHead, weights: Tensor, values: Tensor) -> None:
 
 @dataclass(eq=False)
 class Patch:
-    """``weights [K, 3]`` (matrix, row, col); ``old [K]`` and ``new [K]`` values (float64 on the CPU)."""
+    """``weights [K, 3]`` (matrix, row, col); ``old [K]`` and ``new [K]`` values (float64 on the CPU); ``block``:
+    the FFN's transformer block (None: the last block as the last-block CLS head sees it; else the non-negative
+    index of the token head it was made on)."""
 
     weights: Tensor
     old: Tensor
     new: Tensor
+    block: int | None = None
 
     def __post_init__(self):
+        if self.block is not None:
+            if isinstance(self.block, bool) or int(self.block) != self.block or int(self.block) < 0:
+                raise RepairInputError(f"a patch's block is None (the last-block CLS head) or a non-negative block "
+                                       f"index, got {self.block!r}")
+            self.block = int(self.block)
         self.weights = torch.as_tensor(self.weights, dtype=torch.long).cpu().reshape(-1, 3)
         self.old = torch.as_tensor(self.old).detach().to(torch.float64).cpu().reshape(-1)
         self.new = torch.as_tensor(self.new).detach().to(torch.float64).cpu().reshape(-1)
@@ -120,21 +169,28 @@ class Patch:
         """The patch that sets ``weights`` of ``target`` (head or model) to ``new``; old values read from it."""
         head = as_head(target)
         w = check_weights(weights, head.index)
-        return cls(w, read_values(head, w), torch.as_tensor(new))
+        return cls(w, read_values(head, w), torch.as_tensor(new), block=patch_block(head))
 
     def __len__(self) -> int:
         return len(self.weights)
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Patch) and torch.equal(self.weights, other.weights)
+        return (isinstance(other, Patch) and self.block == other.block and torch.equal(self.weights, other.weights)
                 and torch.equal(self.old, other.old) and torch.equal(self.new, other.new))
 
     @property
     def delta(self) -> Tensor:
         return self.new - self.old
 
+    def head_of(self, target: nn.Module) -> FFNHead:
+        """The FFN head this patch writes in ``target`` (a head, checked to be this patch's block, or a full model:
+        ``last_ffn_head`` for block None, else ``ffn_head(model, block)``)."""
+        head = as_head(target, self.block)
+        check_block(head, self.block)
+        return head
+
     def _set(self, target: nn.Module, expect: Tensor, values: Tensor, check: bool) -> FFNHead:
-        head = as_head(target)
+        head = self.head_of(target)
         w = check_weights(self.weights, head.index)
         if check:
             cur = read_values(head, w).to(torch.float64).cpu()
@@ -167,13 +223,18 @@ class Patch:
             self.revert(target, check=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable: ``{"format", "n", "weights": [[m, r, c], ...], "old": [...], "new": [...]}``."""
-        return {"format": PATCH_FORMAT, "n": len(self), "weights": self.weights.tolist(),
-                "old": self.old.tolist(), "new": self.new.tolist()}
+        """JSON-serialisable: ``{"format", "n", "weights": [[m, r, c], ...], "old": [...], "new": [...]}``, plus
+        ``"block": L`` for a patch of a token head (a ``block=None`` patch is exactly what it always was)."""
+        d = {"format": PATCH_FORMAT, "n": len(self), "weights": self.weights.tolist(),
+             "old": self.old.tolist(), "new": self.new.tolist()}
+        if self.block is not None:
+            d["block"] = self.block
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Patch":
         if d.get("format", PATCH_FORMAT) != PATCH_FORMAT:
             raise RepairInputError(f"patch format {d.get('format')!r}, expected {PATCH_FORMAT!r}")
         return cls(torch.tensor(d["weights"], dtype=torch.long).reshape(-1, 3),
-                   torch.tensor(d["old"], dtype=torch.float64), torch.tensor(d["new"], dtype=torch.float64))
+                   torch.tensor(d["old"], dtype=torch.float64), torch.tensor(d["new"], dtype=torch.float64),
+                   block=d.get("block"))
