@@ -389,10 +389,28 @@ def _log_damage(data: bytes) -> tuple[list[str] | None, str | None]:
     return header, None
 
 
-def append_csv_row(path: str | Path, row: Mapping[str, Any]) -> str | None:
+def _widened_log(text: str, header: list[str], more: list[str]) -> bytes:
+    """A log's text with ``more`` columns added to its header and an empty value for them on every row (a line that
+    had another number of fields than the header keeps that difference: it stays a line the reader leaves out)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header + more)
+    for line in text.split("\n")[1:]:
+        if line:
+            w.writerow(next(csv.reader([line]), []) + [""] * len(more))
+    return buf.getvalue().encode()
+
+
+def append_csv_row(path: str | Path, row: Mapping[str, Any], widen: bool = False) -> str | None:
     """Append one row to a CSV log (header first if new) as one whole line, with one ``write`` (+ fsync) under an
     exclusive ``fcntl`` lock on the log, so concurrent writers never lose or interleave rows. Values are kept on one
-    line (line breaks become spaces); columns the header lacks are dropped. A log whose last line is cut or that is
+    line (line breaks become spaces); columns the header lacks are dropped, unless ``widen``: then the log is first
+    rewritten with those columns added to its header (empty on every older row), written beside it and renamed over
+    it under the lock (a writer waiting for the old file's lock sees the rename and locks the new log), so a log
+    written before a column existed keeps its rows and gains the column. A log whose last line is cut or that is
     not a CSV log (not UTF-8, no header, none of the row's columns) is renamed to ``<name>.damaged-<timestamp>`` and
     a new log is started; the :class:`LogDamagedWarning` naming both files is issued and also returned."""
     import csv
@@ -427,6 +445,17 @@ def append_csv_row(path: str | Path, row: Mapping[str, Any]) -> str | None:
                         f"started at {path}")
                 warnings.warn(note, LogDamagedWarning, stacklevel=3)
                 continue
+            more = [k for k in values if header is not None and k not in header]
+            if widen and more:
+                wide = path.with_name(f".{path.name}.widen-{os.getpid()}.tmp")
+                with open(wide, "wb") as f:
+                    f.write(_widened_log(data.decode("utf-8"), header, more))
+                    f.flush()
+                    with contextlib.suppress(OSError):
+                        os.fsync(f.fileno())
+                _write_point(path)
+                os.rename(wide, path)
+                continue  # lock the widened log and append there
             fields = header or list(values)
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")

@@ -82,8 +82,10 @@ LAYOUT: dict[str, tuple[str, str]] = {
                   "one budget, its identity and provenance"),
     "n_avg": ("fl/n_avg-{key}.json", "N_avg = mean size of BL's Pareto front over the N_avg settings, resolved once "
               "per (run, FL inputs)"),
-    "fl_timing": ("fl/timing.csv", "one row per FL run: method, setting, inputs, wall time, peak memory "
-                  "(append-only: one line per row, written under a lock)"),
+    "fl_timing": ("fl/timing.csv", "one row per FL run: method, setting, block (the transformer block whose FFN was "
+                  "localized, 0-based; empty in rows written before the column, which were the last block's unless FL "
+                  "ran on another block before the column existed: their `scores_key` tells), inputs, wall time, "
+                  "peak memory (append-only: one line per row, written under a lock)"),
     "not_applicable": ("not_applicable.json", "cases that cannot run (e.g. a V-score method on |I_neg| = 1), "
                        "recorded once so reruns do not retry them"),
     "fl_eval": ("fl_eval/{name}", "FL evaluation: interventions, checkpoint and injected-fault benchmarks, "
@@ -111,6 +113,11 @@ LAYOUT: dict[str, tuple[str, str]] = {
                         "runner into `adequacy/<experiment>_<variant>/` (or the coverage step's table, `name` coverage) "
                         "(its config and outputs)"),
     "repair_summary": ("repair/summary/{name}", "repair tables, figures and statistics over every run"),
+    "repair_by_block": ("repair/summary/{name}/by_block.{ext}", "a layer study's per-block table (an experiment "
+                        "with `blocks`; `name` = `<experiment>_<variant>`): RR / BR of its repair sweeps and "
+                        "repairability@N of the cross-validated repair per data set, transformer block, FL method and "
+                        "budget, pooled with Wilson 95% intervals (`ext` csv or md; figure `rr_by_block.png|pdf` "
+                        "beside it)"),
     "adequacy": ("adequacy/{name}", "test-adequacy (coverage) tables and figures"),
     "tensorboard": ("tb", "TensorBoard logs"),
     "tb_run": ("tb/{name}", "one named TensorBoard run of a step: `fit` (training: losses, accuracy, learning "
@@ -132,7 +139,8 @@ RESULT_KINDS = ("fl_result", "repair_result", "n_avg")
 #: :func:`vitfl.pipeline.repair.aggregate` writes and the report reads (:meth:`RunStore.summary_file`)
 SUMMARY_FILES = {"runs": "runs.csv", "summary": "summary.{ext}", "by_kind": "summary_by_kind.{ext}",
                  "fitness_curves": "fitness_curves.csv", "manifest": "manifest.json",
-                 "stats_paired": "stats_wilcoxon_holm", "stats_unpaired": "stats_mann_whitney"}
+                 "stats_paired": "stats_wilcoxon_holm", "stats_unpaired": "stats_mann_whitney",
+                 "by_block": "by_block.{ext}", "by_block_figure": "rr_by_block"}
 
 #: the one pattern of a name that becomes part of a path in a run: letters, digits and ``_ - . = +``, not starting
 #: with ``.`` (no hidden files, no ``.``/``..``), no ``..`` anywhere, no separator, 1 to 200 characters
@@ -457,13 +465,14 @@ class RunStore:
         self.verify(path)
         return Path(path).read_text()
 
-    def append_row(self, path: Path, row: Mapping[str, Any]) -> None:
+    def append_row(self, path: Path, row: Mapping[str, Any], widen: bool = False) -> None:
         """Append one row to a CSV log (:func:`vitfl.core.io.append_csv_row`: one whole line under a lock; a damaged log
-        is set aside with a warning). Never raises: a lost timing row must not fail the step that made it."""
+        is set aside with a warning; ``widen``: a log written before one of the row's columns existed gains it, empty
+        on its older rows). Never raises: a lost timing row must not fail the step that made it."""
         if not self.writes():
             return
         try:
-            append_csv_row(self.inside(path), row)
+            append_csv_row(self.inside(path), row, widen=widen)
         except (OSError, ValueError) as e:
             warnings.warn(f"could not append a row to the log {path} ({type(e).__name__}: {e}); that row is lost, "
                           "nothing else is affected", RuntimeWarning, stacklevel=2)

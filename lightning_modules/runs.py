@@ -59,6 +59,11 @@ class CorruptCheckpointError(RunError):
     """A checkpoint's content differs from the sha256 recorded when it was written."""
 
 
+class TokenStatisticError(ValueError):
+    """A token statistic that is unknown, or that has no meaning on the head asked for (``"mean"`` on the last-block
+    CLS head)."""
+
+
 class UnverifiedCheckpointWarning(UserWarning):
     """A checkpoint has no recorded content hash (an older run): it loads, but cannot be checked for corruption."""
 
@@ -356,18 +361,27 @@ class LoadedRun:
     the last block, whose head on a CLS-pooled model is the last-FFN CLS head of every run before block
     addressing; an index out of range is a :class:`vitfl.localization.ffn.BlockIndexError` naming the number of
     blocks) and its state caches (loaded on first use and checked to be this model's and this head's: the CLS cache,
-    or block ``L``'s token cache). A fold run loads its parent run's model."""
+    or block ``L``'s token cache). A fold run loads its parent run's model.
 
-    def __init__(self, store: RunStore, epoch: int | None = None, block: int = -1):
+    ``token_statistic`` (:data:`vitfl.localization.ffn.TOKEN_STATISTICS`; default ``"readout"``): a token head's
+    per-input token statistic (:class:`vitfl.localization.ffn.TokenFFNHead`), recorded in its ``identity()``. The
+    last-block CLS head reads the CLS token and nothing else: it takes ``"readout"`` or ``"cls"`` (the same head,
+    the same identities) and refuses ``"mean"`` (:class:`TokenStatisticError`), which has no meaning there."""
+
+    def __init__(self, store: RunStore, epoch: int | None = None, block: int = -1, token_statistic: str = "readout"):
+        from vitfl.localization.ffn import TOKEN_STATISTICS, model_fingerprint
+
+        if token_statistic not in TOKEN_STATISTICS:
+            raise TokenStatisticError(f"unknown token_statistic {token_statistic!r}; expected one of "
+                                      f"{list(TOKEN_STATISTICS)}")
         self.store = store
         self.model, self.epoch = load_run_model(store.model_store(), epoch)
-        from vitfl.localization.ffn import model_fingerprint
-
         self.model_hash = model_fingerprint(self.model)
         self.block = block
+        self.token_statistic = token_statistic
         self._head = None
         self._states: dict[tuple[str, str], Any] = {}
-        if block != -1:  # an index out of range is an error now, before any work
+        if block != -1 or token_statistic != "readout":  # an index out of range / a refused statistic: now
             self.head  # noqa: B018
 
     @property
@@ -377,8 +391,18 @@ class LoadedRun:
         if self._head is None:
             from vitfl.localization.ffn import ffn_head, last_ffn_head
 
-            self._head = (last_ffn_head(self.model) if self.block == -1 and _cls_pooled(self.model)
-                          else ffn_head(self.model, self.block)).eval()
+            stat = self.token_statistic
+            cls_head = _cls_pooled(self.model) if self.block == -1 else not ffn_head(self.model, self.block).identity()
+            if cls_head:
+                if stat not in ("readout", "cls"):
+                    raise TokenStatisticError(
+                        f"token_statistic={stat!r} on the last block of a class-token model: its FFN head reads the "
+                        "CLS token alone (the classifier's input), so a statistic over tokens has no meaning there; "
+                        "use 'readout' (or 'cls', the same head), or a non-last block / an average-pooled model")
+                self._head = (last_ffn_head(self.model) if self.block == -1 else ffn_head(self.model, self.block))
+            else:
+                self._head = ffn_head(self.model, self.block, token_statistic=stat)
+            self._head.eval()
         return self._head
 
     def states_path(self, split: str = "repair", tag: str = "") -> Path:
@@ -407,10 +431,11 @@ def _cls_pooled(model) -> bool:
         return True
 
 
-def load_run(store: RunStore, epoch: int | None = None, block: int = -1) -> LoadedRun:
-    """The one way a step loads a run's model, fingerprint, FFN head (of ``block``) and state caches
-    (:class:`LoadedRun`)."""
-    return LoadedRun(require_store(store, "load_run"), epoch, block)
+def load_run(store: RunStore, epoch: int | None = None, block: int = -1, token_statistic: str = "readout"
+             ) -> LoadedRun:
+    """The one way a step loads a run's model, fingerprint, FFN head (of ``block``, with ``token_statistic``) and
+    state caches (:class:`LoadedRun`)."""
+    return LoadedRun(require_store(store, "load_run"), epoch, block, token_statistic)
 
 
 def cache_tag(layout: RunStore, epoch: int | None) -> str:

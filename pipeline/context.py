@@ -54,12 +54,16 @@ class RunContext:
     and file names record. For the last block of a CLS-pooled model (``-1`` or ``n - 1``) the head is the last-FFN
     CLS head with ``identity() == {}``: the CLS cache and every identity exactly as before block addressing. Any
     other block (or an average-pooled model) reads the token cache of that block, and :meth:`view` (the head's
-    ``identity()``: block, pooling, token statistic) joins every FL identity made here."""
+    ``identity()``: block, pooling, token statistic) joins every FL identity made here.
 
-    def __init__(self, store: RunStore, epoch: int | None = None, block: int = -1):
+    ``token_statistic`` (default ``"readout"``): a token head's per-input token statistic
+    (:class:`vitfl.localization.ffn.TokenFFNHead`, recorded in :meth:`view`); the last-block CLS head takes only
+    ``"readout"`` / ``"cls"`` (:class:`vitfl.lightning_modules.runs.TokenStatisticError` otherwise)."""
+
+    def __init__(self, store: RunStore, epoch: int | None = None, block: int = -1, token_statistic: str = "readout"):
         from vitfl.lightning_modules.runs import load_run
 
-        self.run = load_run(store, epoch, block)
+        self.run = load_run(store, epoch, block, token_statistic)
         self.store, self.model, self.epoch, self.model_hash = store, self.run.model, self.run.epoch, self.run.model_hash
         self.head = self.run.head
 

@@ -18,6 +18,13 @@ final           ``evaluate_fl``, ``crossval``, ``aggregate``,  not sharded: run 
                 ``coverage``
 ==============  =============================================  ==========================================
 
+A layer study: a top-level ``blocks: [0, 1, -1]`` (a list of ints: transformer blocks, 0 the first, -1 the last)
+runs the per-block steps (``cache``, ``localize``, ``evaluate_fl``, ``repair``, ``crossval``) once per block,
+passing ``block=`` to each step function (-1: the last block, today's files and identities), and the ``aggregate``
+step adds the per-block table (:func:`block_table`: RR / BR and repairability@N per data set, block and FL method,
+``repair/summary/<name>_<variant>/by_block.{csv,md}`` and ``rr_by_block.png|pdf``). Without ``blocks`` every step
+runs as before (``cache.block`` / ``localize.block`` still name one block for FL alone).
+
 ``train`` fits (optionally after pretraining and exporting a backbone) and tests (:mod:`vitfl.pipeline.train`);
 ``testbed`` writes the layer study and checkpoint diagnostics (:mod:`vitfl.pipeline.testbed`); ``crossval`` is the
 cross-validated repair (:func:`vitfl.pipeline.crossval.step_crossval`); ``coverage`` the coverage table, clean vs
@@ -40,22 +47,24 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from vitfl.core.quiet import quiet  # the one list of known warnings (``quiet``: part of this module's API)
 from vitfl.core.runstore import RunStore
 
-__all__ = ["STEPS", "PHASES", "ExperimentConfigError", "quiet", "check_experiment", "check_fl_options", "run_experiment",
-           "experiment_results",
-           "step_options", "summarize_rows"]
+__all__ = ["STEPS", "PHASES", "BLOCK_STEPS", "ExperimentConfigError", "quiet", "check_experiment", "check_fl_options",
+           "run_experiment", "experiment_results", "experiment_blocks", "block_table", "block_markdown",
+           "write_block_summary", "step_options", "summarize_rows"]
 
 STEPS = ("train", "cache", "testbed", "misclf", "localize", "evaluate_fl", "repair", "adequacy", "crossval",
          "aggregate", "coverage")
 PHASES = {"prepare": ("train", "cache", "testbed", "misclf"), "work": ("localize", "repair", "adequacy"),
           "final": ("evaluate_fl", "crossval", "aggregate", "coverage")}
 SHARDED = PHASES["work"]
+#: the steps a top-level ``blocks`` list runs once per transformer block (each gets ``block=``)
+BLOCK_STEPS = ("cache", "localize", "evaluate_fl", "repair", "crossval")
 
 #: the keys of each step's block (the step function's keyword names; ``accelerator`` / ``devices`` go to its Trainer)
 STEP_KEYS = {
     "cache": {"splits", "block", "accelerator", "devices"},
     "misclf": {"split", "ranks", "seed", "pos_fraction", "tie_order", "no_true_input", "kinds"},
-    "localize": {"methods", "settings", "budgets", "seed", "batch_size", "method_options", "block", "accelerator",
-                 "devices"},
+    "localize": {"methods", "settings", "budgets", "seed", "batch_size", "method_options", "block", "token_statistic",
+                 "accelerator", "devices"},
     "evaluate_fl": {"parts", "methods", "settings", "budgets", "modes", "where", "n_random", "inject_seeds",
                     "ckpt_settings", "ckpt_epoch", "pos_fraction", "split", "batch_size", "seed", "method_opts",
                     "figures", "tensorboard", "strengths", "comparisons", "k_rounding", "optimizers", "replay",
@@ -84,7 +93,8 @@ _LSTR, _LINT, _LBUDGET, _LANY = "a list of strings", "a list of ints", "a list o
 _DEVICES = "an int, 'auto' or a list of device ids"
 _WORKERS = "an int or 'auto'"
 SHAPES: dict[str, dict[str, str]] = {
-    "": {"name": _STR, "description": _STR, "variant": _STR, "compat": _LSTR, "datasets": _MAP, "steps": _LSTR},
+    "": {"name": _STR, "description": _STR, "variant": _STR, "compat": _LSTR, "datasets": _MAP, "steps": _LSTR,
+         "blocks": _LINT},
     "dataset": {"run_dir": _STR, "train": _MAP, "adequacy": _MAP},
     "train": {"configs": _LSTR, "args": _LANY, "epochs": _INT, "test": _BOOL, "pretrain": _MAP},
     "pretrain": {"configs": _LSTR, "args": _LANY, "epochs": _INT},
@@ -92,8 +102,8 @@ SHAPES: dict[str, dict[str, str]] = {
     "misclf": {"split": _STR, "ranks": _INT, "seed": _INT, "pos_fraction": _NUM, "tie_order": _STR,
                "no_true_input": _STR, "kinds": _LSTR},
     "localize": {"methods": _LSTR, "settings": _LSTR, "budgets": _LBUDGET, "seed": _INT, "batch_size": _INT,
-                 "method_options": "a mapping of FL method -> its options", "block": _INT, "accelerator": _STR,
-                 "devices": _DEVICES},
+                 "method_options": "a mapping of FL method -> its options", "block": _INT, "token_statistic": _STR,
+                 "accelerator": _STR, "devices": _DEVICES},
     "evaluate_fl": {"parts": _LSTR, "methods": _LSTR, "settings": _LSTR, "budgets": _LBUDGET, "modes": _LSTR,
                     "where": _STR, "n_random": _INT, "inject_seeds": _LINT, "ckpt_settings": _LSTR, "ckpt_epoch": _INT,
                     "pos_fraction": _NUM, "split": _STR, "batch_size": _INT, "seed": _INT,
@@ -290,7 +300,31 @@ def check_experiment(cfg: Mapping[str, Any]) -> list[str]:
     bad_kinds = [k for k in m.get("kinds", ()) if k not in ALL_KINDS]
     if bad_kinds:
         raise ExperimentConfigError(f"misclf.kinds: unknown kind(s) {bad_kinds}; expected some of {list(ALL_KINDS)}")
+    blocks = cfg.get("blocks")
+    if blocks is not None:
+        if not blocks:
+            raise ExperimentConfigError("blocks must be a non-empty list of ints (transformer blocks, 0 the first, -1 "
+                                        "the last), got []; leave it out for the last block alone")
+        dup = sorted({b for b in blocks if blocks.count(b) > 1})
+        if dup:
+            raise ExperimentConfigError(f"blocks: {dup} given more than once in {blocks}")
+        both = [f"{st}.block" for st in ("cache", "localize") if step_options(cfg, st).get("block") is not None]
+        if both:
+            raise ExperimentConfigError(f"give either blocks (every per-block step: {', '.join(BLOCK_STEPS)}) or "
+                                        f"{' / '.join(both)} (one block, FL alone), not both")
     loc = step_options(cfg, "localize")
+    stat = loc.get("token_statistic")
+    if stat is not None:
+        from vitfl.localization.ffn import TOKEN_STATISTICS
+
+        if stat not in TOKEN_STATISTICS:
+            raise ExperimentConfigError(f"localize.token_statistic: {stat!r} is not one of {list(TOKEN_STATISTICS)}")
+        later = [st for st in ("evaluate_fl", "repair", "crossval") if st in steps]
+        if stat != "readout" and later:
+            raise ExperimentConfigError(
+                f"localize.token_statistic={stat!r} with steps {later}: those steps build the head with the default "
+                "statistic ('readout') and would not find FL results made with another; run the FL-only study "
+                "in a config of its own (steps up to localize)")
     if "methods" in loc:
         fl_methods(loc["methods"], "localize.methods")
     fl_options(loc.get("method_options"), "localize.method_options")
@@ -405,15 +439,30 @@ def _trainer_kwargs(block: Mapping[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def _cache(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
+def _cache(store: RunStore, opts: Mapping[str, Any], blocks: Sequence[int] | None = None) -> dict[str, int]:
+    """The last block's cache (the CLS cache of a CLS-pooled model: misclf and the rest read it), and the token cache
+    of every other block named: ``blocks`` (a layer study), else ``cache.block``."""
     from vitfl.pipeline.cache import step_cache
 
     splits = list(opts.get("splits", ("repair", "test")))
     out = step_cache(store, splits, trainer_kwargs=_trainer_kwargs(opts))  # the CLS cache: misclf and the rest
-    if opts.get("block", -1) != -1:  # and the token cache of the block `localize.block` names
-        more = step_cache(store, splits, trainer_kwargs=_trainer_kwargs(opts), block=opts["block"])
+    others = [b for b in (blocks if blocks is not None else [opts.get("block", -1)]) if b != -1]
+    for b in others:  # and the token cache of each other block (`blocks`, or the one `cache.block` names)
+        more = step_cache(store, splits, trainer_kwargs=_trainer_kwargs(opts), block=b)
         out = {k: out[k] + more[k] for k in out}
     return out
+
+
+def experiment_blocks(cfg: Mapping[str, Any]) -> list[int] | None:
+    """The transformer blocks of a layer study (the config's top-level ``blocks``), or None: the config names none,
+    and every step runs once, as before ``blocks`` existed (no ``block=`` passed to the step functions)."""
+    blocks = cfg.get("blocks")
+    return None if blocks is None else [int(b) for b in blocks]
+
+
+def _label(step: str, block: int | None) -> str:
+    """A step's name in the log and the summary: ``localize (block 0)`` in a layer study, else the step."""
+    return step if block is None else f"{step} (block {block})"
 
 
 def _misclf(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
@@ -422,12 +471,15 @@ def _misclf(store: RunStore, opts: Mapping[str, Any]) -> dict[str, int]:
     return ensure_misclf(store, **opts)
 
 
-def _localize(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tuple[int, int], log: _Log) -> None:
+def _localize(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tuple[int, int], log: _Log,
+              block: int | None = None) -> None:
     from vitfl.localization.base import FL_METHODS
     from vitfl.pipeline.context import load_misclf
     from vitfl.pipeline.localize import run_localization, status_table
 
     kw = {k: v for k, v in opts.items() if k not in ("accelerator", "devices")}
+    if block is not None:  # a layer study: this block (check_experiment refuses localize.block beside blocks)
+        kw["block"] = block
     methods = FL_METHODS.check(kw.pop("methods", None) or FL_METHODS.names())
     k, n = shard
     for name, store in stores.items():
@@ -453,15 +505,18 @@ def _localize(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tu
             rows += run_localization(store, methods=[m], trainer_kwargs=_trainer_kwargs(opts), progress=True,
                                      **{**kw, "settings": [s for mm, s in pairs if mm == m]})
         errors = [f"{r['method']} on {r['setting']}: {r['status']}" for r in rows if _status(r) == "error"]
-        log.step("localize", name, summarize_rows(rows), time.perf_counter() - t0, _na_diff(store, before), errors)
+        log.step(_label("localize", block), name, summarize_rows(rows), time.perf_counter() - t0,
+                 _na_diff(store, before), errors)
         if rows:
             log.log(status_table(rows))
 
 
-def _evaluate(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) -> None:
+def _evaluate(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log, block: int | None = None) -> None:
     from vitfl.pipeline.evaluate_fl import run_evaluation
 
     kw = dict(opts)
+    if block is not None:
+        kw["block"] = block
     want_epoch = kw.pop("ckpt_epoch", None)
     if want_epoch is not None:  # the checkpoint benchmark's epoch pair is a config value, checked before work
         eps = store.ffn_weight_epochs()
@@ -476,8 +531,8 @@ def _evaluate(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) ->
     res = run_evaluation(store, log=messages.append, **kw)
     failed = [m for m in messages if "failed" in m and "not applicable" not in m]
     na = len(res.get("not_applicable", ()))  # cases that cannot run (recorded, new and known): counted, not failed
-    log.step("evaluate_fl", name, {"done": 1, "not applicable": na, "error": len(failed)}, time.perf_counter() - t0,
-             _na_diff(store, before), failed)
+    log.step(_label("evaluate_fl", block), name, {"done": 1, "not applicable": na, "error": len(failed)},
+             time.perf_counter() - t0, _na_diff(store, before), failed)
 
 
 def _sweep_rows_na(store: RunStore, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -490,13 +545,16 @@ def _sweep_rows_na(store: RunStore, rows: Sequence[Mapping[str, Any]]) -> None:
                                            f"{r['rep']}): {why}")
 
 
-def _repair(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tuple[int, int], log: _Log) -> None:
+def _repair(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tuple[int, int], log: _Log,
+            block: int | None = None) -> None:
     from vitfl.pipeline.repair import run_sweep
 
     run_dirs = {name: s.root for name, s in stores.items()}
     for i, sw in enumerate(opts.get("sweeps") or []):
         sw = {k: v for k, v in sw.items() if v is not None}
         label = sw.pop("name", None) or f"{sw.get('repair', 'de')}#{i}"
+        if block is not None:
+            sw["block"] = block
         t0 = time.perf_counter()
         before = {n: s.not_applicable() for n, s in stores.items()}
         rows = run_sweep(run_dirs, shard=shard, logger=bool(opts.get("tensorboard", True)), progress=True,
@@ -507,19 +565,20 @@ def _repair(stores: Mapping[str, RunStore], opts: Mapping[str, Any], shard: tupl
             _sweep_rows_na(store, mine)
             errors = [f"{r['label']} {r['setting']} n={r['budget']} rep={r['rep']}: {r['status']}" for r in mine
                       if _status(r) == "error"]
-            log.step(f"repair {label}", name, summarize_rows(mine), time.perf_counter() - t0,
+            log.step(_label(f"repair {label}", block), name, summarize_rows(mine), time.perf_counter() - t0,
                      _na_diff(store, before[name]), errors)
 
 
-def _crossval(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log) -> None:
+def _crossval(store: RunStore, name: str, opts: Mapping[str, Any], log: _Log, block: int | None = None) -> None:
     from vitfl.pipeline.crossval import step_crossval
 
     t0 = time.perf_counter()
     before = store.not_applicable()
-    rows = step_crossval(store, log=log.log, **opts)
+    rows = step_crossval(store, log=log.log, **opts, **({} if block is None else {"block": block}))
     errors = [f"{r['label']} {r['setting']} n={r['budget']} rep={r['rep']}: {r['status']}" for r in rows
               if _status(r) == "error"]
-    log.step("crossval", name, summarize_rows(rows), time.perf_counter() - t0, _na_diff(store, before), errors)
+    log.step(_label("crossval", block), name, summarize_rows(rows), time.perf_counter() - t0, _na_diff(store, before),
+             errors)
 
 
 def experiment_results(cfg: Mapping[str, Any], store: RunStore) -> list[dict[str, Any]]:
@@ -560,13 +619,244 @@ def _aggregate(cfg: Mapping[str, Any], stores: Mapping[str, RunStore], log: _Log
     mine = {n: experiment_results(cfg, s) for n, s in stores.items()}
     keys = {r["key"] for rs in mine.values() for r in rs}  # this experiment's results, not others in the runs
     agg = aggregate({name: s.root for name, s in stores.items()}, summary_dir, keys=keys)
+    by_block = None
+    if experiment_blocks(cfg) is not None:  # a layer study: the per-block table beside the experiment's summary
+        by_block = write_block_summary(stores, summary_dir, keys=keys,
+                                       with_crossval="crossval" in _expand_steps(cfg.get("steps") or STEPS))
     log.step("aggregate", ", ".join(stores), {"done": 1}, time.perf_counter() - t0, {})
     if agg.get("stale_note"):
         log.log(f"  {agg['stale_note']}")
     log.log(f"  {sum(len(v) for v in mine.values())} repair results of this experiment"
             + (f" ({agg.get('n_runs', 0)} tabulated)" if agg.get("n_runs") is not None else "")
             + f" -> {agg.get('summary_dir', summary_dir)}")
-    return {k: v for k, v in agg.items() if k in ("n_runs", "summary_dir", "files", "markdown")}
+    out = {k: v for k, v in agg.items() if k in ("n_runs", "summary_dir", "files", "markdown")}
+    if by_block is not None:
+        log.log(f"  per block -> {first.summary_file('by_block', summary_dir, 'md')}")
+        out["by_block"] = by_block["markdown"]
+        out["files"] = list(out.get("files") or []) + by_block["files"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ per block
+#: what a per-block row pools: the experiment's repair sweeps (test fold of the run) or the cross-validated repair
+#: (the held-out folds); the LP optimiser's cross-validated RR is repairability@N
+BLOCK_SOURCES = {"repair": "repair sweep, test fold (held out)",
+                 "crossval": "cross-validated repair, the k held-out test folds"}
+
+
+def _block_number(value: Any, num_blocks: int | None) -> int:
+    """A result's block as a non-negative index when the model's number of blocks is known (-1 -> n - 1), else as
+    recorded; a result without one (no ``block`` column, or an empty cell: made before block addressing, or on the
+    last block of a CLS-pooled model) is the last block."""
+    try:
+        b = int(value)
+    except (TypeError, ValueError):
+        b = -1
+    if value != value:  # NaN
+        b = -1
+    if num_blocks is not None and b < 0:
+        b += int(num_blocks)
+    return b
+
+
+def _block_label(b: int, num_blocks: int | None) -> str:
+    if num_blocks is None:
+        return "-1 (last)" if b == -1 else str(b)
+    return f"{b} (last)" if b == num_blocks - 1 else str(b)
+
+
+def block_table(runs, crossval=None, num_blocks: Mapping[str, int | None] | None = None,
+                confidence: float = 0.95):
+    """The per-block table of a layer study: one row per (data set, source, repair method, FL method, budget,
+    block) with pooled counts and rates (sum fixed / sum targets, sum broken / sum correct) and their Wilson
+    intervals (:func:`vitfl.evaluation.intervals.pooled_rate`, as the repair tables).
+
+    ``runs``: :func:`vitfl.pipeline.repair.collect_results` rows (the experiment's repair sweeps, source
+    ``repair``); ``crossval``: :func:`vitfl.pipeline.crossval.collect_crossval` rows with their ``dataset`` (source
+    ``crossval``; its ``lp`` rows are repairability@N). A ``block`` column groups the rows; without it (or where it
+    is empty) a row is the last block. ``num_blocks`` (data set -> the model's number of blocks) turns -1 into the
+    last block's index, so -1 and n - 1 are one block. A cell with no target has ``rr`` NaN (``n_targets`` 0: said
+    as "n/a (no targets)", never 0); ``runs_without_target`` counts its runs that had none."""
+    import pandas as pd
+
+    from vitfl.evaluation.intervals import pooled_rate
+    from vitfl.pipeline.repair import _budget_order, _method_order
+
+    parts = []
+    for source, df in (("repair", runs), ("crossval", crossval)):
+        if df is None or not len(df):
+            continue
+        df = df.copy()
+        if "block" not in df.columns:
+            df["block"] = -1
+        df["block"] = [_block_number(v, (num_blocks or {}).get(d)) for v, d in zip(df["block"], df["dataset"])]
+        df["source"] = source
+        parts.append(df)
+    cols = ["dataset", "source", "repair", "fl_method", "budget", "block", "block_label", "metric", "n_weights",
+            "runs", "runs_without_target", "n_targets", "n_fixed", "rr", "rr_lo", "rr_hi", "n_correct", "n_broken",
+            "br", "br_lo", "br_hi"]
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    df = pd.concat(parts, ignore_index=True)
+    df["budget"] = df["budget"].astype(str)
+    rows = []
+    for (dataset, source, repair, method, budget, block), g in df.groupby(
+            ["dataset", "source", "repair", "fl_method", "budget", "block"], sort=False):
+        rr = pooled_rate(g["n_fixed"].to_numpy(), g["n_targets"].to_numpy(), confidence)
+        br = pooled_rate(g["n_broken"].to_numpy(), g["n_correct_before"].to_numpy(), confidence)
+        nan = float("nan")
+        rows.append({"dataset": dataset, "source": source, "repair": repair, "fl_method": method, "budget": budget,
+                     "block": int(block), "block_label": _block_label(int(block), (num_blocks or {}).get(dataset)),
+                     "metric": "repairability@N" if source == "crossval" and repair == "lp" else "RR / BR",
+                     "n_weights": float(g["n_weights"].mean()) if "n_weights" in g else nan, "runs": len(g),
+                     "runs_without_target": int((g["n_targets"] == 0).sum()),
+                     "n_targets": rr.n, "n_fixed": rr.k, "rr": nan if rr.rate is None else rr.rate,
+                     "rr_lo": nan if rr.lo is None else rr.lo, "rr_hi": nan if rr.hi is None else rr.hi,
+                     "n_correct": br.n, "n_broken": br.k, "br": nan if br.rate is None else br.rate,
+                     "br_lo": nan if br.lo is None else br.lo, "br_hi": nan if br.hi is None else br.hi})
+    out = pd.DataFrame(rows, columns=cols)
+    m_order = {m: i for i, m in enumerate(_method_order(out["fl_method"]))}
+    b_order = {b: i for i, b in enumerate(_budget_order(out["budget"]))}
+    out = out.assign(_s=out["source"].map({"repair": 0, "crossval": 1}), _m=out["fl_method"].map(m_order),
+                     _b=out["budget"].map(b_order))
+    return (out.sort_values(["dataset", "_s", "repair", "_b", "_m", "block"], kind="stable")
+            .drop(columns=["_s", "_m", "_b"]).reset_index(drop=True))
+
+
+def _rate_text(rate: float, lo: float, hi: float, k: int, n: int, none: str) -> str:
+    if not n or rate != rate:
+        return f"n/a ({none})"
+    return f"{rate:.3f} [{lo:.3f}, {hi:.3f}] ({k}/{n})"
+
+
+def block_markdown(table) -> str:
+    """:func:`block_table` as Markdown: one table per source (the repair sweeps; the cross-validated repair, whose
+    ``lp`` rows are repairability@N), each after a line stating its split and n."""
+    import pandas as pd
+
+    from vitfl.evaluation.stats import to_markdown
+
+    if table is None or not len(table):
+        return "No repair results of this experiment to tabulate per block.\n"
+    out = []
+    for source, t in table.groupby("source", sort=False):
+        n_runs, n_t, n_c = int(t["runs"].sum()), int(t["n_targets"].sum()), int(t["n_correct"].sum())
+        k_none = int(t["runs_without_target"].sum())
+        what = ("RR / BR per block" if source == "repair" else
+                "Repairability@N (the `lp` rows: the LP optimiser's held-out RR on each FL method's weights) and the "
+                "cross-validated RR / BR per block")
+        out.append(f"**{what}** — split: {BLOCK_SOURCES[source]}; n: {n_runs} runs, {n_t} targets, {n_c} correct "
+                   f"inputs (per row in the table); {k_none} of {n_runs} runs had no target (their cells pool the "
+                   "others; a cell with none at all is n/a, not 0); pooled, Wilson 95% CI.")
+        out.append("")
+        rate_col = ("RR (Wilson 95% CI, fixed/targets)" if source == "repair" else
+                    "RR or repairability@N (Wilson 95% CI, fixed/targets)")  # lp rows: repairability@N
+        rows = []
+        for r in t.to_dict("records"):
+            rows.append({"dataset": r["dataset"], "repair": r["repair"], "FL method": r["fl_method"],
+                         "budget": r["budget"],
+                         "N": "-" if r["n_weights"] != r["n_weights"] else f"{r['n_weights']:.0f}",
+                         "block": r["block_label"], "runs": int(r["runs"]),
+                         rate_col: _rate_text(r["rr"], r["rr_lo"], r["rr_hi"], r["n_fixed"], r["n_targets"],
+                                              "no targets"),
+                         "runs without a target": f"{r['runs_without_target']} of {int(r['runs'])}",
+                         "BR (Wilson 95% CI, broken/correct)": _rate_text(r["br"], r["br_lo"], r["br_hi"],
+                                                                          r["n_broken"], r["n_correct"],
+                                                                          "no correct inputs")})
+        df = pd.DataFrame(rows)
+        out.append(to_markdown(df).rstrip("\n"))
+        out.append("")
+    return "\n".join(out)
+
+
+def block_figure(table, title: str = ""):
+    """RR (or repairability@N) per block and FL method with Wilson 95% intervals: one panel per (data set, source,
+    repair method, budget); a cell with no target is marked "n/a" at 0, never drawn as a rate of 0."""
+    import numpy as np
+
+    from vitfl.core import style
+
+    if table is None or not len(table):
+        return style.nothing_to_plot(f"no repair results per block{' (' + title + ')' if title else ''}")
+    panels = list(table.groupby(["dataset", "source", "repair", "budget"], sort=False))
+    methods = list(dict.fromkeys(table["fl_method"]))
+    styles = style.method_styles(methods)
+    fig, axes = style.facet_grid(len(panels), panel_width=2.3, panel_height=1.7, sharex=False, sharey=True)
+    for ax, ((dataset, source, repair, budget), t) in zip(axes, panels):
+        blocks = sorted(set(t["block"]), key=lambda b: (b < 0, b))
+        labels = [t.loc[t["block"] == b, "block_label"].iloc[0] for b in blocks]
+        x0 = np.arange(len(blocks), dtype=float)
+        width = 0.6 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            sub = t[t["fl_method"] == m].set_index("block")
+            if not len(sub):
+                continue
+            mid = np.array([sub["rr"].get(b, np.nan) for b in blocks], dtype=float)
+            lo = np.array([sub["rr_lo"].get(b, np.nan) for b in blocks], dtype=float)
+            hi = np.array([sub["rr_hi"].get(b, np.nan) for b in blocks], dtype=float)
+            x = x0 + (i - (len(methods) - 1) / 2) * width
+            err = np.vstack([np.where(np.isnan(lo), 0, mid - lo), np.where(np.isnan(hi), 0, hi - mid)])
+            ax.errorbar(x, mid, yerr=err, capsize=1.5, elinewidth=0.7, **styles[m].point())
+            for xi, v, b in zip(x, mid, blocks):
+                if np.isnan(v) and b in sub.index:
+                    ax.text(xi, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=5)
+        ax.set_xticks(x0, labels)
+        ax.set_xlim(-0.5, len(blocks) - 0.5)
+        ax.set_ylim(-0.03, 1.03)  # a rate of 0 (a cell with targets and none fixed) stays visible
+        ax.set_xlabel("block")
+        what = "repairability@N" if source == "crossval" and repair == "lp" else f"RR ({repair})"
+        where = "test fold" if source == "repair" else "held-out folds"
+        n = int(t["runs"].sum())
+        ax.set_title(f"{dataset}: {what}, N = {budget}\n{where}, {n} runs", fontsize=6)
+    style.legend_outside(fig, [styles[m].handle("point") for m in methods], methods)
+    style.suptitle(fig, (f"{title}: " if title else "") + "RR per block and FL method (pooled, Wilson 95% CI)")
+    return fig
+
+
+def write_block_summary(stores: Mapping[str, RunStore], summary_dir: Path, keys: Iterable[str] | None = None,
+                        with_crossval: bool = True) -> dict[str, Any]:
+    """The per-block table of a layer study (:func:`block_table`) from the current repair results of ``stores`` (the
+    experiment's own: ``keys``) and, with ``with_crossval``, the cross-validated repair of each run, written beside
+    the experiment's repair summary (``summary_dir``, inside the first store): ``by_block.csv``, ``by_block.md``
+    and ``rr_by_block.png|pdf`` (:data:`vitfl.core.runstore.SUMMARY_FILES`). Returns ``{"table", "markdown",
+    "files"}``."""
+    import pandas as pd
+
+    from vitfl.evaluation import figures as figs
+    from vitfl.pipeline.repair import collect_results
+
+    first = next(iter(stores.values()))
+    runs = collect_results({n: s.root for n, s in stores.items()})
+    if keys is not None and len(runs):
+        runs = runs[runs["key"].isin(set(keys))].reset_index(drop=True)
+    cv_parts = []
+    if with_crossval:
+        from vitfl.pipeline.crossval import collect_crossval
+
+        for name, store in stores.items():
+            cv = collect_crossval(store)
+            if len(cv):
+                cv_parts.append(cv.assign(dataset=name))
+    cv = pd.concat(cv_parts, ignore_index=True) if cv_parts else None
+    n_blocks = {name: _num_blocks(store) for name, store in stores.items()}
+    table = block_table(runs, cv, n_blocks)
+    md = block_markdown(table)
+    files = [first.write_text(first.summary_file("by_block", summary_dir, "csv"), table.to_csv(index=False)),
+             first.write_text(first.summary_file("by_block", summary_dir, "md"),
+                              "# Repair per transformer block (layer study)\n\n" + md)]
+    fig = block_figure(table, ", ".join(stores))
+    files += figs.save_figure(fig, first.summary_file("by_block_figure", summary_dir), writer=first.save_figure)
+    return {"table": table, "markdown": md, "files": [str(f) for f in files]}
+
+
+def _num_blocks(store: RunStore) -> int | None:
+    """The number of transformer blocks of the run's model (None when it cannot be loaded or told)."""
+    try:
+        from vitfl.lightning_modules.runs import load_run
+
+        return load_run(store).head.num_blocks
+    except Exception:  # noqa: BLE001 - only labels depend on it: -1 stays "-1 (last)"
+        return None
 
 
 def _save_config(cfg: Mapping[str, Any], stores: Mapping[str, RunStore]) -> None:
@@ -656,6 +946,11 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
     _save_config(cfg, stores)
     from vitfl.pipeline.parallel import set_step
 
+    blocks = experiment_blocks(cfg)
+    per_block: list[int | None] = [None] if blocks is None else list(blocks)  # None: no block= (as before blocks)
+    if blocks is not None:
+        mine = [s for s in BLOCK_STEPS if s in todo]
+        log(f"layer study: blocks {blocks}" + (f" (steps {', '.join(mine)} once per block)" if mine else ""))
     for step in todo:
         set_step(f"{step}" + (f" (shard {k}/{n})" if n > 1 else ""))  # named by an interrupted run's message
         t0 = time.perf_counter()
@@ -672,20 +967,24 @@ def run_experiment(cfg: Mapping[str, Any], steps: Iterable[str] | None = None,
                 L.step("testbed", name, step_testbed(store, log), time.perf_counter() - t0, {})
         elif step == "cache":
             for name, store in stores.items():
-                L.step("cache", name, _cache(store, step_options(cfg, "cache")), time.perf_counter() - t0, {})
+                L.step("cache", name, _cache(store, step_options(cfg, "cache"), blocks), time.perf_counter() - t0, {})
         elif step == "misclf":
             for name, store in stores.items():
                 L.step("misclf", name, _misclf(store, step_options(cfg, "misclf")), time.perf_counter() - t0, {})
         elif step == "localize":
-            _localize(stores, step_options(cfg, "localize"), (k, n), L)
+            for b in per_block:
+                _localize(stores, step_options(cfg, "localize"), (k, n), L, b)
         elif step == "evaluate_fl":
-            for name, store in stores.items():
-                _evaluate(store, name, step_options(cfg, "evaluate_fl"), L)
+            for b in per_block:
+                for name, store in stores.items():
+                    _evaluate(store, name, step_options(cfg, "evaluate_fl"), L, b)
         elif step == "repair":
-            _repair(stores, step_options(cfg, "repair"), (k, n), L)
+            for b in per_block:
+                _repair(stores, step_options(cfg, "repair"), (k, n), L, b)
         elif step == "crossval":
-            for name, store in stores.items():
-                _crossval(store, name, step_options(cfg, "crossval"), L)
+            for b in per_block:
+                for name, store in stores.items():
+                    _crossval(store, name, step_options(cfg, "crossval"), L, b)
         elif step == "aggregate":
             out["aggregate"] = _aggregate(cfg, stores, L)
         elif step == "coverage":

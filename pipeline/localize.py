@@ -37,7 +37,7 @@ from vitfl.pipeline.context import RunContext
 __all__ = ["BENCHMARK_SETTINGS", "N_AVG_METHOD", "fl_identity", "run_method", "resolve_n_avg", "resolve_budgets",
            "run_localization", "load_fl_result", "fl_results", "current_fl_results", "check_budgets",
            "stale_reasons", "stale_note", "DiskFullError", "is_disk_full", "disk_full_names", "status_summary",
-           "STATUSES"]
+           "STATUSES", "read_fl_timing"]
 
 #: what a status row of :func:`run_method` / :func:`run_localization` says, by its first word(s): computed now,
 #: selections made now from scores already on disk, every selection already on disk, not applicable, failed
@@ -161,12 +161,13 @@ def run_method(ctx: RunContext, method: str, setting: str, budgets: Sequence[int
         if save:
             with disk_full_names(store.fl_scores_path(sid)):
                 store.save_fl_scores(sid, scores, {"options": opts, "own": own, "wall_s": wall, "inputs": desc})
-        store.append_row(store.fl_timing, {"method": method, "setting": setting, "scores_key": skey,
+        store.append_row(store.fl_timing, {"method": method, "setting": setting, "block": _head_block(ctx),
+                                           "scores_key": skey,
                                            "n_neg": desc["n_neg"], "n_pos": desc["n_pos"], "wall_s": round(wall, 4),
                                            "peak_mb": round(run.peak_mb, 1),
                                            "cuda_peak_mb": None if run.cuda_peak_mb is None else round(run.cuda_peak_mb, 1),
                                            "world_size": run.info.get("world_size", 1),
-                                           "batch_size": batch_size})
+                                           "batch_size": batch_size}, widen=True)
         row.update(wall_s=round(wall, 4), peak_mb=round(run.peak_mb, 1))
     scores_rel = store.rel(store.fl_scores_path(sid))
     for b in todo:
@@ -185,6 +186,23 @@ def run_method(ctx: RunContext, method: str, setting: str, budgets: Sequence[int
             res.provenance = {**prov, "identity": rid}
         out[b] = res
     return out, {**row, "status": status, "n_neg": desc["n_neg"], "n_pos": desc["n_pos"]}
+
+
+def _head_block(ctx: RunContext) -> int | None:
+    """The non-negative index of the block ``ctx``'s head localizes (what ``fl/timing.csv`` records; None for a head
+    built by hand that does not know it)."""
+    b = getattr(ctx.head, "block", None)
+    return None if b is None else int(b)
+
+
+def read_fl_timing(store: RunStore):
+    """``(DataFrame, problems)`` of the run's ``fl/timing.csv`` (:meth:`RunStore.read_log`) with a ``block`` column
+    in every case: a log (or rows) written before the column existed has it empty (NaN), which is the last block
+    for every FL run made before block addressing."""
+    df, problems = store.read_log(store.fl_timing)
+    if len(df.columns) and "block" not in df.columns:
+        df.insert(min(2, len(df.columns)), "block", float("nan"))
+    return df, problems
 
 
 def _status_kind(status: str) -> str:
@@ -297,14 +315,21 @@ def run_localization(store: RunStore, methods: Sequence[str] | None = None,
                      settings: Sequence[str] | None = None, budgets: Sequence[int | str] = DEFAULT_BUDGETS,
                      seed: int = 0, batch_size: int = 512, trainer_kwargs: Mapping[str, Any] | None = None,
                      method_options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
-                     epoch: int | None = None, block: int = -1) -> list[dict[str, Any]]:
+                     epoch: int | None = None, block: int = -1, token_statistic: str = "readout"
+                     ) -> list[dict[str, Any]]:
     """Every (method, setting) not yet in the store; one status row per pair. Every option is checked first.
 
     ``block``: the transformer block whose FFN is localized (:class:`vitfl.pipeline.context.RunContext`: default
     -1, the last; Python-style negative allowed; out of range: :class:`vitfl.localization.ffn.BlockIndexError`
     naming the number of blocks, before any work). The last block of a CLS-pooled model reads the CLS cache and
     makes the identities of every run before block addressing; another block reads that block's token cache (made by
-    the cache step with the same ``block``) and its identities record the head (``fl_identity``)."""
+    the cache step with the same ``block``) and its identities record the head (``fl_identity``).
+
+    ``token_statistic`` (``"readout"``, ``"cls"`` or ``"mean"``; default ``"readout"``): a token head's per-input
+    statistic over tokens (:class:`vitfl.localization.ffn.TokenFFNHead`: what the activation-based methods rank by),
+    recorded in the identities' ``"head"``; the last-block CLS head takes only ``"readout"`` / ``"cls"`` (both the
+    CLS token: the same head and identities) and refuses ``"mean"`` before any work
+    (:class:`vitfl.lightning_modules.runs.TokenStatisticError`)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(block, bool) or not isinstance(block, int):
@@ -313,7 +338,9 @@ def run_localization(store: RunStore, methods: Sequence[str] | None = None,
     if not (devices == "auto" or devices == -1 or (isinstance(devices, int) and not isinstance(devices, bool)
                                                   and devices >= 1)):
         raise ValueError(f"devices must be a positive int, -1 or 'auto', got {devices!r}")
-    ctx = RunContext(store, epoch, block)
+    if not isinstance(token_statistic, str):
+        raise TypeError(f"token_statistic must be a string (readout, cls or mean), got {token_statistic!r}")
+    ctx = RunContext(store, epoch, block, token_statistic)
     methods = FL_METHODS.check(methods or FL_METHODS.names())
     method_options = dict(method_options or {})
     for m, o in method_options.items():

@@ -17,6 +17,9 @@ listed as "nothing to plot" (with the reason), never drawn empty. Sections (each
 3. repair: the headline table of ``repair/summary`` (pooled RR / BR with Wilson 95 % intervals, Δ acc with
    bootstrap intervals, the count of runs without a test target), the per-kind table, the statistics and every
    repair figure;
+3b. a layer study (an experiment with ``blocks``): RR / BR and repairability@N per transformer block and FL method
+   (``repair/summary/<experiment>/by_block.md``) and its figure (``rr_by_block.png``: RR per block with Wilson 95 %
+   intervals);
 4. the test fold's confusion matrix (torchmetrics ``MulticlassConfusionMatrix`` on the cached test states) beside
    the repair split's;
 5. test adequacy: the coverage table and the RQ tables / figures;
@@ -211,7 +214,12 @@ def _fl_cost_vs_quality(page: _Page) -> None:
     timing, bench = store.fl_timing, store.fl_eval("checkpoint_benchmark.csv")
     if not (timing.is_file() and bench.is_file()):
         return
-    t, problems = store.read_log(timing)  # damaged lines of the append-only log are left out and reported
+    from vitfl.pipeline.localize import read_fl_timing
+
+    t, problems = read_fl_timing(store)  # damaged lines of the append-only log are left out and reported
+    if "block" in t.columns and t["block"].notna().any():  # the benchmark is the last FFN's: its block's FL time
+        last = t["block"].max()  # rows without a block: written before the column, on the last block
+        t = t[t["block"].isna() | (t["block"] == last)]
     if problems:
         page.add(f"Note: {len(problems)} damaged line(s) of {store.rel(timing)} left out of the FL cost: "
                  + "; ".join(p.split(": ", 1)[-1] for p in problems[:5]) + (" ..." if len(problems) > 5 else ""), "")
@@ -291,6 +299,35 @@ def _repair(page: _Page) -> None:
         for f in man.get("figures", []):
             page.figure(d / f["file"], f["title"], f["split"], f["n"], f.get("nothing_to_plot"),
                         fold=not f["file"].startswith("bar_"))  # the overview bars open, the rest folded
+
+
+def _by_block(page: _Page) -> None:
+    """The layer study's per-block tables and figure (one per experiment summary folder that has them)."""
+    store = page.store
+    top = store.repair_summary_dir
+    dirs = [top] + (sorted(p for p in top.iterdir() if p.is_dir()) if top.is_dir() else [])
+    found = [d for d in dirs if store.summary_file("by_block", d, "md").is_file()]
+    for d in found:
+        md, csv = store.summary_file("by_block", d, "md"), store.summary_file("by_block", d, "csv")
+        page.add("## Repair per transformer block" + ("" if d == top else f": {d.name}"), "")
+        page.add("RR / BR of the repair sweeps and repairability@N of the cross-validated repair per data set, block "
+                 "and FL method; a cell with no target is n/a, not 0, and its runs are counted.", "")
+        _embed_markdown(page, md)
+        if csv.is_file():
+            page.links.append(csv)
+        stem = store.summary_file("by_block_figure", d)
+        png = stem.with_name(stem.name + ".png")
+        note = stem.with_name(stem.name + ".nothing_to_plot.txt")
+        n = "see the tables"
+        try:
+            t = pd.read_csv(csv) if csv.is_file() else None
+            if t is not None and len(t):
+                n = f"{int(t['runs'].sum())} runs, {t['block'].nunique()} blocks"
+        except (ValueError, KeyError):
+            pass
+        page.figure(png, "RR per block and FL method (pooled, Wilson 95% CI)",
+                    "test fold (repair sweeps) / held-out folds (cross-validated)", n,
+                    note.read_text().strip() if note.is_file() and not png.is_file() else None, fold=False)
 
 
 def _crossval(page: _Page) -> None:
@@ -480,6 +517,7 @@ def write_report(store: RunStore, config: Mapping[str, Any] | None = None) -> Pa
     _repair(page)
     if len(page.lines) == n_before:
         page.add("## Repair", "", "No repair results in this run (run the repair step).", "")
+    _by_block(page)
     _crossval(page)
     _testbed(page)
     _confusion(page)

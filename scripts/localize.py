@@ -3,6 +3,7 @@ run is recorded once as not applicable).
 
     python scripts/localize.py --run_dir outputs/digits --methods ours arachne_w bl random --budgets 33 164 328 avg
     python scripts/localize.py --run_dir outputs/digits --block 0     # block 0's FFN (after cache_states.py --block 0)
+    python scripts/localize.py --run_dir outputs/digits --block 0 --token_statistic mean  # rank by the token mean
     python scripts/localize.py --config my_fl.yaml --print_config     # the merged config
     python scripts/localize.py --list [--verbose]                     # the registered methods
 """
@@ -24,6 +25,10 @@ def build_parser():
     p.add_argument("--block", type=int, default=-1,
                    help="transformer block whose FFN is localized (0 the first, -1 the last); a block other than the "
                         "last of a CLS-pooled model needs its token cache: scripts/cache_states.py --block")
+    p.add_argument("--token_statistic", type=str, default="readout",
+                   help="a token head's per-input statistic over tokens: readout (the tokens the classifier reads), "
+                        "cls or mean; recorded in the FL identities; the last block of a class-token model takes "
+                        "readout or cls only")
     p.add_argument("--seed", type=int, default=0, help="FL seed (random methods)")
     p.add_argument("--batch_size", type=int, default=512, help="loader batch size of the FL pass")
     p.add_argument("--accelerator", type=str, default="cpu", help="Trainer accelerator")
@@ -58,6 +63,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_budgets(a.budgets)
         if a.devices < 1:
             raise ValueError(f"--devices must be >= 1, got {a.devices}")
+        from vitfl.localization.ffn import TOKEN_STATISTICS
+
+        if a.token_statistic not in TOKEN_STATISTICS:
+            raise ValueError(f"--token_statistic {a.token_statistic!r}: expected one of {list(TOKEN_STATISTICS)}")
     except (KeyError, ValueError, BudgetError) as e:
         p.error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
     kw = {"accelerator": a.accelerator, "devices": a.devices, "enable_progress_bar": False,
@@ -68,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     before = store.not_applicable()
     rows = run_localization(store, a.methods, a.settings, a.budgets, seed=a.seed, batch_size=a.batch_size,
                             trainer_kwargs=kw, method_options=a.method_options, progress=a.progress != "none",
-                            block=a.block)
+                            block=a.block, token_statistic=a.token_statistic)
     if not is_rank_zero():
         return 0
     for r in rows:

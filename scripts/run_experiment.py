@@ -40,7 +40,13 @@ def build_parser():
                         "overrides of the adequacy config for this data set}")
     p.add_argument("--steps", type=List[str], default=[],
                    help="the experiment's steps / phases in data-flow order (empty: every step)")
+    p.add_argument("--blocks", type=Optional[List[int]], default=None,
+                   help="a layer study: transformer blocks (0 the first, -1 the last); cache, localize, evaluate_fl, "
+                        "repair and crossval run once per block and aggregate tabulates per block (null: the last "
+                        "block alone, as without it)")
     p.add_argument("--cache.splits", type=List[str], default=["repair", "test"], help="splits to cache")
+    p.add_argument("--cache.block", type=Optional[int], default=None,
+                   help="also cache this block's token states (FL on one block; null: the last block's cache only)")
     p.add_argument("--cache.accelerator", type=Optional[str], default=None, help="Trainer accelerator (null: cpu)")
     p.add_argument("--cache.devices", type=Optional[int], default=None, help="Trainer devices (null: 1)")
     p.add_argument("--misclf.split", type=str, default="repair", help="the split the settings come from")
@@ -63,6 +69,11 @@ def build_parser():
     p.add_argument("--localize.batch_size", type=int, default=512, help="FL loader batch size")
     _cli.add_method_options(p, "FL method -> its options (python scripts/localize.py --list --verbose)",
                             "--localize.method_options")
+    p.add_argument("--localize.block", type=Optional[int], default=None,
+                   help="the block whose FFN is localized (null: the last; needs cache.block the same)")
+    p.add_argument("--localize.token_statistic", type=Optional[str], default=None,
+                   help="a token head's per-input token statistic: readout, cls or mean (null: readout); not on the "
+                        "last block of a class-token model, whose head reads the CLS token")
     p.add_argument("--localize.accelerator", type=Optional[str], default=None, help="Trainer accelerator")
     p.add_argument("--localize.devices", type=Optional[int], default=None, help="Trainer devices (ddp when > 1)")
     p.add_argument("--evaluate_fl", type=Dict[str, Any], default={},

@@ -13,8 +13,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 EXP_DIR = REPO / "configs" / "experiment"
-#: the published experiments (each with its twins); the main job's configs are tested on their own below
-FILES = sorted(f for f in EXP_DIR.glob("*.yaml") if not f.stem.startswith("main_job"))
+#: the published experiments (each with its twins); the main job's configs are tested on their own below, the layer
+#: study's (no published counterpart) in tests/test_layer_study.py
+FILES = sorted(f for f in EXP_DIR.glob("*.yaml") if not f.stem.startswith(("main_job", "layer_study")))
 MAIN_JOB = EXP_DIR / "main_job_mnist.yaml"
 EXPERIMENTS = ("exp_fl_2", "exp_fl_3", "exp_fl_5", "exp_repair_4", "deepimportance")
 
