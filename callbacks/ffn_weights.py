@@ -21,7 +21,7 @@ import torch
 from vitfl.core.io import CorruptFileError, FileFormatError, ResultError, load_tensors
 from vitfl.core.runstore import RunStore
 from vitfl.core.states import atomic_save_safetensors
-from vitfl.localization.ffn import FFNHead, ffn_head, last_ffn_head, model_fingerprint, num_ffn_blocks
+from vitfl.localization.ffn import FFNHead, ffn_head, model_fingerprint, num_ffn_blocks
 
 __all__ = ["ffn_state", "all_ffn_state", "block_key", "block_ffn_weights", "MissingBlockError", "load_ffn_weights",
            "LastFFNWeightsWriter"]
@@ -48,9 +48,9 @@ def block_key(block: int, name: str) -> str:
 
 
 def all_ffn_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The last FFN's tensors under their plain names (:func:`ffn_state` of :func:`last_ffn_head`, as every weight
+    """The last FFN's tensors under their plain names (:func:`ffn_state` of ``ffn_head(model, -1)``, as every weight
     file before per-block weights) and every other block ``L``'s under :func:`block_key` names."""
-    out = ffn_state(last_ffn_head(model))
+    out = ffn_state(ffn_head(model, -1))
     n = num_ffn_blocks(model)
     for b in range(n - 1):
         out.update({block_key(b, k): v for k, v in ffn_state(ffn_head(model, b, tokens=True)).items()})
@@ -124,7 +124,7 @@ class LastFFNWeightsWriter(L.Callback):
                 tensors = all_ffn_state(pl_module)
                 meta["num_blocks"] = str(num_ffn_blocks(pl_module))
             else:
-                tensors = ffn_state(last_ffn_head(pl_module))
+                tensors = ffn_state(ffn_head(pl_module, -1))
             atomic_save_safetensors(tensors, self._path(trainer, epoch), meta)
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -66,7 +66,7 @@ from torch import Tensor
 from vitfl.callbacks.ffn_weights import ffn_state, load_ffn_weights
 from vitfl.evaluation.checkpoint_benchmark import weight_change_ground_truth
 from vitfl.lightning_modules.classifier import ImageClassifier, lr_multiplier
-from vitfl.localization.ffn import ffn_head, last_ffn_head
+from vitfl.localization.ffn import ffn_head
 
 __all__ = ["ReplayError", "ReplayMismatchError", "EpochRecord", "ReplayResult", "replay_settings",
            "check_deterministic_training", "steps_per_epoch", "epoch_batches", "replay_fit", "verify_replay",
@@ -277,7 +277,7 @@ def sgd_name(momentum: float, nesterov: bool = False) -> str:
 
 def _block_head(model: torch.nn.Module, block: int = -1):
     """The FFN head whose weights the replay follows: the last FFN's (``block`` -1), else block ``block``'s."""
-    return last_ffn_head(model) if block == -1 else ffn_head(model, block, tokens=True)
+    return ffn_head(model, -1) if block == -1 else ffn_head(model, block, tokens=True)
 
 
 def _ffn_params(model: torch.nn.Module, block: int = -1) -> tuple[Tensor, Tensor]:

@@ -215,7 +215,7 @@ def checkpoint_diagnostics(layout, epoch: int | None = None, batch_size: int = 5
 
     from vitfl.callbacks.ffn_weights import load_ffn_weights
     from vitfl.lightning_modules.runs import datamodule_from_run, last_epoch, load_run_model
-    from vitfl.localization.ffn import last_ffn_head
+    from vitfl.localization.ffn import ffn_head
 
     e = last_epoch(layout) if epoch is None else epoch
     prev, nxt = load_ffn_weights(layout.ffn_weights(e - 1)), load_ffn_weights(layout.ffn_weights(e))
@@ -224,7 +224,7 @@ def checkpoint_diagnostics(layout, epoch: int | None = None, batch_size: int = 5
 
     change, mag = (flat(nxt) - flat(prev)).abs(), flat(prev).abs()
     model, _ = load_run_model(layout, e - 1)
-    head = last_ffn_head(model)
+    head = ffn_head(model, -1)
     dm = datamodule_from_run(layout)
     dm.setup()
     for W in head.weights():

@@ -466,6 +466,19 @@ def count_stale(reasons: Iterable[Sequence[str]]) -> dict[str, Any]:
     return out
 
 
+def budget_values(ctx: RunContext, budgets: Iterable[int | str] | None) -> list[int | str] | None:
+    """What FL result records hold as their budget for each of ``budgets`` as a user spells them (``66``,
+    ``"0.1%"``, ``"0.10%"``, ``"avg"``, ``"front"``): the size on ``ctx``'s layer (a share against the head's number of
+    weights; ``"avg"``: the run's N_avg, found in the store or computed once), ``"front"`` as itself. A record stores
+    the size it selected, so a filter given as a share would otherwise match nothing."""
+    if budgets is None:
+        return None
+    labels = check_budgets(budgets)
+    total = ctx.head.index.total
+    n_avg = resolve_n_avg(ctx)["n_avg"] if "avg" in labels else None
+    return list(dict.fromkeys(ResolvedBudget.resolve(b, total, n_avg=n_avg).value for b in labels))
+
+
 def current_fl_results(ctx: RunContext, methods: Iterable[str] | None = None, settings: Iterable[str] | None = None,
                        budgets: Iterable[int | str] | None = None, include_stale: bool = False
                        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -473,7 +486,7 @@ def current_fl_results(ctx: RunContext, methods: Iterable[str] | None = None, se
     (each record with ``stale``: "" or why not),
     and the counts of the stale ones (:func:`count_stale`); ``include_stale`` keeps the stale ones too."""
     view = to_jsonable(ctx.view())  # results of another block's head are not this head's (nor stale)
-    recs = [r for r in fl_results(ctx.store, methods, settings, budgets)
+    recs = [r for r in fl_results(ctx.store, methods, settings, budget_values(ctx, budgets))
             if to_jsonable(((r.get("identity") or {}).get("scores") or {}).get("head") or {}) == view]
     reasons = [stale_reasons(ctx, (r.get("identity") or {}).get("scores") or {}) for r in recs]
     counts = count_stale(reasons)

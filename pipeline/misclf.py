@@ -58,7 +58,7 @@ def ensure_misclf(store: RunStore, split: str = "repair", kinds=DEFAULT_KINDS, *
     if store.misclf_info.is_file():
         info = read_json(store.misclf_info)
         have = dict(info.get("options") or {})
-        same_model = info.get("model_hash") == read_metadata(store.states(split)).get("model_hash")
+        same_model = info.get("model_hash") == read_metadata(load_run(store).states_path(split)).get("model_hash")
         same_rules = all(have.get(k) == v for k, v in rules.items())
         have_kinds = list(have.get("kinds") or [])
         if same_model and same_rules and info.get("split", split) == split:

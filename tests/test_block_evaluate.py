@@ -338,3 +338,18 @@ def test_misclassification_settings_do_not_depend_on_the_block(run):
     assert torch.equal(cls.pred, tok.pred)
     a = analyze(tok.label, tok.pred, tok.index, num_classes=10, ranks=1)
     assert a["settings"]["all"]["i_neg"] == RunContext(run, None, 0).setting("all")["i_neg"]
+
+
+def test_the_weight_writer_takes_an_average_pooled_model(tmp_path):
+    """An average-pooled ViT has no CLS head; the per-epoch weight writer (which runs at every fit start) takes its
+    last block's token head: the plain names are the last block's FFN, ``block=L.*`` every other block's."""
+    from vitfl.callbacks.ffn_weights import all_ffn_state, block_key
+    from vitfl.localization.ffn import ffn_head
+
+    model = tiny_classifier("timm_vit", global_pool="avg")
+    state = all_ffn_state(model)
+    last, first = ffn_head(model.backbone, -1), ffn_head(model.backbone, 0)
+    assert last.block == 1 and last.identity()["pooling"] == "avg"
+    assert torch.equal(state["W_bef"], last.fc_bef.weight) and torch.equal(state["b_aft"], last.fc_aft.bias)
+    assert torch.equal(state[block_key(0, "W_aft")], first.fc_aft.weight)
+    assert not torch.equal(state["W_aft"], state[block_key(0, "W_aft")])

@@ -231,3 +231,19 @@ def test_experiment_config_takes_block(tmp_path, monkeypatch):
     assert calls == [-1, 0]
     calls.clear()
     assert experiment._cache(RunStore(tmp_path), {}) == {"done": 1, "skipped": 0} and calls == [-1]
+
+
+def test_readers_find_results_by_the_budget_as_the_user_spells_it(run, block0):
+    """A record stores the size it selected (e.g. 66); a reader asked for the share that gave it ("0.5%", "0.50%")
+    finds it (the FL evaluation's ``budgets`` filter matched nothing when given as a share)."""
+    from vitfl.localization.ranking import ResolvedBudget
+    from vitfl.pipeline.context import RunContext
+    from vitfl.pipeline.localize import current_fl_results, run_localization
+
+    ctx = RunContext(run, block=0)
+    n = ResolvedBudget.resolve("0.5%", ctx.head.index.total).value
+    run_localization(run, [METHOD], [SETTING], ["0.5%"], progress=False, block=0)
+    for spelled in ("0.5%", "0.50%", n):
+        recs, _ = current_fl_results(ctx, [METHOD], [SETTING], [spelled])
+        assert [r["budget"] for r in recs] == [n], spelled
+    assert current_fl_results(ctx, [METHOD], [SETTING], ["1%"])[0] == []
