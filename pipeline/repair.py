@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from vitfl.core.io import provenance, to_jsonable
 from vitfl.core.runstore import RunStore, UnsafePathError, identity_key
 from vitfl.lightning_modules.repair import REPAIRS
+from vitfl.lightning_modules.repair.patch import UnsupportedRepairHeadError
 from vitfl.localization.base import FL_METHODS, method_meta
 from vitfl.localization import ranking
 from vitfl.localization.ranking import ResolvedBudget
@@ -413,6 +414,9 @@ def run_sweep(run_dirs, methods: Iterable[str] = DEFAULT_METHODS, settings: Iter
                                fl_options=fl_options.get(task.method), fl_batch_size=fl_batch_size, logger=logger,
                                progress_bar=progress_bar, accelerator=accelerator, config=config)
         except Exception as e:  # noqa: BLE001 - reported per run; the sweep goes on
+            if isinstance(e, UnsupportedRepairHeadError):  # the method cannot run on this block: a case, not a fault
+                rows.append({**row, "status": f"not applicable: {e}"})
+                continue
             if on_error == "raise":
                 raise
             msg = f"{type(e).__name__}: {e}"

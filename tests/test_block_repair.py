@@ -365,3 +365,28 @@ def test_the_command_line_repairs_the_block_it_is_given(run, capsys):
     with pytest.raises((BlockIndexError, SystemExit)) as e:
         mod.main(argv + ["--block", "5"])
     assert "2 transformer blocks" in str(e.value) + capsys.readouterr().err
+
+
+def test_lp_on_a_token_head_is_not_applicable_and_repairability_is_per_block(run):
+    """LP refuses a token head: the sweep records the case as not applicable (even with on_error="raise"), never as
+    a failed run; with cross-validated results of two blocks, repairability@N is one headline per block (a pooled
+    table over both blocks made the headline's per-method lookup ambiguous: a TypeError)."""
+    from vitfl.pipeline.crossval import aggregate_crossval, run_crossval
+    from vitfl.pipeline.repair import run_sweep
+
+    rows = run_sweep({"digits": run.root}, **{**SWEEP, "repair_options": {"steps": 2}}, repair="lp", block=0)
+    assert rows and all(r["status"].startswith("not applicable") and "block 0" in r["status"] for r in rows), rows
+    assert not [r for r in run.list_results("repair_result") if r["identity"].get("repair") == "lp"]
+    for block in (0, -1):
+        run_crossval(run, ["random"], ["all"], [6], 1, repair="de", repair_options=DE, block=block,
+                     trainer_kwargs=KW)
+    lp = run_crossval(run, ["random"], ["all"], [6], 1, repair="lp", repair_options={"steps": 2}, block=-1,
+                      trainer_kwargs=KW)
+    assert {r["status"] for r in lp} == {"done"}, lp
+    agg = aggregate_crossval(run)
+    parts = agg["repairability_by_block"]
+    assert [p.title for p in parts] == ["Repairability@N, block 0", "Repairability@N, block 1"]
+    assert parts[0].table.empty and "no `lp` repair runs" in parts[0].sentence
+    assert list(parts[1].table["fl_method"]) == ["random"] and agg["repairability"] is parts[1]
+    md = run.path("repairability", ext="md").read_text()
+    assert "block 0" in md and "block 1" in md

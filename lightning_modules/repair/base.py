@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from vitfl.core.quiet import KNOWN_WARNINGS
 from vitfl.lightning_modules.repair.fitness import FITNESS_VARIANTS, LOSSES, make_fitness, PopulationFitness
-from vitfl.lightning_modules.repair.patch import Patch, RepairInputError, check_weights, patch_block, read_values
+from vitfl.lightning_modules.repair.patch import (Patch, RepairInputError, UnsupportedRepairHeadError, check_weights,
+                                                 patch_block, read_values)
 from vitfl.localization.ffn import FFNHead
 
 __all__ = ["RepairModule", "fit_repair"]
@@ -142,7 +143,7 @@ class RepairModule(L.LightningModule):
         """A :class:`RepairInputError` naming the method, the block and why, when ``head`` is a token head (any
         block's FFN but the last-block CLS head) and the method declares :attr:`token_head_refusal`."""
         if getattr(head, "token_axis", False) and cls.token_head_refusal:
-            raise RepairInputError(
+            raise UnsupportedRepairHeadError(
                 f"repair {cls.name!r} cannot run on the FFN head of block {head.block} ({head.pooling} pooling, "
                 f"token states): {cls.token_head_refusal}")
 

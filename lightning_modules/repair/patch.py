@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from vitfl.localization.ffn import FFNHead, WeightIndex, ffn_head, last_ffn_head
 
-__all__ = ["Patch", "PatchMismatchError", "RepairInputError", "check_weights", "read_values", "write_values",
+__all__ = ["Patch", "PatchMismatchError", "RepairInputError", "UnsupportedRepairHeadError", "check_weights", "read_values", "write_values",
            "as_head", "patch_block", "check_block"]
 
 PATCH_FORMAT = "vitfl-patch/1"
@@ -43,6 +43,11 @@ PATCH_FORMAT = "vitfl-patch/1"
 
 class RepairInputError(ValueError):
     """Bad input to a repair: no located weights, duplicates, out-of-range ids, empty I_neg, mismatched shapes."""
+
+
+class UnsupportedRepairHeadError(RepairInputError):
+    """A repair method that cannot run on this FFN head (e.g. the LP optimiser on a token head): the case is not
+    applicable, recorded as such by the sweeps (never counted as a failed run)."""
 
 
 class PatchMismatchError(RuntimeError):
