@@ -42,7 +42,8 @@ def wilson(k: int, n: int) -> tuple[float, float]:
 
 def prepare_folds(store: RunStore, trainer_kwargs: dict[str, Any] | None = None,
                   misclf_options: dict[str, Any] | None = None, block: int = -1) -> list[RunStore]:
-    """The k fold runs of ``store`` (made where missing): fold caches cut from the run's evaluation-split cache and
+    """The k fold runs of ``store`` (made where missing): fold caches cut from the run's evaluation-split cache (the
+    CLS cache; for an average-pooled model its last block's token cache, which its default head reads) and
     each fold's misclassification settings; with ``block`` (not -1) also the block's token caches of each fold,
     cut from the run's evaluation-split token cache of that block (cached here when missing)."""
     from vitfl.datamodules.folds import kfold_split
@@ -56,11 +57,12 @@ def prepare_folds(store: RunStore, trainer_kwargs: dict[str, Any] | None = None,
     run = load_run(store)
     h = run.model_hash
     ev = run.states("eval")
-    views = [(ev, None)]
+    base = cache_block(run.head)  # None: the CLS cache; an average-pooled model: its last block's token cache
+    views = [(ev, base)]
     if block != -1:
         brun = load_run(store, block=block)  # an index out of range: BlockIndexError naming the number of blocks
         wblock = cache_block(brun.head)
-        if wblock is not None:  # another FFN than the last-block CLS head's: its token cache, cut per fold too
+        if wblock != base:  # another FFN than the run's default head's: its token cache, cut per fold too
             cache_run_states(store, ["eval"], trainer_kwargs=trainer_kwargs, block=block)
             views.append((brun.states("eval"), wblock))
     folds = []
@@ -69,7 +71,7 @@ def prepare_folds(store: RunStore, trainer_kwargs: dict[str, Any] | None = None,
         split = kfold_split(len(ev), n_folds, fold_seed, k)
         for src, wblock in views:
             for name, pos in (("repair", split.repair), ("test", split.test)):
-                path = fs.states(name) if wblock is None else fs.states(name, block=wblock)
+                path = fs.states(name, block=wblock)
                 if path.is_file():
                     continue
                 rows = src.rows_of(torch.as_tensor(pos, dtype=torch.long))
@@ -78,7 +80,7 @@ def prepare_folds(store: RunStore, trainer_kwargs: dict[str, Any] | None = None,
                                 src.label[rows], src.index[rows],
                                 {**src.metadata, "split": name, "fold": str(k), "n_folds": str(n_folds)})
         if not fs.misclf_info.is_file():
-            rep = load_states(fs.states("repair"), expected_hash=h)
+            rep = load_states(fs.states("repair", block=base), expected_hash=h)
             info = analyze(rep.label, rep.pred, rep.index, num_classes=rep.logits.shape[1], split="repair",
                            **(misclf_options or {}))
             info["model_hash"] = h

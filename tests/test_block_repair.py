@@ -390,3 +390,39 @@ def test_lp_on_a_token_head_is_not_applicable_and_repairability_is_per_block(run
     assert list(parts[1].table["fl_method"]) == ["random"] and agg["repairability"] is parts[1]
     md = run.path("repairability", ext="md").read_text()
     assert "block 0" in md and "block 1" in md
+
+
+def test_an_average_pooled_run_goes_through_every_step(tmp_path):
+    """A timm ViT with global_pool='avg' (no CLS head anywhere: its default head is the last block's token head)
+    through training (the weight writer), cache, misclassification settings, FL, the repair sweep and the
+    cross-validated repair: the fold caches are cut from the last block's token cache and hold token states (they
+    were written under the CLS cache's name, so the fold repair found no cache of its block)."""
+    from conftest import TIMM_KW
+    from vitfl.core.runstore import RunStore
+    from vitfl.core.states import load_states
+    from vitfl.pipeline.cache import step_cache
+    from vitfl.pipeline.crossval import prepare_folds, run_crossval
+    from vitfl.pipeline.localize import run_localization
+    from vitfl.pipeline.misclf import ensure_misclf
+    from vitfl.pipeline.repair import run_sweep
+
+    _fit_tiny_run(tmp_path, "timm_vit", epochs=1, global_pool="avg")
+    data = {**DATA, "init_args": {**DATA["init_args"], "folds_path": str(tmp_path / "folds.json")}}
+    cfg = {"data": data, "model": {"backbone": "timm_vit", "num_classes": 10,
+                                   "backbone_kwargs": {**TIMM_KW, "global_pool": "avg"}}}
+    store = RunStore(tmp_path)
+    store.run_config.write_text(yaml.safe_dump(cfg))
+    step_cache(store, splits=("repair", "test"), trainer_kwargs=KW)
+    assert store.states("repair", block=1).is_file() and not store.states("repair").exists()
+    assert ensure_misclf(store, ranks=1) == {"done": 1} and ensure_misclf(store, ranks=1) == {"skipped": 1}
+    rows = run_localization(store, ["random"], ["all"], [6], progress=False)
+    assert [r["status"] for r in rows] == ["done"], rows
+    rows = run_sweep({"digits": store.root}, **SWEEP)
+    assert [r["status"] for r in rows] == ["done"], rows
+    view = {"block": 1, "pooling": "avg", "tokens": "all", "token_statistic": "readout"}
+    assert [r["identity"]["head"] for r in store.list_results("repair_result")] == [view]
+    folds = prepare_folds(store, trainer_kwargs=KW)
+    for f in folds:
+        assert load_states(f.states("repair", block=1)).x.dim() == 3 and not f.states("repair").exists()
+    rows = run_crossval(store, ["random"], ["all"], [6], 1, repair_options=DE, trainer_kwargs=KW)
+    assert rows and {r["status"] for r in rows} == {"done"}, [r["status"] for r in rows]
