@@ -766,6 +766,16 @@ def block_markdown(table) -> str:
         df = pd.DataFrame(rows)
         out.append(to_markdown(df).rstrip("\n"))
         out.append("")
+        if source != "repair":  # blocks the cross-validated repair reached but LP did not: say so, not a blank
+            cells = {(r["dataset"], r["block_label"]) for r in t.to_dict("records")}
+            with_lp = {(r["dataset"], r["block_label"]) for r in t.to_dict("records") if r["repair"] == "lp"}
+            if with_lp and cells - with_lp:
+                missing = ", ".join(f"{d} block {b}" for d, b in sorted(cells - with_lp))
+                out.append(f"Repairability@N (`lp`) is not applicable on {missing}: the LP optimiser needs the "
+                           "logits as LayerNorm -> Linear of the block's output, which holds on the last block of a "
+                           "class-token model only (elsewhere the located weights reach the logits through later "
+                           "blocks or the token pooling); those blocks have the DE rows only.")
+                out.append("")
     return "\n".join(out)
 
 

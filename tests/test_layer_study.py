@@ -227,6 +227,8 @@ def test_block_table_pools_counts_with_wilson_intervals():
     assert "0.750 [" in lp_line and "(15/20)" in lp_line and "(4/200)" in lp_line  # repairability@N and its BR
     de_cv = next(x for x in md.splitlines() if x.startswith("| d | de | ours") and "(2/8)" in x)
     assert "2 (last)" in de_cv
+    # a block the cross-validated repair reached without LP rows is named, not left blank
+    assert "Repairability@N (`lp`) is not applicable on d block 2 (last)" in md
     line = next(x for x in md.splitlines() if "2 (last)" in x and "ours" in x and "| de " in x)
     assert "| 0.000" not in line
     for i, x in enumerate(md.splitlines()):  # every table follows a line stating its split and n (check_report)
