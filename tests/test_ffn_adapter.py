@@ -28,8 +28,8 @@ def full_logits(model, x):
 
 # ------------------------------------------------------------- an independent reference for each backbone
 def raw_ffn_parts(model):
-    """The last block's FFN pieces found by their documented module paths (docs/methods.md, section 1), not by the adapter:
-    (ln module, W1, b1, W2, b2, gamma or None, final ln module, classifier)."""
+    """The last block's FFN pieces found by their documented module paths (docs/methods.md, section 1), not by the
+    adapter: (ln module, W1, b1, W2, b2, gamma or None, final ln module, classifier)."""
     if hasattr(model, "vit"):
         vit = model.vit
         layers = vit.layers if hasattr(vit, "layers") else vit.encoder.layer
