@@ -471,16 +471,17 @@ def record_block(rec: Mapping[str, Any]) -> int | str:
     return "last"
 
 
-def _stale_checker(root: Path) -> tuple[Callable[[Mapping[str, Any]], list[str]], str]:
-    """(why a record is stale, "") for a run whose current model loads; else (no reason, why nothing can be
-    checked): a run without a model to compare with (e.g. a copied store of results only) keeps its results, counted
-    as unverified, never silently. A record of another head than the last-block CLS head is checked against that
-    head's context (its block's token caches)."""
+def _stale_checker(root: Path) -> tuple[Callable[[Mapping[str, Any]], list[str]], str, int | None]:
+    """(why a record is stale, "", the index of the model's last block) for a run whose current model loads; else
+    (no reason, why nothing can be checked, None): a run without a model to compare with (e.g. a copied store of
+    results only) keeps its results, counted as unverified, never silently. A record of another head than the
+    last-block CLS head is checked against that head's context (its block's token caches)."""
     try:
         ctx = RunContext(RunStore(root))
     except Exception as e:  # noqa: BLE001 - whatever keeps the check from running: said, not guessed
         first = (str(e).strip().splitlines() or [""])[0]
-        return (lambda rec: []), f"the run's model cannot be loaded to compare with ({type(e).__name__}: {first})"
+        return ((lambda rec: []), f"the run's model cannot be loaded to compare with ({type(e).__name__}: {first})",
+                None)
     contexts: dict[int, Any] = {}
 
     def check(rec: Mapping[str, Any]) -> list[str]:
@@ -500,7 +501,7 @@ def _stale_checker(root: Path) -> tuple[Callable[[Mapping[str, Any]], list[str]]
         if to_jsonable(c.view()) != to_jsonable(head):
             why.append(f"made on another view of block {b} ({head}) than the run's current one ({c.view()})")
         return why
-    return check, ""
+    return check, "", (None if ctx.head.num_blocks is None else ctx.head.num_blocks - 1)
 
 
 def _collect(run_dirs) -> "pd.DataFrame":  # noqa: F821
@@ -512,12 +513,15 @@ def _collect(run_dirs) -> "pd.DataFrame":  # noqa: F821
     for name, root in dataset_dirs(run_dirs).items():
         store = RunStore(root)
         recs = store.list_results("repair_result")
-        check, unverified = _stale_checker(root) if recs else (None, "")
+        check, unverified, last = _stale_checker(root) if recs else (None, "", None)
         for r in recs:
+            block = record_block(r)
+            if block == "last" and last is not None:  # made before records named their block: the last one
+                block = last
             t, rp, f = r["metrics"]["test"], r["metrics"]["repair"], r["fitness"]
             rows.append({"dataset": name, "setting": r["setting"], "kind": r["setting_info"]["kind"],
                          "rank": r["setting_info"]["rank"], "fl_method": r["method"], "repair": r["repair"],
-                         "label": r.get("label", r["method"]), "block": record_block(r),
+                         "label": r.get("label", r["method"]), "block": block,
                          "budget": str(r["budget"]),
                          "budget_n": r.get("budget_n", r["n_weights"]), "n_weights": r["n_weights"],
                          "rep": r["rep"], "seed": r["seed"], "key": r["key"],
@@ -555,8 +559,9 @@ def _split_stale(df, include_stale: bool):
 
 def collect_results(run_dirs, include_stale: bool = False) -> "pd.DataFrame":  # noqa: F821
     """One row per repair result in each run directory's store (``block``: the repaired transformer block, an int
-    >= 0, or ``"last"`` for a result made before block addressing, i.e. the last block's FFN via the CLS head:
-    :func:`record_block`) (counts of the test fold and of the repair split,
+    >= 0; a result made before records named their block is the last block's, its index read from the run's model,
+    or ``"last"`` where that model cannot be loaded: :func:`record_block`) (counts of the test fold and of the repair
+    split,
     fitness summary, timings) made from the run's current inputs: a result whose recorded model, state-cache or
     setting hashes differ from the run's own now is left out (``include_stale``: kept, with its reason in the
     ``stale`` column). ``df.attrs["provenance"]``: ``{"checked", "stale", "why", "unverified", "unverified_why",

@@ -426,3 +426,27 @@ def test_an_average_pooled_run_goes_through_every_step(tmp_path):
         assert load_states(f.states("repair", block=1)).x.dim() == 3 and not f.states("repair").exists()
     rows = run_crossval(store, ["random"], ["all"], [6], 1, repair_options=DE, trainer_kwargs=KW)
     assert rows and {r["status"] for r in rows} == {"done"}, [r["status"] for r in rows]
+
+
+def test_a_last_block_result_made_before_records_named_their_block_joins_its_block(run, tmp_path):
+    """A repair record without ``block`` (made before block addressing: the last block's CLS head) is the last
+    block's in the results table (its index read from the run's model), so it pools with the new records of that
+    block instead of forming a block of its own ("last" beside "1")."""
+    import shutil
+
+    from vitfl.core.io import read_json
+    from vitfl.core.runstore import RunStore
+    from vitfl.pipeline.repair import collect_results, run_sweep
+
+    assert run_sweep({"digits": run.root}, **SWEEP, block=-1)[0]["status"] in ("done", "exists")
+    root = tmp_path / "copy"
+    shutil.copytree(run.root, root)
+    store = RunStore(root)
+    last = [r for r in store.list_results("repair_result") if not r["identity"].get("head")]
+    assert last
+    for r in last:  # as a record written before this change: no "block", a patch without one
+        rec = {k: v for k, v in read_json(store.abs(r["path"])).items() if k not in ("block", "content_sha256")}
+        store.write_json(store.abs(r["path"]), rec)
+    assert all("block" not in r for r in store.list_results("repair_result") if not r["identity"].get("head"))
+    df = collect_results({"digits": root})
+    assert set(df["block"]) <= {0, 1} and 1 in set(df["block"]), set(df["block"])
