@@ -329,7 +329,8 @@ def repair_verdicts(table: pd.DataFrame, paired: pd.DataFrame, metric: str = "rr
     """The repair results in one table a reader can act on: per (dataset, repair, budget), the FL methods sorted by
     pooled held-out RR (best first) with Wilson intervals and counts, pooled BR, and each method's paired verdict
     against ``reference`` on ``metric`` (Wilcoxon signed-rank over runs matched by (setting, rep), Holm-adjusted
-    within the cell): "above random", "below random", "not separated" (with p_Holm) or "no paired runs".
+    within the cell): "above random", "below random", "not separated" (with p_Holm) or "no paired runs". A ``block``
+    column (results of several transformer blocks) makes each block its own cells, named as the statistics name them.
 
     ``table``: :func:`vitfl.pipeline.repair.summary_table`'s columns (``rr_pooled``, ``rr_lo``, ``rr_hi``,
     ``n_test_fixed``, ``n_test_targets``, ``br_pooled``, ``br_lo``, ``br_hi``, ``n_test_broken``,
@@ -338,8 +339,11 @@ def repair_verdicts(table: pd.DataFrame, paired: pd.DataFrame, metric: str = "rr
     from vitfl.core.style import budget_key
 
     rows = []
-    for (dataset, repair, budget), g in table.groupby(["dataset", "repair", "budget"], sort=False):
-        q = f"{dataset} / {repair} / n={budget} / {metric} (test fold)"
+    blocks = ["block"] if "block" in table.columns else []  # results of several blocks: each block its own cells
+    for key, g in table.groupby(["dataset", *blocks, "repair", "budget"], sort=False):
+        dataset, repair, budget = key[0], key[-2], key[-1]
+        where = f"{dataset} (block {key[1]})" if blocks else dataset  # as the statistics name the cell
+        q = f"{where} / {repair} / n={budget} / {metric} (test fold)"
         st = paired[paired["question"] == q] if len(paired) and "question" in paired.columns else paired
         for _, r in g.iterrows():
             m = r["fl_method"]
@@ -361,13 +365,14 @@ def repair_verdicts(table: pd.DataFrame, paired: pd.DataFrame, metric: str = "rr
             br = ("n/a (0 correct)" if not r["n_test_correct"] else
                   f"{r['br_pooled']:.3f} [{r['br_lo']:.3f}, {r['br_hi']:.3f}] ({int(r['n_test_broken'])}/"
                   f"{int(r['n_test_correct'])})")
-            rows.append({"dataset": dataset, "repair": repair, "budget": str(budget), "FL method": m,
+            rows.append({"dataset": dataset, **({"block": str(key[1])} if blocks else {}), "repair": repair,
+                         "budget": str(budget), "FL method": m,
                          "RR held out [95% CI] (fixed/targets)": rr, "BR held out [95% CI] (broken/correct)": br,
                          f"{metric.upper()} vs {reference} (Wilcoxon, Holm)": verdict,
                          "_rr": -1.0 if r["rr_pooled"] != r["rr_pooled"] else float(r["rr_pooled"]),
                          "_b": budget_key(budget)})
     if not rows:
         return pd.DataFrame()
-    out = pd.DataFrame(rows).sort_values(["dataset", "repair", "_b", "_rr"], ascending=[True, True, True, False],
-                                         kind="stable")
+    out = pd.DataFrame(rows).sort_values(["dataset", *blocks, "repair", "_b", "_rr"],
+                                         ascending=[True] * (len(blocks) + 3) + [False], kind="stable")
     return out.drop(columns=["_rr", "_b"]).reset_index(drop=True)

@@ -167,3 +167,28 @@ def test_repair_verdicts_sort_by_rr_and_read_the_paired_test_per_cell():
     assert cell_v.loc["c", col] == "no paired runs" and cell_v.loc["random", col] == "-"
     assert cell_v.loc["c", "RR held out [95% CI] (fixed/targets)"] == "n/a (0 targets)"
     assert cell_v.loc["a", "RR held out [95% CI] (fixed/targets)"] == "0.800 [0.100, 0.900] (8/10)"
+
+
+def test_repair_verdicts_keep_each_block_in_its_own_cells():
+    """Results of two transformer blocks: each row names its block (the same FL method at the same budget on two
+    blocks were two indistinguishable rows) and reads the paired test of its own block's cell."""
+    import pandas as pd
+
+    from vitfl.evaluation.headline import repair_verdicts
+
+    def cell(m, block, fixed):
+        return {"dataset": "d", "block": block, "repair": "de", "budget": "0.5%", "fl_method": m,
+                "rr_pooled": fixed / 10, "rr_lo": 0.1, "rr_hi": 0.9, "n_test_fixed": fixed, "n_test_targets": 10,
+                "br_pooled": 0.02, "br_lo": 0.01, "br_hi": 0.05, "n_test_broken": 2, "n_test_correct": 100}
+
+    table = pd.DataFrame([cell("a", 0, 8), cell("random", 0, 1), cell("a", 2, 1), cell("random", 2, 3)])
+    paired = pd.DataFrame([
+        {"question": "d (block 0) / de / n=0.5% / rr (test fold)", "method_a": "a", "method_b": "random",
+         "median_diff": 0.5, "p_holm": 0.01, "n": 9},
+        {"question": "d (block 2) / de / n=0.5% / rr (test fold)", "method_a": "a", "method_b": "random",
+         "median_diff": -0.2, "p_holm": 0.01, "n": 9}])
+    v = repair_verdicts(table, paired)
+    col = "RR vs random (Wilcoxon, Holm)"
+    assert list(v["block"]) == ["0", "0", "2", "2"] and list(v["FL method"]) == ["a", "random", "random", "a"]
+    got = v.set_index(["block", "FL method"])[col]
+    assert got["0", "a"].startswith("above random") and got["2", "a"].startswith("below random")
